@@ -1,0 +1,182 @@
+//! What the agent reports: status events (published as they happen) and acks (the outcome of
+//! one release, sent to the server once per release).
+//!
+//! Every shell renders these identically: JSON on MQTT, event lines on the serial console,
+//! entries in the simulator's event stream. The names in [`Check::name`] and
+//! [`Outcome::name`] are part of that contract.
+
+use alloc::string::String;
+use core::fmt;
+
+use crate::platform::{OtaImgState, SlotKind};
+
+/// The check a manifest or a downloaded image failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Check {
+    /// Not a well-formed signed manifest.
+    Malformed,
+    /// Unknown key, wrong algorithm or a signature that does not verify.
+    Signature,
+    /// Built for another device type.
+    DeviceType,
+    /// `expires_at` is in the past.
+    Expired,
+    /// Sequence number below the highest installed: a replayed or stale manifest.
+    Sequence,
+    /// `secure_version` below the eFuse anti-rollback counter.
+    SecureVersion,
+    /// The image is the one already running.
+    AlreadyInstalled,
+    /// The image already failed on this board (rolled back or refused).
+    KnownBad,
+    /// The image does not fit the update slot.
+    TooLarge,
+    /// SHA-256 of what was written differs from the manifest.
+    Hash,
+    /// `esp_ota_end` / `esp_image_verify` rejected the image.
+    ImageValidation,
+    /// `esp_ota_set_boot_partition` refused (e.g. `ESP_ERR_OTA_SMALL_SEC_VER`).
+    BootPartition,
+    /// The image could not be fetched: too many consecutive failed requests.
+    Download,
+}
+
+impl Check {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Check::Malformed => "malformed",
+            Check::Signature => "signature",
+            Check::DeviceType => "device-type",
+            Check::Expired => "expired",
+            Check::Sequence => "sequence",
+            Check::SecureVersion => "secure-version",
+            Check::AlreadyInstalled => "already-installed",
+            Check::KnownBad => "known-bad",
+            Check::TooLarge => "too-large",
+            Check::Hash => "hash",
+            Check::ImageValidation => "image-validation",
+            Check::BootPartition => "boot-partition",
+            Check::Download => "download",
+        }
+    }
+
+    pub const ALL: [Check; 13] = [
+        Check::Malformed,
+        Check::Signature,
+        Check::DeviceType,
+        Check::Expired,
+        Check::Sequence,
+        Check::SecureVersion,
+        Check::AlreadyInstalled,
+        Check::KnownBad,
+        Check::TooLarge,
+        Check::Hash,
+        Check::ImageValidation,
+        Check::BootPartition,
+        Check::Download,
+    ];
+
+    pub fn from_name(name: &str) -> Option<Check> {
+        Check::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How one release ended on one board.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Running the new image, self-test passed, marked valid.
+    Installed,
+    /// Refused before anything was switched.
+    Refused { check: Check, detail: String },
+    /// The new image booted and failed (self-test, crash, never connected); the bootloader or
+    /// the app rolled back to the previous image.
+    RolledBack { detail: String },
+}
+
+impl Outcome {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Installed => "installed",
+            Outcome::Refused { .. } => "refused",
+            Outcome::RolledBack { .. } => "rolled-back",
+        }
+    }
+}
+
+/// The outcome of release `sequence` on this board, sent once per release.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ack {
+    pub sequence: u64,
+    pub version: String,
+    pub outcome: Outcome,
+}
+
+/// Status events, in the order they happen on the board.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The app started: what runs, from where, in which otadata state.
+    Booted {
+        version: String,
+        slot: SlotKind,
+        sha256: [u8; 32],
+        state: Option<OtaImgState>,
+    },
+    SelfTest {
+        passed: bool,
+        detail: String,
+    },
+    /// The running image was marked valid (rollback cancelled).
+    Confirmed {
+        version: String,
+    },
+    /// The running image failed before it was confirmed and is rolling back itself.
+    RollingBack {
+        version: String,
+        reason: String,
+    },
+    Refused {
+        sequence: u64,
+        version: String,
+        check: Check,
+        detail: String,
+    },
+    /// A download started (or continued from `resumed_from` after a reboot).
+    Downloading {
+        sequence: u64,
+        version: String,
+        size: u32,
+        resumed_from: u32,
+    },
+    Progress {
+        sequence: u64,
+        written: u32,
+        size: u32,
+    },
+    /// A range request failed; retried after `retry_in_ms`.
+    FetchFailed {
+        sequence: u64,
+        offset: u32,
+        reason: String,
+        retry_in_ms: u64,
+    },
+    /// The image in the slot matches the manifest's hash and passed `esp_ota_end`.
+    Verified {
+        sequence: u64,
+    },
+    /// `esp_ota_set_boot_partition` succeeded; a reboot follows.
+    BootSet {
+        sequence: u64,
+        slot: SlotKind,
+    },
+    /// The agent hit a storage error it cannot work around (flash failure).
+    StorageError {
+        during: &'static str,
+        error: String,
+    },
+}

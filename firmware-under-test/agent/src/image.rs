@@ -1,0 +1,315 @@
+//! The ESP-IDF application image format, as the bootloader and `esp_image_verify` read it.
+//!
+//! Layout (ESP-IDF `esp_app_format.h` / `esp_image_format.h`):
+//!
+//! ```text
+//! esp_image_header_t            24 bytes: magic 0xE9, segment_count, spi_mode, spi speed/size,
+//!                                          entry_addr u32, wp_pin, spi_pin_drv[3], chip_id u16 (@12),
+//!                                          min_chip_rev, min/max_chip_rev_full u16, reserved[4],
+//!                                          hash_appended (@23)
+//! segment × segment_count       esp_image_segment_header_t { load_addr u32, data_len u32 } + data
+//! padding                       0x00 up to the byte before a 16-byte boundary
+//! checksum                      1 byte: 0xEF XOR every byte of every segment's data
+//! SHA-256                       32 bytes over everything before it, when hash_appended == 1
+//! ```
+//!
+//! The first segment starts with `esp_app_desc_t` (256 bytes, magic 0xABCD5432), which is where
+//! `esp_ota_get_partition_description` reads version and `secure_version` from: offset 32.
+//!
+//! Everything here reads through a caller-supplied closure so it works on a slot in flash
+//! (`esp_partition_read`) without holding the image in memory.
+
+use core::fmt;
+use sha2::{Digest, Sha256};
+
+pub const IMAGE_MAGIC: u8 = 0xE9;
+pub const HEADER_LEN: usize = 24;
+pub const SEGMENT_HEADER_LEN: usize = 8;
+pub const APP_DESC_MAGIC: u32 = 0xABCD_5432;
+pub const APP_DESC_LEN: usize = 256;
+/// `esp_app_desc_t` sits right after the image header and the first segment header.
+pub const APP_DESC_OFFSET: usize = HEADER_LEN + SEGMENT_HEADER_LEN;
+/// `ESP_CHIP_ID_ESP32S3`.
+pub const CHIP_ID_ESP32S3: u16 = 9;
+/// `ESP_IMAGE_MAX_SEGMENTS`.
+pub const MAX_SEGMENTS: u8 = 16;
+/// Seed of the XOR checksum (`ESP_ROM_CHECKSUM_INITIAL`).
+pub const CHECKSUM_SEED: u8 = 0xEF;
+
+/// The fields of `esp_app_desc_t` the update logic needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppDesc {
+    pub secure_version: u32,
+    pub version: heapless_str::Str32,
+    pub project_name: heapless_str::Str32,
+}
+
+/// What `esp_image_verify` found in a slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub chip_id: u16,
+    pub segment_count: u8,
+    pub entry_addr: u32,
+    /// Total length in bytes, appended hash included: the length of the file that was flashed.
+    pub len: u32,
+    pub desc: AppDesc,
+    /// SHA-256 of all `len` bytes: the content address under which a release store keeps it.
+    pub sha256: [u8; 32],
+}
+
+/// Why an image is not bootable. Each variant names the check ESP-IDF's loader would fail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageError {
+    /// Reading the slot failed (a flash error; on the simulator also a power cut).
+    Read,
+    BadMagic(u8),
+    WrongChip {
+        found: u16,
+    },
+    TooManySegments(u8),
+    SegmentOutOfBounds {
+        index: u8,
+        offset: u32,
+    },
+    SegmentNotAligned {
+        index: u8,
+        len: u32,
+    },
+    BadAppDescMagic(u32),
+    Checksum {
+        expected: u8,
+        computed: u8,
+    },
+    HashNotAppended,
+    HashMismatch,
+}
+
+impl fmt::Display for ImageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageError::Read => write!(f, "flash read failed while verifying the image"),
+            ImageError::BadMagic(m) => {
+                write!(f, "image has invalid magic byte (expected 0xE9, saw 0x{m:02x})")
+            }
+            ImageError::WrongChip { found } => write!(
+                f,
+                "image is built for chip id {found}, this is an ESP32-S3 (chip id {CHIP_ID_ESP32S3})"
+            ),
+            ImageError::TooManySegments(n) => write!(f, "image declares {n} segments (max 16)"),
+            ImageError::SegmentOutOfBounds { index, offset } => write!(
+                f,
+                "segment {index} at image offset {offset} runs past the end of the partition"
+            ),
+            ImageError::SegmentNotAligned { index, len } => {
+                write!(f, "segment {index} length {len} is not 4-byte aligned")
+            }
+            ImageError::BadAppDescMagic(m) => write!(
+                f,
+                "app descriptor magic is 0x{m:08x}, expected 0x{APP_DESC_MAGIC:08x} (not an app image)"
+            ),
+            ImageError::Checksum { expected, computed } => write!(
+                f,
+                "image checksum mismatch (stored 0x{expected:02x}, computed 0x{computed:02x})"
+            ),
+            ImageError::HashNotAppended => write!(f, "image has no appended SHA-256"),
+            ImageError::HashMismatch => write!(f, "appended SHA-256 does not match the image"),
+        }
+    }
+}
+
+/// Verify an app image the way `esp_image_verify(ESP_IMAGE_VERIFY, …)` does, reading through
+/// `read(offset, buf)` within a partition of `part_size` bytes.
+///
+/// Checks, in ESP-IDF's order: header magic, chip id, segment count, each segment inside the
+/// partition and 4-byte aligned, app descriptor magic, XOR checksum, appended SHA-256.
+/// Also computes the SHA-256 of the whole image (the release store's content address).
+pub fn verify<R>(part_size: u32, mut read: R) -> Result<ImageInfo, ImageError>
+where
+    R: FnMut(u32, &mut [u8]) -> Result<(), ()>,
+{
+    let mut header = [0u8; HEADER_LEN];
+    read(0, &mut header).map_err(|_| ImageError::Read)?;
+    if header[0] != IMAGE_MAGIC {
+        return Err(ImageError::BadMagic(header[0]));
+    }
+    let segment_count = header[1];
+    let entry_addr = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let chip_id = u16::from_le_bytes([header[12], header[13]]);
+    let hash_appended = header[23] == 1;
+    if chip_id != CHIP_ID_ESP32S3 {
+        return Err(ImageError::WrongChip { found: chip_id });
+    }
+    if segment_count == 0 || segment_count > MAX_SEGMENTS {
+        return Err(ImageError::TooManySegments(segment_count));
+    }
+
+    let mut image_hash = Sha256::new();
+    let mut whole_hash = Sha256::new();
+    image_hash.update(header);
+    whole_hash.update(header);
+    let mut checksum = CHECKSUM_SEED;
+    let mut pos = HEADER_LEN as u32;
+    let mut buf = [0u8; 512];
+    let mut desc = None;
+
+    for index in 0..segment_count {
+        let mut seg = [0u8; SEGMENT_HEADER_LEN];
+        if pos
+            .checked_add(SEGMENT_HEADER_LEN as u32)
+            .is_none_or(|end| end > part_size)
+        {
+            return Err(ImageError::SegmentOutOfBounds { index, offset: pos });
+        }
+        read(pos, &mut seg).map_err(|_| ImageError::Read)?;
+        image_hash.update(seg);
+        whole_hash.update(seg);
+        let len = u32::from_le_bytes([seg[4], seg[5], seg[6], seg[7]]);
+        pos += SEGMENT_HEADER_LEN as u32;
+        if len % 4 != 0 {
+            return Err(ImageError::SegmentNotAligned { index, len });
+        }
+        if pos.checked_add(len).is_none_or(|end| end > part_size) {
+            return Err(ImageError::SegmentOutOfBounds { index, offset: pos });
+        }
+        let mut done = 0u32;
+        while done < len {
+            let n = core::cmp::min(buf.len() as u32, len - done) as usize;
+            read(pos + done, &mut buf[..n]).map_err(|_| ImageError::Read)?;
+            if index == 0 && done == 0 {
+                desc = Some(parse_app_desc(&buf[..n])?);
+            }
+            for b in &buf[..n] {
+                checksum ^= *b;
+            }
+            image_hash.update(&buf[..n]);
+            whole_hash.update(&buf[..n]);
+            done += n as u32;
+        }
+        pos += len;
+    }
+    let desc = desc.ok_or(ImageError::BadAppDescMagic(0))?;
+
+    // Padding to the byte before a 16-byte boundary, then the checksum byte.
+    let pad = 15 - (pos % 16);
+    let mut tail = [0u8; 16];
+    let tail_len = pad as usize + 1;
+    if pos + tail_len as u32 > part_size {
+        return Err(ImageError::SegmentOutOfBounds {
+            index: segment_count,
+            offset: pos,
+        });
+    }
+    read(pos, &mut tail[..tail_len]).map_err(|_| ImageError::Read)?;
+    image_hash.update(&tail[..tail_len]);
+    whole_hash.update(&tail[..tail_len]);
+    pos += tail_len as u32;
+    let stored = tail[tail_len - 1];
+    if stored != checksum {
+        return Err(ImageError::Checksum {
+            expected: stored,
+            computed: checksum,
+        });
+    }
+    if !hash_appended {
+        // ESP-IDF accepts images without an appended hash when secure boot is off; we insist,
+        // because the appended hash is what catches a torn write in the middle of a segment.
+        return Err(ImageError::HashNotAppended);
+    }
+    let mut appended = [0u8; 32];
+    if pos + 32 > part_size {
+        return Err(ImageError::SegmentOutOfBounds {
+            index: segment_count,
+            offset: pos,
+        });
+    }
+    read(pos, &mut appended).map_err(|_| ImageError::Read)?;
+    let computed: [u8; 32] = image_hash.finalize().into();
+    if computed != appended {
+        return Err(ImageError::HashMismatch);
+    }
+    whole_hash.update(appended);
+    pos += 32;
+    Ok(ImageInfo {
+        chip_id,
+        segment_count,
+        entry_addr,
+        len: pos,
+        desc,
+        sha256: whole_hash.finalize().into(),
+    })
+}
+
+/// Parse `esp_app_desc_t` from the start of the first segment.
+pub fn parse_app_desc(bytes: &[u8]) -> Result<AppDesc, ImageError> {
+    if bytes.len() < 80 {
+        return Err(ImageError::BadAppDescMagic(0));
+    }
+    let magic = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    if magic != APP_DESC_MAGIC {
+        return Err(ImageError::BadAppDescMagic(magic));
+    }
+    Ok(AppDesc {
+        secure_version: u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
+        version: heapless_str::Str32::from_c(&bytes[16..48]),
+        project_name: heapless_str::Str32::from_c(&bytes[48..80]),
+    })
+}
+
+/// Fixed-capacity strings for the `char[32]` fields of `esp_app_desc_t`.
+pub mod heapless_str {
+    use core::fmt;
+
+    /// A NUL-padded `char[32]`, kept as bytes so it needs no allocation.
+    #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct Str32 {
+        bytes: [u8; 32],
+        len: u8,
+    }
+
+    impl Str32 {
+        /// Read a C string field (stops at the first NUL; invalid UTF-8 is kept lossily).
+        pub fn from_c(field: &[u8]) -> Self {
+            let mut bytes = [0u8; 32];
+            let len = field
+                .iter()
+                .take(32)
+                .position(|b| *b == 0)
+                .unwrap_or(field.len().min(32));
+            bytes[..len].copy_from_slice(&field[..len]);
+            Str32 {
+                bytes,
+                len: len as u8,
+            }
+        }
+
+        /// Truncates to 31 bytes, like ESP-IDF's `strncpy` into `char[32]`.
+        pub fn new(s: &str) -> Self {
+            let mut end = s.len().min(31);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            Self::from_c(&s.as_bytes()[..end])
+        }
+
+        pub fn as_str(&self) -> &str {
+            core::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("<invalid utf-8>")
+        }
+
+        /// The 32-byte NUL-padded field as written into flash.
+        pub fn field(&self) -> [u8; 32] {
+            self.bytes
+        }
+    }
+
+    impl fmt::Debug for Str32 {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            fmt::Debug::fmt(self.as_str(), f)
+        }
+    }
+
+    impl fmt::Display for Str32 {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.as_str())
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! Signed release manifests: the format, and the signature check the board runs on them.
+//!
+//! A manifest travels as a [`SignedManifest`] envelope: the manifest's JSON bytes (base64) plus
+//! a detached signature over exactly those bytes. Signing the bytes rather than a re-serialised
+//! structure means the board never has to canonicalise JSON to check a signature.
+//!
+//! Two signature schemes are accepted, as ESP32 fleets use both: Ed25519, and RSA-2048
+//! PKCS#1 v1.5 with SHA-256 (the scheme of ESP-IDF's secure boot v2 tooling keys).
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use base64::Engine as _;
+use core::fmt;
+use serde::{Deserialize, Serialize};
+
+/// Manifests larger than this are refused before parsing: a board has little RAM to spare.
+pub const MAX_SIGNED_MANIFEST_LEN: usize = 8 * 1024;
+/// The manifest format this agent understands.
+pub const FORMAT: u32 = 1;
+
+/// What a release says about one image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Format version; this agent reads [`FORMAT`].
+    pub format: u32,
+    pub device_type: String,
+    #[serde(default = "default_channel")]
+    pub channel: String,
+    /// The app's version string, as in `esp_app_desc_t::version`.
+    pub version: String,
+    /// The app's `esp_app_desc_t::secure_version` (anti-rollback counter).
+    pub secure_version: u32,
+    /// Strictly increasing per device type across all releases; a board never accepts a
+    /// sequence number below the highest it has installed (replay protection).
+    pub sequence: u64,
+    /// Image length in bytes.
+    pub size: u32,
+    /// SHA-256 of the image, lowercase hex. Also its address in the release store.
+    pub sha256: String,
+    /// Where to fetch it; `None` means the firmware server's blob path for `sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// IPFS-compatible CID of the image, an alias for `sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cid: Option<String>,
+    /// Unix seconds at which the release was signed.
+    pub issued_at: u64,
+    /// Unix seconds after which a board refuses the manifest.
+    pub expires_at: u64,
+}
+
+fn default_channel() -> String {
+    "stable".to_string()
+}
+
+impl Manifest {
+    /// The image hash as bytes, if `sha256` is 64 hex digits.
+    pub fn sha256_bytes(&self) -> Option<[u8; 32]> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&self.sha256, &mut out).ok()?;
+        Some(out)
+    }
+}
+
+/// Signature scheme of a [`SignedManifest`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Alg {
+    #[serde(rename = "ed25519")]
+    Ed25519,
+    #[serde(rename = "rsa-pkcs1v15-sha256")]
+    RsaPkcs1v15Sha256,
+}
+
+/// The envelope that travels over MQTT and HTTP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedManifest {
+    /// Base64 (standard, padded) of the manifest's JSON bytes; the signature covers these.
+    pub manifest: String,
+    /// Which trusted key signed it.
+    pub key_id: String,
+    pub alg: Alg,
+    /// Base64 of the signature.
+    pub signature: String,
+}
+
+/// A public key compiled into the firmware.
+#[derive(Clone, Debug)]
+pub struct TrustedKey {
+    pub id: String,
+    pub key: PublicKey,
+}
+
+#[derive(Clone, Debug)]
+pub enum PublicKey {
+    Ed25519(ed25519_dalek::VerifyingKey),
+    Rsa(rsa::RsaPublicKey),
+}
+
+impl PublicKey {
+    /// An Ed25519 key from its 32 raw bytes.
+    pub fn ed25519(raw: &[u8; 32]) -> Result<Self, KeyError> {
+        ed25519_dalek::VerifyingKey::from_bytes(raw)
+            .map(PublicKey::Ed25519)
+            .map_err(|_| KeyError)
+    }
+
+    /// An RSA key from its PKCS#1 DER (`RSAPublicKey`). Only 2048-bit keys are accepted.
+    pub fn rsa_pkcs1_der(der: &[u8]) -> Result<Self, KeyError> {
+        use rsa::pkcs1::DecodeRsaPublicKey;
+        use rsa::traits::PublicKeyParts;
+        let key = rsa::RsaPublicKey::from_pkcs1_der(der).map_err(|_| KeyError)?;
+        if key.size() != 256 {
+            return Err(KeyError);
+        }
+        Ok(PublicKey::Rsa(key))
+    }
+
+    pub fn alg(&self) -> Alg {
+        match self {
+            PublicKey::Ed25519(_) => Alg::Ed25519,
+            PublicKey::Rsa(_) => Alg::RsaPkcs1v15Sha256,
+        }
+    }
+}
+
+/// A key's bytes are not a valid key of its kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyError;
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("not a valid Ed25519 key or 2048-bit RSA public key")
+    }
+}
+
+impl core::error::Error for KeyError {}
+
+/// Why a manifest's envelope or signature was rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EnvelopeError {
+    TooLarge(usize),
+    Malformed(String),
+    UnknownKey(String),
+    AlgMismatch { key_id: String },
+    BadSignature { key_id: String },
+}
+
+impl fmt::Display for EnvelopeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EnvelopeError::TooLarge(n) => write!(
+                f,
+                "signed manifest is {n} bytes, more than the {MAX_SIGNED_MANIFEST_LEN} a board accepts"
+            ),
+            EnvelopeError::Malformed(why) => write!(f, "malformed manifest: {why}"),
+            EnvelopeError::UnknownKey(id) => {
+                write!(f, "signed by key '{id}', which this firmware does not trust")
+            }
+            EnvelopeError::AlgMismatch { key_id } => {
+                write!(f, "algorithm does not match trusted key '{key_id}'")
+            }
+            EnvelopeError::BadSignature { key_id } => {
+                write!(f, "signature does not verify with trusted key '{key_id}'")
+            }
+        }
+    }
+}
+
+impl EnvelopeError {
+    /// Signature problems and parse problems are different refusals.
+    pub fn is_signature(&self) -> bool {
+        matches!(
+            self,
+            EnvelopeError::UnknownKey(_)
+                | EnvelopeError::AlgMismatch { .. }
+                | EnvelopeError::BadSignature { .. }
+        )
+    }
+}
+
+/// Parse an envelope and verify its signature against the trusted keys; return the manifest.
+///
+/// Nothing inside the manifest is looked at before the signature verifies.
+pub fn open(bytes: &[u8], keys: &[TrustedKey]) -> Result<Manifest, EnvelopeError> {
+    if bytes.len() > MAX_SIGNED_MANIFEST_LEN {
+        return Err(EnvelopeError::TooLarge(bytes.len()));
+    }
+    let env: SignedManifest = serde_json::from_slice(bytes)
+        .map_err(|e| EnvelopeError::Malformed(alloc::format!("envelope: {e}")))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = b64
+        .decode(env.manifest.as_bytes())
+        .map_err(|e| EnvelopeError::Malformed(alloc::format!("manifest is not base64: {e}")))?;
+    let sig = b64
+        .decode(env.signature.as_bytes())
+        .map_err(|e| EnvelopeError::Malformed(alloc::format!("signature is not base64: {e}")))?;
+    let key = keys
+        .iter()
+        .find(|k| k.id == env.key_id)
+        .ok_or_else(|| EnvelopeError::UnknownKey(env.key_id.clone()))?;
+    if key.key.alg() != env.alg {
+        return Err(EnvelopeError::AlgMismatch {
+            key_id: key.id.clone(),
+        });
+    }
+    let bad = || EnvelopeError::BadSignature {
+        key_id: key.id.clone(),
+    };
+    match &key.key {
+        PublicKey::Ed25519(vk) => {
+            let sig = ed25519_dalek::Signature::from_slice(&sig).map_err(|_| bad())?;
+            vk.verify_strict(&body, &sig).map_err(|_| bad())?;
+        }
+        PublicKey::Rsa(pk) => {
+            use rsa::signature::Verifier;
+            let vk = rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(pk.clone());
+            let sig = rsa::pkcs1v15::Signature::try_from(sig.as_slice()).map_err(|_| bad())?;
+            vk.verify(&body, &sig).map_err(|_| bad())?;
+        }
+    }
+    let manifest: Manifest = serde_json::from_slice(&body)
+        .map_err(|e| EnvelopeError::Malformed(alloc::format!("manifest body: {e}")))?;
+    if manifest.format != FORMAT {
+        return Err(EnvelopeError::Malformed(alloc::format!(
+            "manifest format {} (this agent reads format {FORMAT})",
+            manifest.format
+        )));
+    }
+    if manifest.sha256_bytes().is_none() {
+        return Err(EnvelopeError::Malformed(
+            "sha256 is not 64 hex digits".to_string(),
+        ));
+    }
+    Ok(manifest)
+}
+
+/// Wrap manifest bytes and a signature into the envelope (host side uses this to publish).
+pub fn envelope(body: &[u8], key_id: &str, alg: Alg, signature: &[u8]) -> SignedManifest {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    SignedManifest {
+        manifest: b64.encode(body),
+        key_id: key_id.to_string(),
+        alg,
+        signature: b64.encode(signature),
+    }
+}
+
+/// The key ids a firmware trusts, for messages.
+pub fn key_ids(keys: &[TrustedKey]) -> Vec<&str> {
+    keys.iter().map(|k| k.id.as_str()).collect()
+}

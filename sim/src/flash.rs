@@ -1,0 +1,387 @@
+//! Simulated SPI NOR flash, as on an ESP32-S3 module.
+//!
+//! - Erase works on 4 KiB sectors and sets every bit to 1 (0xFF).
+//! - Program can only clear bits (new = old & data) and is split at 256-byte page boundaries,
+//!   like `esp_flash_write` splits writes into page programs. In strict mode, programming a
+//!   byte that is not erased is recorded as a [`Violation`]: ESP-IDF requires erase before
+//!   write, and an agent that relies on AND-ing over old data is buggy on real chips.
+//! - Every sector erase and every page program is one *flash operation* with an index that
+//!   counts from 0 for the board's lifetime. [`Flash::arm_cut`] makes operation k the one
+//!   interrupted by a power cut: it is torn (an erase leaves a mix of old bytes and 0xFF, a
+//!   program clears only a random subset of its bits, chosen from the seed) and every
+//!   operation after it fails until [`Flash::power_on`].
+//!
+//! Storage is sparse and copy-on-write: an erased sector takes no memory and a written one is
+//! an `Arc` shared with every clone until one of them writes it. Ten thousand boards that
+//! start from the same image share its sectors.
+
+use std::sync::Arc;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub const SECTOR_SIZE: u32 = 4096;
+pub const PAGE_SIZE: u32 = 256;
+
+type Sector = [u8; SECTOR_SIZE as usize];
+
+/// The kinds of flash operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OpKind {
+    Erase,
+    Program,
+}
+
+/// Why a flash call failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FlashError {
+    #[error("power was lost during flash operation {op}")]
+    PowerLost { op: u64 },
+    #[error("flash access 0x{addr:08x}+{len} is outside the {size}-byte chip")]
+    OutOfBounds { addr: u32, len: u32, size: u32 },
+    #[error("erase at 0x{addr:08x} is not sector aligned")]
+    Unaligned { addr: u32 },
+}
+
+/// A program over bytes that were not erased (strict mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Violation {
+    pub op: u64,
+    pub addr: u32,
+    pub old: u8,
+    pub new: u8,
+}
+
+/// A planned power cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cut {
+    /// Index of the operation that is torn.
+    pub at_op: u64,
+    /// Chooses which bytes/bits the torn operation got to.
+    pub seed: u64,
+}
+
+/// Record of a cut that happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CutReport {
+    pub op: u64,
+    pub kind: OpKind,
+    pub addr: u32,
+}
+
+#[derive(Clone)]
+pub struct Flash {
+    size: u32,
+    sectors: Vec<Option<Arc<Sector>>>,
+    ops: u64,
+    powered: bool,
+    cut: Option<Cut>,
+    last_cut: Option<CutReport>,
+    strict: bool,
+    violations: Vec<Violation>,
+}
+
+impl std::fmt::Debug for Flash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flash")
+            .field("size", &self.size)
+            .field("ops", &self.ops)
+            .field("powered", &self.powered)
+            .finish()
+    }
+}
+
+impl Flash {
+    /// An erased chip of `size` bytes (a multiple of the sector size).
+    pub fn new(size: u32) -> Flash {
+        assert!(size % SECTOR_SIZE == 0, "flash size must be whole sectors");
+        Flash {
+            size,
+            sectors: vec![None; (size / SECTOR_SIZE) as usize],
+            ops: 0,
+            powered: true,
+            cut: None,
+            last_cut: None,
+            strict: true,
+            violations: Vec::new(),
+        }
+    }
+
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// Operations performed so far (the index the next one gets).
+    pub fn ops(&self) -> u64 {
+        self.ops
+    }
+
+    pub fn is_powered(&self) -> bool {
+        self.powered
+    }
+
+    pub fn set_strict(&mut self, strict: bool) {
+        self.strict = strict;
+    }
+
+    pub fn violations(&self) -> &[Violation] {
+        &self.violations
+    }
+
+    /// Plan a power cut at operation `cut.at_op` (replaces an earlier plan).
+    pub fn arm_cut(&mut self, cut: Cut) {
+        self.cut = Some(cut);
+    }
+
+    pub fn disarm_cut(&mut self) {
+        self.cut = None;
+    }
+
+    pub fn armed_cut(&self) -> Option<Cut> {
+        self.cut
+    }
+
+    /// The cut that happened since the last [`Flash::power_on`], if any.
+    pub fn take_cut_report(&mut self) -> Option<CutReport> {
+        self.last_cut.take()
+    }
+
+    /// Power lost without a flash operation in flight (nothing is torn).
+    pub fn power_off(&mut self) {
+        self.powered = false;
+    }
+
+    /// Power comes back: operations work again.
+    pub fn power_on(&mut self) {
+        self.powered = true;
+    }
+
+    /// Sectors holding data (the others are erased and take no memory).
+    pub fn written_sectors(&self) -> usize {
+        self.sectors.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// Sectors whose storage is shared with another clone.
+    pub fn shared_sectors(&self) -> usize {
+        self.sectors
+            .iter()
+            .filter(|s| s.as_ref().is_some_and(|a| Arc::strong_count(a) > 1))
+            .count()
+    }
+
+    pub fn read(&self, addr: u32, buf: &mut [u8]) -> Result<(), FlashError> {
+        if !self.powered {
+            return Err(FlashError::PowerLost { op: self.ops });
+        }
+        self.check_bounds(addr, buf.len() as u32)?;
+        self.peek(addr, buf);
+        Ok(())
+    }
+
+    /// Read regardless of power (for reports and checks made from outside the board).
+    pub fn peek(&self, addr: u32, buf: &mut [u8]) {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let a = addr as usize + done;
+            let sector = a / SECTOR_SIZE as usize;
+            let off = a % SECTOR_SIZE as usize;
+            let n = (SECTOR_SIZE as usize - off).min(buf.len() - done);
+            match self.sectors.get(sector).and_then(|s| s.as_ref()) {
+                Some(s) => buf[done..done + n].copy_from_slice(&s[off..off + n]),
+                None => buf[done..done + n].fill(0xFF),
+            }
+            done += n;
+        }
+    }
+
+    /// Erase `len` bytes from `addr` (both sector aligned): one operation per sector.
+    pub fn erase(&mut self, addr: u32, len: u32) -> Result<(), FlashError> {
+        if addr % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+            return Err(FlashError::Unaligned { addr });
+        }
+        self.check_bounds(addr, len)?;
+        for s in (addr / SECTOR_SIZE)..((addr + len) / SECTOR_SIZE) {
+            let op = self.begin_op()?;
+            if let Some(seed) = self.tears(op) {
+                self.tear_erase(s as usize, op, seed);
+                return Err(self.cut_now(op, OpKind::Erase, s * SECTOR_SIZE));
+            }
+            self.sectors[s as usize] = None;
+        }
+        Ok(())
+    }
+
+    /// Program `data` at `addr`: one operation per 256-byte page touched.
+    pub fn program(&mut self, addr: u32, data: &[u8]) -> Result<(), FlashError> {
+        self.check_bounds(addr, data.len() as u32)?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let a = addr + done as u32;
+            let n = ((PAGE_SIZE - a % PAGE_SIZE) as usize).min(data.len() - done);
+            let op = self.begin_op()?;
+            let chunk = &data[done..done + n];
+            if let Some(seed) = self.tears(op) {
+                self.tear_program(a, chunk, op, seed);
+                return Err(self.cut_now(op, OpKind::Program, a));
+            }
+            self.program_page(a, chunk, op);
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn check_bounds(&self, addr: u32, len: u32) -> Result<(), FlashError> {
+        if addr.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(FlashError::OutOfBounds {
+                addr,
+                len,
+                size: self.size,
+            });
+        }
+        Ok(())
+    }
+
+    fn begin_op(&mut self) -> Result<u64, FlashError> {
+        if !self.powered {
+            return Err(FlashError::PowerLost { op: self.ops });
+        }
+        let op = self.ops;
+        self.ops += 1;
+        Ok(op)
+    }
+
+    fn tears(&self, op: u64) -> Option<u64> {
+        self.cut.filter(|c| c.at_op == op).map(|c| c.seed)
+    }
+
+    fn cut_now(&mut self, op: u64, kind: OpKind, addr: u32) -> FlashError {
+        self.cut = None;
+        self.powered = false;
+        self.last_cut = Some(CutReport { op, kind, addr });
+        FlashError::PowerLost { op }
+    }
+
+    fn sector_mut(&mut self, s: usize) -> &mut Sector {
+        let slot = &mut self.sectors[s];
+        let arc = slot.get_or_insert_with(|| Arc::new([0xFF; SECTOR_SIZE as usize]));
+        Arc::make_mut(arc)
+    }
+
+    fn program_page(&mut self, addr: u32, data: &[u8], op: u64) {
+        let s = (addr / SECTOR_SIZE) as usize;
+        let off = (addr % SECTOR_SIZE) as usize;
+        if data.iter().all(|b| *b == 0xFF) {
+            return; // programming all-ones changes nothing; don't materialise the sector
+        }
+        let strict = self.strict;
+        let mut found = None;
+        let sector = self.sector_mut(s);
+        for (i, b) in data.iter().enumerate() {
+            let old = sector[off + i];
+            if strict && old != 0xFF && found.is_none() && (old & b) != *b {
+                found = Some(Violation {
+                    op,
+                    addr: addr + i as u32,
+                    old,
+                    new: *b,
+                });
+            }
+            sector[off + i] = old & b;
+        }
+        if let Some(v) = found {
+            self.violations.push(v);
+        }
+    }
+
+    /// A torn erase: the chip got partway; each 32-bit word is either erased or still old.
+    fn tear_erase(&mut self, s: usize, op: u64, seed: u64) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ op.rotate_left(17));
+        if self.sectors[s].is_none() {
+            return;
+        }
+        let sector = self.sector_mut(s);
+        for word in sector.chunks_mut(4) {
+            if rng.gen_bool(0.5) {
+                word.fill(0xFF);
+            }
+        }
+    }
+
+    /// A torn program: only a random subset of the bits that should clear did.
+    fn tear_program(&mut self, addr: u32, data: &[u8], op: u64, seed: u64) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ op.rotate_left(17));
+        let torn: Vec<u8> = data.iter().map(|b| b | rng.gen::<u8>()).collect();
+        self.program_page(addr, &torn, op);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erase_and_program_follow_nor_rules() {
+        let mut f = Flash::new(64 * 1024);
+        f.set_strict(false);
+        f.program(0x100, &[0x0F, 0xF0]).unwrap();
+        f.program(0x100, &[0xF3, 0xFF]).unwrap(); // can only clear bits
+        let mut b = [0u8; 2];
+        f.read(0x100, &mut b).unwrap();
+        assert_eq!(b, [0x03, 0xF0]);
+        f.erase(0, SECTOR_SIZE).unwrap();
+        f.read(0x100, &mut b).unwrap();
+        assert_eq!(b, [0xFF, 0xFF]);
+    }
+
+    #[test]
+    fn programs_split_at_page_boundaries_and_count_operations() {
+        let mut f = Flash::new(64 * 1024);
+        f.program(250, &[0u8; 300]).unwrap(); // pages 0, 1, 2
+        assert_eq!(f.ops(), 3);
+        f.erase(0, 2 * SECTOR_SIZE).unwrap();
+        assert_eq!(f.ops(), 5);
+    }
+
+    #[test]
+    fn strict_mode_reports_program_over_written_bytes() {
+        let mut f = Flash::new(8192);
+        f.program(0, &[0x00]).unwrap();
+        assert!(f.violations().is_empty());
+        f.program(0, &[0x01]).unwrap();
+        assert_eq!(f.violations().len(), 1);
+    }
+
+    #[test]
+    fn a_cut_tears_its_operation_and_stops_everything_after_it() {
+        let mut f = Flash::new(8192);
+        f.program(0, &[0u8; 256]).unwrap(); // op 0
+        f.arm_cut(Cut { at_op: 1, seed: 7 });
+        let err = f.erase(0, SECTOR_SIZE).unwrap_err(); // op 1, torn
+        assert_eq!(err, FlashError::PowerLost { op: 1 });
+        let mut b = [0u8; 256];
+        f.peek(0, &mut b);
+        let erased = b.iter().filter(|x| **x == 0xFF).count();
+        assert!(
+            erased > 0 && erased < 256,
+            "torn erase leaves a mix, got {erased} erased"
+        );
+        assert!(f.program(4096, &[0]).is_err(), "no operation after the cut");
+        f.power_on();
+        f.program(4096, &[0]).unwrap();
+    }
+
+    #[test]
+    fn clones_share_sectors_until_written() {
+        let mut a = Flash::new(16 * SECTOR_SIZE);
+        a.program(0, &[1u8; 8192]).unwrap();
+        let mut b = a.clone();
+        assert_eq!(b.shared_sectors(), 2);
+        b.erase(0, SECTOR_SIZE).unwrap();
+        assert_eq!(b.shared_sectors(), 1, "sector 1 is still shared");
+        assert_eq!(b.written_sectors(), 1);
+        let mut byte = [0u8];
+        a.read(0, &mut byte).unwrap();
+        assert_eq!(byte, [1], "the other clone keeps its data");
+    }
+}

@@ -1,0 +1,24 @@
+//! # otarig
+//!
+//! A simulated ESP32-S3 fleet for testing over-the-air updates: faithful boards (NOR flash,
+//! partition table, otadata, bootloader with rollback and anti-rollback, eFuse), the release
+//! store, scenario files, the deterministic runner and the expectations checker. The update
+//! logic itself is `otarig-agent`, the same crate that runs on the real board.
+//!
+//! Module map:
+//! - [`flash`], [`partition`], [`otadata`], [`board`]: the simulated hardware and ESP-IDF;
+//! - [`appimage`]: building ESP-IDF app images that carry a simulated behaviour;
+//! - [`keys`], [`store`]: signing releases and serving them;
+//! - [`scenario`], [`runner`], [`expect`], [`summary`]: scenarios, runs and their verdicts.
+
+pub mod appimage;
+pub mod board;
+pub mod expect;
+pub mod flash;
+pub mod keys;
+pub mod otadata;
+pub mod partition;
+pub mod runner;
+pub mod scenario;
+pub mod store;
+pub mod summary;

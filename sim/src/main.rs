@@ -1,0 +1,435 @@
+//! `otarig`: run scenarios, build and sign releases.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use otarig::appimage::{self, AppSpec, Behaviour, BootBehaviour, NetworkBehaviour, SelfTest};
+use otarig::keys::{fixture_dir, NamedKey};
+use otarig::runner::{self, RunOptions};
+use otarig::scenario::{parse_duration, Scenario};
+use otarig::{expect, summary};
+use otarig_agent::manifest::{self, Manifest};
+
+#[derive(Parser)]
+#[command(
+    name = "otarig",
+    version,
+    about = "OTA update test rig for ESP32-S3 fleets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run scenarios on the deterministic simulator and check their expectations.
+    Run {
+        /// Scenario files (scenarios/*.toml).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Override the fleet size.
+        #[arg(long)]
+        devices: Option<u32>,
+        /// Override the seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Write the event stream as JSON lines (one file per scenario: NAME.jsonl in this dir).
+        #[arg(long, value_name = "DIR")]
+        events: Option<PathBuf>,
+    },
+    /// Check scenario files without running them.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Signing keys.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
+    /// ESP-IDF app images for simulated firmware.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+    /// Signed release manifests.
+    Manifest {
+        #[command(subcommand)]
+        cmd: ManifestCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Generate a PKCS#8 PEM signing key in DIR/NAME.pem.
+    Gen {
+        name: String,
+        #[arg(long, value_enum, default_value = "ed25519")]
+        alg: KeyAlg,
+        #[arg(long, default_value_os_t = fixture_dir())]
+        dir: PathBuf,
+        /// Replace an existing key.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KeyAlg {
+    Ed25519,
+    Rsa,
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Build an app image.
+    Build {
+        #[arg(long)]
+        version: String,
+        #[arg(long, default_value = "otarig-demo")]
+        project: String,
+        #[arg(long, default_value_t = 0)]
+        secure_version: u32,
+        /// Size in bytes (approximate to 16 bytes).
+        #[arg(long, default_value_t = 256 * 1024)]
+        size: u32,
+        #[arg(long, value_enum, default_value = "pass")]
+        self_test: SelfTestArg,
+        #[arg(long)]
+        crash_on_boot: bool,
+        #[arg(long)]
+        no_network: bool,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Verify an image as the bootloader would and print its descriptor.
+    Info { file: PathBuf },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SelfTestArg {
+    Pass,
+    Fail,
+}
+
+#[derive(Subcommand)]
+enum ManifestCmd {
+    /// Sign a manifest for an image.
+    Sign {
+        #[arg(long)]
+        image: PathBuf,
+        /// Key id: a PEM file KEY.pem in --keys-dir.
+        #[arg(long)]
+        key: String,
+        #[arg(long, default_value_os_t = fixture_dir())]
+        keys_dir: PathBuf,
+        #[arg(long)]
+        device_type: String,
+        #[arg(long, default_value = "stable")]
+        channel: String,
+        #[arg(long)]
+        sequence: u64,
+        #[arg(long, default_value = "30d")]
+        expires_in: String,
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Verify a signed manifest against trusted keys and print it.
+    Verify {
+        file: PathBuf,
+        /// Trusted key ids (PEM files in --keys-dir); repeatable.
+        #[arg(long = "trust", required = true)]
+        trust: Vec<String>,
+        #[arg(long, default_value_os_t = fixture_dir())]
+        keys_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Run {
+            files,
+            devices,
+            seed,
+            events,
+        } => run(&files, devices, seed, events.as_deref()),
+        Cmd::Check { files } => {
+            let mut bad = 0;
+            for f in &files {
+                match Scenario::load(f) {
+                    Ok(s) => println!(
+                        "ok    {} ({} boards, {} release(s), {} expectation block(s))",
+                        f.display(),
+                        s.devices,
+                        s.releases.len(),
+                        s.expects.len()
+                    ),
+                    Err(e) => {
+                        bad += 1;
+                        eprintln!("error: {e}");
+                    }
+                }
+            }
+            Ok(if bad == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+        Cmd::Keys {
+            cmd:
+                KeysCmd::Gen {
+                    name,
+                    alg,
+                    dir,
+                    force,
+                },
+        } => {
+            let path = dir.join(format!("{name}.pem"));
+            if path.exists() && !force {
+                bail!("{} exists; pass --force to replace it", path.display());
+            }
+            let key = match alg {
+                KeyAlg::Ed25519 => NamedKey::generate_ed25519(&name),
+                KeyAlg::Rsa => NamedKey::generate_rsa(&name)?,
+            };
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(&path, key.to_pem()?)
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote {}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Image {
+            cmd:
+                ImageCmd::Build {
+                    version,
+                    project,
+                    secure_version,
+                    size,
+                    self_test,
+                    crash_on_boot,
+                    no_network,
+                    out,
+                },
+        } => {
+            let spec = AppSpec {
+                project,
+                version,
+                secure_version,
+                size,
+                behaviour: Behaviour {
+                    self_test: match self_test {
+                        SelfTestArg::Pass => SelfTest::Pass,
+                        SelfTestArg::Fail => SelfTest::Fail,
+                    },
+                    boot: if crash_on_boot {
+                        BootBehaviour::Crash
+                    } else {
+                        BootBehaviour::Ok
+                    },
+                    network: if no_network {
+                        NetworkBehaviour::Never
+                    } else {
+                        NetworkBehaviour::Ok
+                    },
+                },
+                chip_id: otarig_agent::image::CHIP_ID_ESP32S3,
+            };
+            let bytes = appimage::build(&spec);
+            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} ({} bytes, sha256 {})",
+                out.display(),
+                bytes.len(),
+                hex::encode(otarig::store::sha256(&bytes))
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Image {
+            cmd: ImageCmd::Info { file },
+        } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let info = verify_bytes(&bytes).with_context(|| {
+                format!("{} is not a bootable ESP32-S3 app image", file.display())
+            })?;
+            println!("version         {}", info.desc.version);
+            println!("project         {}", info.desc.project_name);
+            println!("secure_version  {}", info.desc.secure_version);
+            println!("segments        {}", info.segment_count);
+            println!("length          {} bytes", info.len);
+            println!("sha256          {}", hex::encode(info.sha256));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Manifest {
+            cmd:
+                ManifestCmd::Sign {
+                    image,
+                    key,
+                    keys_dir,
+                    device_type,
+                    channel,
+                    sequence,
+                    expires_in,
+                    url,
+                    out,
+                },
+        } => {
+            let bytes =
+                std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
+            let info = verify_bytes(&bytes).with_context(|| {
+                format!("{} is not a bootable ESP32-S3 app image", image.display())
+            })?;
+            let key = NamedKey::load(&keys_dir, &key)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            let ttl = parse_duration(&expires_in).map_err(anyhow::Error::msg)? / 1000;
+            let m = Manifest {
+                format: manifest::FORMAT,
+                device_type,
+                channel,
+                version: info.desc.version.to_string(),
+                secure_version: info.desc.secure_version,
+                sequence,
+                size: bytes.len() as u32,
+                sha256: hex::encode(info.sha256),
+                url,
+                cid: None,
+                issued_at: now,
+                expires_at: now + ttl,
+            };
+            std::fs::write(&out, key.sign_manifest(&m))
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} ({} {} seq {sequence}, signed by {})",
+                out.display(),
+                m.device_type,
+                m.version,
+                key.id
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Manifest {
+            cmd:
+                ManifestCmd::Verify {
+                    file,
+                    trust,
+                    keys_dir,
+                },
+        } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let keys = trust
+                .iter()
+                .map(|id| NamedKey::load(&keys_dir, id)?.trusted())
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            match manifest::open(&bytes, &keys) {
+                Ok(m) => {
+                    println!("{}", serde_json::to_string_pretty(&m)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("refused: {e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+    }
+}
+
+fn verify_bytes(bytes: &[u8]) -> anyhow::Result<otarig_agent::image::ImageInfo> {
+    otarig_agent::image::verify(bytes.len() as u32, |off, buf| {
+        let off = off as usize;
+        let src = bytes.get(off..off + buf.len()).ok_or(())?;
+        buf.copy_from_slice(src);
+        Ok(())
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn run(
+    files: &[PathBuf],
+    devices: Option<u32>,
+    seed: Option<u64>,
+    events: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let bar = if files.len() > 1 {
+        let b = ProgressBar::new(files.len() as u64);
+        b.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut failed = 0;
+    let mut invalid = 0;
+    for f in files {
+        bar.set_message(f.display().to_string());
+        let scenario = match Scenario::load(f) {
+            Ok(s) => s,
+            Err(e) => {
+                bar.suspend(|| eprintln!("error: {e}"));
+                invalid += 1;
+                bar.inc(1);
+                continue;
+            }
+        };
+        let started = std::time::Instant::now();
+        let result = runner::run(&scenario, &RunOptions { devices, seed })?;
+        let failures = expect::judge(&result, None);
+        if let Some(dir) = events {
+            std::fs::create_dir_all(dir)?;
+            let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("scenario");
+            let path = dir.join(format!("{stem}.jsonl"));
+            let mut out = std::io::BufWriter::new(
+                std::fs::File::create(&path)
+                    .with_context(|| format!("creating {}", path.display()))?,
+            );
+            summary::write_events(&result, &mut out)?;
+            out.flush()?;
+        }
+        bar.suspend(|| {
+            print!("{}", summary::render(&result, &failures));
+            println!("wall      {:.2} s\n", started.elapsed().as_secs_f64());
+        });
+        if !failures.is_empty() {
+            failed += 1;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(if invalid > 0 {
+        ExitCode::from(2)
+    } else if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

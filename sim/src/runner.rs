@@ -1,0 +1,684 @@
+//! The deterministic in-process runner: simulated boards running the real agent against the
+//! release store's core, on a virtual clock, with no sockets and no threads.
+//!
+//! Everything that varies (tearing of cut operations, jitter) derives from the scenario's
+//! seed, and events are ordered by (virtual time, insertion order), so a run replays exactly.
+//! The network between board and server is a model here: each request costs a fixed latency
+//! and body bytes arrive at a fixed rate. The wire-level fleet puts real MQTT and HTTP around
+//! the same store and agent.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use otarig_agent::manifest::Manifest;
+use otarig_agent::{
+    Ack, Action, Agent, Config, Event, Input, OtaImgState, Platform, SlotKind, TrustedKey,
+};
+use serde_json::json;
+
+use crate::appimage::{self, AppSpec, Behaviour, BootBehaviour, NetworkBehaviour, SelfTest};
+use crate::board::{Board, BoardEvent, BootConfig, BootOutcome, CutPlan};
+use crate::keys::NamedKey;
+use crate::scenario::{FaultKind, Firmware, Scenario, TamperDef};
+use crate::store::{Served, Store};
+
+/// Unix time (ms) at virtual time zero: 2026-01-01T00:00:00Z.
+pub const EPOCH_MS: u64 = 1_767_225_600_000;
+const LATENCY_MS: u64 = 20;
+const BYTES_PER_MS: u64 = 1_000; // 1 MB/s per board
+const BOOT_MS: u64 = 300;
+const SELF_TEST_MS: u64 = 200;
+const CONNECT_MS: u64 = 500;
+
+/// One entry of the event stream all checks read.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub t_ms: u64,
+    pub device: u32,
+    pub what: What,
+}
+
+#[derive(Clone, Debug)]
+pub enum What {
+    Agent(Event),
+    Ack { ack: Ack, duplicate: bool },
+    Board(BoardEvent),
+    AppCrashed,
+    Release { sequence: u64, version: String },
+}
+
+impl Record {
+    /// One JSON object per line in the event log.
+    pub fn to_json(&self) -> serde_json::Value {
+        let body = match &self.what {
+            What::Agent(e) => agent_event_json(e),
+            What::Ack { ack, duplicate } => json!({
+                "source": "server", "kind": "ack", "sequence": ack.sequence, "version": ack.version,
+                "outcome": ack.outcome.name(), "detail": outcome_detail(&ack.outcome), "duplicate": duplicate,
+            }),
+            What::Board(b) => {
+                let mut v = serde_json::to_value(b).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("source".into(), json!("board"));
+                }
+                v
+            }
+            What::AppCrashed => json!({"source": "board", "kind": "app-crashed"}),
+            What::Release { sequence, version } => {
+                json!({"source": "server", "kind": "release", "sequence": sequence, "version": version})
+            }
+        };
+        let mut v = json!({"t_ms": self.t_ms, "device": self.device});
+        if let (Some(o), Some(b)) = (v.as_object_mut(), body.as_object()) {
+            o.extend(b.clone());
+        }
+        v
+    }
+}
+
+fn outcome_detail(o: &otarig_agent::Outcome) -> String {
+    match o {
+        otarig_agent::Outcome::Installed => String::new(),
+        otarig_agent::Outcome::Refused { check, detail } => format!("{check}: {detail}"),
+        otarig_agent::Outcome::RolledBack { detail } => detail.clone(),
+    }
+}
+
+/// The agent's events as JSON (the same names every shell uses).
+pub fn agent_event_json(e: &Event) -> serde_json::Value {
+    let src = "agent";
+    match e {
+        Event::Booted {
+            version,
+            slot,
+            sha256,
+            state,
+        } => json!({"source": src, "kind": "booted", "version": version,
+            "slot": slot.to_string(), "sha256": hex::encode(sha256), "state": state.map(|s| s.name())}),
+        Event::SelfTest { passed, detail } => {
+            json!({"source": src, "kind": "self-test", "passed": passed, "detail": detail})
+        }
+        Event::Confirmed { version } => {
+            json!({"source": src, "kind": "confirmed", "version": version})
+        }
+        Event::RollingBack { version, reason } => {
+            json!({"source": src, "kind": "rolling-back", "version": version, "reason": reason})
+        }
+        Event::Refused {
+            sequence,
+            version,
+            check,
+            detail,
+        } => json!({"source": src, "kind": "refused", "sequence": sequence,
+            "version": version, "check": check.name(), "detail": detail}),
+        Event::Downloading {
+            sequence,
+            version,
+            size,
+            resumed_from,
+        } => json!({"source": src, "kind": "downloading",
+            "sequence": sequence, "version": version, "size": size, "resumed_from": resumed_from}),
+        Event::Progress {
+            sequence,
+            written,
+            size,
+        } => json!({"source": src, "kind": "progress", "sequence": sequence,
+            "written": written, "size": size}),
+        Event::FetchFailed {
+            sequence,
+            offset,
+            reason,
+            retry_in_ms,
+        } => json!({"source": src, "kind": "fetch-failed",
+            "sequence": sequence, "offset": offset, "reason": reason, "retry_in_ms": retry_in_ms}),
+        Event::Verified { sequence } => {
+            json!({"source": src, "kind": "verified", "sequence": sequence})
+        }
+        Event::BootSet { sequence, slot } => {
+            json!({"source": src, "kind": "boot-set", "sequence": sequence, "slot": slot.to_string()})
+        }
+        Event::StorageError { during, error } => {
+            json!({"source": src, "kind": "storage-error", "during": during, "error": error})
+        }
+    }
+}
+
+/// What a board ended as.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceReport {
+    pub index: u32,
+    pub id: String,
+    /// Running app version, or `None` when bricked.
+    pub version: Option<String>,
+    pub running_slot: Option<String>,
+    pub running_state: String,
+    /// otadata state of the slot the last update was written into.
+    pub update_slot_state: Option<String>,
+    pub bricked: Option<String>,
+    pub fetched_bytes: u64,
+    pub image_size: u64,
+    pub power_cuts: u32,
+    pub efuse: u32,
+    pub flash_ops: u64,
+}
+
+/// The result of one run.
+pub struct Run {
+    pub scenario: Scenario,
+    pub records: Vec<Record>,
+    pub devices: Vec<DeviceReport>,
+    pub end_ms: u64,
+    pub served_bytes: u64,
+}
+
+enum Ev {
+    PowerOn,
+    SelfTestDone(bool),
+    Online,
+    Manifest(Arc<Vec<u8>>),
+    Body { offset: u32, data: Vec<u8> },
+    BodyEnd,
+    FetchFailed(String),
+    Timer,
+    Release(usize),
+    Force { firmware: String },
+}
+
+struct Dev {
+    id: String,
+    board: Board,
+    agent: Option<Agent>,
+    epoch: u64,
+    behaviour: Behaviour,
+    fetched: u64,
+    image_size: u64,
+    cuts: u32,
+    off_for_ms: u64,
+    bricked: Option<String>,
+    update_slot: Option<String>,
+}
+
+struct World {
+    now: u64,
+    seq: u64,
+    queue: BTreeMap<(u64, u64), (usize, u64, Ev)>,
+    devs: Vec<Dev>,
+    store: Store,
+    records: Vec<Record>,
+    keys: Vec<TrustedKey>,
+    cfg_template: Config,
+    releases: Vec<(String, String, Vec<u8>, u64, String)>,
+    images: BTreeMap<String, Arc<Vec<u8>>>,
+}
+
+/// Build the image of one scenario firmware.
+pub fn build_firmware(s: &Scenario, fw: &Firmware) -> Vec<u8> {
+    appimage::build(&AppSpec {
+        project: s.device_type.clone(),
+        version: fw.version.clone(),
+        secure_version: fw.secure_version,
+        size: fw.size,
+        behaviour: Behaviour {
+            self_test: fw.self_test,
+            boot: fw.boot,
+            network: fw.network,
+        },
+        chip_id: fw.chip_id,
+    })
+}
+
+/// Options that override the scenario file.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    pub devices: Option<u32>,
+    pub seed: Option<u64>,
+}
+
+/// Run a scenario to its end.
+pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Run> {
+    let mut s = scenario.clone();
+    if let Some(n) = opts.devices {
+        s.devices = n;
+    }
+    if let Some(seed) = opts.seed {
+        s.seed = seed;
+    }
+    let key_dir = crate::keys::fixture_dir();
+    let keys: Vec<TrustedKey> = s
+        .trusted_keys
+        .iter()
+        .map(|id| NamedKey::load(&key_dir, id)?.trusted())
+        .collect::<anyhow::Result<_>>()?;
+    let mut images = BTreeMap::new();
+    for (id, fw) in &s.firmware {
+        images.insert(id.clone(), Arc::new(build_firmware(&s, fw)));
+    }
+    let table = Arc::new(s.table.clone());
+    let start_slot = if table.factory().is_some() {
+        SlotKind::Factory
+    } else {
+        SlotKind::Ota(0)
+    };
+    let boot_config = BootConfig {
+        rollback: true,
+        anti_rollback: s.anti_rollback,
+    };
+    let proto = Board::factory_flashed(
+        table,
+        boot_config,
+        start_slot,
+        &images[&s.start_firmware],
+        s.efuse_secure_version,
+    )
+    .with_context(|| format!("flashing firmware '{}'", s.start_firmware))?;
+
+    let mut cfg_template = Config::new("", &s.device_type, keys.clone());
+    cfg_template.channel = s.channel.clone();
+    cfg_template.poll_interval_ms = s.poll_interval_ms;
+    cfg_template.confirm_timeout_ms = s.confirm_timeout_ms;
+
+    let mut store = Store::new();
+    let mut releases = Vec::new();
+    for r in &s.releases {
+        let fw = &s.firmware[&r.firmware];
+        let full = images[&r.firmware].as_ref().clone();
+        let signed_image = match r.tamper {
+            Some(TamperDef::TruncateSigned(n)) => full[..n as usize].to_vec(),
+            _ => full.clone(),
+        };
+        let sha = store.put_blob(signed_image.clone());
+        match r.tamper {
+            Some(TamperDef::Truncate(n)) => store.put_blob_as(sha, full[..n as usize].to_vec()),
+            Some(TamperDef::CorruptByte(n)) => {
+                let mut bad = full.clone();
+                bad[n as usize] ^= 0x40;
+                store.put_blob_as(sha, bad);
+            }
+            _ => {}
+        }
+        let issued_ms = EPOCH_MS + r.at_ms;
+        let expires_ms = issued_ms as i64 + r.expires_in_ms;
+        let m = Manifest {
+            format: otarig_agent::manifest::FORMAT,
+            device_type: r.device_type.clone(),
+            channel: r.channel.clone(),
+            version: fw.version.clone(),
+            secure_version: fw.secure_version,
+            sequence: r.sequence,
+            size: signed_image.len() as u32,
+            sha256: hex::encode(sha),
+            url: None,
+            cid: None,
+            issued_at: issued_ms / 1000,
+            expires_at: (expires_ms.max(0) as u64) / 1000,
+        };
+        let key = NamedKey::load(&key_dir, &r.signed_by)?;
+        // Published where this fleet looks; the manifest's own device type may say otherwise.
+        releases.push((
+            s.device_type.clone(),
+            r.channel.clone(),
+            key.sign_manifest(&m),
+            r.sequence,
+            fw.version.clone(),
+        ));
+    }
+
+    let mut world = World {
+        now: 0,
+        seq: 0,
+        queue: BTreeMap::new(),
+        devs: Vec::with_capacity(s.devices as usize),
+        store,
+        records: Vec::new(),
+        keys,
+        cfg_template,
+        releases,
+        images,
+    };
+    let first_size = s
+        .releases
+        .first()
+        .map(|r| world.images[&r.firmware].len() as u64)
+        .unwrap_or(0);
+    for i in 0..s.devices {
+        let mut board = proto.clone();
+        let mut off_for_ms = 1_000;
+        for f in &s.faults {
+            if !f.devices.contains(i) {
+                continue;
+            }
+            if let FaultKind::PowerLoss(pl) = &f.kind {
+                let plan = if let Some(op) = pl.flash_op {
+                    CutPlan::AtOp { op }
+                } else if let Some(p) = pl.progress {
+                    CutPlan::DownloadReaches {
+                        bytes: ((first_size * p as u64).div_ceil(100)).max(1) as u32,
+                    }
+                } else {
+                    CutPlan::InPhase {
+                        phase: pl.phase,
+                        nth: pl.op.unwrap_or(0),
+                    }
+                };
+                board.plan_cut(
+                    plan,
+                    s.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
+                off_for_ms = pl.off_for_ms;
+            }
+        }
+        world.devs.push(Dev {
+            id: format!("{}-{i:05}", s.device_type),
+            board,
+            agent: None,
+            epoch: 0,
+            behaviour: Behaviour::default(),
+            fetched: 0,
+            image_size: 0,
+            cuts: 0,
+            off_for_ms,
+            bricked: None,
+            update_slot: None,
+        });
+        // Stagger power-on a little so boards don't act in lockstep.
+        world.schedule(i as usize, (i as u64 * 7) % 250, Ev::PowerOn);
+    }
+    for (k, r) in s.releases.iter().enumerate() {
+        world.schedule(usize::MAX, r.at_ms, Ev::Release(k));
+    }
+    for f in &s.faults {
+        if let FaultKind::ForceInstall { firmware, at_ms } = &f.kind {
+            for i in (0..s.devices).filter(|i| f.devices.contains(*i)) {
+                world.schedule(
+                    i as usize,
+                    *at_ms,
+                    Ev::Force {
+                        firmware: firmware.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    while let Some(((t, _), (d, epoch, ev))) = world.queue.pop_first() {
+        if t > s.duration_ms {
+            break;
+        }
+        world.now = t;
+        if d != usize::MAX && world.devs[d].epoch != epoch {
+            continue; // addressed to a boot that has since ended
+        }
+        world.dispatch(d, ev);
+    }
+
+    let devices = world
+        .devs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| report(i as u32, d))
+        .collect();
+    Ok(Run {
+        scenario: s.clone(),
+        records: world.records,
+        devices,
+        end_ms: world.now.min(s.duration_ms),
+        served_bytes: world.store.served_bytes(),
+    })
+}
+
+fn report(index: u32, d: &Dev) -> DeviceReport {
+    let b = &d.board;
+    let running = b.running();
+    let update_state = d.update_slot.as_ref().and_then(|label| {
+        let slot = b
+            .table()
+            .app_slots()
+            .into_iter()
+            .find(|s| &s.kind.to_string() == label)?;
+        Some(
+            b.peek_slot_state(slot)
+                .map(|s| s.name())
+                .unwrap_or("none")
+                .to_string(),
+        )
+    });
+    DeviceReport {
+        index,
+        id: d.id.clone(),
+        version: running
+            .and_then(|s| b.peek_image(s))
+            .map(|i| i.desc.version.to_string()),
+        running_slot: running.map(|s| s.kind.to_string()),
+        running_state: running
+            .and_then(|s| b.peek_slot_state(s))
+            .map(|s| s.name())
+            .unwrap_or("none")
+            .to_string(),
+        update_slot_state: update_state,
+        bricked: d.bricked.clone(),
+        fetched_bytes: d.fetched,
+        image_size: d.image_size,
+        power_cuts: d.cuts,
+        efuse: b.efuse_secure_version(),
+        flash_ops: b.flash.ops(),
+    }
+}
+
+impl World {
+    fn schedule(&mut self, d: usize, t: u64, ev: Ev) {
+        let epoch = self.devs.get(d).map(|x| x.epoch).unwrap_or(0);
+        self.seq += 1;
+        self.queue.insert((t, self.seq), (d, epoch, ev));
+    }
+
+    fn record(&mut self, device: usize, what: What) {
+        self.records.push(Record {
+            t_ms: self.now,
+            device: device as u32,
+            what,
+        });
+    }
+
+    fn dispatch(&mut self, d: usize, ev: Ev) {
+        let now = self.now;
+        match ev {
+            Ev::PowerOn => self.power_on(d),
+            Ev::Release(k) => {
+                let (dt, ch, signed, seq, version) = self.releases[k].clone();
+                self.store.publish(&dt, &ch, signed.clone());
+                self.record(
+                    usize::MAX,
+                    What::Release {
+                        sequence: seq,
+                        version,
+                    },
+                );
+                // Retained announcement: every board that is up hears it.
+                let signed = Arc::new(signed);
+                for i in 0..self.devs.len() {
+                    if self.devs[i].agent.is_some()
+                        && dt == self.cfg_template.device_type
+                        && ch == self.cfg_template.channel
+                    {
+                        self.schedule(i, now + LATENCY_MS, Ev::Manifest(signed.clone()));
+                    }
+                }
+            }
+            Ev::Force { firmware } => {
+                let img = self.images[&firmware].clone();
+                let dev = &mut self.devs[d];
+                let target = dev.board.next_update_slot().map(|s| s.kind);
+                if let Some(kind) = target {
+                    if dev.board.force_install(kind, &img).is_ok() {
+                        self.drain_board(d);
+                        self.restart(d, 100);
+                    }
+                }
+            }
+            Ev::SelfTestDone(passed) => {
+                let detail = if passed {
+                    "all checks passed"
+                } else {
+                    "self-test reported failure"
+                };
+                self.feed(d, Input::SelfTestDone { passed, detail })
+            }
+            Ev::Online => self.feed(d, Input::Online),
+            Ev::Manifest(bytes) => self.feed(d, Input::Manifest(&bytes)),
+            Ev::Body { offset, data } => self.feed(
+                d,
+                Input::Body {
+                    offset,
+                    data: &data,
+                },
+            ),
+            Ev::BodyEnd => self.feed(d, Input::BodyEnd),
+            Ev::FetchFailed(reason) => self.feed(d, Input::FetchFailed { reason: &reason }),
+            Ev::Timer => self.feed(d, Input::Timer),
+        }
+    }
+
+    fn power_on(&mut self, d: usize) {
+        let now = self.now;
+        let outcome = self.devs[d].board.boot();
+        self.drain_board(d);
+        match outcome {
+            BootOutcome::App(booted) => {
+                let dev = &mut self.devs[d];
+                dev.behaviour = booted.behaviour;
+                if booted.behaviour.boot == BootBehaviour::Crash {
+                    self.record(d, What::AppCrashed);
+                    return self.restart(d, 2_000);
+                }
+                let mut cfg = self.cfg_template.clone();
+                cfg.device_id = dev.id.clone();
+                cfg.trusted_keys = self.keys.clone();
+                dev.agent = Some(Agent::new(cfg));
+                self.feed(d, Input::Boot);
+                let dev = &self.devs[d];
+                if dev.agent.is_some() && dev.behaviour.network == NetworkBehaviour::Ok {
+                    self.schedule(d, now + CONNECT_MS, Ev::Online);
+                }
+            }
+            BootOutcome::Bricked(reason) => self.devs[d].bricked = Some(reason),
+            BootOutcome::PowerLost => self.power_lost(d),
+        }
+    }
+
+    /// Reset: RAM is gone, pending deliveries to this boot are dropped.
+    fn restart(&mut self, d: usize, after_ms: u64) {
+        let now = self.now;
+        let dev = &mut self.devs[d];
+        dev.agent = None;
+        dev.epoch += 1;
+        self.schedule(d, now + after_ms, Ev::PowerOn);
+    }
+
+    fn power_lost(&mut self, d: usize) {
+        self.devs[d].cuts += 1;
+        let off = self.devs[d].off_for_ms;
+        self.restart(d, off);
+    }
+
+    fn drain_board(&mut self, d: usize) {
+        for e in self.devs[d].board.take_events() {
+            if let BoardEvent::OtaBegin { slot, .. } = &e {
+                self.devs[d].update_slot = Some(slot.clone());
+            }
+            self.record(d, What::Board(e));
+        }
+    }
+
+    fn feed(&mut self, d: usize, input: Input<'_>) {
+        let now = self.now;
+        let dev = &mut self.devs[d];
+        let Some(agent) = dev.agent.as_mut() else {
+            return;
+        };
+        agent.handle(&mut dev.board, EPOCH_MS + now, input);
+        self.drain_board(d);
+        if !self.devs[d].board.is_powered() {
+            // The cut stopped the CPU: whatever the agent meant to do next never happens.
+            return self.power_lost(d);
+        }
+        let mut actions = Vec::new();
+        if let Some(agent) = self.devs[d].agent.as_mut() {
+            while let Some(a) = agent.poll_action() {
+                actions.push(a);
+            }
+        }
+        for a in actions {
+            self.act(d, a);
+        }
+    }
+
+    fn act(&mut self, d: usize, a: Action) {
+        let now = self.now;
+        match a {
+            Action::RunSelfTest => {
+                let passed = self.devs[d].behaviour.self_test == SelfTest::Pass;
+                self.schedule(d, now + SELF_TEST_MS, Ev::SelfTestDone(passed));
+            }
+            Action::PollManifest => {
+                let c = &self.cfg_template;
+                if let Some(m) = self.store.latest(&c.device_type, &c.channel) {
+                    self.schedule(d, now + LATENCY_MS, Ev::Manifest(m));
+                }
+            }
+            Action::Fetch {
+                sha256,
+                offset,
+                len,
+                ..
+            } => match self.store.serve(&sha256, offset as u64, len as u64) {
+                Served::Bytes(data) => {
+                    let n = data.len() as u64;
+                    self.devs[d].fetched += n;
+                    let t = now + LATENCY_MS + n.div_ceil(BYTES_PER_MS);
+                    self.schedule(d, t, Ev::Body { offset, data });
+                    self.schedule(d, t, Ev::BodyEnd);
+                }
+                Served::NotFound => self.schedule(
+                    d,
+                    now + LATENCY_MS,
+                    Ev::FetchFailed("HTTP 404: no such blob".into()),
+                ),
+                Served::RangeNotSatisfiable { len } => self.schedule(
+                    d,
+                    now + LATENCY_MS,
+                    Ev::FetchFailed(format!(
+                        "HTTP 416: range starts at {offset}, the blob has {len} bytes"
+                    )),
+                ),
+            },
+            Action::Report(e) => {
+                if let Event::Downloading { size, .. } = &e {
+                    self.devs[d].image_size = *size as u64;
+                }
+                self.record(d, What::Agent(e));
+            }
+            Action::Ack(ack) => {
+                let id = self.devs[d].id.clone();
+                let fresh = self.store.ack(&id, ack.clone());
+                self.record(
+                    d,
+                    What::Ack {
+                        ack,
+                        duplicate: !fresh,
+                    },
+                );
+            }
+            Action::WakeAt(t) => {
+                let at = t.saturating_sub(EPOCH_MS).max(now);
+                self.schedule(d, at, Ev::Timer);
+            }
+            Action::Reboot => self.restart(d, BOOT_MS),
+        }
+    }
+}
+
+/// For reports: the otadata state name of a slot, "none" for no entry.
+pub fn state_name(s: Option<OtaImgState>) -> &'static str {
+    s.map(|s| s.name()).unwrap_or("none")
+}

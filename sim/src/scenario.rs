@@ -1,0 +1,927 @@
+//! Scenario files (`scenarios/*.toml`): the contract shared by `cargo test`, the fleet, the
+//! power-loss explorer and the HIL runner.
+//!
+//! Parsing happens in two steps: serde reads the TOML into the raw `*Def` types (unknown keys
+//! are errors), then [`Scenario::load`] resolves names, units and references into a checked
+//! [`Scenario`]. Every error carries `file:line:column` of the value at fault and says what
+//! would be accepted. The format is documented in the README ("Scenario format").
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_spanned::Spanned;
+
+use crate::appimage::{BootBehaviour, NetworkBehaviour, SelfTest};
+use crate::board::Phase;
+use crate::partition::PartitionTable;
+
+/// A scenario error: where, what, and (in the message) what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScenarioError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ScenarioError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ScenarioError {}
+
+// ---- raw TOML ------------------------------------------------------------------------------
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileDef {
+    scenario: MetaDef,
+    fleet: FleetDef,
+    firmware: BTreeMap<String, FirmwareDef>,
+    #[serde(default)]
+    release: Vec<ReleaseDef>,
+    #[serde(default)]
+    fault: Vec<FaultDef>,
+    #[serde(default)]
+    expect: Vec<Spanned<ExpectDef>>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct MetaDef {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default)]
+    duration: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FleetDef {
+    devices: Spanned<u32>,
+    device_type: String,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    partition_table: Option<Spanned<String>>,
+    firmware: Spanned<String>,
+    #[serde(default)]
+    anti_rollback: bool,
+    #[serde(default)]
+    efuse_secure_version: u32,
+    #[serde(default)]
+    trusted_keys: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    poll_interval: Option<Spanned<String>>,
+    #[serde(default)]
+    confirm_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+enum SizeDef {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FirmwareDef {
+    version: String,
+    #[serde(default)]
+    secure_version: u32,
+    size: Spanned<SizeDef>,
+    #[serde(default)]
+    self_test: SelfTest,
+    #[serde(default)]
+    boot: BootBehaviour,
+    #[serde(default)]
+    network: NetworkBehaviour,
+    #[serde(default)]
+    chip_id: Option<u16>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ReleaseDef {
+    firmware: Spanned<String>,
+    #[serde(default)]
+    at: Option<Spanned<String>>,
+    #[serde(default)]
+    signed_by: Option<Spanned<String>>,
+    #[serde(default)]
+    device_type: Option<String>,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    sequence: Option<u64>,
+    #[serde(default)]
+    expires_in: Option<Spanned<String>>,
+    #[serde(default)]
+    tamper: Option<Spanned<TamperDef>>,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub enum TamperDef {
+    /// The server holds only the first N bytes of the image (the manifest is right).
+    Truncate(u32),
+    /// The manifest was signed over an image cut to N bytes (hash and size match the cut
+    /// image, which then fails `esp_ota_end`'s validation).
+    TruncateSigned(u32),
+    /// The server flips one byte at this offset (the manifest is right).
+    CorruptByte(u32),
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FaultDef {
+    #[serde(default)]
+    devices: Option<Spanned<String>>,
+    #[serde(default)]
+    power_loss: Option<Spanned<PowerLossDef>>,
+    #[serde(default)]
+    force_install: Option<Spanned<ForceDef>>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct PowerLossDef {
+    phase: Phase,
+    #[serde(default)]
+    progress: Option<u32>,
+    #[serde(default)]
+    op: Option<u64>,
+    #[serde(default)]
+    flash_op: Option<u64>,
+    #[serde(default)]
+    off_for: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ForceDef {
+    firmware: String,
+    at: String,
+}
+
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ExpectDef {
+    #[serde(default)]
+    devices: Option<String>,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    running_state: Option<String>,
+    #[serde(default)]
+    update_slot_state: Option<OneOrMany>,
+    #[serde(default)]
+    acks: Option<u32>,
+    #[serde(default)]
+    ack_outcome: Option<String>,
+    #[serde(default)]
+    refused: Option<String>,
+    #[serde(default)]
+    bootloader_rejected: Option<String>,
+    #[serde(default)]
+    rolled_back: Option<bool>,
+    #[serde(default)]
+    max_fetch_ratio: Option<f64>,
+    #[serde(default)]
+    resumed: Option<bool>,
+    #[serde(default)]
+    power_cuts: Option<u32>,
+    #[serde(default)]
+    boot_partition_set: Option<u32>,
+    #[serde(default)]
+    reported_failure: Option<String>,
+}
+
+// ---- checked scenario ----------------------------------------------------------------------
+
+/// Which boards a fault or expectation applies to (indices 0..devices).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selector {
+    ranges: Vec<(u32, u32)>,
+    pub text: String,
+}
+
+impl Selector {
+    pub fn all() -> Selector {
+        Selector {
+            ranges: vec![(0, u32::MAX)],
+            text: "all".into(),
+        }
+    }
+
+    /// `all`, `N`, `A..B` (B excluded), or a comma-separated list of those.
+    pub fn parse(text: &str) -> Result<Selector, String> {
+        let mut ranges = Vec::new();
+        for part in text.split(',').map(str::trim) {
+            if part == "all" {
+                ranges.push((0, u32::MAX));
+            } else if let Some((a, b)) = part.split_once("..") {
+                let a: u32 = a
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("'{part}': start is not a number"))?;
+                let b: u32 = b
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("'{part}': end is not a number"))?;
+                if a >= b {
+                    return Err(format!("'{part}' selects no board (the end is excluded)"));
+                }
+                ranges.push((a, b));
+            } else {
+                let n: u32 = part.parse().map_err(|_| {
+                    format!("'{part}' is not `all`, a board index or a range `A..B`")
+                })?;
+                ranges.push((n, n + 1));
+            }
+        }
+        Ok(Selector {
+            ranges,
+            text: text.to_string(),
+        })
+    }
+
+    pub fn contains(&self, i: u32) -> bool {
+        self.ranges.iter().any(|(a, b)| i >= *a && i < *b)
+    }
+
+    fn max_index(&self) -> Option<u32> {
+        self.ranges
+            .iter()
+            .filter(|r| r.1 != u32::MAX)
+            .map(|r| r.1 - 1)
+            .max()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Firmware {
+    pub id: String,
+    pub version: String,
+    pub secure_version: u32,
+    pub size: u32,
+    pub self_test: SelfTest,
+    pub boot: BootBehaviour,
+    pub network: NetworkBehaviour,
+    pub chip_id: u16,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Release {
+    pub firmware: String,
+    pub at_ms: u64,
+    pub signed_by: String,
+    pub device_type: String,
+    pub channel: String,
+    pub sequence: u64,
+    pub expires_in_ms: i64,
+    pub tamper: Option<TamperDef>,
+}
+
+/// Where a power cut lands. `op` (within a phase) and `flash_op` are simulator-only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PowerLoss {
+    pub phase: Phase,
+    pub progress: Option<u32>,
+    pub op: Option<u64>,
+    pub flash_op: Option<u64>,
+    pub off_for_ms: u64,
+}
+
+impl PowerLoss {
+    /// True when only a simulated board can realise this cut exactly.
+    pub fn sim_only(&self) -> bool {
+        self.flash_op.is_some() || self.op.is_some_and(|n| n > 0)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum FaultKind {
+    PowerLoss(PowerLoss),
+    ForceInstall { firmware: String, at_ms: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fault {
+    pub devices: Selector,
+    pub kind: FaultKind,
+}
+
+/// One expectation block: every key is a check applied to every selected board.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Expect {
+    pub devices: Selector,
+    pub checks: Vec<Check>,
+    /// `file:line` of the `[[expect]]` block, for failure messages.
+    pub at: String,
+}
+
+/// One check; see the README for what each one means.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Check {
+    Version(String),
+    RunningState(String),
+    UpdateSlotState(Vec<String>),
+    Acks(u32),
+    AckOutcome(String),
+    Refused(String),
+    BootloaderRejected(String),
+    RolledBack(bool),
+    MaxFetchRatio(f64),
+    Resumed(bool),
+    PowerCuts(u32),
+    BootPartitionSet(u32),
+    ReportedFailure(String),
+}
+
+impl Check {
+    pub fn key(&self) -> &'static str {
+        match self {
+            Check::Version(_) => "version",
+            Check::RunningState(_) => "running-state",
+            Check::UpdateSlotState(_) => "update-slot-state",
+            Check::Acks(_) => "acks",
+            Check::AckOutcome(_) => "ack-outcome",
+            Check::Refused(_) => "refused",
+            Check::BootloaderRejected(_) => "bootloader-rejected",
+            Check::RolledBack(_) => "rolled-back",
+            Check::MaxFetchRatio(_) => "max-fetch-ratio",
+            Check::Resumed(_) => "resumed",
+            Check::PowerCuts(_) => "power-cuts",
+            Check::BootPartitionSet(_) => "boot-partition-set",
+            Check::ReportedFailure(_) => "reported-failure",
+        }
+    }
+}
+
+/// A loaded, checked scenario.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub path: PathBuf,
+    pub name: String,
+    pub description: String,
+    pub seed: u64,
+    pub duration_ms: u64,
+    pub devices: u32,
+    pub device_type: String,
+    pub channel: String,
+    pub table: PartitionTable,
+    pub start_firmware: String,
+    pub anti_rollback: bool,
+    pub efuse_secure_version: u32,
+    pub trusted_keys: Vec<String>,
+    pub poll_interval_ms: u64,
+    pub confirm_timeout_ms: u64,
+    pub firmware: BTreeMap<String, Firmware>,
+    pub releases: Vec<Release>,
+    pub faults: Vec<Fault>,
+    pub expects: Vec<Expect>,
+}
+
+/// Parse `"250ms"`, `"10s"`, `"5m"`, `"2h"`, `"30d"` into milliseconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 250ms, 10s, 5m, 2h or 30d"))?;
+    let mult = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("'{s}': unit must be ms, s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too long"))
+}
+
+/// Parse `4096`, `"256KiB"`, `"1MiB"`, `"64KB"` (KB = 1000) into bytes.
+fn parse_size(v: &SizeDef) -> Result<u64, String> {
+    match v {
+        SizeDef::Bytes(n) => Ok(*n),
+        SizeDef::Text(s) => {
+            let t = s.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (num, unit) = t.split_at(split);
+            let n: u64 = num
+                .parse()
+                .map_err(|_| format!("'{s}' is not a size like 4096, 256KiB or 1MiB"))?;
+            let mult = match unit.trim() {
+                "" | "B" => 1,
+                "KiB" => 1024,
+                "MiB" => 1024 * 1024,
+                "KB" | "kB" => 1000,
+                "MB" => 1_000_000,
+                _ => return Err(format!("'{s}': unit must be B, KiB, MiB, KB or MB")),
+            };
+            Ok(n * mult)
+        }
+    }
+}
+
+struct Ctx<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn at(&self, offset: usize, message: impl Into<String>) -> ScenarioError {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+        ScenarioError {
+            file: self.path.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    fn span<T>(&self, s: &Spanned<T>, message: impl Into<String>) -> ScenarioError {
+        self.at(s.span().start, message)
+    }
+
+    fn duration(&self, s: &Spanned<String>) -> Result<u64, ScenarioError> {
+        parse_duration(s.get_ref()).map_err(|m| self.span(s, m))
+    }
+}
+
+impl Scenario {
+    /// Read and check a scenario file.
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ScenarioError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read the scenario: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Check a scenario given as text; `path` names it in errors and anchors relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
+        let cx = Ctx { path, text };
+        let raw: FileDef = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map(|s| s.start).unwrap_or(0);
+            cx.at(offset, e.message().trim().to_string())
+        })?;
+        let fw_ids: Vec<&str> = raw.firmware.keys().map(String::as_str).collect();
+        let known_fw = |s: &Spanned<String>| -> Result<String, ScenarioError> {
+            if raw.firmware.contains_key(s.get_ref()) {
+                Ok(s.get_ref().clone())
+            } else {
+                Err(cx.span(
+                    s,
+                    format!(
+                        "no firmware '{}' in this file (defined: {}); add a [firmware.{}] table",
+                        s.get_ref(),
+                        fw_ids.join(", "),
+                        s.get_ref()
+                    ),
+                ))
+            }
+        };
+        let key_dir = crate::keys::fixture_dir();
+        let known_key = |s: &Spanned<String>| -> Result<String, ScenarioError> {
+            let p = key_dir.join(format!("{}.pem", s.get_ref()));
+            if p.is_file() {
+                Ok(s.get_ref().clone())
+            } else {
+                Err(cx.span(
+                    s,
+                    format!(
+                        "no key '{}' (looked for {}); keys are PEM files in fixtures/keys/",
+                        s.get_ref(),
+                        p.display()
+                    ),
+                ))
+            }
+        };
+
+        let devices = *raw.fleet.devices.get_ref();
+        if devices == 0 || devices > 100_000 {
+            return Err(cx.span(&raw.fleet.devices, "devices must be between 1 and 100000"));
+        }
+        let table = match &raw.fleet.partition_table {
+            None => PartitionTable::default_two_ota(),
+            Some(s) if s.get_ref() == "default" => PartitionTable::default_two_ota(),
+            Some(s) if s.get_ref() == "no-factory" => PartitionTable::no_factory(),
+            Some(s) => {
+                let csv = path.parent().unwrap_or(Path::new(".")).join(s.get_ref());
+                let body = std::fs::read_to_string(&csv).map_err(|e| {
+                    cx.span(s, format!(
+                        "cannot read partition table {}: {e} (use \"default\", \"no-factory\" or a path relative to the scenario)",
+                        csv.display()
+                    ))
+                })?;
+                PartitionTable::from_csv(&csv.display().to_string(), &body)
+                    .map_err(|e| cx.span(s, format!("partition table: {e}")))?
+            }
+        };
+        if table
+            .find(crate::partition::AGENT_LABEL)
+            .is_none_or(|p| p.size < 0x2000)
+        {
+            return Err(ScenarioError {
+                file: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                message: "the partition table needs an `otarig` data partition of at least 0x2000 bytes for the agent's journal".into(),
+            });
+        }
+        let smallest_slot = table.app_slots().iter().map(|s| s.size).min().unwrap_or(0);
+
+        let mut firmware = BTreeMap::new();
+        for (id, f) in &raw.firmware {
+            let size = parse_size(f.size.get_ref()).map_err(|m| cx.span(&f.size, m))?;
+            if size < crate::appimage::MIN_SIZE as u64 || size > smallest_slot as u64 {
+                return Err(cx.span(&f.size, format!(
+                    "firmware '{id}' size {size} must be between {} and the smallest app slot ({smallest_slot} bytes)",
+                    crate::appimage::MIN_SIZE
+                )));
+            }
+            firmware.insert(
+                id.clone(),
+                Firmware {
+                    id: id.clone(),
+                    version: f.version.clone(),
+                    secure_version: f.secure_version,
+                    size: size as u32,
+                    self_test: f.self_test,
+                    boot: f.boot,
+                    network: f.network,
+                    chip_id: f.chip_id.unwrap_or(otarig_agent::image::CHIP_ID_ESP32S3),
+                },
+            );
+        }
+        let start_firmware = known_fw(&raw.fleet.firmware)?;
+        let trusted_keys = match &raw.fleet.trusted_keys {
+            None => vec!["ed25519-test".to_string(), "rsa-test".to_string()],
+            Some(list) => list.iter().map(known_key).collect::<Result<_, _>>()?,
+        };
+        let channel = raw.fleet.channel.clone().unwrap_or_else(|| "stable".into());
+
+        let mut releases = Vec::new();
+        for (i, r) in raw.release.iter().enumerate() {
+            let expires_in_ms = match &r.expires_in {
+                None => 30 * 86_400_000,
+                Some(s) if s.get_ref().starts_with('-') => {
+                    let d = parse_duration(&s.get_ref()[1..]).map_err(|m| cx.span(s, m))?;
+                    -(d as i64)
+                }
+                Some(s) => cx.duration(s)? as i64,
+            };
+            if let Some(t) = &r.tamper {
+                let fw = &firmware[known_fw(&r.firmware)?.as_str()];
+                let (TamperDef::Truncate(n)
+                | TamperDef::TruncateSigned(n)
+                | TamperDef::CorruptByte(n)) = *t.get_ref();
+                if n as u64 >= fw.size as u64 {
+                    return Err(cx.span(
+                        t,
+                        format!(
+                            "tamper offset {n} is past the end of firmware '{}' ({} bytes)",
+                            fw.id, fw.size
+                        ),
+                    ));
+                }
+            }
+            releases.push(Release {
+                firmware: known_fw(&r.firmware)?,
+                at_ms: r
+                    .at
+                    .as_ref()
+                    .map(|s| cx.duration(s))
+                    .transpose()?
+                    .unwrap_or(0),
+                signed_by: match &r.signed_by {
+                    Some(s) => known_key(s)?,
+                    None => "ed25519-test".into(),
+                },
+                device_type: r
+                    .device_type
+                    .clone()
+                    .unwrap_or_else(|| raw.fleet.device_type.clone()),
+                channel: r.channel.clone().unwrap_or_else(|| channel.clone()),
+                sequence: r.sequence.unwrap_or(i as u64 + 1),
+                expires_in_ms,
+                tamper: r.tamper.as_ref().map(|t| *t.get_ref()),
+            });
+        }
+
+        let selector = |s: &Option<Spanned<String>>| -> Result<Selector, ScenarioError> {
+            match s {
+                None => Ok(Selector::all()),
+                Some(s) => {
+                    let sel = Selector::parse(s.get_ref()).map_err(|m| cx.span(s, m))?;
+                    if sel.max_index().is_some_and(|m| m >= devices) {
+                        return Err(cx.span(
+                            s,
+                            format!(
+                                "selects board {} but the fleet has {devices} (0..{devices})",
+                                sel.max_index().unwrap_or(0)
+                            ),
+                        ));
+                    }
+                    Ok(sel)
+                }
+            }
+        };
+        let mut faults = Vec::new();
+        for f in &raw.fault {
+            let devices = selector(&f.devices)?;
+            let kind = match (&f.power_loss, &f.force_install) {
+                (Some(pl), None) => {
+                    let d = pl.get_ref();
+                    if d.progress.is_some() && d.phase != Phase::Download {
+                        return Err(cx.span(pl, "`progress` applies only to phase = \"download\""));
+                    }
+                    if d.progress.is_some_and(|p| p > 100) {
+                        return Err(cx.span(pl, "`progress` is a percentage, 0 to 100"));
+                    }
+                    if d.progress.is_some() && d.op.is_some() {
+                        return Err(cx.span(pl, "give either `progress` or `op`, not both"));
+                    }
+                    let off_for_ms = match &d.off_for {
+                        Some(s) => parse_duration(s).map_err(|m| cx.span(pl, m))?,
+                        None => 1_000,
+                    };
+                    FaultKind::PowerLoss(PowerLoss {
+                        phase: d.phase,
+                        progress: d.progress,
+                        op: d.op,
+                        flash_op: d.flash_op,
+                        off_for_ms,
+                    })
+                }
+                (None, Some(fi)) => {
+                    let d = fi.get_ref();
+                    if !raw.firmware.contains_key(&d.firmware) {
+                        return Err(
+                            cx.span(fi, format!("no firmware '{}' in this file", d.firmware))
+                        );
+                    }
+                    FaultKind::ForceInstall {
+                        firmware: d.firmware.clone(),
+                        at_ms: parse_duration(&d.at).map_err(|m| cx.span(fi, m))?,
+                    }
+                }
+                _ => {
+                    return Err(ScenarioError {
+                        file: path.to_path_buf(),
+                        line: 0,
+                        column: 0,
+                        message:
+                            "each [[fault]] needs exactly one of `power-loss` or `force-install`"
+                                .into(),
+                    })
+                }
+            };
+            faults.push(Fault { devices, kind });
+        }
+
+        let mut expects = Vec::new();
+        for e in &raw.expect {
+            let at = cx.span(e, "");
+            let at = format!("{}:{}", at.file.display(), at.line);
+            let d = e.get_ref();
+            let devs = selector(&d.devices.clone().map(|s| Spanned::new(e.span(), s)))?;
+            let mut checks = Vec::new();
+            let bad = |m: String| cx.span(e, m);
+            if let Some(v) = &d.version {
+                checks.push(Check::Version(v.clone()));
+            }
+            let states = [
+                "new",
+                "pending-verify",
+                "valid",
+                "invalid",
+                "aborted",
+                "undefined",
+                "none",
+            ];
+            if let Some(v) = &d.running_state {
+                if !states.contains(&v.as_str()) {
+                    return Err(bad(format!(
+                        "running-state '{v}' is not one of {}",
+                        states.join(", ")
+                    )));
+                }
+                checks.push(Check::RunningState(v.clone()));
+            }
+            if let Some(v) = &d.update_slot_state {
+                let list = match v {
+                    OneOrMany::One(s) => vec![s.clone()],
+                    OneOrMany::Many(l) => l.clone(),
+                };
+                if let Some(s) = list.iter().find(|s| !states.contains(&s.as_str())) {
+                    return Err(bad(format!(
+                        "update-slot-state '{s}' is not one of {}",
+                        states.join(", ")
+                    )));
+                }
+                checks.push(Check::UpdateSlotState(list));
+            }
+            if let Some(n) = d.acks {
+                checks.push(Check::Acks(n));
+            }
+            if let Some(v) = &d.ack_outcome {
+                if !["installed", "refused", "rolled-back"].contains(&v.as_str()) {
+                    return Err(bad(format!(
+                        "ack-outcome '{v}' is not installed, refused or rolled-back"
+                    )));
+                }
+                checks.push(Check::AckOutcome(v.clone()));
+            }
+            if let Some(v) = &d.refused {
+                if otarig_agent::Check::from_name(v).is_none() {
+                    let names: Vec<&str> =
+                        otarig_agent::Check::ALL.iter().map(|c| c.name()).collect();
+                    return Err(bad(format!(
+                        "refused = '{v}' is not a check the agent makes ({})",
+                        names.join(", ")
+                    )));
+                }
+                checks.push(Check::Refused(v.clone()));
+            }
+            if let Some(v) = &d.bootloader_rejected {
+                checks.push(Check::BootloaderRejected(v.clone()));
+            }
+            if let Some(v) = d.rolled_back {
+                checks.push(Check::RolledBack(v));
+            }
+            if let Some(v) = d.max_fetch_ratio {
+                if !(v > 0.0) {
+                    return Err(bad("max-fetch-ratio must be positive".into()));
+                }
+                checks.push(Check::MaxFetchRatio(v));
+            }
+            if let Some(v) = d.resumed {
+                checks.push(Check::Resumed(v));
+            }
+            if let Some(v) = d.power_cuts {
+                checks.push(Check::PowerCuts(v));
+            }
+            if let Some(v) = d.boot_partition_set {
+                checks.push(Check::BootPartitionSet(v));
+            }
+            if let Some(v) = &d.reported_failure {
+                checks.push(Check::ReportedFailure(v.clone()));
+            }
+            if checks.is_empty() {
+                return Err(bad(
+                    "this [[expect]] block checks nothing: add a key such as version = \"2.0.0\""
+                        .into(),
+                ));
+            }
+            expects.push(Expect {
+                devices: devs,
+                checks,
+                at,
+            });
+        }
+        if expects.is_empty() {
+            return Err(ScenarioError {
+                file: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                message: "the scenario has no [[expect]] block: a scenario that checks nothing cannot fail".into(),
+            });
+        }
+
+        let last_event = releases
+            .iter()
+            .map(|r| r.at_ms)
+            .chain(faults.iter().filter_map(|f| match f.kind {
+                FaultKind::ForceInstall { at_ms, .. } => Some(at_ms),
+                _ => None,
+            }))
+            .max()
+            .unwrap_or(0);
+        let duration_ms = match &raw.scenario.duration {
+            Some(s) => cx.duration(s)?,
+            None => last_event + 30 * 60_000,
+        };
+        Ok(Scenario {
+            path: path.to_path_buf(),
+            name: raw.scenario.name.clone(),
+            description: raw.scenario.description.clone(),
+            seed: raw.scenario.seed,
+            duration_ms,
+            devices,
+            device_type: raw.fleet.device_type.clone(),
+            channel,
+            table,
+            start_firmware,
+            anti_rollback: raw.fleet.anti_rollback,
+            efuse_secure_version: raw.fleet.efuse_secure_version,
+            trusted_keys,
+            poll_interval_ms: raw
+                .fleet
+                .poll_interval
+                .as_ref()
+                .map(|s| cx.duration(s))
+                .transpose()?
+                .unwrap_or(60_000),
+            confirm_timeout_ms: raw
+                .fleet
+                .confirm_timeout
+                .as_ref()
+                .map(|s| cx.duration(s))
+                .transpose()?
+                .unwrap_or(120_000),
+            firmware,
+            releases,
+            faults,
+            expects,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+[scenario]
+name = "t"
+[fleet]
+devices = 2
+device-type = "dt"
+firmware = "v1"
+[firmware.v1]
+version = "1.0.0"
+size = "64KiB"
+[[expect]]
+version = "1.0.0"
+"#;
+
+    #[test]
+    fn a_good_file_loads() {
+        let s = Scenario::parse(Path::new("t.toml"), OK).unwrap();
+        assert_eq!(s.devices, 2);
+        assert_eq!(s.firmware["v1"].size, 65536);
+    }
+
+    #[test]
+    fn an_unknown_firmware_reference_points_at_its_line_and_column() {
+        let text = OK.replace("firmware = \"v1\"", "firmware = \"v9\"");
+        let e = Scenario::parse(Path::new("t.toml"), &text).unwrap_err();
+        assert_eq!((e.line, e.column), (7, 12), "{e}");
+        assert!(e.message.contains("no firmware 'v9'"), "{e}");
+    }
+
+    #[test]
+    fn a_typo_in_a_key_is_an_error_not_a_silent_default() {
+        let text = OK.replace("device-type", "device_typo");
+        let e = Scenario::parse(Path::new("t.toml"), &text).unwrap_err();
+        assert_eq!(e.line, 6, "{e}");
+        assert!(e.message.contains("device_typo"), "{e}");
+    }
+
+    #[test]
+    fn bad_units_are_explained() {
+        let e =
+            Scenario::parse(Path::new("t.toml"), &OK.replace("64KiB", "64 parsecs")).unwrap_err();
+        assert!(e.message.contains("unit must be"), "{e}");
+        assert_eq!(parse_duration("5m"), Ok(300_000));
+        assert!(parse_duration("5 fortnights").is_err());
+    }
+
+    #[test]
+    fn selectors() {
+        let s = Selector::parse("0..3, 7").unwrap();
+        assert!(s.contains(2) && s.contains(7) && !s.contains(3));
+        assert!(Selector::parse("3..3").is_err());
+    }
+}

@@ -1,0 +1,88 @@
+//! Human-readable summaries and the JSON-lines event log of a run.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write;
+
+use otarig_agent::Event;
+
+use crate::expect::Failure;
+use crate::runner::{Run, What};
+
+/// The end-of-run summary: versions, rollbacks, refusals with reasons, bytes, time.
+pub fn render(run: &Run, failures: &[Failure]) -> String {
+    let mut s = String::new();
+    let sc = &run.scenario;
+    let _ = writeln!(s, "scenario  {} ({})", sc.name, sc.path.display());
+    let _ = writeln!(
+        s,
+        "boards    {}    seed {}    virtual time {:.1} s",
+        run.devices.len(),
+        sc.seed,
+        run.end_ms as f64 / 1000.0
+    );
+    let mut versions: BTreeMap<String, usize> = BTreeMap::new();
+    for d in &run.devices {
+        *versions
+            .entry(d.version.clone().unwrap_or_else(|| "BRICKED".into()))
+            .or_default() += 1;
+    }
+    let v: Vec<String> = versions.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+    let _ = writeln!(s, "versions  {}", v.join(", "));
+    let mut refusals: BTreeMap<String, usize> = BTreeMap::new();
+    let mut rollbacks = 0;
+    let mut cuts = 0;
+    for r in &run.records {
+        match &r.what {
+            What::Agent(Event::Refused { check, .. }) => {
+                *refusals.entry(check.name().to_string()).or_default() += 1
+            }
+            What::Agent(Event::RollingBack { .. })
+            | What::Board(crate::board::BoardEvent::BootloaderAborted { .. }) => rollbacks += 1,
+            What::Board(crate::board::BoardEvent::PowerCut { .. }) => cuts += 1,
+            _ => {}
+        }
+    }
+    let r: Vec<String> = refusals.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+    let _ = writeln!(
+        s,
+        "refusals  {}",
+        if r.is_empty() {
+            "none".into()
+        } else {
+            r.join(", ")
+        }
+    );
+    let _ = writeln!(s, "rollbacks {rollbacks}    power cuts {cuts}");
+    let fetched: u64 = run.devices.iter().map(|d| d.fetched_bytes).sum();
+    let _ = writeln!(
+        s,
+        "bytes     {fetched} fetched by boards, {} served",
+        run.served_bytes
+    );
+    if failures.is_empty() {
+        let _ = writeln!(s, "verdict   PASS: every expectation held on every board");
+    } else {
+        let _ = writeln!(s, "verdict   FAIL: {} failed check(s)", failures.len());
+        for f in failures.iter().take(20) {
+            let _ = writeln!(s, "  - {f}");
+        }
+        if failures.len() > 20 {
+            let _ = writeln!(
+                s,
+                "  … and {} more (see the event log)",
+                failures.len() - 20
+            );
+        }
+    }
+    s
+}
+
+/// Write the event stream as JSON lines.
+pub fn write_events(run: &Run, out: &mut dyn Write) -> std::io::Result<()> {
+    for r in &run.records {
+        serde_json::to_writer(&mut *out, &r.to_json())?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! Every `scenarios/*.toml` becomes three named tests:
+//! - `<name>`: run it on the deterministic simulator; every expectation and invariant holds;
+//! - `<name>::can_fail`: each expectation, replaced by a false one, is reported as failing on
+//!   the same run (a scenario whose checks cannot fail proves nothing);
+//! - `<name>::replays`: a second run from the same seed gives the same event stream.
+//!
+//! Adding a file adds its tests. Filter as usual: `cargo test --test scenarios -- power`.
+
+use std::path::{Path, PathBuf};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use otarig::expect::{falsified, judge};
+use otarig::runner::{run, RunOptions};
+use otarig::scenario::{Expect, Scenario};
+use otarig::summary;
+
+fn scenario_files() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn load(path: &Path) -> Result<Scenario, Failed> {
+    Scenario::load(path).map_err(|e| Failed::from(e.to_string()))
+}
+
+fn passes(path: &Path) -> Result<(), Failed> {
+    let s = load(path)?;
+    let r = run(&s, &RunOptions::default()).map_err(|e| Failed::from(format!("{e:#}")))?;
+    let failures = judge(&r, None);
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(summary::render(&r, &failures).into())
+    }
+}
+
+fn can_fail(path: &Path) -> Result<(), Failed> {
+    let s = load(path)?;
+    let r = run(&s, &RunOptions::default()).map_err(|e| Failed::from(format!("{e:#}")))?;
+    let mut unfalsifiable = Vec::new();
+    for e in &s.expects {
+        for c in &e.checks {
+            let lie = Expect {
+                devices: e.devices.clone(),
+                checks: vec![falsified(c)],
+                at: e.at.clone(),
+            };
+            if judge(&r, Some(std::slice::from_ref(&lie))).is_empty() {
+                unfalsifiable.push(format!(
+                    "{}: `{}` still passes when changed to {:?}",
+                    e.at,
+                    c.key(),
+                    lie.checks[0]
+                ));
+            }
+        }
+    }
+    if unfalsifiable.is_empty() {
+        Ok(())
+    } else {
+        Err(unfalsifiable.join("\n").into())
+    }
+}
+
+fn replays(path: &Path) -> Result<(), Failed> {
+    let s = load(path)?;
+    let stream = |s: &Scenario| -> Result<Vec<String>, Failed> {
+        let r = run(s, &RunOptions::default()).map_err(|e| Failed::from(format!("{e:#}")))?;
+        Ok(r.records.iter().map(|x| x.to_json().to_string()).collect())
+    };
+    let (a, b) = (stream(&s)?, stream(&s)?);
+    if a.is_empty() {
+        return Err("the run produced no events".into());
+    }
+    match a.iter().zip(&b).position(|(x, y)| x != y) {
+        None if a.len() == b.len() => Ok(()),
+        None => Err(format!("runs differ in length: {} vs {} events", a.len(), b.len()).into()),
+        Some(i) => Err(format!("runs diverge at event {i}:\n  {}\n  {}", a[i], b[i]).into()),
+    }
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let mut trials = Vec::new();
+    for path in scenario_files() {
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("scenario")
+            .to_string();
+        let (p1, p2, p3) = (path.clone(), path.clone(), path.clone());
+        trials.push(Trial::test(name.clone(), move || passes(&p1)));
+        trials.push(Trial::test(format!("{name}::can_fail"), move || {
+            can_fail(&p2)
+        }));
+        trials.push(Trial::test(format!("{name}::replays"), move || {
+            replays(&p3)
+        }));
+    }
+    libtest_mimic::run(&args, trials).exit();
+}

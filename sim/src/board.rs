@@ -538,6 +538,7 @@ impl Board {
         if table.otadata().is_some() {
             let mut two = self.read_otadata().map_err(|_| BootErr::PowerLost)?;
             if self.boot_config.rollback {
+                #[allow(clippy::needless_range_loop)] // `i` is also the sector to rewrite
                 for i in 0..2 {
                     if two[i].state() == OtaImgState::PendingVerify {
                         two[i].ota_state = OtaImgState::Aborted.raw();

@@ -95,7 +95,10 @@ impl std::fmt::Debug for Flash {
 impl Flash {
     /// An erased chip of `size` bytes (a multiple of the sector size).
     pub fn new(size: u32) -> Flash {
-        assert!(size % SECTOR_SIZE == 0, "flash size must be whole sectors");
+        assert!(
+            size.is_multiple_of(SECTOR_SIZE),
+            "flash size must be whole sectors"
+        );
         Flash {
             size,
             sectors: vec![None; (size / SECTOR_SIZE) as usize],
@@ -197,7 +200,7 @@ impl Flash {
 
     /// Erase `len` bytes from `addr` (both sector aligned): one operation per sector.
     pub fn erase(&mut self, addr: u32, len: u32) -> Result<(), FlashError> {
-        if addr % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+        if !addr.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
             return Err(FlashError::Unaligned { addr });
         }
         self.check_bounds(addr, len)?;

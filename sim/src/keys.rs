@@ -16,7 +16,7 @@ use rsa::signature::{SignatureEncoding, Signer};
 /// A private key that signs manifests.
 #[derive(Clone)]
 pub enum SigningKey {
-    Ed25519(ed25519_dalek::SigningKey),
+    Ed25519(Box<ed25519_dalek::SigningKey>),
     Rsa(Box<rsa::RsaPrivateKey>),
 }
 
@@ -56,7 +56,7 @@ impl NamedKey {
         if let Ok(k) = ed25519_dalek::SigningKey::from_pkcs8_pem(pem) {
             return Ok(NamedKey {
                 id: id.to_string(),
-                key: SigningKey::Ed25519(k),
+                key: SigningKey::Ed25519(Box::new(k)),
             });
         }
         use rsa::pkcs8::DecodePrivateKey as _;
@@ -75,7 +75,7 @@ impl NamedKey {
         let k = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
         NamedKey {
             id: id.to_string(),
-            key: SigningKey::Ed25519(k),
+            key: SigningKey::Ed25519(Box::new(k)),
         }
     }
 

@@ -781,7 +781,7 @@ impl Scenario {
                 checks.push(Check::RolledBack(v));
             }
             if let Some(v) = d.max_fetch_ratio {
-                if !(v > 0.0) {
+                if v.is_nan() || v <= 0.0 {
                     return Err(bad("max-fetch-ratio must be positive".into()));
                 }
                 checks.push(Check::MaxFetchRatio(v));

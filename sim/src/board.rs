@@ -83,6 +83,9 @@ pub enum BoardEvent {
         slot: String,
         version: String,
         secure_version: u32,
+        sha256: String,
+        /// Valid otadata entries when the app started (0 with an OTA app: it booted by luck).
+        otadata_valid: u8,
     },
     /// The bootloader found PENDING_VERIFY and marked it ABORTED: a rollback.
     BootloaderAborted {
@@ -260,10 +263,8 @@ impl Board {
 
     /// Plan a power cut; `seed` chooses how the cut operation tears.
     pub fn plan_cut(&mut self, plan: CutPlan, seed: u64) {
-        if let CutPlan::AtOp { op } = plan {
-            self.flash.arm_cut(Cut { at_op: op, seed });
-        }
         self.plans.push((plan, seed));
+        self.rearm_at_op();
     }
 
     pub fn pending_cuts(&self) -> usize {
@@ -288,10 +289,15 @@ impl Board {
         match out {
             Ok(Some(booted)) => {
                 self.running = Some(booted.slot);
+                let otadata_valid = self
+                    .peek_otadata()
+                    .map_or(0, |two| two.iter().filter(|e| e.is_valid()).count() as u8);
                 self.events.push(BoardEvent::BootloaderStarted {
                     slot: booted.slot.kind.to_string(),
                     version: booted.info.desc.version.to_string(),
                     secure_version: booted.info.desc.secure_version,
+                    sha256: hex::encode(booted.info.sha256),
+                    otadata_valid,
                 });
                 BootOutcome::App(booted)
             }
@@ -391,6 +397,7 @@ impl Board {
                 phase: Some(phase),
             });
             self.remove_fired(report);
+            self.rearm_at_op();
         } else if armed_here {
             self.flash.disarm_cut(); // the call did fewer operations: the plan waits
             self.rearm_at_op();
@@ -411,16 +418,18 @@ impl Board {
         false
     }
 
+    /// Arm the earliest pending `AtOp` cut (several make double faults).
     fn rearm_at_op(&mut self) {
-        if let Some((CutPlan::AtOp { op }, seed)) = self
+        let next = self
             .plans
             .iter()
-            .find(|(p, _)| matches!(p, CutPlan::AtOp { .. }))
-        {
-            self.flash.arm_cut(Cut {
-                at_op: *op,
-                seed: *seed,
-            });
+            .filter_map(|(p, seed)| match p {
+                CutPlan::AtOp { op } if *op >= self.flash.ops() => Some((*op, *seed)),
+                _ => None,
+            })
+            .min();
+        if let Some((at_op, seed)) = next {
+            self.flash.arm_cut(Cut { at_op, seed });
         }
     }
 

@@ -18,6 +18,7 @@ pub mod flash;
 pub mod keys;
 pub mod otadata;
 pub mod partition;
+pub mod plr;
 pub mod runner;
 pub mod scenario;
 pub mod store;

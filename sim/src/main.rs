@@ -47,6 +47,35 @@ enum Cmd {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Power-loss explorer: cut power at flash operations and check the board recovers.
+    Plr {
+        file: PathBuf,
+        /// Cut at every flash operation of the update, one run each.
+        #[arg(long, conflicts_with_all = ["random", "at"])]
+        exhaustive: bool,
+        /// Random cut points, double faults and tearing until --budget runs out.
+        #[arg(long, conflicts_with = "at")]
+        random: bool,
+        /// Replay specific cuts: flash operation indices, comma-separated (a second index is a
+        /// cut during recovery).
+        #[arg(long, value_delimiter = ',')]
+        at: Vec<u64>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Time budget for --random (e.g. 10m, 90s).
+        #[arg(long, default_value = "60s")]
+        budget: String,
+        /// Worker threads (default: available cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Write failing reproductions, one per line, to this file.
+        #[arg(long)]
+        failures: Option<PathBuf>,
+        /// Run a deliberately broken agent variant (needs --features fault-injection):
+        /// `single-copy-journal`.
+        #[arg(long)]
+        broken: Option<String>,
+    },
     /// Signing keys.
     Keys {
         #[command(subcommand)]
@@ -177,6 +206,27 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             seed,
             events,
         } => run(&files, devices, seed, events.as_deref()),
+        Cmd::Plr {
+            file,
+            exhaustive,
+            random,
+            at,
+            seed,
+            budget,
+            threads,
+            failures,
+            broken,
+        } => plr(
+            &file,
+            exhaustive,
+            random,
+            &at,
+            seed,
+            &budget,
+            threads,
+            failures.as_deref(),
+            broken.as_deref(),
+        ),
         Cmd::Check { files } => {
             let mut bad = 0;
             for f in &files {
@@ -402,7 +452,14 @@ fn run(
             }
         };
         let started = std::time::Instant::now();
-        let result = runner::run(&scenario, &RunOptions { devices, seed })?;
+        let result = runner::run(
+            &scenario,
+            &RunOptions {
+                devices,
+                seed,
+                ..Default::default()
+            },
+        )?;
         let failures = expect::judge(&result, None);
         if let Some(dir) = events {
             std::fs::create_dir_all(dir)?;
@@ -431,5 +488,112 @@ fn run(
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plr(
+    file: &Path,
+    exhaustive: bool,
+    random: bool,
+    at: &[u64],
+    seed: u64,
+    budget: &str,
+    threads: Option<usize>,
+    failures_out: Option<&Path>,
+    broken: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    use otarig::plr;
+    match broken {
+        None => {}
+        Some("single-copy-journal") => {
+            if !cfg!(feature = "fault-injection") {
+                bail!("--broken needs a build with `--features fault-injection`");
+            }
+            otarig_agent::fault::set_single_copy_journal(true);
+        }
+        Some(other) => bail!("unknown broken variant '{other}' (known: single-copy-journal)"),
+    }
+    let scenario = match Scenario::load(file) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {pos}/{len} cut points  {per_sec}  {elapsed_precise}  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let tick = |done: u64, total: u64| {
+        if total > 0 {
+            bar.set_length(total);
+        }
+        bar.set_position(done);
+    };
+    let report = if !at.is_empty() {
+        let g = plr::golden(&scenario)?;
+        let p = plr::probe(&scenario, &g, at, seed)?;
+        plr::Report {
+            explored: 1,
+            ops: g.ops,
+            worst_refetch: p.refetched,
+            failures: if p.violations.is_empty() {
+                vec![]
+            } else {
+                vec![p]
+            },
+            ..Default::default()
+        }
+    } else if exhaustive {
+        plr::exhaustive(&scenario, seed, threads, &tick)?
+    } else if random {
+        let budget =
+            std::time::Duration::from_millis(parse_duration(budget).map_err(anyhow::Error::msg)?);
+        plr::random(&scenario, seed, budget, threads, &tick)?
+    } else {
+        bail!("say --exhaustive, --random or --at K[,K2]");
+    };
+    bar.finish_and_clear();
+    println!("scenario          {} ({})", scenario.name, file.display());
+    println!("flash operations  {} in the run without a cut", report.ops);
+    println!(
+        "cut points        {} explored in {:.1} s ({:.0}/s)",
+        report.explored,
+        report.elapsed.as_secs_f64(),
+        report.explored as f64 / report.elapsed.as_secs_f64().max(1e-9)
+    );
+    println!(
+        "worst re-download {} bytes after a cut (bound {} per cut)",
+        report.worst_refetch,
+        plr::refetch_bound()
+    );
+    println!("violations        {}", report.failures.len());
+    let mut lines = Vec::new();
+    for p in report.failures.iter().take(20) {
+        println!("  cut at {:?} (seed {}):", p.cuts, p.seed);
+        for v in &p.violations {
+            println!("    - {v}");
+        }
+        println!("    reproduce: {}", p.repro(file, broken));
+    }
+    for p in &report.failures {
+        lines.push(p.repro(file, broken));
+    }
+    if let Some(path) = failures_out {
+        if !lines.is_empty() {
+            std::fs::write(path, lines.join("\n") + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(if report.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     })
 }

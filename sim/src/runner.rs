@@ -159,6 +159,8 @@ pub struct DeviceReport {
     pub fetched_bytes: u64,
     pub image_size: u64,
     pub power_cuts: u32,
+    /// SHA-256 of the running image, as read back from flash.
+    pub running_sha256: Option<[u8; 32]>,
     pub efuse: u32,
     pub flash_ops: u64,
 }
@@ -233,6 +235,10 @@ pub fn build_firmware(s: &Scenario, fw: &Firmware) -> Vec<u8> {
 pub struct RunOptions {
     pub devices: Option<u32>,
     pub seed: Option<u64>,
+    /// Power cuts at these flash-operation indices on every board (the explorer's probes).
+    pub cut_at_ops: Vec<u64>,
+    /// Leave out the scenario's own `[[fault]]` power cuts.
+    pub without_power_faults: bool,
 }
 
 /// Run a scenario to its end.
@@ -344,8 +350,11 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Run> {
     for i in 0..s.devices {
         let mut board = proto.clone();
         let mut off_for_ms = 1_000;
+        for (n, op) in opts.cut_at_ops.iter().enumerate() {
+            board.plan_cut(CutPlan::AtOp { op: *op }, s.seed.wrapping_add(n as u64));
+        }
         for f in &s.faults {
-            if !f.devices.contains(i) {
+            if !f.devices.contains(i) || opts.without_power_faults {
                 continue;
             }
             if let FaultKind::PowerLoss(pl) = &f.kind {
@@ -460,6 +469,7 @@ fn report(index: u32, d: &Dev) -> DeviceReport {
         fetched_bytes: d.fetched,
         image_size: d.image_size,
         power_cuts: d.cuts,
+        running_sha256: running.and_then(|s| b.peek_image(s)).map(|i| i.sha256),
         efuse: b.efuse_secure_version(),
         flash_ops: b.flash.ops(),
     }

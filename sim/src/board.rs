@@ -222,6 +222,8 @@ impl Board {
             });
         }
         flash.program(target.address, image)?;
+        // The board's life, and its operation count, starts when it leaves the programmer.
+        flash.reset_op_count();
         Ok(Board {
             flash,
             table,

@@ -46,6 +46,8 @@ struct Seen {
     failures: Vec<String>,
     violations: u32,
     storage_errors: Vec<String>,
+    delta_used: bool,
+    delta_failed: bool,
 }
 
 fn distil(records: &[Record], device: u32) -> Seen {
@@ -241,6 +243,20 @@ fn check_one(c: &Check, d: &DeviceReport, s: &Seen) -> Result<(), (String, Strin
                 )
             }
         }
+        Check::Delta(want) => {
+            let got = if s.delta_failed {
+                "fell-back"
+            } else if s.delta_used {
+                "used"
+            } else {
+                "none"
+            };
+            if got == want {
+                Ok(())
+            } else {
+                fail(format!("delta {want}"), format!("delta {got}"))
+            }
+        }
         Check::ReportedFailure(text) => {
             if s.failures.iter().any(|f| f.contains(text.as_str())) {
                 Ok(())
@@ -265,6 +281,15 @@ pub fn judge(run: &Run, expects: Option<&[Expect]>) -> Vec<Failure> {
     let mut out = Vec::new();
     for d in &run.devices {
         let seen = distil(&run.records, d.index);
+        if let Some(reason) = &d.crash_loop {
+            out.push(Failure {
+                at: "invariant".into(),
+                device: d.index,
+                check: "never-bricked".into(),
+                expected: "a bootable image".into(),
+                seen: format!("crash loop: {reason}"),
+            });
+        }
         if let Some(reason) = &d.bricked {
             out.push(Failure {
                 at: "invariant".into(),
@@ -352,5 +377,10 @@ pub fn falsified(c: &Check) -> Check {
         Check::PowerCuts(n) => Check::PowerCuts(n + 1),
         Check::BootPartitionSet(n) => Check::BootPartitionSet(n + 1),
         Check::ReportedFailure(t) => Check::ReportedFailure(format!("{t} and no such text")),
+        Check::Delta(d) => Check::Delta(if d == "used" {
+            "none".into()
+        } else {
+            "used".into()
+        }),
     }
 }

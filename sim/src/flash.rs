@@ -115,6 +115,11 @@ impl Flash {
         self.size
     }
 
+    /// Start counting operations from 0 again (after factory programming).
+    pub fn reset_op_count(&mut self) {
+        self.ops = 0;
+    }
+
     /// Operations performed so far (the index the next one gets).
     pub fn ops(&self) -> u64 {
         self.ops

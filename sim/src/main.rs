@@ -12,6 +12,8 @@ use otarig::keys::{fixture_dir, NamedKey};
 use otarig::runner::{self, RunOptions};
 use otarig::scenario::{parse_duration, Scenario};
 use otarig::{expect, summary};
+
+mod bench;
 use otarig_agent::manifest::{self, Manifest};
 
 #[derive(Parser)]
@@ -76,6 +78,16 @@ enum Cmd {
         #[arg(long)]
         broken: Option<String>,
     },
+    /// Delta patches: make, apply, inspect, import BSDIFF40.
+    Delta {
+        #[command(subcommand)]
+        cmd: DeltaCmd,
+    },
+    /// Benchmarks (run with --release): `plr` explorer rates, `delta` sizes and throughput.
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
     /// Signing keys.
     Keys {
         #[command(subcommand)]
@@ -91,6 +103,46 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ManifestCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum DeltaCmd {
+    /// Make a patch from OLD to NEW.
+    Make {
+        old: PathBuf,
+        new: PathBuf,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Apply PATCH to OLD (with the agent's streaming applier) and check the result's hash.
+    Apply {
+        old: PathBuf,
+        patch: PathBuf,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Print a patch's header.
+    Info { patch: PathBuf },
+    /// Transcode a BSDIFF40 patch (Python bsdiff4, qbsdiff) into this project's container.
+    ImportBsdiff40 {
+        old: PathBuf,
+        patch: PathBuf,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Exhaustive power-loss exploration of 1 MiB full and delta updates: cut points per
+    /// second and wall time.
+    Plr {
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Patch sizes and apply throughput on 1 MiB image pairs, against Python bsdiff4 (bz2)
+    /// when `python3 -c "import bsdiff4"` works.
+    Delta,
 }
 
 #[derive(Subcommand)]
@@ -227,6 +279,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             failures.as_deref(),
             broken.as_deref(),
         ),
+        Cmd::Delta { cmd } => delta_cmd(cmd),
+        Cmd::Bench {
+            cmd: BenchCmd::Plr { threads },
+        } => bench::plr(threads),
+        Cmd::Bench {
+            cmd: BenchCmd::Delta,
+        } => bench::delta(),
         Cmd::Check { files } => {
             let mut bad = 0;
             for f in &files {
@@ -370,6 +429,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 sha256: hex::encode(info.sha256),
                 url,
                 cid: None,
+                deltas: Vec::new(),
                 issued_at: now,
                 expires_at: now + ttl,
             };
@@ -410,6 +470,64 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn delta_cmd(cmd: DeltaCmd) -> anyhow::Result<ExitCode> {
+    use otarig::delta;
+    match cmd {
+        DeltaCmd::Make { old, new, out } => {
+            let (a, b) = (read(&old)?, read(&new)?);
+            let p = delta::make(&a, &b);
+            std::fs::write(&out, &p).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} ({} bytes, {:.2} % of the new image)",
+                out.display(),
+                p.len(),
+                p.len() as f64 * 100.0 / b.len().max(1) as f64
+            );
+        }
+        DeltaCmd::Apply { old, patch, out } => {
+            let new = delta::apply(&read(&old)?, &read(&patch)?)
+                .with_context(|| format!("applying {}", patch.display()))?;
+            std::fs::write(&out, &new).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} ({} bytes, SHA-256 verified)",
+                out.display(),
+                new.len()
+            );
+        }
+        DeltaCmd::Info { patch } => {
+            let p = read(&patch)?;
+            let h = otarig_agent::delta::Header::parse(&p)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", patch.display()))?;
+            println!(
+                "codec        LZ4, {} blocks of {} bytes",
+                h.blocks, h.block_size
+            );
+            println!(
+                "old          {} bytes, sha256 {}",
+                h.old_size,
+                hex::encode(h.old_sha256)
+            );
+            println!(
+                "new          {} bytes, sha256 {}",
+                h.new_size,
+                hex::encode(h.new_sha256)
+            );
+            println!("raw bsdiff   {} bytes, patch {} bytes", h.raw_size, p.len());
+        }
+        DeltaCmd::ImportBsdiff40 { old, patch, out } => {
+            let p = delta::import_bsdiff40(&read(&old)?, &read(&patch)?)
+                .with_context(|| format!("importing {}", patch.display()))?;
+            std::fs::write(&out, &p).with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {} ({} bytes)", out.display(), p.len());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn verify_bytes(bytes: &[u8]) -> anyhow::Result<otarig_agent::image::ImageInfo> {

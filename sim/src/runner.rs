@@ -117,8 +117,12 @@ pub fn agent_event_json(e: &Event) -> serde_json::Value {
             version,
             size,
             resumed_from,
-        } => json!({"source": src, "kind": "downloading",
-            "sequence": sequence, "version": version, "size": size, "resumed_from": resumed_from}),
+            delta,
+        } => json!({"source": src,
+            "kind": "downloading", "sequence": sequence, "version": version, "size": size,
+            "resumed_from": resumed_from, "delta": delta}),
+        Event::DeltaFailed { sequence, reason } => json!({"source": src, "kind": "delta-failed",
+            "sequence": sequence, "reason": reason}),
         Event::Progress {
             sequence,
             written,
@@ -156,6 +160,8 @@ pub struct DeviceReport {
     /// otadata state of the slot the last update was written into.
     pub update_slot_state: Option<String>,
     pub bricked: Option<String>,
+    /// The app crashed at each of its last boots and nothing rolled it back.
+    pub crash_loop: Option<String>,
     pub fetched_bytes: u64,
     pub image_size: u64,
     pub power_cuts: u32,
@@ -199,6 +205,9 @@ struct Dev {
     off_for_ms: u64,
     bricked: Option<String>,
     update_slot: Option<String>,
+    /// Consecutive boots whose app crashed before the agent ran.
+    crash_streak: u32,
+    crashed_version: String,
 }
 
 struct World {
@@ -241,15 +250,21 @@ pub struct RunOptions {
     pub without_power_faults: bool,
 }
 
-/// Run a scenario to its end.
-pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Run> {
-    let mut s = scenario.clone();
-    if let Some(n) = opts.devices {
-        s.devices = n;
-    }
-    if let Some(seed) = opts.seed {
-        s.seed = seed;
-    }
+/// Everything a run needs that does not depend on seed, fleet size or faults: images,
+/// patches, signed manifests, the factory-flashed board. Built once, shared by many runs (the
+/// power-loss explorer runs thousands).
+#[derive(Clone)]
+pub struct Prepared {
+    keys: Vec<TrustedKey>,
+    images: BTreeMap<String, Arc<Vec<u8>>>,
+    proto: Board,
+    cfg_template: Config,
+    store: Store,
+    releases: Vec<(String, String, Vec<u8>, u64, String)>,
+}
+
+/// Build images, patches and signed manifests for a scenario.
+pub fn prepare(s: &Scenario) -> anyhow::Result<Prepared> {
     let key_dir = crate::keys::fixture_dir();
     let keys: Vec<TrustedKey> = s
         .trusted_keys
@@ -258,7 +273,7 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Run> {
         .collect::<anyhow::Result<_>>()?;
     let mut images = BTreeMap::new();
     for (id, fw) in &s.firmware {
-        images.insert(id.clone(), Arc::new(build_firmware(&s, fw)));
+        images.insert(id.clone(), Arc::new(build_firmware(s, fw)));
     }
     let table = Arc::new(s.table.clone());
     let start_slot = if table.factory().is_some() {
@@ -303,6 +318,24 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Run> {
             }
             _ => {}
         }
+        let mut deltas = Vec::new();
+        for from in &r.delta_from {
+            let old = &images[from];
+            let patch = crate::delta::make(old, &signed_image);
+            let patch_sha = store.put_blob(patch.clone());
+            if let Some(TamperDef::CorruptPatch(n)) = r.tamper {
+                let mut bad = patch.clone();
+                let at = (n as usize).min(bad.len() - 1);
+                bad[at] ^= 0x40;
+                store.put_blob_as(patch_sha, bad);
+            }
+            deltas.push(otarig_agent::manifest::DeltaRef {
+                from_sha256: hex::encode(crate::store::sha256(old)),
+                sha256: hex::encode(patch_sha),
+                size: patch.len() as u32,
+                url: None,
+            });
+        }
         let issued_ms = EPOCH_MS + r.at_ms;
         let expires_ms = issued_ms as i64 + r.expires_in_ms;
         let m = Manifest {
@@ -316,6 +349,7 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Run> {
             sha256: hex::encode(sha),
             url: None,
             cid: None,
+            deltas,
             issued_at: issued_ms / 1000,
             expires_at: (expires_ms.max(0) as u64) / 1000,
         };
@@ -330,6 +364,42 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Run> {
         ));
     }
 
+    Ok(Prepared {
+        keys,
+        images,
+        proto,
+        cfg_template,
+        store,
+        releases,
+    })
+}
+
+/// Run a scenario to its end.
+pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Run> {
+    run_prepared(scenario, &prepare(scenario)?, opts)
+}
+
+/// Run a scenario with artefacts from [`prepare`].
+pub fn run_prepared(
+    scenario: &Scenario,
+    prep: &Prepared,
+    opts: &RunOptions,
+) -> anyhow::Result<Run> {
+    let mut s = scenario.clone();
+    if let Some(n) = opts.devices {
+        s.devices = n;
+    }
+    if let Some(seed) = opts.seed {
+        s.seed = seed;
+    }
+    let Prepared {
+        keys,
+        images,
+        proto,
+        cfg_template,
+        store,
+        releases,
+    } = prep.clone();
     let mut world = World {
         now: 0,
         seq: 0,
@@ -389,6 +459,8 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Run> {
             off_for_ms,
             bricked: None,
             update_slot: None,
+            crash_streak: 0,
+            crashed_version: String::new(),
         });
         // Stagger power-on a little so boards don't act in lockstep.
         world.schedule(i as usize, (i as u64 * 7) % 250, Ev::PowerOn);
@@ -466,6 +538,12 @@ fn report(index: u32, d: &Dev) -> DeviceReport {
             .to_string(),
         update_slot_state: update_state,
         bricked: d.bricked.clone(),
+        crash_loop: (d.crash_streak >= 3).then(|| {
+            format!(
+                "{} crashed at each of its last {} boots and nothing rolled it back",
+                d.crashed_version, d.crash_streak
+            )
+        }),
         fetched_bytes: d.fetched,
         image_size: d.image_size,
         power_cuts: d.cuts,
@@ -558,9 +636,12 @@ impl World {
                 let dev = &mut self.devs[d];
                 dev.behaviour = booted.behaviour;
                 if booted.behaviour.boot == BootBehaviour::Crash {
+                    dev.crash_streak += 1;
+                    dev.crashed_version = booted.info.desc.version.to_string();
                     self.record(d, What::AppCrashed);
                     return self.restart(d, 2_000);
                 }
+                dev.crash_streak = 0;
                 let mut cfg = self.cfg_template.clone();
                 cfg.device_id = dev.id.clone();
                 cfg.trusted_keys = self.keys.clone();

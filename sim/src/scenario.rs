@@ -133,6 +133,8 @@ struct ReleaseDef {
     expires_in: Option<Spanned<String>>,
     #[serde(default)]
     tamper: Option<Spanned<TamperDef>>,
+    #[serde(default)]
+    delta_from: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +147,8 @@ pub enum TamperDef {
     TruncateSigned(u32),
     /// The server flips one byte at this offset (the manifest is right).
     CorruptByte(u32),
+    /// The server flips one byte at this offset of every delta patch (the manifest is right).
+    CorruptPatch(u32),
 }
 
 #[derive(Deserialize, Debug)]
@@ -217,6 +221,8 @@ struct ExpectDef {
     boot_partition_set: Option<u32>,
     #[serde(default)]
     reported_failure: Option<String>,
+    #[serde(default)]
+    delta: Option<String>,
 }
 
 // ---- checked scenario ----------------------------------------------------------------------
@@ -303,6 +309,8 @@ pub struct Release {
     pub sequence: u64,
     pub expires_in_ms: i64,
     pub tamper: Option<TamperDef>,
+    /// Firmware ids this release offers delta patches from.
+    pub delta_from: Vec<String>,
 }
 
 /// Where a power cut lands. `op` (within a phase) and `flash_op` are simulator-only.
@@ -359,6 +367,7 @@ pub enum Check {
     PowerCuts(u32),
     BootPartitionSet(u32),
     ReportedFailure(String),
+    Delta(String),
 }
 
 impl Check {
@@ -377,6 +386,7 @@ impl Check {
             Check::PowerCuts(_) => "power-cuts",
             Check::BootPartitionSet(_) => "boot-partition-set",
             Check::ReportedFailure(_) => "reported-failure",
+            Check::Delta(_) => "delta",
         }
     }
 }
@@ -605,7 +615,16 @@ impl Scenario {
                 let fw = &firmware[known_fw(&r.firmware)?.as_str()];
                 let (TamperDef::Truncate(n)
                 | TamperDef::TruncateSigned(n)
-                | TamperDef::CorruptByte(n)) = *t.get_ref();
+                | TamperDef::CorruptByte(n)
+                | TamperDef::CorruptPatch(n)) = *t.get_ref();
+                if matches!(t.get_ref(), TamperDef::CorruptPatch(_))
+                    && r.delta_from.as_ref().is_none_or(|v| v.is_empty())
+                {
+                    return Err(cx.span(
+                        t,
+                        "corrupt-patch needs `delta-from`: this release has no patch to corrupt",
+                    ));
+                }
                 if n as u64 >= fw.size as u64 {
                     return Err(cx.span(
                         t,
@@ -636,6 +655,12 @@ impl Scenario {
                 sequence: r.sequence.unwrap_or(i as u64 + 1),
                 expires_in_ms,
                 tamper: r.tamper.as_ref().map(|t| *t.get_ref()),
+                delta_from: r
+                    .delta_from
+                    .iter()
+                    .flatten()
+                    .map(known_fw)
+                    .collect::<Result<_, _>>()?,
             });
         }
 

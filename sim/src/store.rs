@@ -29,7 +29,7 @@ pub struct AckRecord {
     pub duplicate: bool,
 }
 
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 pub struct Store {
     blobs: HashMap<[u8; 32], Arc<Vec<u8>>>,
     manifests: HashMap<(String, String), Arc<Vec<u8>>>,

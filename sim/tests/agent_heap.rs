@@ -144,6 +144,7 @@ fn peak_agent_heap_during_a_1_mib_update() {
         sha256: hex::encode(otarig::store::sha256(&v2)),
         url: None,
         cid: None,
+        deltas: Vec::new(),
         issued_at: NOW / 1000,
         expires_at: NOW / 1000 + 3600,
     });

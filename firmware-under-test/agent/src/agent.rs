@@ -19,11 +19,15 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use sha2::{Digest, Sha256};
 
+use crate::delta::{self, Applier, Resume};
 use crate::event::{Ack, Check, Event, Outcome};
 use crate::image;
 use crate::journal::{Journal, Phase, Record, SECTOR};
 use crate::manifest::{self, Manifest, TrustedKey};
 use crate::platform::{EspError, OtaImgState, Platform, Slot, SlotKind};
+
+/// Extra boots given to a new image that the bootloader found unconfirmed.
+const UNCONFIRMED_RETRIES: u8 = 2;
 
 /// Build-time configuration of the firmware.
 #[derive(Clone, Debug)]
@@ -49,6 +53,8 @@ pub struct Config {
     pub max_fetch_failures: u32,
     /// How often to ask the server for the latest manifest (0: only when the network comes up).
     pub poll_interval_ms: u64,
+    /// Use a delta patch when the manifest offers one for the running image.
+    pub use_deltas: bool,
 }
 
 impl Config {
@@ -67,6 +73,7 @@ impl Config {
             retry_max_ms: 60_000,
             max_fetch_failures: 10,
             poll_interval_ms: 60_000,
+            use_deltas: true,
         }
     }
 }
@@ -126,18 +133,90 @@ pub enum Action {
     Reboot,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Download {
     manifest: Manifest,
     sha256: [u8; 32],
     slot: Slot,
+    /// Bytes of the new image in the slot.
     written: u32,
+    /// End of the current range request (in the image, or in the patch for a delta).
     requested_end: u32,
     consecutive_failures: u32,
     next_progress_pct: u32,
+    delta: Option<DeltaDownload>,
 }
 
-#[derive(Clone, Debug)]
+/// A delta being applied: patch bytes in, new image bytes out.
+struct DeltaDownload {
+    applier: alloc::boxed::Box<Applier>,
+    patch_sha256: [u8; 32],
+    patch_size: u32,
+    url: Option<String>,
+    /// The running slot, where old bytes are read.
+    old: Slot,
+}
+
+impl core::fmt::Debug for DeltaDownload {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DeltaDownload")
+            .field("next", &self.applier.next_offset())
+            .finish()
+    }
+}
+
+impl Download {
+    /// Where the next range starts and where the thing being fetched ends.
+    fn fetch_window(&self) -> (u32, u32) {
+        match &self.delta {
+            Some(d) => (d.applier.next_offset() as u32, d.patch_size),
+            None => (self.written, self.manifest.size),
+        }
+    }
+}
+
+/// What the applier needs from the board while patching: old bytes, the update slot, and
+/// the journal, where each checkpoint is made durable the moment it is offered (one range of
+/// patch can produce the whole image, so waiting for the range to end would be too late).
+struct PatchSink<'a, P: Platform> {
+    p: &'a mut P,
+    journal: &'a mut Option<Journal>,
+    old: Slot,
+    error: Option<(&'static str, EspError)>,
+}
+
+impl<P: Platform> delta::Sink for PatchSink<'_, P> {
+    fn read_old(&mut self, offset: u32, buf: &mut [u8]) -> Result<(), delta::SinkError> {
+        self.p.slot_read(self.old, offset, buf).map_err(|e| {
+            self.error = Some(("reading the running image", e));
+            delta::SinkError
+        })
+    }
+    fn write_new(&mut self, data: &[u8]) -> Result<(), delta::SinkError> {
+        self.p.ota_write(data).map_err(|e| {
+            self.error = Some(("esp_ota_write", e));
+            delta::SinkError
+        })
+    }
+    fn checkpoint(&mut self, at: Resume) {
+        if self.error.is_some() {
+            return;
+        }
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        let rec = Record {
+            checkpoint: at.new_written,
+            resume: at,
+            ..*j.record()
+        };
+        if let Err(e) = j.store(self.p, rec) {
+            self.error = Some(("writing the journal", e));
+        }
+    }
+}
+
+#[derive(Debug)]
 enum State {
     /// Waiting for [`Input::Boot`].
     Off,
@@ -172,6 +251,7 @@ impl Timers {
 /// What runs, as found at boot.
 #[derive(Clone, Debug)]
 struct Running {
+    slot: Slot,
     version: String,
     sha256: [u8; 32],
 }
@@ -273,6 +353,7 @@ impl Agent {
             _ => None,
         };
         self.running = Some(Running {
+            slot,
             version: version.clone(),
             sha256,
         });
@@ -282,7 +363,15 @@ impl Agent {
             sha256,
             state,
         });
-        if state == Some(OtaImgState::PendingVerify) {
+        // On probation: the bootloader says PENDING_VERIFY, or the journal says this image was
+        // just installed and nothing has marked it valid yet. The second case covers a power
+        // cut while the bootloader rewrote the NEW entry in place: the torn entry can come
+        // back valid but UNDEFINED, which the bootloader would never roll back.
+        let rec = *self.record();
+        let just_installed = rec.phase == Phase::Installed
+            && rec.sha256 == sha256
+            && matches!(state, Some(OtaImgState::Undefined | OtaImgState::New));
+        if state == Some(OtaImgState::PendingVerify) || just_installed {
             self.state = State::SelfTest;
             self.timers.confirm = Some(now + self.cfg.confirm_timeout_ms);
             self.out.push_back(Action::RunSelfTest);
@@ -402,13 +491,23 @@ impl Agent {
             Some(Err(e)) => return self.halt("reading otadata", e),
             None => None,
         };
+        // An image the bootloader found unconfirmed (ABORTED) either crashed or hung — or lost
+        // power while `esp_ota_mark_app_valid_cancel_rollback` rewrote its otadata entry in
+        // place, which leaves the entry PENDING_VERIFY and looks exactly the same. So it gets
+        // `UNCONFIRMED_RETRIES` more boots before it is declared bad. An image that marked
+        // itself INVALID said so itself and is not retried.
+        let unconfirmed = matches!(
+            state,
+            Some(OtaImgState::Aborted | OtaImgState::PendingVerify)
+        );
+        let retry_unconfirmed = unconfirmed && rec.installs < UNCONFIRMED_RETRIES;
         match (target, state) {
             (
                 _,
                 Some(
                     s @ (OtaImgState::Invalid | OtaImgState::Aborted | OtaImgState::PendingVerify),
                 ),
-            ) => {
+            ) if !retry_unconfirmed => {
                 let detail = match s {
                     OtaImgState::Invalid => {
                         format!(
@@ -432,7 +531,8 @@ impl Agent {
             }
             (Some(slot), _) if rec.installs < 3 => {
                 // The switch to the new image did not land (power cut while otadata was being
-                // written, or before): check the image again and switch again.
+                // written, or before), or it never got confirmed (see above): check the image
+                // again and switch again.
                 let ok = self.slot_matches(p, slot, rec.size, &rec.sha256);
                 if !ok {
                     let again = Record {
@@ -634,6 +734,7 @@ impl Agent {
         } else {
             0
         };
+        let patch = self.pick_delta(&m).filter(|_| attempts == 0);
         let next = Record {
             phase: Phase::Downloading,
             attempts,
@@ -644,6 +745,9 @@ impl Agent {
             slot_addr: slot.address,
             sha256: sha,
             version: image::heapless_str::Str32::new(&m.version).field(),
+            delta: patch.is_some(),
+            patch_sha256: patch.as_ref().map_or([0; 32], |d| d.patch_sha256),
+            resume: Resume::default(),
             ..rec
         };
         // Journal first: a cut inside esp_ota_begin then resumes at 0, which re-erases.
@@ -653,13 +757,49 @@ impl Agent {
         if let Err(e) = p.ota_begin(slot) {
             return self.halt("esp_ota_begin", e);
         }
-        self.begin_download(m, sha, slot, 0);
+        self.begin_download(m, sha, slot, 0, patch);
+    }
+
+    /// The manifest's delta for the running image, if any (and deltas are enabled).
+    fn pick_delta(&self, m: &Manifest) -> Option<DeltaDownload> {
+        let running = self.running.as_ref()?;
+        if !self.cfg.use_deltas {
+            return None;
+        }
+        let d = m
+            .deltas
+            .iter()
+            .find(|d| d.from_bytes() == Some(running.sha256))?;
+        Some(DeltaDownload {
+            applier: alloc::boxed::Box::new(Applier::new(self.cfg.checkpoint_interval.max(SECTOR))),
+            patch_sha256: d.sha256_bytes()?,
+            patch_size: d.size,
+            url: d.url.clone(),
+            old: running.slot,
+        })
     }
 
     fn resume<P: Platform>(&mut self, p: &mut P, m: Manifest, sha: [u8; 32], rec: Record) {
         let Some(slot) = p.next_update_slot() else {
             return;
         };
+        let mut patch = None;
+        if rec.delta {
+            match self
+                .pick_delta(&m)
+                .filter(|d| d.patch_sha256 == rec.patch_sha256)
+            {
+                Some(mut d) => {
+                    if rec.checkpoint > 0 {
+                        let iv = self.cfg.checkpoint_interval.max(SECTOR);
+                        d.applier = alloc::boxed::Box::new(Applier::resume(iv, rec.resume));
+                    }
+                    patch = Some(d);
+                }
+                // The patch is no longer offered: start over with the full image.
+                None => return self.start(p, m, sha),
+            }
+        }
         let from = rec.checkpoint - rec.checkpoint % SECTOR;
         let res = if from == 0 {
             p.ota_begin(slot)
@@ -669,16 +809,24 @@ impl Agent {
         if let Err(e) = res {
             return self.halt("esp_ota_resume", e);
         }
-        self.begin_download(m, sha, slot, from);
+        self.begin_download(m, sha, slot, from, patch);
     }
 
-    fn begin_download(&mut self, m: Manifest, sha: [u8; 32], slot: Slot, from: u32) {
+    fn begin_download(
+        &mut self,
+        m: Manifest,
+        sha: [u8; 32],
+        slot: Slot,
+        from: u32,
+        delta: Option<DeltaDownload>,
+    ) {
         self.timers.poll = None;
         self.emit(Event::Downloading {
             sequence: m.sequence,
             version: m.version.clone(),
             size: m.size,
             resumed_from: from,
+            delta: delta.is_some(),
         });
         let pct = (from as u64 * 100 / m.size.max(1) as u64) as u32;
         let dl = Download {
@@ -686,9 +834,10 @@ impl Agent {
             sha256: sha,
             slot,
             written: from,
-            requested_end: from,
+            requested_end: 0,
             consecutive_failures: 0,
             next_progress_pct: (pct / 10 + 1) * 10,
+            delta,
         };
         self.state = State::Downloading(dl);
         self.request_next();
@@ -698,16 +847,20 @@ impl Agent {
         let State::Downloading(dl) = &mut self.state else {
             return;
         };
-        let size = dl.manifest.size;
-        if dl.written >= size {
+        let (at, total) = dl.fetch_window();
+        if at >= total {
             return;
         }
-        let len = core::cmp::min(self.cfg.chunk_size, size - dl.written);
-        dl.requested_end = dl.written + len;
+        let len = core::cmp::min(self.cfg.chunk_size, total - at);
+        dl.requested_end = at + len;
+        let (sha256, url) = match &dl.delta {
+            Some(d) => (d.patch_sha256, d.url.clone()),
+            None => (dl.sha256, dl.manifest.url.clone()),
+        };
         self.out.push_back(Action::Fetch {
-            sha256: dl.sha256,
-            url: dl.manifest.url.clone(),
-            offset: dl.written,
+            sha256,
+            url,
+            offset: at,
             len,
         });
     }
@@ -716,21 +869,48 @@ impl Agent {
         let State::Downloading(dl) = &mut self.state else {
             return;
         };
+        let (at, total) = dl.fetch_window();
         let end = offset.saturating_add(data.len() as u32);
-        if offset > dl.written || end <= dl.written {
+        if offset > at || end <= at {
             return; // a gap (re-requested at BodyEnd) or bytes we already have
         }
-        let skip = (dl.written - offset) as usize;
-        let take = core::cmp::min(end, dl.requested_end.max(dl.written)) - dl.written;
-        let take = core::cmp::min(take, dl.manifest.size - dl.written) as usize;
+        let skip = (at - offset) as usize;
+        let take = core::cmp::min(core::cmp::min(end, dl.requested_end.max(at)), total) - at;
         if take == 0 {
             return;
         }
-        if let Err(e) = p.ota_write(&data[skip..skip + take]) {
-            p.ota_abort();
-            return self.halt("esp_ota_write", e);
+        let piece = &data[skip..skip + take as usize];
+        let mut checkpoint = None;
+        if let Some(d) = dl.delta.as_mut() {
+            let mut sink = PatchSink {
+                p: &mut *p,
+                journal: &mut self.journal,
+                old: d.old,
+                error: None,
+            };
+            let res = d.applier.feed(piece, &mut sink);
+            let err = sink.error;
+            dl.written = d.applier.new_written() as u32;
+            match (res, err) {
+                (_, Some((during, e))) => {
+                    p.ota_abort();
+                    return self.halt(during, e);
+                }
+                (Ok(_), None) => {}
+                (Err(e), None) => return self.delta_failed(p, e),
+            }
+        } else {
+            if let Err(e) = p.ota_write(piece) {
+                p.ota_abort();
+                return self.halt("esp_ota_write", e);
+            }
+            dl.written += take;
+            let interval = self.cfg.checkpoint_interval.max(SECTOR);
+            let rec = self.journal.as_ref().map_or(0, |j| j.record().checkpoint);
+            if dl.written / interval > rec / interval && dl.written < dl.manifest.size {
+                checkpoint = Some(dl.written - dl.written % interval);
+            }
         }
-        dl.written += take as u32;
         dl.consecutive_failures = 0;
         let (seq, written, size) = (dl.manifest.sequence, dl.written, dl.manifest.size);
         let mut progress = None;
@@ -742,17 +922,13 @@ impl Agent {
                 size,
             });
         }
-        let interval = self.cfg.checkpoint_interval.max(SECTOR);
-        let rec = *self.record();
-        if written / interval > rec.checkpoint / interval && written < size {
-            let cp = written - written % interval;
-            if let Err(e) = self.store(
-                p,
-                Record {
-                    checkpoint: cp,
-                    ..rec
-                },
-            ) {
+        if let Some(cp) = checkpoint {
+            let rec = *self.record();
+            let next = Record {
+                checkpoint: cp,
+                ..rec
+            };
+            if let Err(e) = self.store(p, next) {
                 return self.halt("writing the journal", e);
             }
         }
@@ -761,18 +937,52 @@ impl Agent {
         }
     }
 
+    /// The patch could not be applied: fall back to the full image.
+    fn delta_failed<P: Platform>(&mut self, p: &mut P, e: delta::DeltaError) {
+        let State::Downloading(dl) = core::mem::replace(&mut self.state, State::Ready) else {
+            return;
+        };
+        p.ota_abort();
+        self.emit(Event::DeltaFailed {
+            sequence: dl.manifest.sequence,
+            reason: e.to_string(),
+        });
+        let rec = *self.record();
+        let full = Record {
+            phase: Phase::Downloading,
+            delta: false,
+            checkpoint: 0,
+            resume: Resume::default(),
+            ..rec
+        };
+        if let Err(e) = self.store(p, full) {
+            return self.halt("writing the journal", e);
+        }
+        if let Err(e) = p.ota_begin(dl.slot) {
+            return self.halt("esp_ota_begin", e);
+        }
+        self.begin_download(dl.manifest, dl.sha256, dl.slot, 0, None);
+    }
+
     fn on_body_end<P: Platform>(&mut self, p: &mut P, now: u64) {
         let State::Downloading(dl) = &self.state else {
             return;
         };
-        if dl.written >= dl.manifest.size {
+        let done = match &dl.delta {
+            Some(d) => d.applier.is_done(),
+            None => dl.written >= dl.manifest.size,
+        };
+        if done {
             return self.finish(p);
         }
-        if dl.written >= dl.requested_end {
+        let (at, total) = dl.fetch_window();
+        if dl.delta.is_some() && at >= total {
+            return self.delta_failed(p, delta::DeltaError::Truncated);
+        }
+        if at >= dl.requested_end {
             return self.request_next();
         }
-        let got = dl.written;
-        self.on_fetch_failed(p, now, &format!("response ended early at byte {got}"));
+        self.on_fetch_failed(p, now, &format!("response ended early at byte {at}"));
     }
 
     fn on_fetch_failed<P: Platform>(&mut self, p: &mut P, now: u64, reason: &str) {
@@ -859,6 +1069,15 @@ impl Agent {
         let (seq, version) = (dl.manifest.sequence, dl.manifest.version.clone());
         let rec = *self.record();
         if !self.slot_matches(p, dl.slot, dl.manifest.size, &dl.sha256) {
+            if dl.delta.is_some() {
+                self.state = State::Downloading(dl);
+                return self.delta_failed(
+                    p,
+                    delta::DeltaError::BadControl {
+                        reason: "the patched image does not match the manifest's SHA-256",
+                    },
+                );
+            }
             p.ota_abort();
             let attempts = rec.attempts.saturating_add(1);
             if attempts >= self.cfg.max_attempts {
@@ -893,7 +1112,7 @@ impl Agent {
             if let Err(e) = p.ota_begin(dl.slot) {
                 return self.halt("esp_ota_begin", e);
             }
-            return self.begin_download(dl.manifest, dl.sha256, dl.slot, 0);
+            return self.begin_download(dl.manifest, dl.sha256, dl.slot, 0, None);
         }
         match p.ota_end() {
             Ok(()) => {}

@@ -152,6 +152,13 @@ pub enum Event {
         version: String,
         size: u32,
         resumed_from: u32,
+        /// Applying a delta patch rather than fetching the full image.
+        delta: bool,
+    },
+    /// A delta patch could not be applied; the full image is downloaded instead.
+    DeltaFailed {
+        sequence: u64,
+        reason: String,
     },
     Progress {
         sequence: u64,

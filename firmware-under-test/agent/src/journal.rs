@@ -14,7 +14,7 @@ use crate::platform::{EspResult, Platform};
 
 pub const SECTOR: u32 = 4096;
 const MAGIC: u32 = 0x4A52_544F; // "OTRJ"
-pub const RECORD_LEN: usize = 144;
+pub const RECORD_LEN: usize = 224;
 
 /// What the agent was doing when the record was written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +43,11 @@ pub struct Record {
     /// SHA-256 of the last image that was rolled back or refused after download.
     pub known_bad: [u8; 32],
     pub version: [u8; 32],
+    /// Downloading a delta patch (SHA-256 `patch_sha256`) rather than the full image.
+    pub delta: bool,
+    pub patch_sha256: [u8; 32],
+    /// Where the patch applier resumes; its `new_written` equals `checkpoint`.
+    pub resume: crate::delta::Resume,
 }
 
 impl Record {
@@ -59,6 +64,19 @@ impl Record {
         sha256: [0; 32],
         known_bad: [0; 32],
         version: [0; 32],
+        delta: false,
+        patch_sha256: [0; 32],
+        resume: crate::delta::Resume {
+            block_offset: 0,
+            block_index: 0,
+            raw_skip: 0,
+            new_written: 0,
+            old_pos: 0,
+            phase: 0,
+            remaining: 0,
+            pending_copy: 0,
+            seek: 0,
+        },
     };
 
     fn encode(&self, counter: u32) -> [u8; RECORD_LEN] {
@@ -81,9 +99,22 @@ impl Record {
         b[40..72].copy_from_slice(&self.sha256);
         b[72..104].copy_from_slice(&self.known_bad);
         b[104..136].copy_from_slice(&self.version);
-        b[136..140].copy_from_slice(&[0; 4]);
-        let crc = crc32fast::hash(&b[..140]);
-        b[140..144].copy_from_slice(&crc.to_le_bytes());
+        b[136] = self.delta as u8;
+        b[137..140].copy_from_slice(&[0; 3]);
+        b[140..172].copy_from_slice(&self.patch_sha256);
+        let r = &self.resume;
+        b[172..176].copy_from_slice(&r.block_offset.to_le_bytes());
+        b[176..180].copy_from_slice(&r.block_index.to_le_bytes());
+        b[180..184].copy_from_slice(&r.raw_skip.to_le_bytes());
+        b[184..188].copy_from_slice(&r.new_written.to_le_bytes());
+        b[188..192].copy_from_slice(&r.old_pos.to_le_bytes());
+        b[192..196].copy_from_slice(&(r.phase as u32).to_le_bytes());
+        b[196..200].copy_from_slice(&r.remaining.to_le_bytes());
+        b[200..204].copy_from_slice(&r.pending_copy.to_le_bytes());
+        b[204..212].copy_from_slice(&r.seek.to_le_bytes());
+        b[212..220].copy_from_slice(&[0; 8]);
+        let crc = crc32fast::hash(&b[..220]);
+        b[220..224].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -94,7 +125,7 @@ impl Record {
             x.copy_from_slice(&b[i..i + 8]);
             u64::from_le_bytes(x)
         };
-        if u32_at(0) != MAGIC || u32_at(140) != crc32fast::hash(&b[..140]) {
+        if u32_at(0) != MAGIC || u32_at(220) != crc32fast::hash(&b[..220]) {
             return None;
         }
         let phase = match b[8] {
@@ -122,6 +153,19 @@ impl Record {
                 sha256: arr(40),
                 known_bad: arr(72),
                 version: arr(104),
+                delta: b[136] == 1,
+                patch_sha256: arr(140),
+                resume: crate::delta::Resume {
+                    block_offset: u32_at(172),
+                    block_index: u32_at(176),
+                    raw_skip: u32_at(180),
+                    new_written: u32_at(184),
+                    old_pos: u32_at(188),
+                    phase: b[192],
+                    remaining: u32_at(196),
+                    pending_copy: u32_at(200),
+                    seek: u64_at(204) as i64,
+                },
             },
         ))
     }
@@ -211,6 +255,19 @@ mod tests {
             sha256: [3; 32],
             known_bad: [4; 32],
             version: [b'v'; 32],
+            delta: true,
+            patch_sha256: [5; 32],
+            resume: crate::delta::Resume {
+                block_offset: 900,
+                block_index: 3,
+                raw_skip: 17,
+                new_written: 65536,
+                old_pos: 70000,
+                phase: 2,
+                remaining: 12,
+                pending_copy: 0,
+                seek: -40,
+            },
         };
         let mut bytes = rec.encode(42);
         assert_eq!(Record::decode(&bytes), Some((42, rec)));

@@ -29,6 +29,7 @@
 extern crate alloc;
 
 mod agent;
+pub mod delta;
 pub mod event;
 #[doc(hidden)]
 pub mod fault;

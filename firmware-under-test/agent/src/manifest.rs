@@ -44,10 +44,41 @@ pub struct Manifest {
     /// IPFS-compatible CID of the image, an alias for `sha256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cid: Option<String>,
+    /// Delta patches to this image, keyed by the SHA-256 of the image each applies to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<DeltaRef>,
     /// Unix seconds at which the release was signed.
     pub issued_at: u64,
     /// Unix seconds after which a board refuses the manifest.
     pub expires_at: u64,
+}
+
+/// A delta patch offered by a manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaRef {
+    /// SHA-256 of the image the patch applies to (the running image must match).
+    pub from_sha256: String,
+    /// SHA-256 of the patch file, its address in the release store.
+    pub sha256: String,
+    /// Patch length in bytes.
+    pub size: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+impl DeltaRef {
+    pub fn from_bytes(&self) -> Option<[u8; 32]> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&self.from_sha256, &mut out).ok()?;
+        Some(out)
+    }
+
+    pub fn sha256_bytes(&self) -> Option<[u8; 32]> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&self.sha256, &mut out).ok()?;
+        Some(out)
+    }
 }
 
 fn default_channel() -> String {

@@ -24,3 +24,25 @@ lint:
 # Build the agent crate alone, as firmware would (no_std, no std features of dependencies).
 agent:
     cargo build -p otarig-agent
+
+# Power-loss explorer, exhaustive, on one scenario: just plr scenarios/delta-update.toml
+plr FILE *ARGS:
+    cargo run --release -p otarig -- plr {{FILE}} --exhaustive {{ARGS}}
+
+# Nightly-style random power-loss fuzzing over every scenario within a budget (e.g. 10m).
+fuzz-plr DURATION="10m":
+    scripts/fuzz-plr.sh {{DURATION}}
+
+# libFuzzer on one parser: just fuzz manifest 60 (targets: manifest patch image scenario
+# partition_table bsdiff40). Needs `cargo install cargo-fuzz`; RUSTC_BOOTSTRAP lets stable
+# Rust take the nightly flags cargo-fuzz passes.
+fuzz TARGET SECONDS="60":
+    cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run {{TARGET}} -- -max_total_time={{SECONDS}}
+
+# Exhaustive power-loss runs over a 1 MiB full and a 1 MiB delta update.
+bench-plr:
+    cargo run --release -p otarig -- bench plr
+
+# Patch sizes and apply throughput against Python bsdiff4 (pip install bsdiff4).
+bench-delta:
+    cargo run --release -p otarig -- bench delta

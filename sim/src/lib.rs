@@ -16,6 +16,7 @@ pub mod board;
 pub mod delta;
 pub mod expect;
 pub mod flash;
+pub mod fuzzing;
 pub mod keys;
 pub mod otadata;
 pub mod partition;

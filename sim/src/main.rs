@@ -657,17 +657,18 @@ fn plr(
     let report = if !at.is_empty() {
         let g = plr::golden(&scenario)?;
         let p = plr::probe(&scenario, &g, at, seed)?;
-        plr::Report {
+        let mut r = plr::Report {
             explored: 1,
             ops: g.ops,
             worst_refetch: p.refetched,
-            failures: if p.violations.is_empty() {
-                vec![]
-            } else {
-                vec![p]
-            },
             ..Default::default()
+        };
+        if p.known_hazard.is_some() {
+            r.known.push(p);
+        } else if !p.violations.is_empty() {
+            r.failures.push(p);
         }
+        r
     } else if exhaustive {
         plr::exhaustive(&scenario, seed, threads, &tick)?
     } else if random {
@@ -692,6 +693,16 @@ fn plr(
         plr::refetch_bound()
     );
     println!("violations        {}", report.failures.len());
+    if !report.known.is_empty() {
+        println!(
+            "known hazards     {} probe(s) hit a hazard this scenario acknowledges (plr-known-hazards); first:",
+            report.known.len()
+        );
+        for p in report.known.iter().take(3) {
+            println!("  cut at {:?}: {}", p.cuts, p.violations.join("; "));
+            println!("    reproduce: {}", p.repro(file, broken));
+        }
+    }
     let mut lines = Vec::new();
     for p in report.failures.iter().take(20) {
         println!("  cut at {:?} (seed {}):", p.cuts, p.seed);

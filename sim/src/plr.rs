@@ -58,6 +58,8 @@ pub struct Probe {
     pub violations: Vec<String>,
     /// Bytes fetched beyond the image size.
     pub refetched: u64,
+    /// The violations are a hazard the scenario acknowledges (`plr-known-hazards`).
+    pub known_hazard: Option<String>,
     /// Cuts that actually happened (a cut past the end of the run never fires).
     pub fired: u32,
 }
@@ -82,6 +84,8 @@ pub struct Report {
     pub explored: u64,
     pub ops: u64,
     pub failures: Vec<Probe>,
+    /// Probes whose violations are an acknowledged hazard of the scenario.
+    pub known: Vec<Probe>,
     pub worst_refetch: u64,
     pub elapsed: Duration,
 }
@@ -131,7 +135,11 @@ pub fn probe(s: &Scenario, g: &Golden, cuts: &[u64], seed: u64) -> anyhow::Resul
         ..Default::default()
     };
     let r = run_prepared(&s, &g.prepared, &opts)?;
-    Ok(assess(&r, g, cuts, seed))
+    let mut p = assess(&r, g, cuts, seed);
+    if s.plr_known_hazards.iter().any(|h| h == "crash-loop") && r.devices[0].crash_loop.is_some() {
+        p.known_hazard = Some("crash-loop".into());
+    }
+    Ok(p)
 }
 
 fn assess(r: &Run, g: &Golden, cuts: &[u64], seed: u64) -> Probe {
@@ -176,6 +184,7 @@ fn assess(r: &Run, g: &Golden, cuts: &[u64], seed: u64) -> Probe {
         ));
     }
     Probe {
+        known_hazard: None,
         cuts: cuts.to_vec(),
         seed,
         violations: v,
@@ -234,7 +243,9 @@ fn record(out: &Mutex<Report>, p: Probe) {
     let mut r = out.lock().unwrap_or_else(|p| p.into_inner());
     r.explored += 1;
     r.worst_refetch = r.worst_refetch.max(p.refetched);
-    if !p.violations.is_empty() {
+    if p.known_hazard.is_some() {
+        r.known.push(p);
+    } else if !p.violations.is_empty() {
         r.failures.push(p);
     }
 }

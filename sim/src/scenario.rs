@@ -67,6 +67,8 @@ struct MetaDef {
     seed: u64,
     #[serde(default)]
     duration: Option<Spanned<String>>,
+    #[serde(default, rename = "plr-known-hazards")]
+    plr_known_hazards: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -413,7 +415,19 @@ pub struct Scenario {
     pub releases: Vec<Release>,
     pub faults: Vec<Fault>,
     pub expects: Vec<Expect>,
+    /// Power-loss outcomes this scenario knowingly exposes (see [`KNOWN_HAZARDS`]): the
+    /// explorer still finds and prints them, with reproductions, but does not fail on them.
+    pub plr_known_hazards: Vec<String>,
 }
+
+/// Hazards a scenario may acknowledge with `plr-known-hazards`.
+pub const KNOWN_HAZARDS: [&str; 1] = [
+    // An image that crashes before any code of the app runs, plus a power cut while the
+    // bootloader rewrites its otadata entry in place: the torn entry can come back valid but
+    // UNDEFINED, and the bootloader then starts the crashing image forever. Only the
+    // bootloader could prevent it.
+    "crash-loop",
+];
 
 /// Parse `"250ms"`, `"10s"`, `"5m"`, `"2h"`, `"30d"` into milliseconds.
 pub fn parse_duration(s: &str) -> Result<u64, String> {
@@ -889,6 +903,25 @@ impl Scenario {
             releases,
             faults,
             expects,
+            plr_known_hazards: raw
+                .scenario
+                .plr_known_hazards
+                .iter()
+                .map(|h| {
+                    if KNOWN_HAZARDS.contains(&h.get_ref().as_str()) {
+                        Ok(h.get_ref().clone())
+                    } else {
+                        Err(cx.span(
+                            h,
+                            format!(
+                                "unknown hazard '{}' (known: {})",
+                                h.get_ref(),
+                                KNOWN_HAZARDS.join(", ")
+                            ),
+                        ))
+                    }
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 }

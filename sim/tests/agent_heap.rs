@@ -122,17 +122,24 @@ impl Platform for Untracked<'_> {
     }
 }
 
-#[test]
-fn peak_agent_heap_during_a_1_mib_update() {
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Run one 1 MiB update through the agent and return its peak heap in bytes.
+fn peak_heap_of_update(delta: bool) -> isize {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    CURRENT.store(0, Ordering::Relaxed);
+    PEAK.store(0, Ordering::Relaxed);
     const NOW: u64 = 1_767_225_600_000;
     let table = Arc::new(PartitionTable::default_two_ota());
-    let v1 = appimage::build(&AppSpec::new("heap", "1.0.0", 64 * 1024));
+    let v1 = appimage::build(&AppSpec::new("heap", "1.0.0", 1024 * 1024 - 4096));
     let v2 = appimage::build(&AppSpec::new("heap", "2.0.0", 1024 * 1024 - 64));
+    let patch = otarig::delta::make(&v1, &v2);
     let mut board =
         Board::factory_flashed(table, BootConfig::default(), SlotKind::Factory, &v1, 0).unwrap();
     assert!(matches!(board.boot(), BootOutcome::App(_)));
     let key = NamedKey::load(&fixture_dir(), "rsa-test").unwrap();
     let trusted = vec![key.trusted().unwrap()];
+    let patch_sha = otarig::store::sha256(&patch);
     let manifest = key.sign_manifest(&Manifest {
         format: 1,
         device_type: "heap".into(),
@@ -144,7 +151,16 @@ fn peak_agent_heap_during_a_1_mib_update() {
         sha256: hex::encode(otarig::store::sha256(&v2)),
         url: None,
         cid: None,
-        deltas: Vec::new(),
+        deltas: if delta {
+            vec![otarig_agent::manifest::DeltaRef {
+                from_sha256: hex::encode(otarig::store::sha256(&v1)),
+                sha256: hex::encode(patch_sha),
+                size: patch.len() as u32,
+                url: None,
+            }]
+        } else {
+            Vec::new()
+        },
         issued_at: NOW / 1000,
         expires_at: NOW / 1000 + 3600,
     });
@@ -152,7 +168,7 @@ fn peak_agent_heap_during_a_1_mib_update() {
     let mut actions: Vec<Action> = Vec::with_capacity(64);
     let mut agent = tracked(|| Agent::new(Config::new("dev-0", "heap", trusted.clone())));
     let mut inputs: Vec<Input> = vec![Input::Boot, Input::Online, Input::Manifest(&manifest)];
-    let mut written = 0usize;
+    let mut fetched_patch = false;
     let mut rebooted = false;
     while !inputs.is_empty() && !rebooted {
         let input = inputs.remove(0);
@@ -163,39 +179,60 @@ fn peak_agent_heap_during_a_1_mib_update() {
             }
         });
         for a in actions.drain(..) {
-            if let Action::Fetch { offset, len, .. } = &a {
+            if let Action::Fetch {
+                offset,
+                len,
+                sha256,
+                ..
+            } = &a
+            {
+                let blob: &[u8] = if *sha256 == patch_sha { &patch } else { &v2 };
+                fetched_patch |= *sha256 == patch_sha;
                 let (o, l) = (*offset as usize, *len as usize);
                 inputs.push(Input::Body {
                     offset: *offset,
-                    data: &v2[o..o + l],
+                    data: &blob[o..o + l],
                 });
                 inputs.push(Input::BodyEnd);
-                written = written.max(o + l);
             }
             rebooted |= a == Action::Reboot;
             tracked(|| drop(a));
         }
     }
-    let peak = PEAK.load(Ordering::Relaxed);
-    println!(
-        "agent peak heap during a {} byte update: {peak} bytes ({:.1} KiB)",
-        v2.len(),
-        peak as f64 / 1024.0
-    );
-    assert!(
-        rebooted,
-        "the update did not finish (wrote {written} bytes)"
-    );
-    assert_eq!(written, v2.len());
+    assert!(rebooted, "the update did not finish");
+    assert_eq!(fetched_patch, delta, "delta used: {fetched_patch}");
+    let slot = board.next_update_slot().unwrap();
     assert!(board
-        .peek_image(board.next_update_slot().unwrap())
+        .peek_image(slot)
         .is_some_and(|i| i.desc.version.as_str() == "2.0.0"));
+    let peak = PEAK.load(Ordering::Relaxed);
     assert!(
         peak > 0,
         "nothing was counted: the allocator hook is not working"
     );
+    println!(
+        "agent peak heap during a {} byte {} update: {peak} bytes ({:.1} KiB)",
+        v2.len(),
+        if delta { "delta" } else { "full" },
+        peak as f64 / 1024.0
+    );
+    peak
+}
+
+#[test]
+fn peak_agent_heap_during_a_1_mib_full_update() {
+    let peak = peak_heap_of_update(false);
     assert!(
         peak < 32 * 1024,
+        "agent peak heap {peak} bytes exceeds 32 KiB"
+    );
+}
+
+#[test]
+fn peak_agent_heap_during_a_1_mib_delta_update() {
+    let peak = peak_heap_of_update(true);
+    assert!(
+        peak <= 32 * 1024,
         "agent peak heap {peak} bytes exceeds 32 KiB"
     );
 }

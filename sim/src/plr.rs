@@ -203,10 +203,58 @@ pub fn exhaustive(
     threads: usize,
     progress: Progress,
 ) -> anyhow::Result<Report> {
-    let started = Instant::now();
     let g = golden(s)?;
-    let next = AtomicU64::new(0);
+    let total = g.ops;
+    let mut report = explore(s, &g, threads, total, progress, |i| {
+        (i < total).then(|| (vec![i], seed))
+    })?;
+    report.failures.sort_by_key(|p| p.cuts.clone());
+    Ok(report)
+}
+
+/// Random probes until `budget` runs out: single cuts, double faults (a second cut during
+/// recovery) and varied tearing, each from its own seed derived from `seed`.
+pub fn random(
+    s: &Scenario,
+    seed: u64,
+    budget: Duration,
+    threads: usize,
+    progress: Progress,
+) -> anyhow::Result<Report> {
+    let g = golden(s)?;
+    let started = Instant::now();
+    let ops = g.ops.max(1);
+    explore(s, &g, threads, 0, progress, |i| {
+        if started.elapsed() >= budget {
+            return None;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let probe_seed = rng.gen::<u64>();
+        let k1 = rng.gen_range(0..ops);
+        let cuts = if rng.gen_bool(0.5) {
+            // The recovery after a cut is short: aim the second cut just after it.
+            vec![k1, k1 + 1 + rng.gen_range(0..256)]
+        } else {
+            vec![k1]
+        };
+        Some((cuts, probe_seed))
+    })
+}
+
+/// Run probes `next(0)`, `next(1)`, … on `threads` threads until `next` says `None` or a
+/// probe cannot run at all.
+fn explore(
+    s: &Scenario,
+    g: &Golden,
+    threads: usize,
+    total: u64,
+    progress: Progress,
+    next: impl Fn(u64) -> Option<(Vec<u64>, u64)> + Sync,
+) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let counter = AtomicU64::new(0);
     let done = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
     let out = Mutex::new(Report {
         ops: g.ops,
         ..Default::default()
@@ -214,19 +262,20 @@ pub fn exhaustive(
     let error = Mutex::new(None);
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
-            scope.spawn(|| loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                if k >= g.ops {
-                    break;
-                }
-                match probe(s, &g, &[k], seed) {
-                    Ok(p) => record(&out, p),
-                    Err(e) => {
-                        *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let Some((cuts, seed)) = next(counter.fetch_add(1, Ordering::Relaxed)) else {
                         break;
+                    };
+                    match probe(s, g, &cuts, seed) {
+                        Ok(p) => record(&out, p),
+                        Err(e) => {
+                            *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                            stop.store(true, Ordering::Relaxed);
+                        }
                     }
+                    progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
                 }
-                progress(done.fetch_add(1, Ordering::Relaxed) + 1, g.ops);
             });
         }
     });
@@ -235,7 +284,6 @@ pub fn exhaustive(
     }
     let mut report = out.into_inner().unwrap_or_else(|p| p.into_inner());
     report.elapsed = started.elapsed();
-    report.failures.sort_by_key(|p| p.cuts.clone());
     Ok(report)
 }
 
@@ -248,57 +296,4 @@ fn record(out: &Mutex<Report>, p: Probe) {
     } else if !p.violations.is_empty() {
         r.failures.push(p);
     }
-}
-
-/// Random probes until `budget` runs out: single cuts, double faults (a second cut during
-/// recovery) and varied tearing, each from its own seed derived from `seed`.
-pub fn random(
-    s: &Scenario,
-    seed: u64,
-    budget: Duration,
-    threads: usize,
-    progress: Progress,
-) -> anyhow::Result<Report> {
-    let started = Instant::now();
-    let g = golden(s)?;
-    let n = AtomicU64::new(0);
-    let stop = AtomicBool::new(false);
-    let out = Mutex::new(Report {
-        ops: g.ops,
-        ..Default::default()
-    });
-    let error = Mutex::new(None);
-    std::thread::scope(|scope| {
-        for _ in 0..threads.max(1) {
-            scope.spawn(|| {
-                while !stop.load(Ordering::Relaxed) && started.elapsed() < budget {
-                    let i = n.fetch_add(1, Ordering::Relaxed);
-                    let mut rng =
-                        ChaCha8Rng::seed_from_u64(seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                    let probe_seed = rng.gen::<u64>();
-                    let k1 = rng.gen_range(0..g.ops.max(1));
-                    let cuts = if rng.gen_bool(0.5) {
-                        // The recovery after a cut is short: aim the second cut just after it.
-                        vec![k1, k1 + 1 + rng.gen_range(0..256)]
-                    } else {
-                        vec![k1]
-                    };
-                    match probe(s, &g, &cuts, probe_seed) {
-                        Ok(p) => record(&out, p),
-                        Err(e) => {
-                            *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                            stop.store(true, Ordering::Relaxed);
-                        }
-                    }
-                    progress(i + 1, 0);
-                }
-            });
-        }
-    });
-    if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
-    }
-    let mut report = out.into_inner().unwrap_or_else(|p| p.into_inner());
-    report.elapsed = started.elapsed();
-    Ok(report)
 }

@@ -48,6 +48,9 @@ struct Seen {
     storage_errors: Vec<String>,
     delta_used: bool,
     delta_failed: bool,
+    bad_messages: u32,
+    boots: u32,
+    reports: u32,
 }
 
 fn distil(records: &[Record], device: u32) -> Seen {
@@ -82,6 +85,9 @@ fn distil(records: &[Record], device: u32) -> Seen {
                 s.storage_errors.push(format!("{during}: {error}"))
             }
             What::Board(BoardEvent::BootRejected { reason, .. }) => s.rejected.push(reason.clone()),
+            What::Board(BoardEvent::BootloaderStarted { .. }) => s.boots += 1,
+            What::Agent(Event::BadMessage { .. }) => s.bad_messages += 1,
+            What::Agent(Event::Report { .. }) => s.reports += 1,
             What::Board(BoardEvent::BootloaderAborted { .. }) => s.rolled_back = true,
             What::Board(BoardEvent::BootPartitionSet { .. }) => s.boot_sets += 1,
             What::Board(BoardEvent::FlashViolation { .. }) => s.violations += 1,
@@ -257,6 +263,30 @@ fn check_one(c: &Check, d: &DeviceReport, s: &Seen) -> Result<(), (String, Strin
                 fail(format!("delta {want}"), format!("delta {got}"))
             }
         }
+        Check::BadMessages(n) => {
+            if s.bad_messages == *n {
+                Ok(())
+            } else {
+                fail(
+                    format!("{n} bad-message status event(s)"),
+                    s.bad_messages.to_string(),
+                )
+            }
+        }
+        Check::Reports(n) => {
+            if s.reports == *n {
+                Ok(())
+            } else {
+                fail(format!("{n} report(s)"), s.reports.to_string())
+            }
+        }
+        Check::Boots(n) => {
+            if s.boots == *n {
+                Ok(())
+            } else {
+                fail(format!("{n} boot(s)"), s.boots.to_string())
+            }
+        }
         Check::ReportedFailure(text) => {
             if s.failures.iter().any(|f| f.contains(text.as_str())) {
                 Ok(())
@@ -382,5 +412,8 @@ pub fn falsified(c: &Check) -> Check {
         } else {
             "used".into()
         }),
+        Check::BadMessages(n) => Check::BadMessages(n + 1),
+        Check::Boots(n) => Check::Boots(n + 1),
+        Check::Reports(n) => Check::Reports(n + 1),
     }
 }

@@ -100,3 +100,14 @@ pub fn partition_table(data: &[u8]) {
 pub fn bsdiff40(data: &[u8]) {
     let _ = crate::delta::import_bsdiff40(&[0u8; 4096], data);
 }
+
+/// MQTT payloads a board reads: release announcements and commands.
+pub fn mqtt_payloads(data: &[u8]) {
+    if let Ok(a) = otarig_agent::protocol::parse_announcement(data) {
+        let _ = otarig_agent::manifest::open(
+            &otarig_agent::protocol::announcement_manifest(&a),
+            keys(),
+        );
+    }
+    let _ = otarig_agent::protocol::parse_command(data);
+}

@@ -52,11 +52,28 @@ impl Record {
     /// One JSON object per line in the event log.
     pub fn to_json(&self) -> serde_json::Value {
         let body = match &self.what {
-            What::Agent(e) => agent_event_json(e),
-            What::Ack { ack, duplicate } => json!({
-                "source": "server", "kind": "ack", "sequence": ack.sequence, "version": ack.version,
-                "outcome": ack.outcome.name(), "detail": outcome_detail(&ack.outcome), "duplicate": duplicate,
-            }),
+            What::Agent(e) => {
+                let mut v = otarig_agent::protocol::event_json("", self.t_ms, e);
+                if let Some(o) = v.as_object_mut() {
+                    for k in ["v", "device", "t_ms"] {
+                        o.remove(k);
+                    }
+                    o.insert("source".into(), json!("agent"));
+                }
+                v
+            }
+            What::Ack { ack, duplicate } => {
+                let mut v = otarig_agent::protocol::ack_json("", ack);
+                if let Some(o) = v.as_object_mut() {
+                    for k in ["v", "device"] {
+                        o.remove(k);
+                    }
+                    o.insert("source".into(), json!("server"));
+                    o.insert("kind".into(), json!("ack"));
+                    o.insert("duplicate".into(), json!(duplicate));
+                }
+                v
+            }
             What::Board(b) => {
                 let mut v = serde_json::to_value(b).unwrap_or_default();
                 if let Some(o) = v.as_object_mut() {
@@ -74,77 +91,6 @@ impl Record {
             o.extend(b.clone());
         }
         v
-    }
-}
-
-fn outcome_detail(o: &otarig_agent::Outcome) -> String {
-    match o {
-        otarig_agent::Outcome::Installed => String::new(),
-        otarig_agent::Outcome::Refused { check, detail } => format!("{check}: {detail}"),
-        otarig_agent::Outcome::RolledBack { detail } => detail.clone(),
-    }
-}
-
-/// The agent's events as JSON (the same names every shell uses).
-pub fn agent_event_json(e: &Event) -> serde_json::Value {
-    let src = "agent";
-    match e {
-        Event::Booted {
-            version,
-            slot,
-            sha256,
-            state,
-        } => json!({"source": src, "kind": "booted", "version": version,
-            "slot": slot.to_string(), "sha256": hex::encode(sha256), "state": state.map(|s| s.name())}),
-        Event::SelfTest { passed, detail } => {
-            json!({"source": src, "kind": "self-test", "passed": passed, "detail": detail})
-        }
-        Event::Confirmed { version } => {
-            json!({"source": src, "kind": "confirmed", "version": version})
-        }
-        Event::RollingBack { version, reason } => {
-            json!({"source": src, "kind": "rolling-back", "version": version, "reason": reason})
-        }
-        Event::Refused {
-            sequence,
-            version,
-            check,
-            detail,
-        } => json!({"source": src, "kind": "refused", "sequence": sequence,
-            "version": version, "check": check.name(), "detail": detail}),
-        Event::Downloading {
-            sequence,
-            version,
-            size,
-            resumed_from,
-            delta,
-        } => json!({"source": src,
-            "kind": "downloading", "sequence": sequence, "version": version, "size": size,
-            "resumed_from": resumed_from, "delta": delta}),
-        Event::DeltaFailed { sequence, reason } => json!({"source": src, "kind": "delta-failed",
-            "sequence": sequence, "reason": reason}),
-        Event::Progress {
-            sequence,
-            written,
-            size,
-        } => json!({"source": src, "kind": "progress", "sequence": sequence,
-            "written": written, "size": size}),
-        Event::FetchFailed {
-            sequence,
-            offset,
-            reason,
-            retry_in_ms,
-        } => json!({"source": src, "kind": "fetch-failed",
-            "sequence": sequence, "offset": offset, "reason": reason, "retry_in_ms": retry_in_ms}),
-        Event::Verified { sequence } => {
-            json!({"source": src, "kind": "verified", "sequence": sequence})
-        }
-        Event::BootSet { sequence, slot } => {
-            json!({"source": src, "kind": "boot-set", "sequence": sequence, "slot": slot.to_string()})
-        }
-        Event::StorageError { during, error } => {
-            json!({"source": src, "kind": "storage-error", "during": during, "error": error})
-        }
     }
 }
 
@@ -185,12 +131,21 @@ enum Ev {
     SelfTestDone(bool),
     Online,
     Manifest(Arc<Vec<u8>>),
-    Body { offset: u32, data: Vec<u8> },
+    /// A payload on the release topic (retained announcement).
+    Announcement(Arc<Vec<u8>>),
+    /// A payload on the board's command topic.
+    Command(Arc<Vec<u8>>),
+    Body {
+        offset: u32,
+        data: Vec<u8>,
+    },
     BodyEnd,
     FetchFailed(String),
     Timer,
     Release(usize),
-    Force { firmware: String },
+    Force {
+        firmware: String,
+    },
 }
 
 struct Dev {
@@ -468,7 +423,32 @@ pub fn run_prepared(
     for (k, r) in s.releases.iter().enumerate() {
         world.schedule(usize::MAX, r.at_ms, Ev::Release(k));
     }
-    for f in &s.faults {
+    for (n, f) in s.faults.iter().enumerate() {
+        let targets = (0..s.devices).filter(|i| f.devices.contains(*i));
+        match &f.kind {
+            FaultKind::Command { cmd, at_ms, repeat } => {
+                let payload =
+                    Arc::new(otarig_agent::protocol::command(&format!("c-{n}"), *cmd).into_bytes());
+                for i in targets {
+                    for k in 0..*repeat as u64 {
+                        world.schedule(i as usize, at_ms + k * 10, Ev::Command(payload.clone()));
+                    }
+                }
+                continue;
+            }
+            FaultKind::Payload { topic, text, at_ms } => {
+                let payload = Arc::new(text.clone().into_bytes());
+                for i in targets {
+                    let ev = match topic {
+                        crate::scenario::PayloadTopic::Cmd => Ev::Command(payload.clone()),
+                        crate::scenario::PayloadTopic::Release => Ev::Announcement(payload.clone()),
+                    };
+                    world.schedule(i as usize, *at_ms, ev);
+                }
+                continue;
+            }
+            _ => {}
+        }
         if let FaultKind::ForceInstall { firmware, at_ms } = &f.kind {
             for i in (0..s.devices).filter(|i| f.devices.contains(*i)) {
                 world.schedule(
@@ -487,7 +467,8 @@ pub fn run_prepared(
             break;
         }
         world.now = t;
-        if d != usize::MAX && world.devs[d].epoch != epoch {
+        let broker_delivery = matches!(ev, Ev::Command(_));
+        if d != usize::MAX && world.devs[d].epoch != epoch && !broker_delivery {
             continue; // addressed to a boot that has since ended
         }
         world.dispatch(d, ev);
@@ -583,13 +564,16 @@ impl World {
                     },
                 );
                 // Retained announcement: every board that is up hears it.
-                let signed = Arc::new(signed);
+                let payload = match otarig_agent::protocol::announcement(&signed) {
+                    Ok(p) => Arc::new(p.into_bytes()),
+                    Err(_) => return,
+                };
                 for i in 0..self.devs.len() {
                     if self.devs[i].agent.is_some()
                         && dt == self.cfg_template.device_type
                         && ch == self.cfg_template.channel
                     {
-                        self.schedule(i, now + LATENCY_MS, Ev::Manifest(signed.clone()));
+                        self.schedule(i, now + LATENCY_MS, Ev::Announcement(payload.clone()));
                     }
                 }
             }
@@ -614,6 +598,8 @@ impl World {
             }
             Ev::Online => self.feed(d, Input::Online),
             Ev::Manifest(bytes) => self.feed(d, Input::Manifest(&bytes)),
+            Ev::Announcement(bytes) => self.feed(d, Input::Announcement(&bytes)),
+            Ev::Command(bytes) => self.feed(d, Input::Command(&bytes)),
             Ev::Body { offset, data } => self.feed(
                 d,
                 Input::Body {

@@ -162,6 +162,27 @@ struct FaultDef {
     power_loss: Option<Spanned<PowerLossDef>>,
     #[serde(default)]
     force_install: Option<Spanned<ForceDef>>,
+    #[serde(default)]
+    command: Option<Spanned<CommandDef>>,
+    #[serde(default)]
+    payload: Option<Spanned<PayloadDef>>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct CommandDef {
+    cmd: String,
+    at: String,
+    #[serde(default)]
+    repeat: Option<u32>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct PayloadDef {
+    topic: String,
+    text: String,
+    at: String,
 }
 
 #[derive(Deserialize, Debug)]
@@ -225,6 +246,12 @@ struct ExpectDef {
     reported_failure: Option<String>,
     #[serde(default)]
     delta: Option<String>,
+    #[serde(default)]
+    bad_messages: Option<u32>,
+    #[serde(default)]
+    boots: Option<u32>,
+    #[serde(default)]
+    reports: Option<u32>,
 }
 
 // ---- checked scenario ----------------------------------------------------------------------
@@ -335,7 +362,28 @@ impl PowerLoss {
 #[derive(Clone, Debug, PartialEq)]
 pub enum FaultKind {
     PowerLoss(PowerLoss),
-    ForceInstall { firmware: String, at_ms: u64 },
+    ForceInstall {
+        firmware: String,
+        at_ms: u64,
+    },
+    /// A command sent `repeat` times with the same id (a duplicated or replayed command).
+    Command {
+        cmd: otarig_agent::protocol::CommandKind,
+        at_ms: u64,
+        repeat: u32,
+    },
+    /// Raw bytes on a board's `cmd` topic or the `release` topic.
+    Payload {
+        topic: PayloadTopic,
+        text: String,
+        at_ms: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayloadTopic {
+    Cmd,
+    Release,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -370,6 +418,9 @@ pub enum Check {
     BootPartitionSet(u32),
     ReportedFailure(String),
     Delta(String),
+    BadMessages(u32),
+    Boots(u32),
+    Reports(u32),
 }
 
 impl Check {
@@ -389,6 +440,9 @@ impl Check {
             Check::BootPartitionSet(_) => "boot-partition-set",
             Check::ReportedFailure(_) => "reported-failure",
             Check::Delta(_) => "delta",
+            Check::BadMessages(_) => "bad-messages",
+            Check::Boots(_) => "boots",
+            Check::Reports(_) => "reports",
         }
     }
 }
@@ -699,6 +753,65 @@ impl Scenario {
         let mut faults = Vec::new();
         for f in &raw.fault {
             let devices = selector(&f.devices)?;
+            let given = [
+                f.power_loss.is_some(),
+                f.force_install.is_some(),
+                f.command.is_some(),
+                f.payload.is_some(),
+            ];
+            if given.iter().filter(|g| **g).count() != 1 {
+                return Err(ScenarioError {
+                    file: path.to_path_buf(),
+                    line: 0,
+                    column: 0,
+                    message: "each [[fault]] needs exactly one of `power-loss`, `force-install`, `command` or `payload`".into(),
+                });
+            }
+            if let Some(c) = &f.command {
+                use otarig_agent::protocol::CommandKind;
+                let d = c.get_ref();
+                let cmd = match d.cmd.as_str() {
+                    "update-now" => CommandKind::UpdateNow,
+                    "reboot" => CommandKind::Reboot,
+                    "report" => CommandKind::Report,
+                    other => {
+                        return Err(cx.span(
+                            c,
+                            format!("unknown command '{other}' (update-now, reboot, report)"),
+                        ))
+                    }
+                };
+                let at_ms = parse_duration(&d.at).map_err(|m| cx.span(c, m))?;
+                faults.push(Fault {
+                    devices,
+                    kind: FaultKind::Command {
+                        cmd,
+                        at_ms,
+                        repeat: d.repeat.unwrap_or(1).max(1),
+                    },
+                });
+                continue;
+            }
+            if let Some(pd) = &f.payload {
+                let d = pd.get_ref();
+                let topic = match d.topic.as_str() {
+                    "cmd" => PayloadTopic::Cmd,
+                    "release" => PayloadTopic::Release,
+                    other => {
+                        return Err(cx.span(pd, format!("unknown topic '{other}' (cmd, release)")))
+                    }
+                };
+                let at_ms = parse_duration(&d.at).map_err(|m| cx.span(pd, m))?;
+                faults.push(Fault {
+                    devices,
+                    kind: FaultKind::Payload {
+                        topic,
+                        text: d.text.clone(),
+                        at_ms,
+                    },
+                });
+                continue;
+            }
             let kind = match (&f.power_loss, &f.force_install) {
                 (Some(pl), None) => {
                     let d = pl.get_ref();
@@ -837,6 +950,15 @@ impl Scenario {
             if let Some(v) = &d.reported_failure {
                 checks.push(Check::ReportedFailure(v.clone()));
             }
+            if let Some(n) = d.bad_messages {
+                checks.push(Check::BadMessages(n));
+            }
+            if let Some(n) = d.boots {
+                checks.push(Check::Boots(n));
+            }
+            if let Some(n) = d.reports {
+                checks.push(Check::Reports(n));
+            }
             if checks.is_empty() {
                 return Err(bad(
                     "this [[expect]] block checks nothing: add a key such as version = \"2.0.0\""
@@ -862,7 +984,9 @@ impl Scenario {
             .iter()
             .map(|r| r.at_ms)
             .chain(faults.iter().filter_map(|f| match f.kind {
-                FaultKind::ForceInstall { at_ms, .. } => Some(at_ms),
+                FaultKind::ForceInstall { at_ms, .. }
+                | FaultKind::Command { at_ms, .. }
+                | FaultKind::Payload { at_ms, .. } => Some(at_ms),
                 _ => None,
             }))
             .max()

@@ -21,6 +21,7 @@ proptest! {
         fuzzing::scenario(&data);
         fuzzing::partition_table(&data);
         fuzzing::bsdiff40(&data);
+        fuzzing::mqtt_payloads(&data);
     }
 
     #[test]

@@ -91,8 +91,12 @@ pub enum Input<'a> {
     /// The network (Wi-Fi + broker/server) is reachable.
     Online,
     Offline,
-    /// A signed manifest arrived (announcement or poll answer).
+    /// A signed manifest arrived (poll answer).
     Manifest(&'a [u8]),
+    /// A payload on the release topic (a retained announcement, [`crate::protocol`]).
+    Announcement(&'a [u8]),
+    /// A payload on this board's command topic.
+    Command(&'a [u8]),
     /// Bytes of the image at `offset`, part of the answer to the last [`Action::Fetch`].
     Body {
         offset: u32,
@@ -269,6 +273,8 @@ pub struct Agent {
     /// Refusals already reported since boot, so a retained announcement re-read every poll
     /// is reported once.
     reported: Vec<(u64, Check)>,
+    /// Ids of recent commands, so a duplicated or replayed command acts once.
+    seen_commands: VecDeque<String>,
     out: VecDeque<Action>,
 }
 
@@ -283,6 +289,7 @@ impl Agent {
             timers: Timers::default(),
             last_wake: None,
             reported: Vec::new(),
+            seen_commands: VecDeque::new(),
             out: VecDeque::new(),
         }
     }
@@ -317,6 +324,17 @@ impl Agent {
             Input::Online => self.on_online(p, now_ms),
             Input::Offline => self.online = false,
             Input::Manifest(bytes) => self.on_manifest(p, now_ms, bytes),
+            Input::Announcement(bytes) => match crate::protocol::parse_announcement(bytes) {
+                Ok(a) => {
+                    let signed = crate::protocol::announcement_manifest(&a);
+                    self.on_manifest(p, now_ms, &signed)
+                }
+                Err(e) => self.emit(Event::BadMessage {
+                    topic: "release",
+                    reason: e.to_string(),
+                }),
+            },
+            Input::Command(bytes) => self.on_command(now_ms, bytes),
             Input::Body { offset, data } => self.on_body(p, offset, data),
             Input::BodyEnd => self.on_body_end(p, now_ms),
             Input::FetchFailed { reason } => self.on_fetch_failed(p, now_ms, reason),
@@ -568,6 +586,56 @@ impl Agent {
                     return self.halt("writing the journal", e);
                 }
                 self.state = State::Ready;
+            }
+        }
+    }
+
+    // ---- commands --------------------------------------------------------------------
+
+    fn on_command(&mut self, now: u64, bytes: &[u8]) {
+        use crate::protocol::CommandKind;
+        let cmd = match crate::protocol::parse_command(bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                return self.emit(Event::BadMessage {
+                    topic: "cmd",
+                    reason: e.to_string(),
+                })
+            }
+        };
+        if self.seen_commands.contains(&cmd.id) {
+            return; // duplicated or replayed
+        }
+        if self.seen_commands.len() == 16 {
+            self.seen_commands.pop_front();
+        }
+        self.seen_commands.push_back(cmd.id);
+        match cmd.kind {
+            CommandKind::UpdateNow => {
+                if self.online && matches!(self.state, State::Ready | State::AwaitManifest) {
+                    self.poll(now);
+                }
+            }
+            CommandKind::Reboot => {
+                // Safe at any point: everything that must survive is in the journal.
+                self.timers = Timers::default();
+                self.state = State::Rebooting;
+                self.out.push_back(Action::Reboot);
+            }
+            CommandKind::Report => {
+                let state = match &self.state {
+                    State::Off => "off",
+                    State::SelfTest => "self-test",
+                    State::AwaitNetwork => "await-network",
+                    State::Ready => "ready",
+                    State::AwaitManifest => "await-manifest",
+                    State::Downloading(_) => "downloading",
+                    State::Backoff(_) => "backoff",
+                    State::Rebooting => "rebooting",
+                    State::Halted => "halted",
+                };
+                let version = self.running_version();
+                self.emit(Event::Report { state, version });
             }
         }
     }

@@ -181,6 +181,16 @@ pub enum Event {
         sequence: u64,
         slot: SlotKind,
     },
+    /// An MQTT payload could not be read; it was ignored.
+    BadMessage {
+        topic: &'static str,
+        reason: String,
+    },
+    /// Answer to a `report` command: what the agent is doing.
+    Report {
+        state: &'static str,
+        version: String,
+    },
     /// The agent hit a storage error it cannot work around (flash failure).
     StorageError {
         during: &'static str,

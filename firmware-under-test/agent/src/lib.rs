@@ -37,6 +37,7 @@ pub mod image;
 pub mod journal;
 pub mod manifest;
 pub mod platform;
+pub mod protocol;
 
 pub use agent::{Action, Agent, Config, Input};
 pub use event::{Ack, Check, Event, Outcome};

@@ -1,0 +1,308 @@
+//! The MQTT protocol between boards and the release server: topic names and payloads, in one
+//! place. Every payload is a JSON object with a format version `"v": 1`; a board that gets a
+//! payload it cannot read answers with a `bad-message` status event and carries on.
+//!
+//! | topic | direction | retained | payload |
+//! |---|---|---|---|
+//! | `{prefix}/release/{device_type}/{channel}` | server → boards | yes | [`Announcement`]: `{"v":1,"signed":<signed manifest>}` |
+//! | `{prefix}/device/{device_id}/cmd` | server → board | no | [`Command`]: `{"v":1,"id":"c-17","cmd":"update-now"}` (`update-now`, `reboot`, `report`) |
+//! | `{prefix}/device/{device_id}/status` | board → server | no | an event: `{"v":1,"device":"…","t_ms":…,"kind":"downloading",…}` ([`event_json`]) |
+//! | `{prefix}/device/{device_id}/ack` | board → server | no | an ack: `{"v":1,"device":"…","sequence":7,"version":"2.0.0","outcome":"installed","detail":""}` |
+//! | `{prefix}/device/{device_id}/telemetry` | board → server | no | `{"v":1,"device":"…","t_ms":…,"version":"…","slot":"ota_0","state":"valid","uptime_ms":…}` every second by default |
+//!
+//! Commands carry an id; a board ignores an id it has seen recently, so a duplicated or
+//! replayed command does nothing twice.
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::event::{Ack, Event, Outcome};
+use crate::manifest::SignedManifest;
+
+/// The payload format version this agent writes and reads.
+pub const VERSION: u32 = 1;
+/// Payloads larger than this are refused before parsing.
+pub const MAX_PAYLOAD: usize = 16 * 1024;
+pub const DEFAULT_PREFIX: &str = "otarig";
+
+pub fn release_topic(prefix: &str, device_type: &str, channel: &str) -> String {
+    format!("{prefix}/release/{device_type}/{channel}")
+}
+
+pub fn device_topic(prefix: &str, device_id: &str, leaf: Leaf) -> String {
+    format!("{prefix}/device/{device_id}/{}", leaf.name())
+}
+
+/// The per-device topics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leaf {
+    Cmd,
+    Status,
+    Ack,
+    Telemetry,
+}
+
+impl Leaf {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Leaf::Cmd => "cmd",
+            Leaf::Status => "status",
+            Leaf::Ack => "ack",
+            Leaf::Telemetry => "telemetry",
+        }
+    }
+}
+
+/// Why a payload was not understood.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PayloadError {
+    TooLarge(usize),
+    NotJson(String),
+    Version(u32),
+    UnknownCommand(String),
+}
+
+impl core::fmt::Display for PayloadError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            PayloadError::TooLarge(n) => write!(f, "payload of {n} bytes exceeds {MAX_PAYLOAD}"),
+            PayloadError::NotJson(e) => write!(f, "payload is not the expected JSON: {e}"),
+            PayloadError::Version(v) => {
+                write!(f, "payload format v{v}; this agent reads v{VERSION}")
+            }
+            PayloadError::UnknownCommand(c) => {
+                write!(f, "unknown command '{c}' (update-now, reboot, report)")
+            }
+        }
+    }
+}
+
+/// A retained release announcement.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Announcement {
+    pub v: u32,
+    pub signed: SignedManifest,
+}
+
+/// What a command asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandKind {
+    /// Ask the server for the latest manifest now, instead of at the next poll.
+    UpdateNow,
+    Reboot,
+    /// Publish a status report of where the board is.
+    Report,
+}
+
+/// A per-device command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Command {
+    pub id: String,
+    pub kind: CommandKind,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandWire {
+    v: u32,
+    id: String,
+    cmd: String,
+}
+
+fn check_len(bytes: &[u8]) -> Result<(), PayloadError> {
+    if bytes.len() > MAX_PAYLOAD {
+        return Err(PayloadError::TooLarge(bytes.len()));
+    }
+    Ok(())
+}
+
+/// Read an announcement; the manifest inside is still to be verified by [`crate::manifest::open`].
+pub fn parse_announcement(bytes: &[u8]) -> Result<Announcement, PayloadError> {
+    check_len(bytes)?;
+    let a: Announcement =
+        serde_json::from_slice(bytes).map_err(|e| PayloadError::NotJson(e.to_string()))?;
+    if a.v != VERSION {
+        return Err(PayloadError::Version(a.v));
+    }
+    Ok(a)
+}
+
+/// The signed manifest bytes inside an announcement, as [`crate::Input::Manifest`] takes them.
+pub fn announcement_manifest(a: &Announcement) -> alloc::vec::Vec<u8> {
+    serde_json::to_vec(&a.signed).unwrap_or_default()
+}
+
+/// Wrap a signed manifest (its JSON bytes) into an announcement payload.
+pub fn announcement(signed_manifest: &[u8]) -> Result<String, PayloadError> {
+    let signed: SignedManifest = serde_json::from_slice(signed_manifest)
+        .map_err(|e| PayloadError::NotJson(e.to_string()))?;
+    Ok(json!({"v": VERSION, "signed": signed}).to_string())
+}
+
+pub fn parse_command(bytes: &[u8]) -> Result<Command, PayloadError> {
+    check_len(bytes)?;
+    let w: CommandWire =
+        serde_json::from_slice(bytes).map_err(|e| PayloadError::NotJson(e.to_string()))?;
+    if w.v != VERSION {
+        return Err(PayloadError::Version(w.v));
+    }
+    let kind = match w.cmd.as_str() {
+        "update-now" => CommandKind::UpdateNow,
+        "reboot" => CommandKind::Reboot,
+        "report" => CommandKind::Report,
+        other => return Err(PayloadError::UnknownCommand(other.to_string())),
+    };
+    Ok(Command { id: w.id, kind })
+}
+
+pub fn command(id: &str, kind: CommandKind) -> String {
+    let cmd = match kind {
+        CommandKind::UpdateNow => "update-now",
+        CommandKind::Reboot => "reboot",
+        CommandKind::Report => "report",
+    };
+    json!({"v": VERSION, "id": id, "cmd": cmd}).to_string()
+}
+
+fn outcome_detail(o: &Outcome) -> String {
+    match o {
+        Outcome::Installed => String::new(),
+        Outcome::Refused { check, detail } => format!("{check}: {detail}"),
+        Outcome::RolledBack { detail } => detail.clone(),
+    }
+}
+
+/// An ack as JSON (MQTT `ack` topic and `POST /ack` body).
+pub fn ack_json(device: &str, ack: &Ack) -> Value {
+    json!({"v": VERSION, "device": device, "sequence": ack.sequence, "version": ack.version,
+        "outcome": ack.outcome.name(), "detail": outcome_detail(&ack.outcome)})
+}
+
+/// An agent event as JSON: the `status` topic payload, the console event line, and the
+/// simulator's event log all use this one rendering.
+pub fn event_json(device: &str, t_ms: u64, e: &Event) -> Value {
+    let body = match e {
+        Event::Booted {
+            version,
+            slot,
+            sha256,
+            state,
+        } => json!({"kind": "booted", "version": version,
+            "slot": slot.to_string(), "sha256": hex::encode(sha256), "state": state.map(|s| s.name())}),
+        Event::SelfTest { passed, detail } => {
+            json!({"kind": "self-test", "passed": passed, "detail": detail})
+        }
+        Event::Confirmed { version } => json!({"kind": "confirmed", "version": version}),
+        Event::RollingBack { version, reason } => {
+            json!({"kind": "rolling-back", "version": version, "reason": reason})
+        }
+        Event::Refused {
+            sequence,
+            version,
+            check,
+            detail,
+        } => json!({"kind": "refused", "sequence": sequence,
+            "version": version, "check": check.name(), "detail": detail}),
+        Event::Downloading {
+            sequence,
+            version,
+            size,
+            resumed_from,
+            delta,
+        } => json!({"kind": "downloading",
+            "sequence": sequence, "version": version, "size": size, "resumed_from": resumed_from, "delta": delta}),
+        Event::DeltaFailed { sequence, reason } => {
+            json!({"kind": "delta-failed", "sequence": sequence, "reason": reason})
+        }
+        Event::Progress {
+            sequence,
+            written,
+            size,
+        } => json!({"kind": "progress", "sequence": sequence,
+            "written": written, "size": size, "percent": (*written as u64 * 100 / (*size).max(1) as u64)}),
+        Event::FetchFailed {
+            sequence,
+            offset,
+            reason,
+            retry_in_ms,
+        } => json!({"kind": "fetch-failed",
+            "sequence": sequence, "offset": offset, "reason": reason, "retry_in_ms": retry_in_ms}),
+        Event::Verified { sequence } => json!({"kind": "verified", "sequence": sequence}),
+        Event::BootSet { sequence, slot } => {
+            json!({"kind": "boot-set", "sequence": sequence, "slot": slot.to_string()})
+        }
+        Event::StorageError { during, error } => {
+            json!({"kind": "storage-error", "during": during, "error": error})
+        }
+        Event::BadMessage { topic, reason } => {
+            json!({"kind": "bad-message", "topic": topic, "reason": reason})
+        }
+        Event::Report { state, version } => {
+            json!({"kind": "report", "state": state, "version": version})
+        }
+    };
+    let mut v = json!({"v": VERSION, "device": device, "t_ms": t_ms});
+    if let (Some(o), Value::Object(b)) = (v.as_object_mut(), body) {
+        o.extend(b);
+    }
+    v
+}
+
+#[derive(Deserialize)]
+struct Probe {
+    v: u32,
+}
+
+/// The format version of any payload, for routing and error messages.
+pub fn payload_version(bytes: &[u8]) -> Option<u32> {
+    serde_json::from_slice::<Probe>(bytes).ok().map(|p| p.v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_round_trip_and_bad_ones_say_why() {
+        let c = parse_command(command("c-1", CommandKind::Reboot).as_bytes()).unwrap();
+        assert_eq!(
+            c,
+            Command {
+                id: "c-1".into(),
+                kind: CommandKind::Reboot
+            }
+        );
+        assert!(matches!(
+            parse_command(b"{nope"),
+            Err(PayloadError::NotJson(_))
+        ));
+        assert_eq!(
+            parse_command(br#"{"v":2,"id":"a","cmd":"reboot"}"#),
+            Err(PayloadError::Version(2))
+        );
+        assert_eq!(
+            parse_command(br#"{"v":1,"id":"a","cmd":"format-flash"}"#),
+            Err(PayloadError::UnknownCommand("format-flash".into()))
+        );
+        let big = alloc::vec![b' '; MAX_PAYLOAD + 1];
+        assert_eq!(
+            parse_command(&big),
+            Err(PayloadError::TooLarge(MAX_PAYLOAD + 1))
+        );
+    }
+
+    #[test]
+    fn topics() {
+        assert_eq!(
+            release_topic("otarig", "s3-devkit", "beta"),
+            "otarig/release/s3-devkit/beta"
+        );
+        assert_eq!(
+            device_topic("otarig", "d-1", Leaf::Telemetry),
+            "otarig/device/d-1/telemetry"
+        );
+    }
+}

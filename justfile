@@ -39,9 +39,11 @@ fuzz-plr DURATION="10m":
 fuzz TARGET SECONDS="60":
     cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run {{TARGET}} -- -max_total_time={{SECONDS}}
 
-# Exhaustive power-loss runs over a 1 MiB full and a 1 MiB delta update.
+# Exhaustive power-loss runs over a 1 MiB full and a 1 MiB delta update, then patch sizes and
+# apply throughput against Python bsdiff4.
 bench-plr:
     cargo run --release -p otarig -- bench plr
+    cargo run --release -p otarig -- bench delta
 
 # Patch sizes and apply throughput against Python bsdiff4 (pip install bsdiff4).
 bench-delta:

@@ -200,7 +200,7 @@ impl Rig {
         if switched {
             let slot = self.board.next_update_slot().ok_or("no update slot")?;
             let info = self.board.peek_image(slot);
-            if !info.as_ref().is_some_and(|i| i.sha256 == self.v2_sha) {
+            if info.as_ref().is_none_or(|i| i.sha256 != self.v2_sha) {
                 return Err(format!(
                     "switched to an image that is not the signed one: {info:?}"
                 ));

@@ -129,11 +129,15 @@ impl NamedKey {
         }
     }
 
+    /// Sign `body` into an envelope (the JSON bytes that are published or logged).
+    pub fn sign_envelope(&self, body: &[u8]) -> Vec<u8> {
+        let sig = self.sign(body);
+        let env = manifest::envelope(body, &self.id, self.alg(), &sig);
+        serde_json::to_vec(&env).unwrap_or_default()
+    }
+
     /// Sign a manifest: the envelope's JSON bytes, as published.
     pub fn sign_manifest(&self, m: &Manifest) -> Vec<u8> {
-        let body = serde_json::to_vec(m).unwrap_or_default();
-        let sig = self.sign(&body);
-        let env = manifest::envelope(&body, &self.id, self.alg(), &sig);
-        serde_json::to_vec(&env).unwrap_or_default()
+        self.sign_envelope(&serde_json::to_vec(m).unwrap_or_default())
     }
 }

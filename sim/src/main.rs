@@ -88,6 +88,18 @@ enum Cmd {
         #[command(subcommand)]
         cmd: BenchCmd,
     },
+    /// Run the firmware server over a release store directory.
+    Serve {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
+    /// Publish releases into a store directory and inspect its release log.
+    Release {
+        #[command(subcommand)]
+        cmd: ReleaseCmd,
+    },
     /// Signing keys.
     Keys {
         #[command(subcommand)]
@@ -143,6 +155,43 @@ enum BenchCmd {
     /// Patch sizes and apply throughput on 1 MiB image pairs, against Python bsdiff4 (bz2)
     /// when `python3 -c "import bsdiff4"` works.
     Delta,
+}
+
+#[derive(Subcommand)]
+enum ReleaseCmd {
+    /// Store an image (and patches from older images), sign its manifest, make it the latest
+    /// for its device type and channel, and append a signed entry to the release log.
+    Add {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        key: String,
+        #[arg(long, default_value_os_t = fixture_dir())]
+        keys_dir: PathBuf,
+        #[arg(long)]
+        device_type: String,
+        #[arg(long, default_value = "stable")]
+        channel: String,
+        #[arg(long)]
+        sequence: u64,
+        #[arg(long, default_value = "30d")]
+        expires_in: String,
+        /// Older images to offer delta patches from (repeatable).
+        #[arg(long)]
+        delta_from: Vec<PathBuf>,
+    },
+    /// Verify the release log (signatures and hash chain) and print it.
+    Log {
+        #[arg(long)]
+        store: PathBuf,
+        /// Trusted key ids (repeatable).
+        #[arg(long = "trust", required = true)]
+        trust: Vec<String>,
+        #[arg(long, default_value_os_t = fixture_dir())]
+        keys_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -280,6 +329,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             broken.as_deref(),
         ),
         Cmd::Delta { cmd } => delta_cmd(cmd),
+        Cmd::Serve { store, listen } => serve(&store, listen),
+        Cmd::Release { cmd } => release_cmd(cmd),
         Cmd::Bench {
             cmd: BenchCmd::Plr { threads },
         } => bench::plr(threads),
@@ -474,6 +525,107 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn serve(store: &Path, listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+    let store = std::sync::Arc::new(otarig::release_store::ReleaseStore::open(store)?);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let server = otarig::server::Server::start(store.clone(), listen).await?;
+        println!(
+            "serving {} on {} (Ctrl-C stops)",
+            store.root().display(),
+            server.url()
+        );
+        tokio::signal::ctrl_c().await?;
+        server.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn release_cmd(cmd: ReleaseCmd) -> anyhow::Result<ExitCode> {
+    use otarig::release_store::ReleaseStore;
+    match cmd {
+        ReleaseCmd::Add {
+            store,
+            image,
+            key,
+            keys_dir,
+            device_type,
+            channel,
+            sequence,
+            expires_in,
+            delta_from,
+        } => {
+            let bytes = read(&image)?;
+            let info = verify_bytes(&bytes).with_context(|| {
+                format!("{} is not a bootable ESP32-S3 app image", image.display())
+            })?;
+            let key = NamedKey::load(&keys_dir, &key)?;
+            let olds = delta_from
+                .iter()
+                .map(|p| read(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            let ttl = parse_duration(&expires_in).map_err(anyhow::Error::msg)? / 1000;
+            let m = Manifest {
+                format: manifest::FORMAT,
+                device_type,
+                channel,
+                version: info.desc.version.to_string(),
+                secure_version: info.desc.secure_version,
+                sequence,
+                size: 0,
+                sha256: String::new(),
+                url: None,
+                cid: None,
+                deltas: Vec::new(),
+                issued_at: now,
+                expires_at: now + ttl,
+            };
+            let entry = ReleaseStore::open(&store)?.publish(&key, m, &bytes, &olds, now)?;
+            println!(
+                "released {} {} (sequence {}) on {}: image {}, {} patch(es), log entry {}",
+                entry.device_type,
+                entry.version,
+                entry.sequence,
+                entry.channel,
+                entry.image_sha256,
+                entry.deltas_from.len(),
+                entry.seq
+            );
+        }
+        ReleaseCmd::Log {
+            store,
+            trust,
+            keys_dir,
+        } => {
+            let keys = trust
+                .iter()
+                .map(|id| NamedKey::load(&keys_dir, id)?.trusted())
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let entries = ReleaseStore::open(&store)?.verify_log(&keys)?;
+            for e in &entries {
+                println!(
+                    "{:>4}  {}  {}/{}  {}  seq {}  image {}",
+                    e.seq,
+                    e.published_at,
+                    e.device_type,
+                    e.channel,
+                    e.version,
+                    e.sequence,
+                    &e.image_sha256[..16]
+                );
+            }
+            println!(
+                "{} entries, signatures and hash chain verified",
+                entries.len()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn delta_cmd(cmd: DeltaCmd) -> anyhow::Result<ExitCode> {

@@ -211,10 +211,9 @@ impl EnvelopeError {
     }
 }
 
-/// Parse an envelope and verify its signature against the trusted keys; return the manifest.
-///
-/// Nothing inside the manifest is looked at before the signature verifies.
-pub fn open(bytes: &[u8], keys: &[TrustedKey]) -> Result<Manifest, EnvelopeError> {
+/// Parse an envelope and verify its signature against the trusted keys; return the signed
+/// bytes. Used for manifests and for entries of the release log.
+pub fn verify_envelope(bytes: &[u8], keys: &[TrustedKey]) -> Result<Vec<u8>, EnvelopeError> {
     if bytes.len() > MAX_SIGNED_MANIFEST_LEN {
         return Err(EnvelopeError::TooLarge(bytes.len()));
     }
@@ -251,6 +250,14 @@ pub fn open(bytes: &[u8], keys: &[TrustedKey]) -> Result<Manifest, EnvelopeError
             vk.verify(&body, &sig).map_err(|_| bad())?;
         }
     }
+    Ok(body)
+}
+
+/// Parse an envelope and verify its signature against the trusted keys; return the manifest.
+///
+/// Nothing inside the manifest is looked at before the signature verifies.
+pub fn open(bytes: &[u8], keys: &[TrustedKey]) -> Result<Manifest, EnvelopeError> {
+    let body = verify_envelope(bytes, keys)?;
     let manifest: Manifest = serde_json::from_slice(&body)
         .map_err(|e| EnvelopeError::Malformed(alloc::format!("manifest body: {e}")))?;
     if manifest.format != FORMAT {

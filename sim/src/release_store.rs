@@ -1,0 +1,262 @@
+//! The release store on disk, as `otarig serve --store DIR` serves it:
+//!
+//! ```text
+//! DIR/blobs/<sha256>                       images and delta patches, by content
+//! DIR/manifests/<device_type>/<channel>.json   the latest signed manifest
+//! DIR/releases.log                         append-only, hash-chained, signed release log
+//! DIR/acks.jsonl                           what boards reported
+//! ```
+//!
+//! Each line of `releases.log` is a signed envelope (the manifest signature scheme) whose body
+//! is a [`LogEntry`]; the entry names its position and the SHA-256 of the previous line, so
+//! removing, reordering or editing a line breaks the chain and [`ReleaseStore::verify_log`]
+//! says at which line. Blobs are written to a temporary file and renamed, so a crash never
+//! leaves a half-written blob under its hash.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use otarig_agent::manifest::{self, Manifest, TrustedKey};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::NamedKey;
+use crate::store::sha256;
+
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One published release, as recorded in the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogEntry {
+    /// 1 for the first line.
+    pub seq: u64,
+    /// SHA-256 (hex) of the previous line's bytes; zeros for the first.
+    pub prev: String,
+    pub published_at: u64,
+    pub device_type: String,
+    pub channel: String,
+    pub version: String,
+    pub sequence: u64,
+    pub image_sha256: String,
+    pub manifest_sha256: String,
+    pub deltas_from: Vec<String>,
+}
+
+/// A store directory.
+#[derive(Clone, Debug)]
+pub struct ReleaseStore {
+    root: PathBuf,
+}
+
+/// Device types and channels become path components: keep them to a safe alphabet.
+pub fn check_name(what: &str, s: &str) -> anyhow::Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !s.starts_with('.');
+    if !ok {
+        bail!(
+            "{what} '{s}' must be 1 to 64 characters of A-Z a-z 0-9 . _ - (not starting with '.')"
+        );
+    }
+    Ok(())
+}
+
+impl ReleaseStore {
+    /// Open (and create, if needed) a store directory.
+    pub fn open(root: &Path) -> anyhow::Result<ReleaseStore> {
+        for sub in ["blobs", "manifests"] {
+            std::fs::create_dir_all(root.join(sub))
+                .with_context(|| format!("creating {}", root.join(sub).display()))?;
+        }
+        Ok(ReleaseStore {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blob_dir(&self) -> PathBuf {
+        self.root.join("blobs")
+    }
+
+    /// Store bytes under their SHA-256; returns the hash.
+    pub fn put_blob(&self, bytes: &[u8]) -> anyhow::Result<[u8; 32]> {
+        let sha = sha256(bytes);
+        let path = self.blob_dir().join(hex::encode(sha));
+        if !path.exists() {
+            write_atomically(&path, bytes)?;
+        }
+        Ok(sha)
+    }
+
+    pub fn blob(&self, sha: &[u8; 32]) -> Option<Vec<u8>> {
+        std::fs::read(self.blob_dir().join(hex::encode(sha))).ok()
+    }
+
+    fn manifest_path(&self, device_type: &str, channel: &str) -> PathBuf {
+        self.root
+            .join("manifests")
+            .join(device_type)
+            .join(format!("{channel}.json"))
+    }
+
+    /// The latest signed manifest for a device type and channel.
+    pub fn latest(&self, device_type: &str, channel: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        check_name("device type", device_type)?;
+        check_name("channel", channel)?;
+        match std::fs::read(self.manifest_path(device_type, channel)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).context("reading the latest manifest"),
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.root.join("releases.log")
+    }
+
+    fn log_lines(&self) -> anyhow::Result<Vec<Vec<u8>>> {
+        match std::fs::read(self.log_path()) {
+            Ok(b) => Ok(b
+                .split(|c| *c == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e).context("reading releases.log"),
+        }
+    }
+
+    /// Publish a release: store the image (and patches), sign its manifest, make it the latest
+    /// for its device type and channel, and append a signed entry to the log.
+    ///
+    /// Refuses a sequence number not above the latest one already logged for the device type
+    /// (boards would refuse it as a replay).
+    pub fn publish(
+        &self,
+        key: &NamedKey,
+        mut m: Manifest,
+        image: &[u8],
+        deltas_from: &[Vec<u8>],
+        now: u64,
+    ) -> anyhow::Result<LogEntry> {
+        check_name("device type", &m.device_type)?;
+        check_name("channel", &m.channel)?;
+        let lines = self.log_lines()?;
+        let mut highest = None;
+        for line in &lines {
+            let entry = parse_entry_unverified(line)?;
+            if entry.device_type == m.device_type {
+                highest = highest.max(Some(entry.sequence));
+            }
+        }
+        if let Some(h) = highest.filter(|h| *h >= m.sequence) {
+            bail!(
+                "sequence {} is not above {h} already released for {} (boards would refuse it as a replay)",
+                m.sequence,
+                m.device_type
+            );
+        }
+        let image_sha = self.put_blob(image)?;
+        m.sha256 = hex::encode(image_sha);
+        m.size = image.len() as u32;
+        m.deltas.clear();
+        for old in deltas_from {
+            let patch = crate::delta::make(old, image);
+            let patch_sha = self.put_blob(&patch)?;
+            m.deltas.push(manifest::DeltaRef {
+                from_sha256: hex::encode(sha256(old)),
+                sha256: hex::encode(patch_sha),
+                size: patch.len() as u32,
+                url: None,
+            });
+        }
+        let signed = key.sign_manifest(&m);
+        let path = self.manifest_path(&m.device_type, &m.channel);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let entry = LogEntry {
+            seq: lines.len() as u64 + 1,
+            prev: lines
+                .last()
+                .map_or_else(|| GENESIS.to_string(), |l| hex::encode(sha256(l))),
+            published_at: now,
+            device_type: m.device_type.clone(),
+            channel: m.channel.clone(),
+            version: m.version.clone(),
+            sequence: m.sequence,
+            image_sha256: m.sha256.clone(),
+            manifest_sha256: hex::encode(sha256(&signed)),
+            deltas_from: m.deltas.iter().map(|d| d.from_sha256.clone()).collect(),
+        };
+        let line = key.sign_envelope(&serde_json::to_vec(&entry)?);
+        // Log first: a release that is served is always in the log.
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .context("opening releases.log")?;
+        log.write_all(&line)?;
+        log.write_all(b"\n")?;
+        log.sync_all()?;
+        write_atomically(&path, &signed)?;
+        Ok(entry)
+    }
+
+    /// Check every line's signature and the hash chain; returns the entries.
+    pub fn verify_log(&self, keys: &[TrustedKey]) -> anyhow::Result<Vec<LogEntry>> {
+        let mut prev = GENESIS.to_string();
+        let mut out = Vec::new();
+        for (i, line) in self.log_lines()?.iter().enumerate() {
+            let n = i + 1;
+            let body = manifest::verify_envelope(line, keys)
+                .map_err(|e| anyhow::anyhow!("releases.log line {n}: {e}"))?;
+            let entry: LogEntry = serde_json::from_slice(&body)
+                .with_context(|| format!("releases.log line {n}: not a log entry"))?;
+            if entry.seq != n as u64 {
+                bail!("releases.log line {n}: entry says it is number {} (lines removed or reordered)", entry.seq);
+            }
+            if entry.prev != prev {
+                bail!("releases.log line {n}: the previous line is not the one it was chained to (edited, removed or reordered)");
+            }
+            prev = hex::encode(sha256(line));
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    /// Append a board's ack (already validated JSON) to `acks.jsonl`.
+    pub fn record_ack(&self, json: &serde_json::Value) -> anyhow::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("acks.jsonl"))
+            .context("opening acks.jsonl")?;
+        serde_json::to_writer(&mut f, json)?;
+        f.write_all(b"\n")?;
+        Ok(())
+    }
+}
+
+fn parse_entry_unverified(line: &[u8]) -> anyhow::Result<LogEntry> {
+    let env: manifest::SignedManifest =
+        serde_json::from_slice(line).context("releases.log has a line that is not an envelope")?;
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD
+        .decode(env.manifest.as_bytes())
+        .context("releases.log has a line whose body is not base64")?;
+    serde_json::from_slice(&body).context("releases.log has a line that is not a log entry")
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}

@@ -13,6 +13,7 @@
 
 pub mod appimage;
 pub mod board;
+pub mod broker;
 pub mod delta;
 pub mod expect;
 pub mod flash;

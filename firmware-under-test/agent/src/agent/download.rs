@@ -1,0 +1,585 @@
+//! Downloading: full images and delta patches into the update slot, checkpoints, retries,
+//! verification and the switch of the boot partition.
+
+use alloc::format;
+use alloc::string::{String, ToString};
+
+use super::*;
+
+#[derive(Debug)]
+pub(super) struct Download {
+    pub(super) manifest: Manifest,
+    sha256: [u8; 32],
+    pub(super) slot: Slot,
+    /// Bytes of the new image in the slot.
+    pub(super) written: u32,
+    /// End of the current range request (in the image, or in the patch for a delta).
+    pub(super) requested_end: u32,
+    pub(super) consecutive_failures: u32,
+    pub(super) next_progress_pct: u32,
+    pub(super) delta: Option<DeltaDownload>,
+}
+
+/// A delta being applied: patch bytes in, new image bytes out.
+pub(super) struct DeltaDownload {
+    pub(super) applier: alloc::boxed::Box<Applier>,
+    patch_sha256: [u8; 32],
+    pub(super) patch_size: u32,
+    pub(super) url: Option<String>,
+    /// The running slot, where old bytes are read.
+    pub(super) old: Slot,
+}
+
+impl core::fmt::Debug for DeltaDownload {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DeltaDownload")
+            .field("next", &self.applier.next_offset())
+            .finish()
+    }
+}
+
+impl Download {
+    /// Where the next range starts and where the thing being fetched ends.
+    pub(super) fn fetch_window(&self) -> (u32, u32) {
+        match &self.delta {
+            Some(d) => (d.applier.next_offset() as u32, d.patch_size),
+            None => (self.written, self.manifest.size),
+        }
+    }
+}
+
+/// What the applier needs from the board while patching: old bytes, the update slot, and
+/// the journal, where each checkpoint is made durable the moment it is offered (one range of
+/// patch can produce the whole image, so waiting for the range to end would be too late).
+pub(super) struct PatchSink<'a, P: Platform> {
+    pub(super) p: &'a mut P,
+    pub(super) journal: &'a mut Option<Journal>,
+    pub(super) old: Slot,
+    pub(super) error: Option<(&'static str, EspError)>,
+}
+
+impl<P: Platform> delta::Sink for PatchSink<'_, P> {
+    fn read_old(&mut self, offset: u32, buf: &mut [u8]) -> Result<(), delta::SinkError> {
+        self.p.slot_read(self.old, offset, buf).map_err(|e| {
+            self.error = Some(("reading the running image", e));
+            delta::SinkError
+        })
+    }
+    fn write_new(&mut self, data: &[u8]) -> Result<(), delta::SinkError> {
+        self.p.ota_write(data).map_err(|e| {
+            self.error = Some(("esp_ota_write", e));
+            delta::SinkError
+        })
+    }
+    fn checkpoint(&mut self, at: Resume) {
+        if self.error.is_some() {
+            return;
+        }
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        let rec = Record {
+            checkpoint: at.new_written,
+            resume: at,
+            ..*j.record()
+        };
+        if let Err(e) = j.store(self.p, rec) {
+            self.error = Some(("writing the journal", e));
+        }
+    }
+}
+
+impl Agent {
+    pub(super) fn start<P: Platform>(&mut self, p: &mut P, m: Manifest, sha: [u8; 32]) {
+        let Some(slot) = p.next_update_slot() else {
+            return;
+        };
+        let rec = *self.record();
+        let attempts = if rec.target_seq == m.sequence {
+            rec.attempts
+        } else {
+            0
+        };
+        let patch = self.pick_delta(&m).filter(|_| attempts == 0);
+        let next = Record {
+            phase: Phase::Downloading,
+            attempts,
+            installs: 0,
+            target_seq: m.sequence,
+            size: m.size,
+            checkpoint: 0,
+            slot_addr: slot.address,
+            sha256: sha,
+            version: image::heapless_str::Str32::new(&m.version).field(),
+            delta: patch.is_some(),
+            patch_sha256: patch.as_ref().map_or([0; 32], |d| d.patch_sha256),
+            resume: Resume::default(),
+            ..rec
+        };
+        // Journal first: a cut inside esp_ota_begin then resumes at 0, which re-erases.
+        if let Err(e) = self.store(p, next) {
+            return self.halt("writing the journal", e);
+        }
+        if let Err(e) = p.ota_begin(slot) {
+            return self.halt("esp_ota_begin", e);
+        }
+        self.begin_download(m, sha, slot, 0, patch);
+    }
+
+    /// The manifest's delta for the running image, if any (and deltas are enabled).
+    pub(super) fn pick_delta(&self, m: &Manifest) -> Option<DeltaDownload> {
+        let running = self.running.as_ref()?;
+        if !self.cfg.use_deltas {
+            return None;
+        }
+        let d = m
+            .deltas
+            .iter()
+            .find(|d| d.from_bytes() == Some(running.sha256))?;
+        Some(DeltaDownload {
+            applier: alloc::boxed::Box::new(Applier::new(self.cfg.checkpoint_interval.max(SECTOR))),
+            patch_sha256: d.sha256_bytes()?,
+            patch_size: d.size,
+            url: d.url.clone(),
+            old: running.slot,
+        })
+    }
+
+    pub(super) fn resume<P: Platform>(
+        &mut self,
+        p: &mut P,
+        m: Manifest,
+        sha: [u8; 32],
+        rec: Record,
+    ) {
+        let Some(slot) = p.next_update_slot() else {
+            return;
+        };
+        let mut patch = None;
+        if rec.delta {
+            match self
+                .pick_delta(&m)
+                .filter(|d| d.patch_sha256 == rec.patch_sha256)
+            {
+                Some(mut d) => {
+                    if rec.checkpoint > 0 {
+                        let iv = self.cfg.checkpoint_interval.max(SECTOR);
+                        d.applier = alloc::boxed::Box::new(Applier::resume(iv, rec.resume));
+                    }
+                    patch = Some(d);
+                }
+                // The patch is no longer offered: start over with the full image.
+                None => return self.start(p, m, sha),
+            }
+        }
+        let from = rec.checkpoint - rec.checkpoint % SECTOR;
+        let res = if from == 0 {
+            p.ota_begin(slot)
+        } else {
+            p.ota_resume(slot, from)
+        };
+        if let Err(e) = res {
+            return self.halt("esp_ota_resume", e);
+        }
+        self.begin_download(m, sha, slot, from, patch);
+    }
+
+    pub(super) fn begin_download(
+        &mut self,
+        m: Manifest,
+        sha: [u8; 32],
+        slot: Slot,
+        from: u32,
+        delta: Option<DeltaDownload>,
+    ) {
+        self.timers.poll = None;
+        self.emit(Event::Downloading {
+            sequence: m.sequence,
+            version: m.version.clone(),
+            size: m.size,
+            resumed_from: from,
+            delta: delta.is_some(),
+        });
+        let pct = (from as u64 * 100 / m.size.max(1) as u64) as u32;
+        let dl = Download {
+            manifest: m,
+            sha256: sha,
+            slot,
+            written: from,
+            requested_end: 0,
+            consecutive_failures: 0,
+            next_progress_pct: (pct / 10 + 1) * 10,
+            delta,
+        };
+        self.state = State::Downloading(dl);
+        self.request_next();
+    }
+
+    pub(super) fn request_next(&mut self) {
+        let State::Downloading(dl) = &mut self.state else {
+            return;
+        };
+        let (at, total) = dl.fetch_window();
+        if at >= total {
+            return;
+        }
+        let len = core::cmp::min(self.cfg.chunk_size, total - at);
+        dl.requested_end = at + len;
+        let (sha256, url) = match &dl.delta {
+            Some(d) => (d.patch_sha256, d.url.clone()),
+            None => (dl.sha256, dl.manifest.url.clone()),
+        };
+        self.out.push_back(Action::Fetch {
+            sha256,
+            url,
+            offset: at,
+            len,
+        });
+    }
+
+    pub(super) fn on_body<P: Platform>(&mut self, p: &mut P, offset: u32, data: &[u8]) {
+        let State::Downloading(dl) = &mut self.state else {
+            return;
+        };
+        let (at, total) = dl.fetch_window();
+        let end = offset.saturating_add(data.len() as u32);
+        if offset > at || end <= at {
+            return; // a gap (re-requested at BodyEnd) or bytes we already have
+        }
+        let skip = (at - offset) as usize;
+        let take = core::cmp::min(core::cmp::min(end, dl.requested_end.max(at)), total) - at;
+        if take == 0 {
+            return;
+        }
+        let piece = &data[skip..skip + take as usize];
+        let mut checkpoint = None;
+        if let Some(d) = dl.delta.as_mut() {
+            let mut sink = PatchSink {
+                p: &mut *p,
+                journal: &mut self.journal,
+                old: d.old,
+                error: None,
+            };
+            let res = d.applier.feed(piece, &mut sink);
+            let err = sink.error;
+            dl.written = d.applier.new_written() as u32;
+            match (res, err) {
+                (_, Some((during, e))) => {
+                    p.ota_abort();
+                    return self.halt(during, e);
+                }
+                (Ok(_), None) => {}
+                (Err(e), None) => return self.delta_failed(p, e),
+            }
+        } else {
+            if let Err(e) = p.ota_write(piece) {
+                p.ota_abort();
+                return self.halt("esp_ota_write", e);
+            }
+            dl.written += take;
+            let interval = self.cfg.checkpoint_interval.max(SECTOR);
+            let rec = self.journal.as_ref().map_or(0, |j| j.record().checkpoint);
+            if dl.written / interval > rec / interval && dl.written < dl.manifest.size {
+                checkpoint = Some(dl.written - dl.written % interval);
+            }
+        }
+        dl.consecutive_failures = 0;
+        let (seq, written, size) = (dl.manifest.sequence, dl.written, dl.manifest.size);
+        let mut progress = None;
+        if written as u64 * 100 >= dl.next_progress_pct as u64 * size as u64 {
+            dl.next_progress_pct = (written as u64 * 100 / size as u64) as u32 / 10 * 10 + 10;
+            progress = Some(Event::Progress {
+                sequence: seq,
+                written,
+                size,
+            });
+        }
+        if let Some(cp) = checkpoint {
+            let rec = *self.record();
+            let next = Record {
+                checkpoint: cp,
+                ..rec
+            };
+            if let Err(e) = self.store(p, next) {
+                return self.halt("writing the journal", e);
+            }
+        }
+        if let Some(ev) = progress {
+            self.emit(ev);
+        }
+    }
+
+    /// The patch could not be applied: fall back to the full image.
+    pub(super) fn delta_failed<P: Platform>(&mut self, p: &mut P, e: delta::DeltaError) {
+        let State::Downloading(dl) = core::mem::replace(&mut self.state, State::Ready) else {
+            return;
+        };
+        p.ota_abort();
+        self.emit(Event::DeltaFailed {
+            sequence: dl.manifest.sequence,
+            reason: e.to_string(),
+        });
+        let rec = *self.record();
+        let full = Record {
+            phase: Phase::Downloading,
+            delta: false,
+            checkpoint: 0,
+            resume: Resume::default(),
+            ..rec
+        };
+        if let Err(e) = self.store(p, full) {
+            return self.halt("writing the journal", e);
+        }
+        if let Err(e) = p.ota_begin(dl.slot) {
+            return self.halt("esp_ota_begin", e);
+        }
+        self.begin_download(dl.manifest, dl.sha256, dl.slot, 0, None);
+    }
+
+    pub(super) fn on_body_end<P: Platform>(&mut self, p: &mut P, now: u64) {
+        let State::Downloading(dl) = &self.state else {
+            return;
+        };
+        let done = match &dl.delta {
+            Some(d) => d.applier.is_done(),
+            None => dl.written >= dl.manifest.size,
+        };
+        if done {
+            return self.finish(p);
+        }
+        let (at, total) = dl.fetch_window();
+        if dl.delta.is_some() && at >= total {
+            return self.delta_failed(p, delta::DeltaError::Truncated);
+        }
+        if at >= dl.requested_end {
+            return self.request_next();
+        }
+        self.on_fetch_failed(p, now, &format!("response ended early at byte {at}"));
+    }
+
+    pub(super) fn on_fetch_failed<P: Platform>(&mut self, p: &mut P, now: u64, reason: &str) {
+        let State::Downloading(mut dl) = core::mem::replace(&mut self.state, State::Ready) else {
+            return;
+        };
+        dl.consecutive_failures += 1;
+        if dl.consecutive_failures >= self.cfg.max_fetch_failures {
+            // Stop retrying this release (a new release, with a higher sequence, starts over);
+            // the old image keeps running untouched.
+            p.ota_abort();
+            let rec = *self.record();
+            let gave_up = Record {
+                phase: Phase::Idle,
+                attempts: self.cfg.max_attempts,
+                ..rec
+            };
+            if let Err(e) = self.store(p, gave_up) {
+                return self.halt("writing the journal", e);
+            }
+            let detail = format!(
+                "{} consecutive requests failed at byte {}; last: {reason}",
+                dl.consecutive_failures, dl.written
+            );
+            return self.refuse(
+                dl.manifest.sequence,
+                &dl.manifest.version,
+                Check::Download,
+                detail,
+            );
+        }
+        let exp = core::cmp::min(dl.consecutive_failures - 1, 16);
+        let base = self.cfg.retry_base_ms.saturating_mul(1u64 << exp);
+        // Spread retries of a fleet that failed together (same server hiccup) over time,
+        // deterministically per device so a run replays exactly.
+        let jitter = device_hash(&self.cfg.device_id, dl.consecutive_failures) % (base / 4 + 1);
+        let delay = core::cmp::min(base + jitter, self.cfg.retry_max_ms);
+        self.emit(Event::FetchFailed {
+            sequence: dl.manifest.sequence,
+            offset: dl.written,
+            reason: reason.to_string(),
+            retry_in_ms: delay,
+        });
+        self.timers.retry = Some(now + delay);
+        self.state = State::Backoff(dl);
+    }
+
+    pub(super) fn on_timer<P: Platform>(&mut self, p: &mut P, now: u64) {
+        if self.timers.confirm.is_some_and(|t| t <= now) {
+            self.timers.confirm = None;
+            if matches!(self.state, State::SelfTest | State::AwaitNetwork) {
+                let what = if matches!(self.state, State::SelfTest) {
+                    "self-test"
+                } else {
+                    "network"
+                };
+                let reason = format!(
+                    "not confirmed within {} s (waiting for {what})",
+                    self.cfg.confirm_timeout_ms / 1000
+                );
+                return self.roll_back_self(p, reason);
+            }
+        }
+        if self.timers.retry.is_some_and(|t| t <= now) {
+            self.timers.retry = None;
+            if let State::Backoff(dl) = core::mem::replace(&mut self.state, State::Ready) {
+                self.state = State::Downloading(dl);
+                self.request_next();
+            }
+        }
+        if self.timers.poll.is_some_and(|t| t <= now) {
+            self.timers.poll = None;
+            if self.online && matches!(self.state, State::Ready | State::AwaitManifest) {
+                self.poll(now);
+            }
+        }
+    }
+
+    /// All bytes are in the slot: check them, validate the image, switch the boot partition.
+    pub(super) fn finish<P: Platform>(&mut self, p: &mut P) {
+        let State::Downloading(dl) = core::mem::replace(&mut self.state, State::Ready) else {
+            return;
+        };
+        let (seq, version) = (dl.manifest.sequence, dl.manifest.version.clone());
+        let rec = *self.record();
+        if !self.slot_matches(p, dl.slot, dl.manifest.size, &dl.sha256) {
+            if dl.delta.is_some() {
+                self.state = State::Downloading(dl);
+                return self.delta_failed(
+                    p,
+                    delta::DeltaError::BadControl {
+                        reason: "the patched image does not match the manifest's SHA-256",
+                    },
+                );
+            }
+            p.ota_abort();
+            let attempts = rec.attempts.saturating_add(1);
+            if attempts >= self.cfg.max_attempts {
+                let idle = Record {
+                    phase: Phase::Idle,
+                    attempts,
+                    ..rec
+                };
+                if let Err(e) = self.store(p, idle) {
+                    return self.halt("writing the journal", e);
+                }
+                let detail = format!(
+                    "SHA-256 of the downloaded image does not match the manifest ({attempts} attempts)"
+                );
+                return self.refuse(seq, &version, Check::Hash, detail);
+            }
+            self.emit(Event::FetchFailed {
+                sequence: seq,
+                offset: dl.manifest.size,
+                reason: "SHA-256 mismatch: downloading again from byte 0".to_string(),
+                retry_in_ms: 0,
+            });
+            let again = Record {
+                phase: Phase::Downloading,
+                attempts,
+                checkpoint: 0,
+                ..rec
+            };
+            if let Err(e) = self.store(p, again) {
+                return self.halt("writing the journal", e);
+            }
+            if let Err(e) = p.ota_begin(dl.slot) {
+                return self.halt("esp_ota_begin", e);
+            }
+            return self.begin_download(dl.manifest, dl.sha256, dl.slot, 0, None);
+        }
+        match p.ota_end() {
+            Ok(()) => {}
+            Err(EspError::ValidateFailed) => {
+                return self.give_up(p, rec, seq, &version, Check::ImageValidation,
+                    "esp_ota_end: image validation failed (truncated, corrupt or not an ESP32-S3 app)".to_string());
+            }
+            Err(e) => return self.halt("esp_ota_end", e),
+        }
+        self.emit(Event::Verified { sequence: seq });
+        let installed = Record {
+            phase: Phase::Installed,
+            installs: 0,
+            checkpoint: rec.size,
+            ..rec
+        };
+        if let Err(e) = self.store(p, installed) {
+            return self.halt("writing the journal", e);
+        }
+        self.switch_boot(p, dl.slot, seq, &version, installed);
+    }
+
+    pub(super) fn switch_boot<P: Platform>(
+        &mut self,
+        p: &mut P,
+        slot: Slot,
+        seq: u64,
+        version: &str,
+        rec: Record,
+    ) {
+        match p.set_boot_partition(slot) {
+            Ok(()) => {
+                self.emit(Event::BootSet {
+                    sequence: seq,
+                    slot: slot.kind,
+                });
+                self.timers = Timers::default();
+                self.state = State::Rebooting;
+                self.out.push_back(Action::Reboot);
+            }
+            Err(e @ (EspError::SmallSecVer | EspError::ValidateFailed)) => {
+                self.give_up(
+                    p,
+                    rec,
+                    seq,
+                    version,
+                    Check::BootPartition,
+                    format!("esp_ota_set_boot_partition refused the image: {e}"),
+                );
+            }
+            Err(e) => self.halt("esp_ota_set_boot_partition", e),
+        }
+    }
+
+    pub(super) fn give_up<P: Platform>(
+        &mut self,
+        p: &mut P,
+        rec: Record,
+        seq: u64,
+        version: &str,
+        check: Check,
+        detail: String,
+    ) {
+        let idle = Record {
+            phase: Phase::Idle,
+            known_bad: rec.sha256,
+            ..rec
+        };
+        if let Err(e) = self.store(p, idle) {
+            return self.halt("writing the journal", e);
+        }
+        self.state = State::Ready;
+        self.refuse(seq, version, check, detail);
+    }
+
+    /// Hash what is in the slot, as written, against the manifest.
+    pub(super) fn slot_matches<P: Platform>(
+        &self,
+        p: &mut P,
+        slot: Slot,
+        size: u32,
+        sha: &[u8; 32],
+    ) -> bool {
+        let mut h = Sha256::new();
+        let mut buf = [0u8; 1024];
+        let mut off = 0;
+        while off < size {
+            let n = core::cmp::min(buf.len() as u32, size - off) as usize;
+            if p.slot_read(slot, off, &mut buf[..n]).is_err() {
+                return false;
+            }
+            h.update(&buf[..n]);
+            off += n as u32;
+        }
+        let got: [u8; 32] = h.finalize().into();
+        &got == sha
+    }
+}

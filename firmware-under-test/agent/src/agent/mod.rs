@@ -1,0 +1,332 @@
+//! The update agent: a sans-IO state machine.
+//!
+//! The shell feeds [`Input`]s with the current time and drains [`Action`]s with
+//! [`Agent::poll_action`]. Storage goes through [`Platform`] (ESP-IDF calls); nothing here
+//! blocks, spawns, sleeps or opens a socket, so the same code runs on the ESP32-S3, in the
+//! simulated fleet and, deterministically, in the power-loss explorer.
+//!
+//! Life of a board, in states:
+//!
+//! ```text
+//! Boot ─► SelfTest ─► AwaitNetwork ─► (confirm) ─► Ready ─► Downloading ─► (verify, set boot) ─► Rebooting
+//!   │        └─ fail / timeout ─► mark invalid ─► Rebooting           ▲   └─ fetch error ─► Backoff ─┘
+//!   └─ journal says "downloading" ─► AwaitManifest (resume at the checkpoint) ─┘
+//! ```
+
+use alloc::collections::VecDeque;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use sha2::{Digest, Sha256};
+
+use crate::delta::{self, Applier, Resume};
+use crate::event::{Ack, Check, Event, Outcome};
+use crate::image;
+use crate::journal::{Journal, Phase, Record, SECTOR};
+use crate::manifest::{self, Manifest, TrustedKey};
+use crate::platform::{EspError, OtaImgState, Platform, Slot, SlotKind};
+
+mod boot;
+mod commands;
+mod download;
+mod manifests;
+
+use download::Download;
+
+/// Extra boots given to a new image that the bootloader found unconfirmed.
+const UNCONFIRMED_RETRIES: u8 = 2;
+
+/// Build-time configuration of the firmware.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub device_id: String,
+    pub device_type: String,
+    /// Release channel this board follows ("stable", "beta", …).
+    pub channel: String,
+    pub trusted_keys: Vec<TrustedKey>,
+    /// Bytes asked for in one range request.
+    pub chunk_size: u32,
+    /// Bytes between two durable resume points; a multiple of the 4 KiB sector.
+    pub checkpoint_interval: u32,
+    /// Confirm a new image only after it also reached the network (not just its self-test).
+    pub confirm_requires_network: bool,
+    /// A new image not confirmed within this time rolls itself back.
+    pub confirm_timeout_ms: u64,
+    /// Downloads whose result fails the hash check are retried this many times in all.
+    pub max_attempts: u8,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// Consecutive failed range requests after which the release is given up.
+    pub max_fetch_failures: u32,
+    /// How often to ask the server for the latest manifest (0: only when the network comes up).
+    pub poll_interval_ms: u64,
+    /// Use a delta patch when the manifest offers one for the running image.
+    pub use_deltas: bool,
+}
+
+impl Config {
+    pub fn new(device_id: &str, device_type: &str, trusted_keys: Vec<TrustedKey>) -> Config {
+        Config {
+            device_id: device_id.to_string(),
+            device_type: device_type.to_string(),
+            channel: "stable".to_string(),
+            trusted_keys,
+            chunk_size: 16 * 1024,
+            checkpoint_interval: 64 * 1024,
+            confirm_requires_network: true,
+            confirm_timeout_ms: 120_000,
+            max_attempts: 3,
+            retry_base_ms: 1_000,
+            retry_max_ms: 60_000,
+            max_fetch_failures: 10,
+            poll_interval_ms: 60_000,
+            use_deltas: true,
+        }
+    }
+}
+
+/// Something that happened to the board.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// The app just started (first input after every reset).
+    Boot,
+    /// Result of [`Action::RunSelfTest`].
+    SelfTestDone {
+        passed: bool,
+        detail: &'a str,
+    },
+    /// The network (Wi-Fi + broker/server) is reachable.
+    Online,
+    Offline,
+    /// A signed manifest arrived (poll answer).
+    Manifest(&'a [u8]),
+    /// A payload on the release topic (a retained announcement, [`crate::protocol`]).
+    Announcement(&'a [u8]),
+    /// A payload on this board's command topic.
+    Command(&'a [u8]),
+    /// Bytes of the image at `offset`, part of the answer to the last [`Action::Fetch`].
+    Body {
+        offset: u32,
+        data: &'a [u8],
+    },
+    /// The answer to the last [`Action::Fetch`] ended (complete or cut short).
+    BodyEnd,
+    /// The last [`Action::Fetch`] failed before or while its body arrived.
+    FetchFailed {
+        reason: &'a str,
+    },
+    /// A time asked for with [`Action::WakeAt`] has come.
+    Timer,
+}
+
+/// Something the agent asks its shell to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Run the firmware's self-test and answer with [`Input::SelfTestDone`].
+    RunSelfTest,
+    /// Ask the server for the latest manifest for this device type and channel.
+    PollManifest,
+    /// Fetch `len` bytes of the image `sha256` from `offset` (HTTP Range); `url` when the
+    /// manifest named one, else the server's blob path for the hash.
+    Fetch {
+        sha256: [u8; 32],
+        url: Option<String>,
+        offset: u32,
+        len: u32,
+    },
+    /// Publish a status event.
+    Report(Event),
+    /// Send the outcome of a release to the server.
+    Ack(Ack),
+    /// Deliver [`Input::Timer`] at this time (ms); replaces any earlier request.
+    WakeAt(u64),
+    /// Restart the chip (`esp_restart`).
+    Reboot,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Waiting for [`Input::Boot`].
+    Off,
+    SelfTest,
+    AwaitNetwork,
+    Ready,
+    /// The journal says a download was under way: wait for its manifest, then resume.
+    AwaitManifest,
+    Downloading(Download),
+    Backoff(Download),
+    Rebooting,
+    /// A storage error left nothing sensible to do until the next reset.
+    Halted,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Timers {
+    confirm: Option<u64>,
+    retry: Option<u64>,
+    poll: Option<u64>,
+}
+
+impl Timers {
+    fn earliest(&self) -> Option<u64> {
+        [self.confirm, self.retry, self.poll]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+/// What runs, as found at boot.
+#[derive(Clone, Debug)]
+struct Running {
+    slot: Slot,
+    version: String,
+    sha256: [u8; 32],
+}
+
+/// The agent. One per boot: RAM state is lost on reset, everything that must survive is in
+/// the journal.
+pub struct Agent {
+    cfg: Config,
+    state: State,
+    journal: Option<Journal>,
+    running: Option<Running>,
+    online: bool,
+    timers: Timers,
+    last_wake: Option<u64>,
+    /// Refusals already reported since boot, so a retained announcement re-read every poll
+    /// is reported once.
+    reported: Vec<(u64, Check)>,
+    /// Ids of recent commands, so a duplicated or replayed command acts once.
+    seen_commands: VecDeque<String>,
+    out: VecDeque<Action>,
+}
+
+impl Agent {
+    pub fn new(cfg: Config) -> Agent {
+        Agent {
+            cfg,
+            state: State::Off,
+            journal: None,
+            running: None,
+            online: false,
+            timers: Timers::default(),
+            last_wake: None,
+            reported: Vec::new(),
+            seen_commands: VecDeque::new(),
+            out: VecDeque::new(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Next action for the shell, in order.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.out.pop_front()
+    }
+
+    /// True once the agent asked for a reboot or halted: further inputs are ignored.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, State::Rebooting | State::Halted)
+    }
+
+    /// True while an image is being fetched or waits for a retry.
+    pub fn is_downloading(&self) -> bool {
+        matches!(self.state, State::Downloading(_) | State::Backoff(_))
+    }
+
+    /// Feed one input. `now_ms` is Unix time in milliseconds.
+    pub fn handle<P: Platform>(&mut self, p: &mut P, now_ms: u64, input: Input<'_>) {
+        if self.is_finished() {
+            return;
+        }
+        match input {
+            Input::Boot => self.on_boot(p, now_ms),
+            Input::SelfTestDone { passed, detail } => self.on_self_test(p, now_ms, passed, detail),
+            Input::Online => self.on_online(p, now_ms),
+            Input::Offline => self.online = false,
+            Input::Manifest(bytes) => self.on_manifest(p, now_ms, bytes),
+            Input::Announcement(bytes) => match crate::protocol::parse_announcement(bytes) {
+                Ok(a) => {
+                    let signed = crate::protocol::announcement_manifest(&a);
+                    self.on_manifest(p, now_ms, &signed)
+                }
+                Err(e) => self.emit(Event::BadMessage {
+                    topic: "release",
+                    reason: e.to_string(),
+                }),
+            },
+            Input::Command(bytes) => self.on_command(now_ms, bytes),
+            Input::Body { offset, data } => self.on_body(p, offset, data),
+            Input::BodyEnd => self.on_body_end(p, now_ms),
+            Input::FetchFailed { reason } => self.on_fetch_failed(p, now_ms, reason),
+            Input::Timer => self.on_timer(p, now_ms),
+        }
+        self.sync_wake();
+    }
+
+    // ---- helpers -----------------------------------------------------------------------
+
+    pub(super) fn record(&self) -> &Record {
+        match &self.journal {
+            Some(j) => j.record(),
+            None => &Record::EMPTY,
+        }
+    }
+
+    pub(super) fn store<P: Platform>(&mut self, p: &mut P, rec: Record) -> Result<(), EspError> {
+        match &mut self.journal {
+            Some(j) => j.store(p, rec),
+            None => Err(EspError::InvalidState),
+        }
+    }
+
+    pub(super) fn running_version(&self) -> String {
+        self.running
+            .as_ref()
+            .map(|r| r.version.clone())
+            .unwrap_or_default()
+    }
+
+    pub(super) fn ack(&mut self, sequence: u64, version: &str, outcome: Outcome) {
+        self.out.push_back(Action::Ack(Ack {
+            sequence,
+            version: version.to_string(),
+            outcome,
+        }));
+    }
+
+    pub(super) fn emit(&mut self, e: Event) {
+        self.out.push_back(Action::Report(e));
+    }
+
+    pub(super) fn halt(&mut self, during: &'static str, e: EspError) {
+        self.timers = Timers::default();
+        self.emit(Event::StorageError {
+            during,
+            error: e.to_string(),
+        });
+        self.state = State::Halted;
+    }
+
+    pub(super) fn sync_wake(&mut self) {
+        let next = self.timers.earliest();
+        if next != self.last_wake {
+            self.last_wake = next;
+            if let Some(t) = next {
+                self.out.push_back(Action::WakeAt(t));
+            }
+        }
+    }
+}
+
+/// FNV-1a of the device id and a counter: a cheap, stable per-device jitter source.
+fn device_hash(id: &str, n: u32) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes().chain(n.to_le_bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}

@@ -17,6 +17,7 @@ pub mod broker;
 pub mod delta;
 pub mod expect;
 pub mod flash;
+pub mod fleet;
 pub mod fuzzing;
 pub mod keys;
 pub mod otadata;

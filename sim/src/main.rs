@@ -44,6 +44,23 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         events: Option<PathBuf>,
     },
+    /// Run scenarios with every board on the wire: an MQTT connection to the broker (embedded,
+    /// or --broker) and HTTP to the firmware server, both on loopback.
+    Fleet {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        devices: Option<u32>,
+        /// External broker (mqtt://HOST:PORT) instead of the embedded one.
+        #[arg(long)]
+        broker: Option<String>,
+        /// Virtual time runs this many times faster than the wall clock.
+        #[arg(long, default_value_t = 50.0)]
+        speedup: f64,
+        /// Write the event stream as JSON lines (NAME.jsonl in this dir).
+        #[arg(long, value_name = "DIR")]
+        events: Option<PathBuf>,
+    },
     /// Check scenario files without running them.
     Check {
         #[arg(required = true)]
@@ -329,6 +346,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             broken.as_deref(),
         ),
         Cmd::Delta { cmd } => delta_cmd(cmd),
+        Cmd::Fleet {
+            files,
+            devices,
+            broker,
+            speedup,
+            events,
+        } => fleet(&files, devices, broker, speedup, events.as_deref()),
         Cmd::Serve { store, listen } => serve(&store, listen),
         Cmd::Release { cmd } => release_cmd(cmd),
         Cmd::Bench {
@@ -525,6 +549,61 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn fleet(
+    files: &[PathBuf],
+    devices: Option<u32>,
+    broker: Option<String>,
+    speedup: f64,
+    events: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut failed = false;
+    for f in files {
+        let scenario = match Scenario::load(f) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(2));
+            }
+        };
+        let opts = otarig::fleet::FleetOptions {
+            devices,
+            broker: broker.clone(),
+            speedup,
+            ..Default::default()
+        };
+        let bar = ProgressBar::new_spinner();
+        bar.set_message(format!("{}: boards on the wire", f.display()));
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let run = rt.block_on(otarig::fleet::run_fleet(&scenario, &opts))?;
+        bar.finish_and_clear();
+        let failures = expect::judge(&run, None);
+        if let Some(dir) = events {
+            std::fs::create_dir_all(dir)?;
+            let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("scenario");
+            let path = dir.join(format!("{stem}.jsonl"));
+            let mut out = std::io::BufWriter::new(
+                std::fs::File::create(&path)
+                    .with_context(|| format!("creating {}", path.display()))?,
+            );
+            summary::write_events(&run, &mut out)?;
+            out.flush()?;
+        }
+        print!("{}", summary::render(&run, &failures));
+        println!(
+            "wall      {:.2} s (real sockets, {speedup}x virtual time)\n",
+            started.elapsed().as_secs_f64()
+        );
+        failed |= !failures.is_empty();
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn serve(store: &Path, listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {

@@ -94,6 +94,28 @@ impl ReleaseStore {
         Ok(sha)
     }
 
+    /// Store bytes under a given name (a copy of another store, or a deliberately tampered
+    /// blob in a test).
+    pub fn put_blob_as(&self, sha: &[u8; 32], bytes: &[u8]) -> anyhow::Result<()> {
+        write_atomically(&self.blob_dir().join(hex::encode(sha)), bytes)
+    }
+
+    /// Make an already signed manifest the latest for a device type and channel.
+    pub fn set_latest(
+        &self,
+        device_type: &str,
+        channel: &str,
+        signed: &[u8],
+    ) -> anyhow::Result<()> {
+        check_name("device type", device_type)?;
+        check_name("channel", channel)?;
+        let path = self.manifest_path(device_type, channel);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        write_atomically(&path, signed)
+    }
+
     pub fn blob(&self, sha: &[u8; 32]) -> Option<Vec<u8>> {
         std::fs::read(self.blob_dir().join(hex::encode(sha))).ok()
     }

@@ -148,21 +148,21 @@ enum Ev {
     },
 }
 
-struct Dev {
-    id: String,
-    board: Board,
-    agent: Option<Agent>,
-    epoch: u64,
-    behaviour: Behaviour,
-    fetched: u64,
-    image_size: u64,
-    cuts: u32,
-    off_for_ms: u64,
-    bricked: Option<String>,
-    update_slot: Option<String>,
+pub(crate) struct Dev {
+    pub(crate) id: String,
+    pub(crate) board: Board,
+    pub(crate) agent: Option<Agent>,
+    pub(crate) epoch: u64,
+    pub(crate) behaviour: Behaviour,
+    pub(crate) fetched: u64,
+    pub(crate) image_size: u64,
+    pub(crate) cuts: u32,
+    pub(crate) off_for_ms: u64,
+    pub(crate) bricked: Option<String>,
+    pub(crate) update_slot: Option<String>,
     /// Consecutive boots whose app crashed before the agent ran.
-    crash_streak: u32,
-    crashed_version: String,
+    pub(crate) crash_streak: u32,
+    pub(crate) crashed_version: String,
 }
 
 struct World {
@@ -210,12 +210,13 @@ pub struct RunOptions {
 /// power-loss explorer runs thousands).
 #[derive(Clone)]
 pub struct Prepared {
-    keys: Vec<TrustedKey>,
-    images: BTreeMap<String, Arc<Vec<u8>>>,
-    proto: Board,
-    cfg_template: Config,
-    store: Store,
-    releases: Vec<(String, String, Vec<u8>, u64, String)>,
+    pub(crate) keys: Vec<TrustedKey>,
+    pub(crate) images: BTreeMap<String, Arc<Vec<u8>>>,
+    pub(crate) proto: Board,
+    pub(crate) cfg_template: Config,
+    pub(crate) store: Store,
+    /// (device type, channel, signed manifest, sequence, version), in scenario order.
+    pub(crate) releases: Vec<(String, String, Vec<u8>, u64, String)>,
 }
 
 /// Build images, patches and signed manifests for a scenario.
@@ -373,50 +374,7 @@ pub fn run_prepared(
         .map(|r| world.images[&r.firmware].len() as u64)
         .unwrap_or(0);
     for i in 0..s.devices {
-        let mut board = proto.clone();
-        let mut off_for_ms = 1_000;
-        for (n, op) in opts.cut_at_ops.iter().enumerate() {
-            board.plan_cut(CutPlan::AtOp { op: *op }, s.seed.wrapping_add(n as u64));
-        }
-        for f in &s.faults {
-            if !f.devices.contains(i) || opts.without_power_faults {
-                continue;
-            }
-            if let FaultKind::PowerLoss(pl) = &f.kind {
-                let plan = if let Some(op) = pl.flash_op {
-                    CutPlan::AtOp { op }
-                } else if let Some(p) = pl.progress {
-                    CutPlan::DownloadReaches {
-                        bytes: ((first_size * p as u64).div_ceil(100)).max(1) as u32,
-                    }
-                } else {
-                    CutPlan::InPhase {
-                        phase: pl.phase,
-                        nth: pl.op.unwrap_or(0),
-                    }
-                };
-                board.plan_cut(
-                    plan,
-                    s.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                );
-                off_for_ms = pl.off_for_ms;
-            }
-        }
-        world.devs.push(Dev {
-            id: format!("{}-{i:05}", s.device_type),
-            board,
-            agent: None,
-            epoch: 0,
-            behaviour: Behaviour::default(),
-            fetched: 0,
-            image_size: 0,
-            cuts: 0,
-            off_for_ms,
-            bricked: None,
-            update_slot: None,
-            crash_streak: 0,
-            crashed_version: String::new(),
-        });
+        world.devs.push(new_device(&s, &proto, opts, first_size, i));
         // Stagger power-on a little so boards don't act in lockstep.
         world.schedule(i as usize, (i as u64 * 7) % 250, Ev::PowerOn);
     }
@@ -489,7 +447,62 @@ pub fn run_prepared(
     })
 }
 
-fn report(index: u32, d: &Dev) -> DeviceReport {
+/// Board `i` of the fleet, fresh from the programmer, with the scenario's power cuts planned.
+pub(crate) fn new_device(
+    s: &Scenario,
+    proto: &Board,
+    opts: &RunOptions,
+    first_size: u64,
+    i: u32,
+) -> Dev {
+    let mut board = proto.clone();
+    let mut off_for_ms = 1_000;
+    for (n, op) in opts.cut_at_ops.iter().enumerate() {
+        board.plan_cut(CutPlan::AtOp { op: *op }, s.seed.wrapping_add(n as u64));
+    }
+    for f in s
+        .faults
+        .iter()
+        .filter(|f| f.devices.contains(i) && !opts.without_power_faults)
+    {
+        if let FaultKind::PowerLoss(pl) = &f.kind {
+            let plan = if let Some(op) = pl.flash_op {
+                CutPlan::AtOp { op }
+            } else if let Some(p) = pl.progress {
+                CutPlan::DownloadReaches {
+                    bytes: ((first_size * p as u64).div_ceil(100)).max(1) as u32,
+                }
+            } else {
+                CutPlan::InPhase {
+                    phase: pl.phase,
+                    nth: pl.op.unwrap_or(0),
+                }
+            };
+            board.plan_cut(
+                plan,
+                s.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            off_for_ms = pl.off_for_ms;
+        }
+    }
+    Dev {
+        id: format!("{}-{i:05}", s.device_type),
+        board,
+        agent: None,
+        epoch: 0,
+        behaviour: Behaviour::default(),
+        fetched: 0,
+        image_size: 0,
+        cuts: 0,
+        off_for_ms,
+        bricked: None,
+        update_slot: None,
+        crash_streak: 0,
+        crashed_version: String::new(),
+    }
+}
+
+pub(crate) fn report(index: u32, d: &Dev) -> DeviceReport {
     let b = &d.board;
     let running = b.running();
     let update_state = d.update_slot.as_ref().and_then(|label| {

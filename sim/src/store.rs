@@ -59,6 +59,11 @@ impl Store {
         self.blobs.insert(sha, Arc::new(bytes));
     }
 
+    /// Every blob, for copying the store to disk.
+    pub fn blobs(&self) -> impl Iterator<Item = (&[u8; 32], &Arc<Vec<u8>>)> {
+        self.blobs.iter()
+    }
+
     pub fn blob(&self, sha: &[u8; 32]) -> Option<Arc<Vec<u8>>> {
         self.blobs.get(sha).cloned()
     }

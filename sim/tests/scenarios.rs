@@ -2,7 +2,10 @@
 //! - `<name>`: run it on the deterministic simulator; every expectation and invariant holds;
 //! - `<name>::can_fail`: each expectation, replaced by a false one, is reported as failing on
 //!   the same run (a scenario whose checks cannot fail proves nothing);
-//! - `<name>::replays`: a second run from the same seed gives the same event stream.
+//! - `<name>::replays`: a second run from the same seed gives the same event stream;
+//! - `<name>::wire`: the scenario again with every board on real sockets (its own MQTT
+//!   connection to an embedded broker, HTTP to the firmware server, on loopback); every
+//!   expectation holds, and each board ends exactly as in the in-process run.
 //!
 //! Adding a file adds its tests. Filter as usual: `cargo test --test scenarios -- power`.
 
@@ -85,6 +88,78 @@ fn replays(path: &Path) -> Result<(), Failed> {
     }
 }
 
+/// What must be the same for a board whichever way the scenario ran.
+fn outcome(run: &otarig::runner::Run) -> Vec<String> {
+    use otarig::runner::What;
+    run.devices
+        .iter()
+        .map(|d| {
+            let mine = || run.records.iter().filter(|r| r.device == d.index);
+            let mut refusals: Vec<&str> = mine()
+                .filter_map(|r| match &r.what {
+                    What::Agent(otarig_agent::Event::Refused { check, .. }) => Some(check.name()),
+                    _ => None,
+                })
+                .collect();
+            refusals.sort();
+            refusals.dedup();
+            let mut acks: Vec<String> = mine()
+                .filter_map(|r| match &r.what {
+                    What::Ack {
+                        ack,
+                        duplicate: false,
+                    } => Some(format!("{}:{}", ack.sequence, ack.outcome.name())),
+                    _ => None,
+                })
+                .collect();
+            acks.sort();
+            format!(
+                "board {}: {} {} update-slot {} refused {:?} acks {:?} bricked {}",
+                d.index,
+                d.version.as_deref().unwrap_or("-"),
+                d.running_state,
+                d.update_slot_state.as_deref().unwrap_or("-"),
+                refusals,
+                acks,
+                d.bricked.is_some() || d.crash_loop.is_some()
+            )
+        })
+        .collect()
+}
+
+fn wire(path: &Path) -> Result<(), Failed> {
+    let s = load(path)?;
+    let local = run(&s, &RunOptions::default()).map_err(|e| Failed::from(format!("{e:#}")))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failed::from(e.to_string()))?;
+    let opts = otarig::fleet::FleetOptions {
+        speedup: 25.0,
+        ..Default::default()
+    };
+    let wired = rt
+        .block_on(otarig::fleet::run_fleet(&s, &opts))
+        .map_err(|e| Failed::from(format!("{e:#}")))?;
+    let failures = judge(&wired, None);
+    if !failures.is_empty() {
+        return Err(summary::render(&wired, &failures).into());
+    }
+    let (a, b) = (outcome(&local), outcome(&wired));
+    let diff: Vec<String> = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| x != y)
+        .map(|(x, y)| format!("in-process: {x}\n      wire: {y}"))
+        .collect();
+    if diff.is_empty() && a.len() == b.len() {
+        Ok(())
+    } else {
+        Err(format!("boards ended differently on the wire:\n{}", diff.join("\n")).into())
+    }
+}
+
 fn main() {
     let args = Arguments::from_args();
     let mut trials = Vec::new();
@@ -94,7 +169,7 @@ fn main() {
             .and_then(|s| s.to_str())
             .unwrap_or("scenario")
             .to_string();
-        let (p1, p2, p3) = (path.clone(), path.clone(), path.clone());
+        let (p1, p2, p3, p4) = (path.clone(), path.clone(), path.clone(), path.clone());
         trials.push(Trial::test(name.clone(), move || passes(&p1)));
         trials.push(Trial::test(format!("{name}::can_fail"), move || {
             can_fail(&p2)
@@ -102,6 +177,7 @@ fn main() {
         trials.push(Trial::test(format!("{name}::replays"), move || {
             replays(&p3)
         }));
+        trials.push(Trial::test(format!("{name}::wire"), move || wire(&p4)));
     }
     libtest_mimic::run(&args, trials).exit();
 }

@@ -1,0 +1,669 @@
+//! The fleet on the wire: every board is a tokio task with its own MQTT connection (rumqttc)
+//! to the broker and its own HTTP client to the firmware server, running the same agent on its
+//! own simulated flash. The broker is embedded (or external, by URL) and the server is the real
+//! one over a store directory; both listen on loopback.
+//!
+//! Time is scaled: the agent and the scenario see virtual milliseconds that run `speedup`
+//! times faster than the wall clock, so a scenario's minutes pass in seconds while network
+//! I/O is real. The run ends at the scenario's duration, or earlier once every release and
+//! fault is out and nothing has happened on any board for `quiet_ms` of virtual time.
+//!
+//! The same expectations checker judges the result: the fleet produces the same [`Run`] as the
+//! deterministic runner (event records and final flash of every board).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use otarig_agent::protocol::{self, Leaf};
+use otarig_agent::{Action, Agent, Config, Event, Input};
+use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::appimage::{BootBehaviour, NetworkBehaviour, SelfTest};
+use crate::board::{BoardEvent, BootOutcome};
+use crate::broker::EmbeddedBroker;
+use crate::release_store::ReleaseStore;
+use crate::runner::{
+    self, new_device, prepare, report, Dev, Record, Run, RunOptions, What, EPOCH_MS,
+};
+use crate::scenario::{FaultKind, PayloadTopic, Scenario};
+use crate::server::Server;
+
+const PREFIX: &str = protocol::DEFAULT_PREFIX;
+
+/// How to run a fleet.
+#[derive(Clone, Debug)]
+pub struct FleetOptions {
+    pub devices: Option<u32>,
+    /// `mqtt://host:port` of an external broker instead of the embedded one.
+    pub broker: Option<String>,
+    /// Virtual milliseconds per real millisecond.
+    pub speedup: f64,
+    /// End the run after this much virtual quiet (no event on any board).
+    pub quiet_ms: u64,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        FleetOptions {
+            devices: None,
+            broker: None,
+            speedup: 50.0,
+            quiet_ms: 150_000,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Clock {
+    start: Instant,
+    speedup: f64,
+}
+
+impl Clock {
+    fn now(&self) -> u64 {
+        (self.start.elapsed().as_secs_f64() * 1000.0 * self.speedup) as u64
+    }
+    fn real(&self, virtual_ms: u64) -> Duration {
+        Duration::from_secs_f64(virtual_ms as f64 / 1000.0 / self.speedup)
+    }
+    async fn sleep_until(&self, at: u64) {
+        let now = self.now();
+        if at > now {
+            tokio::time::sleep(self.real(at - now)).await;
+        }
+    }
+}
+
+struct Shared {
+    clock: Clock,
+    records: Mutex<Vec<Record>>,
+    last_activity: AtomicU64,
+    http: reqwest::Client,
+    server: String,
+    broker: (String, u16),
+    cfg: Config,
+    acked: Mutex<HashSet<(String, u64, &'static str)>>,
+}
+
+impl Shared {
+    fn record(&self, device: u32, what: What) {
+        let t = self.clock.now();
+        self.last_activity.fetch_max(t, Ordering::Relaxed);
+        let mut r = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        r.push(Record {
+            t_ms: t,
+            device,
+            what,
+        });
+    }
+}
+
+enum Ctl {
+    Force(Arc<Vec<u8>>),
+}
+
+enum Net {
+    ConnAck,
+    Publish(String, Vec<u8>),
+}
+
+enum Io {
+    Manifest(Vec<u8>),
+    Body { offset: u32, data: Vec<u8> },
+    BodyEnd,
+    FetchFailed(String),
+}
+
+enum BootEnd {
+    Stop,
+    Reboot(u64),
+    PowerCut,
+}
+
+fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .unwrap_or(url);
+    let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "1883"));
+    let port: u16 = port
+        .trim_end_matches('/')
+        .parse()
+        .with_context(|| format!("broker URL '{url}': port is not a number"))?;
+    if host.is_empty() {
+        bail!("broker URL '{url}' has no host (expected mqtt://HOST:PORT)");
+    }
+    Ok((host.to_string(), port))
+}
+
+/// Run a scenario over real sockets.
+pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Result<Run> {
+    let mut s = scenario.clone();
+    if let Some(n) = opts.devices {
+        s.devices = n;
+    }
+    let prep = prepare(&s)?;
+    let dir = tempfile::tempdir().context("creating the store directory")?;
+    let store = Arc::new(ReleaseStore::open(dir.path())?);
+    for (sha, bytes) in prep.store.blobs() {
+        store.put_blob_as(sha, bytes)?;
+    }
+    let server = Server::start(store.clone(), "127.0.0.1:0".parse()?).await?;
+    let broker = match &opts.broker {
+        Some(url) => parse_broker(url)?,
+        None => {
+            let devices = s.devices as usize;
+            let b = tokio::task::spawn_blocking(move || EmbeddedBroker::start(devices)).await??;
+            (b.addr.ip().to_string(), b.addr.port())
+        }
+    };
+    let clock = Clock {
+        start: Instant::now(),
+        speedup: opts.speedup.max(1.0),
+    };
+    let shared = Arc::new(Shared {
+        clock,
+        records: Mutex::new(Vec::new()),
+        last_activity: AtomicU64::new(0),
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .build()?,
+        server: server.url(),
+        broker: broker.clone(),
+        cfg: prep.cfg_template.clone(),
+        acked: Mutex::new(HashSet::new()),
+    });
+
+    // The server's own MQTT client: release announcements and commands.
+    let mut o = MqttOptions::new(
+        format!("otarig-server-{}", std::process::id()),
+        broker.0.clone(),
+        broker.1,
+    );
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
+    let (control, mut control_loop) = AsyncClient::new(o, 256);
+    let control_task = tokio::spawn(async move {
+        loop {
+            if control_loop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await; // reconnects on the next poll
+            }
+        }
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let first_size = s
+        .releases
+        .first()
+        .map(|r| prep.images[&r.firmware].len() as u64)
+        .unwrap_or(0);
+    let mut boards: Vec<JoinHandle<Dev>> = Vec::new();
+    let mut controls = Vec::new();
+    for i in 0..s.devices {
+        let dev = new_device(&s, &prep.proto, &RunOptions::default(), first_size, i);
+        let (ctl_tx, ctl_rx) = mpsc::channel(4);
+        controls.push(ctl_tx);
+        let (sh, stop) = (shared.clone(), stop_rx.clone());
+        boards.push(tokio::spawn(async move {
+            // Stagger connects: thousands of simultaneous CONNECTs overwhelm a small machine.
+            tokio::time::sleep(Duration::from_millis(i as u64 % 1000 * 2)).await;
+            board_task(i, dev, sh, stop, ctl_rx).await
+        }));
+    }
+
+    // The timeline of releases and faults, in virtual time.
+    enum Step {
+        Release(usize),
+        Fault(usize),
+    }
+    let mut timeline: Vec<(u64, Step)> = s
+        .releases
+        .iter()
+        .enumerate()
+        .map(|(k, r)| (r.at_ms, Step::Release(k)))
+        .collect();
+    for (n, f) in s.faults.iter().enumerate() {
+        match f.kind {
+            FaultKind::Command { at_ms, .. }
+            | FaultKind::Payload { at_ms, .. }
+            | FaultKind::ForceInstall { at_ms, .. } => timeline.push((at_ms, Step::Fault(n))),
+            FaultKind::PowerLoss(_) => {}
+        }
+    }
+    timeline.sort_by_key(|(t, _)| *t);
+    for (at, step) in timeline {
+        shared.clock.sleep_until(at).await;
+        match step {
+            Step::Release(k) => {
+                let (dt, ch, signed, seq, version) = prep.releases[k].clone();
+                store.set_latest(&dt, &ch, &signed)?;
+                shared.record(
+                    u32::MAX,
+                    What::Release {
+                        sequence: seq,
+                        version,
+                    },
+                );
+                let payload =
+                    protocol::announcement(&signed).map_err(|e| anyhow::anyhow!("{e}"))?;
+                control
+                    .publish(
+                        protocol::release_topic(PREFIX, &dt, &ch),
+                        QoS::AtLeastOnce,
+                        true,
+                        payload,
+                    )
+                    .await?;
+            }
+            Step::Fault(n) => {
+                let f = &s.faults[n];
+                let targets: Vec<u32> = (0..s.devices).filter(|i| f.devices.contains(*i)).collect();
+                match &f.kind {
+                    FaultKind::Command { cmd, repeat, .. } => {
+                        let payload = protocol::command(&format!("c-{n}"), *cmd);
+                        for i in &targets {
+                            let topic = protocol::device_topic(
+                                PREFIX,
+                                &format!("{}-{i:05}", s.device_type),
+                                Leaf::Cmd,
+                            );
+                            for _ in 0..*repeat {
+                                control
+                                    .publish(
+                                        topic.clone(),
+                                        QoS::AtLeastOnce,
+                                        false,
+                                        payload.clone(),
+                                    )
+                                    .await?;
+                            }
+                        }
+                    }
+                    FaultKind::Payload { topic, text, .. } => {
+                        for i in &targets {
+                            let t = match topic {
+                                PayloadTopic::Cmd => protocol::device_topic(
+                                    PREFIX,
+                                    &format!("{}-{i:05}", s.device_type),
+                                    Leaf::Cmd,
+                                ),
+                                PayloadTopic::Release => {
+                                    protocol::release_topic(PREFIX, &s.device_type, &s.channel)
+                                }
+                            };
+                            control
+                                .publish(t, QoS::AtLeastOnce, false, text.clone())
+                                .await?;
+                            if matches!(topic, PayloadTopic::Release) {
+                                break; // one publish reaches every board
+                            }
+                        }
+                    }
+                    FaultKind::ForceInstall { firmware, .. } => {
+                        for i in &targets {
+                            let _ = controls[*i as usize]
+                                .send(Ctl::Force(prep.images[firmware].clone()))
+                                .await;
+                        }
+                    }
+                    FaultKind::PowerLoss(_) => {}
+                }
+            }
+        }
+    }
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = shared.clock.now();
+        if now >= s.duration_ms
+            || now.saturating_sub(shared.last_activity.load(Ordering::Relaxed)) >= opts.quiet_ms
+        {
+            break;
+        }
+    }
+    let end_ms = shared.clock.now().min(s.duration_ms);
+    let _ = stop_tx.send(true);
+    let mut devs = Vec::new();
+    for b in boards {
+        devs.push(b.await.context("a board task failed")?);
+    }
+    let _ = control.disconnect().await;
+    control_task.abort();
+    server.shutdown().await;
+    let mut records =
+        std::mem::take(&mut *shared.records.lock().unwrap_or_else(|p| p.into_inner()));
+    records.sort_by_key(|r| r.t_ms);
+    let devices = devs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| report(i as u32, d))
+        .collect::<Vec<_>>();
+    let served_bytes = devices.iter().map(|d| d.fetched_bytes).sum();
+    Ok(Run {
+        scenario: s,
+        records,
+        devices,
+        end_ms,
+        served_bytes,
+    })
+}
+
+fn drain_board(sh: &Shared, i: u32, dev: &mut Dev) {
+    for e in dev.board.take_events() {
+        if let BoardEvent::OtaBegin { slot, .. } = &e {
+            dev.update_slot = Some(slot.clone());
+        }
+        sh.record(i, What::Board(e));
+    }
+}
+
+async fn board_task(
+    i: u32,
+    mut dev: Dev,
+    sh: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    mut ctl: mpsc::Receiver<Ctl>,
+) -> Dev {
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let outcome = dev.board.boot();
+        drain_board(&sh, i, &mut dev);
+        let wait = match outcome {
+            BootOutcome::App(booted) => {
+                dev.behaviour = booted.behaviour;
+                if booted.behaviour.boot == BootBehaviour::Crash {
+                    dev.crash_streak += 1;
+                    dev.crashed_version = booted.info.desc.version.to_string();
+                    sh.record(i, What::AppCrashed);
+                    2_000
+                } else {
+                    dev.crash_streak = 0;
+                    match run_boot(i, &mut dev, &sh, &mut stop, &mut ctl).await {
+                        BootEnd::Stop => break,
+                        BootEnd::Reboot(after) => after,
+                        BootEnd::PowerCut => {
+                            dev.cuts += 1;
+                            dev.off_for_ms
+                        }
+                    }
+                }
+            }
+            BootOutcome::Bricked(reason) => {
+                dev.bricked = Some(reason);
+                let _ = stop.changed().await;
+                break;
+            }
+            BootOutcome::PowerLost => {
+                dev.cuts += 1;
+                dev.off_for_ms
+            }
+        };
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(sh.clock.real(wait)) => {}
+        }
+    }
+    dev
+}
+
+/// One boot of one board: the agent, its MQTT connection and its HTTP requests.
+async fn run_boot(
+    i: u32,
+    dev: &mut Dev,
+    sh: &Arc<Shared>,
+    stop: &mut watch::Receiver<bool>,
+    ctl: &mut mpsc::Receiver<Ctl>,
+) -> BootEnd {
+    let mut cfg = sh.cfg.clone();
+    cfg.device_id = dev.id.clone();
+    let mut agent = Agent::new(cfg);
+    let (net_tx, mut net_rx) = mpsc::channel::<Net>(64);
+    let (io_tx, mut io_rx) = mpsc::channel::<Io>(256);
+    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+    let client = if dev.behaviour.network == NetworkBehaviour::Ok {
+        let mut o = MqttOptions::new(dev.id.clone(), sh.broker.0.clone(), sh.broker.1);
+        o.set_keep_alive(Duration::from_secs(60));
+        o.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
+        let (client, mut events) = AsyncClient::new(o, 64);
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
+                        if net_tx.send(Net::ConnAck).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(Packet::Publish(p))) => {
+                        if net_tx
+                            .send(Net::Publish(p.topic, p.payload.to_vec()))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }));
+        Some(client)
+    } else {
+        None
+    };
+    let mut wake: Option<u64> = None;
+    let mut self_test_at: Option<u64> = None;
+    let mut pending: Vec<Action> = Vec::new();
+
+    macro_rules! feed {
+        ($input:expr) => {{
+            agent.handle(&mut dev.board, EPOCH_MS + sh.clock.now(), $input);
+            drain_board(sh, i, dev);
+            if !dev.board.is_powered() {
+                tasks.iter().for_each(JoinHandle::abort);
+                return BootEnd::PowerCut;
+            }
+            while let Some(a) = agent.poll_action() {
+                pending.push(a);
+            }
+        }};
+    }
+
+    feed!(Input::Boot);
+    loop {
+        for a in std::mem::take(&mut pending) {
+            match a {
+                Action::RunSelfTest => self_test_at = Some(sh.clock.now() + 200),
+                Action::WakeAt(t) => wake = Some(t.saturating_sub(EPOCH_MS)),
+                Action::Reboot => {
+                    tasks.iter().for_each(JoinHandle::abort);
+                    if let Some(c) = &client {
+                        let _ = c.try_disconnect();
+                    }
+                    return BootEnd::Reboot(300);
+                }
+                Action::PollManifest => tasks.push(spawn_poll(sh.clone(), io_tx.clone())),
+                Action::Fetch {
+                    sha256,
+                    offset,
+                    len,
+                    ..
+                } => tasks.push(spawn_fetch(sh.clone(), io_tx.clone(), sha256, offset, len)),
+                Action::Report(e) => {
+                    if let Event::Downloading { size, .. } = &e {
+                        dev.image_size = *size as u64;
+                    }
+                    if let Some(c) = &client {
+                        let payload = protocol::event_json(&dev.id, sh.clock.now(), &e).to_string();
+                        let _ = c.try_publish(
+                            protocol::device_topic(PREFIX, &dev.id, Leaf::Status),
+                            QoS::AtMostOnce,
+                            false,
+                            payload,
+                        );
+                    }
+                    sh.record(i, What::Agent(e));
+                }
+                Action::Ack(ack) => {
+                    let fresh = sh.acked.lock().unwrap_or_else(|p| p.into_inner()).insert((
+                        dev.id.clone(),
+                        ack.sequence,
+                        ack.outcome.name(),
+                    ));
+                    let body = protocol::ack_json(&dev.id, &ack).to_string();
+                    if let Some(c) = &client {
+                        let _ = c.try_publish(
+                            protocol::device_topic(PREFIX, &dev.id, Leaf::Ack),
+                            QoS::AtLeastOnce,
+                            false,
+                            body.clone(),
+                        );
+                    }
+                    let (http, url) = (sh.http.clone(), format!("{}/ack", sh.server));
+                    tasks.push(tokio::spawn(async move {
+                        let _ = http.post(url).body(body).send().await;
+                    }));
+                    sh.record(
+                        i,
+                        What::Ack {
+                            ack,
+                            duplicate: !fresh,
+                        },
+                    );
+                }
+            }
+        }
+        tasks.retain(|t| !t.is_finished());
+        let sleep_for =
+            |at: Option<u64>| at.map(|t| sh.clock.real(t.saturating_sub(sh.clock.now())));
+        let (wake_in, test_in) = (sleep_for(wake), sleep_for(self_test_at));
+        tokio::select! {
+            _ = stop.changed() => {
+                tasks.iter().for_each(JoinHandle::abort);
+                return BootEnd::Stop;
+            }
+            Some(n) = net_rx.recv() => match n {
+                Net::ConnAck => {
+                    if let Some(c) = &client {
+                        let _ = c.subscribe(protocol::release_topic(PREFIX, &sh.cfg.device_type, &sh.cfg.channel), QoS::AtLeastOnce).await;
+                        let _ = c.subscribe(protocol::device_topic(PREFIX, &dev.id, Leaf::Cmd), QoS::AtLeastOnce).await;
+                    }
+                    feed!(Input::Online);
+                }
+                Net::Publish(topic, payload) => {
+                    if topic.ends_with("/cmd") {
+                        feed!(Input::Command(&payload));
+                    } else {
+                        feed!(Input::Announcement(&payload));
+                    }
+                }
+            },
+            Some(io) = io_rx.recv() => match io {
+                Io::Manifest(b) => feed!(Input::Manifest(&b)),
+                Io::Body { offset, data } => {
+                    dev.fetched += data.len() as u64;
+                    feed!(Input::Body { offset, data: &data });
+                }
+                Io::BodyEnd => feed!(Input::BodyEnd),
+                Io::FetchFailed(reason) => feed!(Input::FetchFailed { reason: &reason }),
+            },
+            _ = tokio::time::sleep(wake_in.unwrap_or(Duration::from_secs(3600))), if wake_in.is_some() => {
+                wake = None;
+                feed!(Input::Timer);
+            }
+            _ = tokio::time::sleep(test_in.unwrap_or(Duration::from_secs(3600))), if test_in.is_some() => {
+                self_test_at = None;
+                let passed = dev.behaviour.self_test == SelfTest::Pass;
+                let detail = if passed { "all checks passed" } else { "self-test reported failure" };
+                feed!(Input::SelfTestDone { passed, detail });
+            }
+            Some(Ctl::Force(image)) = ctl.recv() => {
+                tasks.iter().for_each(JoinHandle::abort);
+                if let Some(slot) = otarig_agent::Platform::next_update_slot(&dev.board) {
+                    let _ = dev.board.force_install(slot.kind, &image);
+                }
+                drain_board(sh, i, dev);
+                return BootEnd::Reboot(100);
+            }
+        }
+    }
+}
+
+fn spawn_poll(sh: Arc<Shared>, tx: mpsc::Sender<Io>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let url = format!(
+            "{}/firmware/latest?deviceType={}&channel={}",
+            sh.server, sh.cfg.device_type, sh.cfg.channel
+        );
+        if let Ok(r) = sh.http.get(url).send().await {
+            if r.status().is_success() {
+                if let Ok(b) = r.bytes().await {
+                    let _ = tx.send(Io::Manifest(b.to_vec())).await;
+                }
+            }
+        }
+    })
+}
+
+fn spawn_fetch(
+    sh: Arc<Shared>,
+    tx: mpsc::Sender<Io>,
+    sha: [u8; 32],
+    offset: u32,
+    len: u32,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let url = format!("{}/blobs/{}", sh.server, hex::encode(sha));
+        let range = format!("bytes={}-{}", offset, offset as u64 + len as u64 - 1);
+        let resp = match sh.http.get(url).header("Range", range).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx
+                    .send(Io::FetchFailed(format!("request failed: {e}")))
+                    .await;
+                return;
+            }
+        };
+        let status = resp.status();
+        if status.as_u16() != 206 && status.as_u16() != 200 {
+            let _ = tx.send(Io::FetchFailed(format!("HTTP {status}"))).await;
+            return;
+        }
+        // A server without Range support answers 200 with the whole blob from byte 0.
+        let mut pos = if status.as_u16() == 200 { 0 } else { offset };
+        let mut resp = resp;
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    let n = chunk.len() as u32;
+                    if tx
+                        .send(Io::Body {
+                            offset: pos,
+                            data: chunk.to_vec(),
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    pos += n;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Io::FetchFailed(format!("body ended: {e}"))).await;
+                    return;
+                }
+            }
+        }
+        let _ = tx.send(Io::BodyEnd).await;
+    })
+}
+
+/// Fleet runs reuse the deterministic runner's report type.
+pub use runner::DeviceReport;

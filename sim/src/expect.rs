@@ -51,6 +51,7 @@ struct Seen {
     bad_messages: u32,
     boots: u32,
     reports: u32,
+    fetch_retries: u32,
 }
 
 fn distil(records: &[Record], device: u32) -> Seen {
@@ -88,6 +89,7 @@ fn distil(records: &[Record], device: u32) -> Seen {
             What::Board(BoardEvent::BootloaderStarted { .. }) => s.boots += 1,
             What::Agent(Event::BadMessage { .. }) => s.bad_messages += 1,
             What::Agent(Event::Report { .. }) => s.reports += 1,
+            What::Agent(Event::FetchFailed { .. }) => s.fetch_retries += 1,
             What::Board(BoardEvent::BootloaderAborted { .. }) => s.rolled_back = true,
             What::Board(BoardEvent::BootPartitionSet { .. }) => s.boot_sets += 1,
             What::Board(BoardEvent::FlashViolation { .. }) => s.violations += 1,
@@ -273,6 +275,16 @@ fn check_one(c: &Check, d: &DeviceReport, s: &Seen) -> Result<(), (String, Strin
                 )
             }
         }
+        Check::FetchRetries(n) => {
+            if s.fetch_retries == *n {
+                Ok(())
+            } else {
+                fail(
+                    format!("{n} failed request(s) retried"),
+                    s.fetch_retries.to_string(),
+                )
+            }
+        }
         Check::Reports(n) => {
             if s.reports == *n {
                 Ok(())
@@ -415,5 +427,6 @@ pub fn falsified(c: &Check) -> Check {
         Check::BadMessages(n) => Check::BadMessages(n + 1),
         Check::Boots(n) => Check::Boots(n + 1),
         Check::Reports(n) => Check::Reports(n + 1),
+        Check::FetchRetries(n) => Check::FetchRetries(n + 1),
     }
 }

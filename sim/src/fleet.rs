@@ -154,6 +154,22 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         store.put_blob_as(sha, bytes)?;
     }
     let server = Server::start(store.clone(), "127.0.0.1:0".parse()?).await?;
+    for i in 0..s.devices {
+        let faults: Vec<_> = s
+            .faults
+            .iter()
+            .filter(|f| f.devices.contains(i))
+            .filter_map(|f| match f.kind {
+                FaultKind::Server { fault, times } => Some((fault, times)),
+                _ => None,
+            })
+            .collect();
+        if !faults.is_empty() {
+            server
+                .faults
+                .set(&format!("{}-{i:05}", s.device_type), faults);
+        }
+    }
     let broker = match &opts.broker {
         Some(url) => parse_broker(url)?,
         None => {
@@ -232,7 +248,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
             FaultKind::Command { at_ms, .. }
             | FaultKind::Payload { at_ms, .. }
             | FaultKind::ForceInstall { at_ms, .. } => timeline.push((at_ms, Step::Fault(n))),
-            FaultKind::PowerLoss(_) => {}
+            FaultKind::PowerLoss(_) | FaultKind::Server { .. } => {}
         }
     }
     timeline.sort_by_key(|(t, _)| *t);
@@ -311,7 +327,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
                                 .await;
                         }
                     }
-                    FaultKind::PowerLoss(_) => {}
+                    FaultKind::PowerLoss(_) | FaultKind::Server { .. } => {}
                 }
             }
         }
@@ -494,7 +510,14 @@ async fn run_boot(
                     offset,
                     len,
                     ..
-                } => tasks.push(spawn_fetch(sh.clone(), io_tx.clone(), sha256, offset, len)),
+                } => tasks.push(spawn_fetch(
+                    sh.clone(),
+                    io_tx.clone(),
+                    dev.id.clone(),
+                    sha256,
+                    offset,
+                    len,
+                )),
                 Action::Report(e) => {
                     if let Event::Downloading { size, .. } = &e {
                         dev.image_size = *size as u64;
@@ -614,14 +637,23 @@ fn spawn_poll(sh: Arc<Shared>, tx: mpsc::Sender<Io>) -> JoinHandle<()> {
 fn spawn_fetch(
     sh: Arc<Shared>,
     tx: mpsc::Sender<Io>,
+    device: String,
     sha: [u8; 32],
     offset: u32,
     len: u32,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let url = format!("{}/blobs/{}", sh.server, hex::encode(sha));
+        let url = format!("{}/blobs/{}?deviceId={device}", sh.server, hex::encode(sha));
         let range = format!("bytes={}-{}", offset, offset as u64 + len as u64 - 1);
-        let resp = match sh.http.get(url).header("Range", range).send().await {
+        let timeout = sh.clock.real(runner::FETCH_TIMEOUT_MS);
+        let resp = match sh
+            .http
+            .get(url)
+            .header("Range", range)
+            .timeout(timeout)
+            .send()
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 let _ = tx

@@ -20,7 +20,7 @@ use serde_json::json;
 use crate::appimage::{self, AppSpec, Behaviour, BootBehaviour, NetworkBehaviour, SelfTest};
 use crate::board::{Board, BoardEvent, BootConfig, BootOutcome, CutPlan};
 use crate::keys::NamedKey;
-use crate::scenario::{FaultKind, Firmware, Scenario, TamperDef};
+use crate::scenario::{FaultKind, Firmware, Scenario, ServerFault, TamperDef};
 use crate::store::{Served, Store};
 
 /// Unix time (ms) at virtual time zero: 2026-01-01T00:00:00Z.
@@ -30,6 +30,8 @@ const BYTES_PER_MS: u64 = 1_000; // 1 MB/s per board
 const BOOT_MS: u64 = 300;
 const SELF_TEST_MS: u64 = 200;
 const CONNECT_MS: u64 = 500;
+/// How long a board waits for an HTTP answer before it gives up on the request.
+pub const FETCH_TIMEOUT_MS: u64 = 30_000;
 
 /// One entry of the event stream all checks read.
 #[derive(Clone, Debug)]
@@ -163,6 +165,26 @@ pub(crate) struct Dev {
     /// Consecutive boots whose app crashed before the agent ran.
     pub(crate) crash_streak: u32,
     pub(crate) crashed_version: String,
+    /// How the server misbehaves towards this board, and how many more times (None: always).
+    pub(crate) server_faults: Vec<(ServerFault, Option<u32>)>,
+}
+
+impl Dev {
+    /// The server fault that applies to a blob request, if any; `applies` decides whether it
+    /// bites this request (a drop only bites a range that crosses its point). Counts it.
+    pub(crate) fn server_fault(
+        &mut self,
+        applies: impl Fn(ServerFault) -> bool,
+    ) -> Option<ServerFault> {
+        let (fault, times) = self
+            .server_faults
+            .iter_mut()
+            .find(|(f, t)| t.is_none_or(|n| n > 0) && applies(*f))?;
+        if let Some(n) = times {
+            *n -= 1;
+        }
+        Some(*fault)
+    }
 }
 
 struct World {
@@ -499,6 +521,15 @@ pub(crate) fn new_device(
         update_slot: None,
         crash_streak: 0,
         crashed_version: String::new(),
+        server_faults: s
+            .faults
+            .iter()
+            .filter(|f| f.devices.contains(i))
+            .filter_map(|f| match f.kind {
+                FaultKind::Server { fault, times } => Some((fault, times)),
+                _ => None,
+            })
+            .collect(),
     }
 }
 
@@ -626,6 +657,45 @@ impl World {
         }
     }
 
+    /// Answer a range request; with `cut`, the connection drops at that blob position.
+    fn serve(&mut self, d: usize, sha256: [u8; 32], offset: u32, len: u64, cut: Option<u64>) {
+        let now = self.now;
+        match self.store.serve(&sha256, offset as u64, len) {
+            Served::Bytes(mut data) => {
+                let dropped = cut
+                    .map(|c| c.saturating_sub(offset as u64) as usize)
+                    .filter(|n| *n < data.len());
+                if let Some(n) = dropped {
+                    data.truncate(n);
+                }
+                let n = data.len() as u64;
+                self.devs[d].fetched += n;
+                let t = now + LATENCY_MS + n.div_ceil(BYTES_PER_MS);
+                self.schedule(d, t, Ev::Body { offset, data });
+                match dropped {
+                    Some(n) => self.schedule(
+                        d,
+                        t,
+                        Ev::FetchFailed(format!("connection closed after {n} bytes")),
+                    ),
+                    None => self.schedule(d, t, Ev::BodyEnd),
+                }
+            }
+            Served::NotFound => self.schedule(
+                d,
+                now + LATENCY_MS,
+                Ev::FetchFailed("HTTP 404: no such blob".into()),
+            ),
+            Served::RangeNotSatisfiable { len } => self.schedule(
+                d,
+                now + LATENCY_MS,
+                Ev::FetchFailed(format!(
+                    "HTTP 416: range starts at {offset}, the blob has {len} bytes"
+                )),
+            ),
+        }
+    }
+
     fn power_on(&mut self, d: usize) {
         let now = self.now;
         let outcome = self.devs[d].board.boot();
@@ -721,27 +791,32 @@ impl World {
                 offset,
                 len,
                 ..
-            } => match self.store.serve(&sha256, offset as u64, len as u64) {
-                Served::Bytes(data) => {
-                    let n = data.len() as u64;
-                    self.devs[d].fetched += n;
-                    let t = now + LATENCY_MS + n.div_ceil(BYTES_PER_MS);
-                    self.schedule(d, t, Ev::Body { offset, data });
-                    self.schedule(d, t, Ev::BodyEnd);
+            } => {
+                let total = self.store.blob(&sha256).map_or(0, |b| b.len() as u64);
+                let (start, end) = (offset as u64, offset as u64 + len as u64);
+                let cut_of = |p: u32| total * p as u64 / 100;
+                let fault = self.devs[d].server_fault(|f| match f {
+                    ServerFault::DropAfterPercent(p) => {
+                        start < cut_of(p) && cut_of(p) < end.min(total)
+                    }
+                    _ => true,
+                });
+                match fault {
+                    Some(ServerFault::Status(st)) => {
+                        self.schedule(d, now + LATENCY_MS, Ev::FetchFailed(format!("HTTP {st}")))
+                    }
+                    Some(ServerFault::Stall) => self.schedule(
+                        d,
+                        now + FETCH_TIMEOUT_MS,
+                        Ev::FetchFailed(format!("no answer within {} s", FETCH_TIMEOUT_MS / 1000)),
+                    ),
+                    Some(ServerFault::NoRange) => self.serve(d, sha256, 0, u64::MAX, None),
+                    Some(ServerFault::DropAfterPercent(p)) => {
+                        self.serve(d, sha256, offset, len as u64, Some(cut_of(p)))
+                    }
+                    None => self.serve(d, sha256, offset, len as u64, None),
                 }
-                Served::NotFound => self.schedule(
-                    d,
-                    now + LATENCY_MS,
-                    Ev::FetchFailed("HTTP 404: no such blob".into()),
-                ),
-                Served::RangeNotSatisfiable { len } => self.schedule(
-                    d,
-                    now + LATENCY_MS,
-                    Ev::FetchFailed(format!(
-                        "HTTP 416: range starts at {offset}, the blob has {len} bytes"
-                    )),
-                ),
-            },
+            }
             Action::Report(e) => {
                 if let Event::Downloading { size, .. } = &e {
                     self.devs[d].image_size = *size as u64;

@@ -166,6 +166,23 @@ struct FaultDef {
     command: Option<Spanned<CommandDef>>,
     #[serde(default)]
     payload: Option<Spanned<PayloadDef>>,
+    #[serde(default)]
+    server: Option<Spanned<ServerFaultDef>>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ServerFaultDef {
+    #[serde(default)]
+    drop_after: Option<String>,
+    #[serde(default)]
+    no_range: bool,
+    #[serde(default)]
+    status: Option<u16>,
+    #[serde(default)]
+    stall: bool,
+    #[serde(default)]
+    times: Option<u32>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -252,6 +269,8 @@ struct ExpectDef {
     boots: Option<u32>,
     #[serde(default)]
     reports: Option<u32>,
+    #[serde(default)]
+    fetch_retries: Option<u32>,
 }
 
 // ---- checked scenario ----------------------------------------------------------------------
@@ -378,6 +397,24 @@ pub enum FaultKind {
         text: String,
         at_ms: u64,
     },
+    /// The firmware server misbehaves on this board's blob requests (`times` of them, or all).
+    Server {
+        fault: ServerFault,
+        times: Option<u32>,
+    },
+}
+
+/// How the firmware server misbehaves on a blob request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerFault {
+    /// The connection drops once the response reaches this percentage of the blob.
+    DropAfterPercent(u32),
+    /// Range is ignored: every answer is 200 with the whole blob.
+    NoRange,
+    /// The request fails with this HTTP status.
+    Status(u16),
+    /// No answer at all; the board's request times out.
+    Stall,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -421,6 +458,7 @@ pub enum Check {
     BadMessages(u32),
     Boots(u32),
     Reports(u32),
+    FetchRetries(u32),
 }
 
 impl Check {
@@ -443,6 +481,7 @@ impl Check {
             Check::BadMessages(_) => "bad-messages",
             Check::Boots(_) => "boots",
             Check::Reports(_) => "reports",
+            Check::FetchRetries(_) => "fetch-retries",
         }
     }
 }
@@ -758,14 +797,61 @@ impl Scenario {
                 f.force_install.is_some(),
                 f.command.is_some(),
                 f.payload.is_some(),
+                f.server.is_some(),
             ];
             if given.iter().filter(|g| **g).count() != 1 {
                 return Err(ScenarioError {
                     file: path.to_path_buf(),
                     line: 0,
                     column: 0,
-                    message: "each [[fault]] needs exactly one of `power-loss`, `force-install`, `command` or `payload`".into(),
+                    message: "each [[fault]] needs exactly one of `power-loss`, `force-install`, `command`, `payload` or `server`".into(),
                 });
+            }
+            if let Some(sv) = &f.server {
+                let d = sv.get_ref();
+                let mut kinds = Vec::new();
+                if let Some(p) = &d.drop_after {
+                    let pct = p
+                        .strip_suffix('%')
+                        .and_then(|x| x.trim().parse::<u32>().ok())
+                        .filter(|p| *p > 0 && *p < 100);
+                    let pct = pct.ok_or_else(|| {
+                        cx.span(
+                            sv,
+                            format!("drop-after = '{p}' must be a percentage between 1% and 99%"),
+                        )
+                    })?;
+                    kinds.push(ServerFault::DropAfterPercent(pct));
+                }
+                if d.no_range {
+                    kinds.push(ServerFault::NoRange);
+                }
+                if let Some(st) = d.status {
+                    if !(400..=599).contains(&st) {
+                        return Err(cx.span(
+                            sv,
+                            format!("status {st} is not an HTTP error status (400-599)"),
+                        ));
+                    }
+                    kinds.push(ServerFault::Status(st));
+                }
+                if d.stall {
+                    kinds.push(ServerFault::Stall);
+                }
+                if kinds.len() != 1 {
+                    return Err(cx.span(
+                        sv,
+                        "a server fault is exactly one of drop-after, no-range, status or stall",
+                    ));
+                }
+                faults.push(Fault {
+                    devices,
+                    kind: FaultKind::Server {
+                        fault: kinds[0],
+                        times: d.times,
+                    },
+                });
+                continue;
             }
             if let Some(c) = &f.command {
                 use otarig_agent::protocol::CommandKind;
@@ -958,6 +1044,9 @@ impl Scenario {
             }
             if let Some(n) = d.reports {
                 checks.push(Check::Reports(n));
+            }
+            if let Some(n) = d.fetch_retries {
+                checks.push(Check::FetchRetries(n));
             }
             if checks.is_empty() {
                 return Err(bad(

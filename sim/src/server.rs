@@ -3,25 +3,69 @@
 //! | request | answer |
 //! |---|---|
 //! | `GET /firmware/latest?deviceType=T[&channel=C][&deviceId=D]` | the latest signed manifest for T/C (channel defaults to `stable`); 404 when there is none |
-//! | `GET /blobs/<sha256>` | an image or patch, with single `Range` (206), strong `ETag`, `If-None-Match` (304) and `If-Match` (412): a resume sends `If-Match` so it never mixes two blobs |
+//! | `GET /blobs/<sha256>[?deviceId=D]` | an image or patch, with single `Range` (206), strong `ETag`, `If-None-Match` (304) and `If-Match` (412): a resume sends `If-Match` so it never mixes two blobs |
 //! | `POST /ack` | a board's ack (the MQTT `ack` payload); 204, or 400 saying what is wrong |
 //! | `GET /healthz` | 200 `ok` |
 //!
 //! Errors are JSON `{"error": "…"}` that say what was wrong and what to send instead.
+//!
+//! Fault injection ([`ServerFaults`]) lives here, so it works the same for simulated and real
+//! boards: per device id, a blob request can fail with an HTTP status, never be answered,
+//! ignore `Range`, or have its connection dropped at a given point of the blob.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+use tower::ServiceExt;
 use tower_http::services::ServeDir;
 
 use crate::release_store::ReleaseStore;
+use crate::scenario::ServerFault;
+
+/// A fault and how many more requests it applies to (None: all of them).
+pub type CountedFault = (ServerFault, Option<u32>);
+
+/// Faults the server applies to blob requests, per device id.
+#[derive(Default, Debug)]
+pub struct ServerFaults {
+    by_device: Mutex<HashMap<String, Vec<CountedFault>>>,
+}
+
+impl ServerFaults {
+    /// Faults for one device: each applies `times` times (None: always), first match first.
+    pub fn set(&self, device: &str, faults: Vec<CountedFault>) {
+        self.by_device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(device.to_string(), faults);
+    }
+
+    fn take(&self, device: &str, applies: impl Fn(ServerFault) -> bool) -> Option<ServerFault> {
+        let mut map = self.by_device.lock().unwrap_or_else(|p| p.into_inner());
+        let list = map.get_mut(device)?;
+        let (fault, times) = list
+            .iter_mut()
+            .find(|(f, t)| t.is_none_or(|n| n > 0) && applies(*f))?;
+        if let Some(n) = times {
+            *n -= 1;
+        }
+        Some(*fault)
+    }
+}
+
+#[derive(Clone)]
+struct App {
+    store: Arc<ReleaseStore>,
+    faults: Arc<ServerFaults>,
+}
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
@@ -36,7 +80,7 @@ struct LatestQuery {
     device_id: Option<String>,
 }
 
-async fn latest(State(store): State<Arc<ReleaseStore>>, Query(q): Query<LatestQuery>) -> Response {
+async fn latest(State(App { store, .. }): State<App>, Query(q): Query<LatestQuery>) -> Response {
     let Some(device_type) = q.device_type else {
         return error(StatusCode::BAD_REQUEST, "missing query parameter deviceType (e.g. /firmware/latest?deviceType=otarig-devkit-s3)");
     };
@@ -69,7 +113,7 @@ struct AckWire {
     detail: String,
 }
 
-async fn ack(State(store): State<Arc<ReleaseStore>>, body: axum::body::Bytes) -> Response {
+async fn ack(State(App { store, .. }): State<App>, body: axum::body::Bytes) -> Response {
     let wire: AckWire = match serde_json::from_slice(&body) {
         Ok(w) => w,
         Err(e) => {
@@ -108,9 +152,98 @@ async fn ack(State(store): State<Arc<ReleaseStore>>, body: axum::body::Bytes) ->
     }
 }
 
+#[derive(Deserialize)]
+struct BlobQuery {
+    #[serde(rename = "deviceId")]
+    device_id: Option<String>,
+}
+
+/// The byte range `[A, B+1)` of a single `Range: bytes=A-[B]` request (open end: `u64::MAX`).
+fn range_of(req: &Request) -> Option<(u64, u64)> {
+    let v = req.headers().get(header::RANGE)?.to_str().ok()?;
+    let (a, b) = v.strip_prefix("bytes=")?.split_once('-')?;
+    let start = a.trim().parse().ok()?;
+    let end = match b.trim() {
+        "" => u64::MAX,
+        b => b.parse::<u64>().ok()?.saturating_add(1),
+    };
+    Some((start, end))
+}
+
+async fn blob(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<BlobQuery>,
+    mut req: Request,
+) -> Response {
+    if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("'{name}' is not a SHA-256 (64 hex digits)"),
+        );
+    }
+    let path = app.store.blob_dir().join(&name);
+    let total = tokio::fs::metadata(&path)
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let (start, end) = range_of(&req).unwrap_or((0, u64::MAX));
+    let cut_of = |p: u32| total * p as u64 / 100;
+    let fault = q.device_id.as_deref().and_then(|d| {
+        app.faults.take(d, |f| match f {
+            // A drop bites the response that would carry the byte where it happens.
+            ServerFault::DropAfterPercent(p) => start < cut_of(p) && cut_of(p) < end.min(total),
+            _ => true,
+        })
+    });
+    match fault {
+        Some(ServerFault::Status(st)) => {
+            let status = StatusCode::from_u16(st).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return error(status, "injected server fault");
+        }
+        Some(ServerFault::Stall) => {
+            // Never answer; the board's own timeout ends the request.
+            std::future::pending::<()>().await;
+        }
+        Some(ServerFault::NoRange) => {
+            req.headers_mut().remove(header::RANGE);
+        }
+        _ => {}
+    }
+    *req.uri_mut() = match format!("/{name}").parse() {
+        Ok(u) => u,
+        Err(_) => return error(StatusCode::BAD_REQUEST, "bad blob name"),
+    };
+    let resp = match ServeDir::new(app.store.blob_dir()).oneshot(req).await {
+        Ok(r) => r.map(axum::body::Body::new),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let Some(ServerFault::DropAfterPercent(p)) = fault else {
+        return resp;
+    };
+    // Send the response only up to the cut, then fail the body: the connection drops.
+    let keep = cut_of(p).saturating_sub(start) as usize;
+    let (parts, body) = resp.into_parts();
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let head = bytes.slice(..keep.min(bytes.len()));
+    let chunks: Vec<Result<axum::body::Bytes, std::io::Error>> = vec![
+        Ok(head),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "injected: connection dropped",
+        )),
+    ];
+    Response::from_parts(
+        parts,
+        axum::body::Body::from_stream(futures_util::stream::iter(chunks)),
+    )
+}
+
 /// The server's routes over a store.
-pub fn router(store: Arc<ReleaseStore>) -> Router {
-    let blobs = ServeDir::new(store.blob_dir());
+pub fn router(store: Arc<ReleaseStore>, faults: Arc<ServerFaults>) -> Router {
     Router::new()
         .route("/firmware/latest", get(latest))
         .route(
@@ -118,13 +251,14 @@ pub fn router(store: Arc<ReleaseStore>) -> Router {
             post(ack).layer(DefaultBodyLimit::max(otarig_agent::protocol::MAX_PAYLOAD)),
         )
         .route("/healthz", get(|| async { "ok" }))
-        .nest_service("/blobs", blobs)
-        .with_state(store)
+        .route("/blobs/{name}", get(blob))
+        .with_state(App { store, faults })
 }
 
 /// A running server; dropping it does not stop it, [`Server::shutdown`] does.
 pub struct Server {
     pub addr: SocketAddr,
+    pub faults: Arc<ServerFaults>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -137,7 +271,8 @@ impl Server {
         })?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let app = router(store);
+        let faults = Arc::new(ServerFaults::default());
+        let app = router(store, faults.clone());
         let task = tokio::spawn(async move {
             let serve = axum::serve(listener, app).with_graceful_shutdown(async {
                 let _ = stopped.await;
@@ -148,6 +283,7 @@ impl Server {
         });
         Ok(Server {
             addr,
+            faults,
             stop: Some(stop),
             task,
         })

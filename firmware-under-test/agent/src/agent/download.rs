@@ -247,12 +247,14 @@ impl Agent {
             return; // a gap (re-requested at BodyEnd) or bytes we already have
         }
         let skip = (at - offset) as usize;
-        let take = core::cmp::min(core::cmp::min(end, dl.requested_end.max(at)), total) - at;
+        // Contiguous bytes past the requested range are taken too: a server that ignores Range
+        // answers with the whole blob, and throwing it away would only fetch it again. What is
+        // written is hash-checked before anything switches.
+        let take = core::cmp::min(end, total) - at;
         if take == 0 {
             return;
         }
         let piece = &data[skip..skip + take as usize];
-        let mut checkpoint = None;
         if let Some(d) = dl.delta.as_mut() {
             let mut sink = PatchSink {
                 p: &mut *p,
@@ -272,15 +274,30 @@ impl Agent {
                 (Err(e), None) => return self.delta_failed(p, e),
             }
         } else {
-            if let Err(e) = p.ota_write(piece) {
-                p.ota_abort();
-                return self.halt("esp_ota_write", e);
-            }
-            dl.written += take;
+            // Write in steps that end at each checkpoint boundary and make every boundary
+            // durable at once: one response may carry the whole image (a server that ignores
+            // Range), and a cut in the middle of it must still resume near where it was.
             let interval = self.cfg.checkpoint_interval.max(SECTOR);
-            let rec = self.journal.as_ref().map_or(0, |j| j.record().checkpoint);
-            if dl.written / interval > rec / interval && dl.written < dl.manifest.size {
-                checkpoint = Some(dl.written - dl.written % interval);
+            let mut rest = piece;
+            while !rest.is_empty() {
+                let n = core::cmp::min(rest.len(), (interval - dl.written % interval) as usize);
+                if let Err(e) = p.ota_write(&rest[..n]) {
+                    p.ota_abort();
+                    return self.halt("esp_ota_write", e);
+                }
+                dl.written += n as u32;
+                rest = &rest[n..];
+                if dl.written % interval == 0 && dl.written < dl.manifest.size {
+                    if let Some(j) = self.journal.as_mut() {
+                        let rec = Record {
+                            checkpoint: dl.written,
+                            ..*j.record()
+                        };
+                        if let Err(e) = j.store(p, rec) {
+                            return self.halt("writing the journal", e);
+                        }
+                    }
+                }
             }
         }
         dl.consecutive_failures = 0;
@@ -293,16 +310,6 @@ impl Agent {
                 written,
                 size,
             });
-        }
-        if let Some(cp) = checkpoint {
-            let rec = *self.record();
-            let next = Record {
-                checkpoint: cp,
-                ..rec
-            };
-            if let Err(e) = self.store(p, next) {
-                return self.halt("writing the journal", e);
-            }
         }
         if let Some(ev) = progress {
             self.emit(ev);

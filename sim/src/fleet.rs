@@ -438,6 +438,7 @@ async fn run_boot(
 ) -> BootEnd {
     let mut cfg = sh.cfg.clone();
     cfg.device_id = dev.id.clone();
+    cfg.channel = dev.channel.clone();
     let mut agent = Agent::new(cfg);
     let (net_tx, mut net_rx) = mpsc::channel::<Net>(64);
     let (io_tx, mut io_rx) = mpsc::channel::<Io>(256);
@@ -504,7 +505,9 @@ async fn run_boot(
                     }
                     return BootEnd::Reboot(300);
                 }
-                Action::PollManifest => tasks.push(spawn_poll(sh.clone(), io_tx.clone())),
+                Action::PollManifest => {
+                    tasks.push(spawn_poll(sh.clone(), io_tx.clone(), dev.channel.clone()))
+                }
                 Action::Fetch {
                     sha256,
                     offset,
@@ -574,7 +577,7 @@ async fn run_boot(
             Some(n) = net_rx.recv() => match n {
                 Net::ConnAck => {
                     if let Some(c) = &client {
-                        let _ = c.subscribe(protocol::release_topic(PREFIX, &sh.cfg.device_type, &sh.cfg.channel), QoS::AtLeastOnce).await;
+                        let _ = c.subscribe(protocol::release_topic(PREFIX, &sh.cfg.device_type, &dev.channel), QoS::AtLeastOnce).await;
                         let _ = c.subscribe(protocol::device_topic(PREFIX, &dev.id, Leaf::Cmd), QoS::AtLeastOnce).await;
                     }
                     feed!(Input::Online);
@@ -618,11 +621,11 @@ async fn run_boot(
     }
 }
 
-fn spawn_poll(sh: Arc<Shared>, tx: mpsc::Sender<Io>) -> JoinHandle<()> {
+fn spawn_poll(sh: Arc<Shared>, tx: mpsc::Sender<Io>, channel: String) -> JoinHandle<()> {
     tokio::spawn(async move {
         let url = format!(
             "{}/firmware/latest?deviceType={}&channel={}",
-            sh.server, sh.cfg.device_type, sh.cfg.channel
+            sh.server, sh.cfg.device_type, channel
         );
         if let Ok(r) = sh.http.get(url).send().await {
             if r.status().is_success() {

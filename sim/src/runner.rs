@@ -165,6 +165,8 @@ pub(crate) struct Dev {
     /// Consecutive boots whose app crashed before the agent ran.
     pub(crate) crash_streak: u32,
     pub(crate) crashed_version: String,
+    /// The release channel this board follows.
+    pub(crate) channel: String,
     /// How the server misbehaves towards this board, and how many more times (None: always).
     pub(crate) server_faults: Vec<(ServerFault, Option<u32>)>,
 }
@@ -521,6 +523,7 @@ pub(crate) fn new_device(
         update_slot: None,
         crash_streak: 0,
         crashed_version: String::new(),
+        channel: s.channel_for(i).to_string(),
         server_faults: s
             .faults
             .iter()
@@ -615,7 +618,7 @@ impl World {
                 for i in 0..self.devs.len() {
                     if self.devs[i].agent.is_some()
                         && dt == self.cfg_template.device_type
-                        && ch == self.cfg_template.channel
+                        && ch == self.devs[i].channel
                     {
                         self.schedule(i, now + LATENCY_MS, Ev::Announcement(payload.clone()));
                     }
@@ -713,6 +716,7 @@ impl World {
                 dev.crash_streak = 0;
                 let mut cfg = self.cfg_template.clone();
                 cfg.device_id = dev.id.clone();
+                cfg.channel = dev.channel.clone();
                 cfg.trusted_keys = self.keys.clone();
                 dev.agent = Some(Agent::new(cfg));
                 self.feed(d, Input::Boot);
@@ -782,7 +786,7 @@ impl World {
             }
             Action::PollManifest => {
                 let c = &self.cfg_template;
-                if let Some(m) = self.store.latest(&c.device_type, &c.channel) {
+                if let Some(m) = self.store.latest(&c.device_type, &self.devs[d].channel) {
                     self.schedule(d, now + LATENCY_MS, Ev::Manifest(m));
                 }
             }

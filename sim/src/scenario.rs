@@ -78,6 +78,9 @@ struct FleetDef {
     device_type: String,
     #[serde(default)]
     channel: Option<String>,
+    /// Boards on other channels than `channel`: `{ beta = "0..5" }`.
+    #[serde(default)]
+    channels: Option<BTreeMap<String, Spanned<String>>>,
     #[serde(default)]
     partition_table: Option<Spanned<String>>,
     firmware: Spanned<String>,
@@ -496,7 +499,9 @@ pub struct Scenario {
     pub duration_ms: u64,
     pub devices: u32,
     pub device_type: String,
+    /// The channel boards follow unless `channel_of` puts them on another.
     pub channel: String,
+    pub channel_of: Vec<(String, Selector)>,
     pub table: PartitionTable,
     pub start_firmware: String,
     pub anti_rollback: bool,
@@ -594,6 +599,14 @@ impl Ctx<'_> {
 }
 
 impl Scenario {
+    /// The channel board `i` follows.
+    pub fn channel_for(&self, i: u32) -> &str {
+        self.channel_of
+            .iter()
+            .find(|(_, sel)| sel.contains(i))
+            .map_or(self.channel.as_str(), |(c, _)| c.as_str())
+    }
+
     /// Read and check a scenario file.
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
         let text = std::fs::read_to_string(path).map_err(|e| ScenarioError {
@@ -1084,6 +1097,12 @@ impl Scenario {
             Some(s) => cx.duration(s)?,
             None => last_event + 30 * 60_000,
         };
+        let mut channel_of = Vec::new();
+        for (name, sel) in raw.fleet.channels.iter().flatten() {
+            crate::release_store::check_name("channel", name)
+                .map_err(|e| cx.span(sel, e.to_string()))?;
+            channel_of.push((name.clone(), selector(&Some(sel.clone()))?));
+        }
         Ok(Scenario {
             path: path.to_path_buf(),
             name: raw.scenario.name.clone(),
@@ -1093,6 +1112,7 @@ impl Scenario {
             devices,
             device_type: raw.fleet.device_type.clone(),
             channel,
+            channel_of,
             table,
             start_firmware,
             anti_rollback: raw.fleet.anti_rollback,

@@ -252,9 +252,35 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         }
     }
     timeline.sort_by_key(|(t, _)| *t);
+    let mut rollouts: Vec<JoinHandle<anyhow::Result<()>>> = Vec::new();
     for (at, step) in timeline {
         shared.clock.sleep_until(at).await;
         match step {
+            Step::Release(k) if s.releases[k].rollout.is_some() => {
+                let (_, ch, signed, seq, version) = prep.releases[k].clone();
+                shared.record(
+                    u32::MAX,
+                    What::Release {
+                        sequence: seq,
+                        version,
+                    },
+                );
+                let eligible: Vec<u32> =
+                    (0..s.devices).filter(|i| s.channel_for(*i) == ch).collect();
+                let plan = s.releases[k].rollout.clone().context("rollout plan")?;
+                rollouts.push(tokio::spawn(run_rollout(
+                    shared.clone(),
+                    crate::rollout::Rollout::new(plan, eligible),
+                    RolloutCtx {
+                        release: prep.releases[k].clone(),
+                        signed,
+                        device_type: s.device_type.clone(),
+                        offers: server.offers.clone(),
+                        store: store.clone(),
+                        control: control.clone(),
+                    },
+                )));
+            }
             Step::Release(k) => {
                 let (dt, ch, signed, seq, version) = prep.releases[k].clone();
                 store.set_latest(&dt, &ch, &signed)?;
@@ -335,13 +361,17 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let now = shared.clock.now();
-        if now >= s.duration_ms
-            || now.saturating_sub(shared.last_activity.load(Ordering::Relaxed)) >= opts.quiet_ms
-        {
+        let quiet =
+            now.saturating_sub(shared.last_activity.load(Ordering::Relaxed)) >= opts.quiet_ms;
+        // A rollout between waves is quiet too, but not over.
+        if now >= s.duration_ms || (quiet && rollouts.iter().all(|r| r.is_finished())) {
             break;
         }
     }
     let end_ms = shared.clock.now().min(s.duration_ms);
+    for r in rollouts {
+        r.abort();
+    }
     let _ = stop_tx.send(true);
     let mut devs = Vec::new();
     for b in boards {
@@ -366,6 +396,109 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         end_ms,
         served_bytes,
     })
+}
+
+struct RolloutCtx {
+    release: (String, String, Vec<u8>, u64, String),
+    signed: Vec<u8>,
+    device_type: String,
+    offers: Arc<crate::server::Offers>,
+    store: Arc<ReleaseStore>,
+    control: AsyncClient,
+}
+
+/// Drive one staged rollout: offer each wave to its boards (and tell them to look now), judge
+/// it after the interval from the acks, then grow, halt or finish.
+async fn run_rollout(
+    sh: Arc<Shared>,
+    mut r: crate::rollout::Rollout,
+    cx: RolloutCtx,
+) -> anyhow::Result<()> {
+    let (dt, ch, _, seq, _) = cx.release.clone();
+    let id = |b: u32| format!("{}-{b:05}", cx.device_type);
+    let mut wave = r.start();
+    loop {
+        sh.record(
+            u32::MAX,
+            What::Rollout {
+                sequence: seq,
+                message: format!("wave {} starts: {} board(s)", r.wave() + 1, wave.len()),
+            },
+        );
+        for b in &wave {
+            cx.offers.offer(&id(*b), cx.signed.clone());
+            let cmd = protocol::command(
+                &format!("rollout-{seq}-{}", r.wave()),
+                protocol::CommandKind::UpdateNow,
+            );
+            cx.control
+                .publish(
+                    protocol::device_topic(PREFIX, &id(*b), Leaf::Cmd),
+                    QoS::AtLeastOnce,
+                    false,
+                    cmd,
+                )
+                .await?;
+        }
+        let until = sh.clock.now() + r.plan().interval_ms;
+        sh.clock.sleep_until(until).await;
+        let failed: HashSet<String> = {
+            let records = sh.records.lock().unwrap_or_else(|p| p.into_inner());
+            records
+                .iter()
+                .filter_map(|rec| match &rec.what {
+                    What::Ack { ack, .. }
+                        if ack.sequence == seq
+                            && ack.outcome != otarig_agent::Outcome::Installed =>
+                    {
+                        Some(id(rec.device))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        match r.check(|b| failed.contains(&id(b))) {
+            crate::rollout::Step::Next(boards) => wave = boards,
+            crate::rollout::Step::Halted {
+                wave,
+                failed,
+                members,
+            } => {
+                sh.record(
+                    u32::MAX,
+                    What::Rollout {
+                        sequence: seq,
+                        message: format!(
+                            "halted after wave {}: {failed} of {members} board(s) failed",
+                            wave + 1
+                        ),
+                    },
+                );
+                return Ok(());
+            }
+            crate::rollout::Step::Done => {
+                cx.store.set_latest(&dt, &ch, &cx.signed)?;
+                let payload =
+                    protocol::announcement(&cx.signed).map_err(|e| anyhow::anyhow!("{e}"))?;
+                cx.control
+                    .publish(
+                        protocol::release_topic(PREFIX, &dt, &ch),
+                        QoS::AtLeastOnce,
+                        true,
+                        payload,
+                    )
+                    .await?;
+                sh.record(
+                    u32::MAX,
+                    What::Rollout {
+                        sequence: seq,
+                        message: "complete".into(),
+                    },
+                );
+                return Ok(());
+            }
+        }
+    }
 }
 
 fn drain_board(sh: &Shared, i: u32, dev: &mut Dev) {
@@ -505,9 +638,12 @@ async fn run_boot(
                     }
                     return BootEnd::Reboot(300);
                 }
-                Action::PollManifest => {
-                    tasks.push(spawn_poll(sh.clone(), io_tx.clone(), dev.channel.clone()))
-                }
+                Action::PollManifest => tasks.push(spawn_poll(
+                    sh.clone(),
+                    io_tx.clone(),
+                    dev.id.clone(),
+                    dev.channel.clone(),
+                )),
                 Action::Fetch {
                     sha256,
                     offset,
@@ -621,10 +757,15 @@ async fn run_boot(
     }
 }
 
-fn spawn_poll(sh: Arc<Shared>, tx: mpsc::Sender<Io>, channel: String) -> JoinHandle<()> {
+fn spawn_poll(
+    sh: Arc<Shared>,
+    tx: mpsc::Sender<Io>,
+    device: String,
+    channel: String,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let url = format!(
-            "{}/firmware/latest?deviceType={}&channel={}",
+            "{}/firmware/latest?deviceType={}&channel={}&deviceId={device}",
             sh.server, sh.cfg.device_type, channel
         );
         if let Ok(r) = sh.http.get(url).send().await {

@@ -24,6 +24,7 @@ pub mod otadata;
 pub mod partition;
 pub mod plr;
 pub mod release_store;
+pub mod rollout;
 pub mod runner;
 pub mod scenario;
 pub mod server;

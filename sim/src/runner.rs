@@ -7,7 +7,7 @@
 //! and body bytes arrive at a fixed rate. The wire-level fleet puts real MQTT and HTTP around
 //! the same store and agent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -44,10 +44,21 @@ pub struct Record {
 #[derive(Clone, Debug)]
 pub enum What {
     Agent(Event),
-    Ack { ack: Ack, duplicate: bool },
+    Ack {
+        ack: Ack,
+        duplicate: bool,
+    },
     Board(BoardEvent),
     AppCrashed,
-    Release { sequence: u64, version: String },
+    Release {
+        sequence: u64,
+        version: String,
+    },
+    /// A staged rollout moved on or halted.
+    Rollout {
+        sequence: u64,
+        message: String,
+    },
 }
 
 impl Record {
@@ -86,6 +97,9 @@ impl Record {
             What::AppCrashed => json!({"source": "board", "kind": "app-crashed"}),
             What::Release { sequence, version } => {
                 json!({"source": "server", "kind": "release", "sequence": sequence, "version": version})
+            }
+            What::Rollout { sequence, message } => {
+                json!({"source": "server", "kind": "rollout", "sequence": sequence, "message": message})
             }
         };
         let mut v = json!({"t_ms": self.t_ms, "device": self.device});
@@ -145,6 +159,8 @@ enum Ev {
     FetchFailed(String),
     Timer,
     Release(usize),
+    /// Judge the current wave of the rollout of release k.
+    WaveCheck(usize),
     Force {
         firmware: String,
     },
@@ -199,6 +215,9 @@ struct World {
     keys: Vec<TrustedKey>,
     cfg_template: Config,
     releases: Vec<(String, String, Vec<u8>, u64, String)>,
+    /// Staged rollouts in progress, by release index.
+    rollouts: Vec<Option<crate::rollout::Rollout>>,
+    scenario: Scenario,
     images: BTreeMap<String, Arc<Vec<u8>>>,
 }
 
@@ -390,6 +409,8 @@ pub fn run_prepared(
         keys,
         cfg_template,
         releases,
+        rollouts: vec![None; s.releases.len()],
+        scenario: s.clone(),
         images,
     };
     let first_size = s
@@ -600,6 +621,8 @@ impl World {
         let now = self.now;
         match ev {
             Ev::PowerOn => self.power_on(d),
+            Ev::Release(k) if self.scenario.releases[k].rollout.is_some() => self.start_rollout(k),
+            Ev::WaveCheck(k) => self.wave_check(k),
             Ev::Release(k) => {
                 let (dt, ch, signed, seq, version) = self.releases[k].clone();
                 self.store.publish(&dt, &ch, signed.clone());
@@ -699,6 +722,102 @@ impl World {
         }
     }
 
+    /// The manifest of a rollout whose waves include board `d`, newest release first.
+    fn rollout_offer(&self, d: usize) -> Option<Arc<Vec<u8>>> {
+        (0..self.rollouts.len()).rev().find_map(|k| {
+            let r = self.rollouts[k].as_ref()?;
+            r.contains(d as u32)
+                .then(|| Arc::new(self.releases[k].2.clone()))
+        })
+    }
+
+    fn start_rollout(&mut self, k: usize) {
+        let Some(plan) = self.scenario.releases[k].rollout.clone() else {
+            return;
+        };
+        let (_, ch, _, seq, version) = self.releases[k].clone();
+        self.record(
+            usize::MAX,
+            What::Release {
+                sequence: seq,
+                version,
+            },
+        );
+        let eligible = (0..self.devs.len() as u32)
+            .filter(|i| self.devs[*i as usize].channel == ch)
+            .collect();
+        let mut r = crate::rollout::Rollout::new(plan.clone(), eligible);
+        let first = r.start();
+        self.rollouts[k] = Some(r);
+        self.offer(k, &first, 0);
+        self.schedule(usize::MAX, self.now + plan.interval_ms, Ev::WaveCheck(k));
+    }
+
+    /// Tell these boards about release k (the server pushes it to them: an `update-now`).
+    fn offer(&mut self, k: usize, boards: &[u32], wave: usize) {
+        let now = self.now;
+        let seq = self.releases[k].3;
+        self.record(
+            usize::MAX,
+            What::Rollout {
+                sequence: seq,
+                message: format!("wave {} starts: {} board(s)", wave + 1, boards.len()),
+            },
+        );
+        let signed = Arc::new(self.releases[k].2.clone());
+        for b in boards {
+            self.schedule(*b as usize, now + LATENCY_MS, Ev::Manifest(signed.clone()));
+        }
+    }
+
+    fn wave_check(&mut self, k: usize) {
+        let seq = self.releases[k].3;
+        let failed: HashSet<String> = self
+            .store
+            .acks()
+            .iter()
+            .filter(|a| a.ack.sequence == seq && a.ack.outcome != otarig_agent::Outcome::Installed)
+            .map(|a| a.device.clone())
+            .collect();
+        let ids: Vec<String> = self.devs.iter().map(|d| d.id.clone()).collect();
+        let Some(r) = self.rollouts[k].as_mut() else {
+            return;
+        };
+        let interval = r.plan().interval_ms;
+        match r.check(|b| failed.contains(&ids[b as usize])) {
+            crate::rollout::Step::Next(boards) => {
+                let wave = self.rollouts[k].as_ref().map_or(0, |r| r.wave());
+                self.offer(k, &boards, wave);
+                self.schedule(usize::MAX, self.now + interval, Ev::WaveCheck(k));
+            }
+            crate::rollout::Step::Halted {
+                wave,
+                failed,
+                members,
+            } => self.record(
+                usize::MAX,
+                What::Rollout {
+                    sequence: seq,
+                    message: format!(
+                        "halted after wave {}: {failed} of {members} board(s) failed",
+                        wave + 1
+                    ),
+                },
+            ),
+            crate::rollout::Step::Done => {
+                let (dt, ch, signed, _, _) = self.releases[k].clone();
+                self.store.publish(&dt, &ch, signed);
+                self.record(
+                    usize::MAX,
+                    What::Rollout {
+                        sequence: seq,
+                        message: "complete".into(),
+                    },
+                );
+            }
+        }
+    }
+
     fn power_on(&mut self, d: usize) {
         let now = self.now;
         let outcome = self.devs[d].board.boot();
@@ -786,7 +905,10 @@ impl World {
             }
             Action::PollManifest => {
                 let c = &self.cfg_template;
-                if let Some(m) = self.store.latest(&c.device_type, &self.devs[d].channel) {
+                if let Some(m) = self
+                    .rollout_offer(d)
+                    .or_else(|| self.store.latest(&c.device_type, &self.devs[d].channel))
+                {
                     self.schedule(d, now + LATENCY_MS, Ev::Manifest(m));
                 }
             }

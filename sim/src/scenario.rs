@@ -140,6 +140,21 @@ struct ReleaseDef {
     tamper: Option<Spanned<TamperDef>>,
     #[serde(default)]
     delta_from: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    rollout: Option<Spanned<RolloutDef>>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RolloutDef {
+    waves: Vec<u32>,
+    interval: String,
+    #[serde(default = "default_halt")]
+    halt_failure_rate: u32,
+}
+
+fn default_halt() -> u32 {
+    100
 }
 
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -362,6 +377,8 @@ pub struct Release {
     pub tamper: Option<TamperDef>,
     /// Firmware ids this release offers delta patches from.
     pub delta_from: Vec<String>,
+    /// Staged rollout; `None`: every board of the channel at once.
+    pub rollout: Option<crate::rollout::RolloutPlan>,
 }
 
 /// Where a power cut lands. `op` (within a phase) and `flash_op` are simulator-only.
@@ -755,6 +772,26 @@ impl Scenario {
                     ));
                 }
             }
+            let rollout = match &r.rollout {
+                None => None,
+                Some(ro) => {
+                    let d = ro.get_ref();
+                    if d.waves.is_empty()
+                        || d.waves.windows(2).any(|w| w[0] >= w[1])
+                        || d.waves.iter().any(|w| *w == 0 || *w > 100)
+                    {
+                        return Err(cx.span(ro, "waves are increasing percentages between 1 and 100, e.g. [10, 50, 100]"));
+                    }
+                    if d.halt_failure_rate > 100 {
+                        return Err(cx.span(ro, "halt-failure-rate is a percentage, 0 to 100"));
+                    }
+                    Some(crate::rollout::RolloutPlan {
+                        waves: d.waves.clone(),
+                        interval_ms: parse_duration(&d.interval).map_err(|m| cx.span(ro, m))?,
+                        halt_failure_rate: d.halt_failure_rate,
+                    })
+                }
+            };
             releases.push(Release {
                 firmware: known_fw(&r.firmware)?,
                 at_ms: r
@@ -775,6 +812,7 @@ impl Scenario {
                 sequence: r.sequence.unwrap_or(i as u64 + 1),
                 expires_in_ms,
                 tamper: r.tamper.as_ref().map(|t| *t.get_ref()),
+                rollout,
                 delta_from: r
                     .delta_from
                     .iter()
@@ -1084,7 +1122,12 @@ impl Scenario {
 
         let last_event = releases
             .iter()
-            .map(|r| r.at_ms)
+            .map(|r| {
+                r.at_ms
+                    + r.rollout
+                        .as_ref()
+                        .map_or(0, |p| p.interval_ms * p.waves.len() as u64)
+            })
             .chain(faults.iter().filter_map(|f| match f.kind {
                 FaultKind::ForceInstall { at_ms, .. }
                 | FaultKind::Command { at_ms, .. }

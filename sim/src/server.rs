@@ -61,10 +61,34 @@ impl ServerFaults {
     }
 }
 
+/// Manifests offered to single devices ahead of everyone else: the waves of a staged rollout.
+#[derive(Default, Debug)]
+pub struct Offers {
+    by_device: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+impl Offers {
+    pub fn offer(&self, device: &str, signed_manifest: Vec<u8>) {
+        self.by_device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(device.to_string(), signed_manifest);
+    }
+
+    fn get(&self, device: &str) -> Option<Vec<u8>> {
+        self.by_device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(device)
+            .cloned()
+    }
+}
+
 #[derive(Clone)]
 struct App {
     store: Arc<ReleaseStore>,
     faults: Arc<ServerFaults>,
+    offers: Arc<Offers>,
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -80,7 +104,13 @@ struct LatestQuery {
     device_id: Option<String>,
 }
 
-async fn latest(State(App { store, .. }): State<App>, Query(q): Query<LatestQuery>) -> Response {
+async fn latest(
+    State(App { store, offers, .. }): State<App>,
+    Query(q): Query<LatestQuery>,
+) -> Response {
+    if let Some(m) = q.device_id.as_deref().and_then(|d| offers.get(d)) {
+        return ([(header::CONTENT_TYPE, "application/json")], m).into_response();
+    }
     let Some(device_type) = q.device_type else {
         return error(StatusCode::BAD_REQUEST, "missing query parameter deviceType (e.g. /firmware/latest?deviceType=otarig-devkit-s3)");
     };
@@ -243,7 +273,7 @@ async fn blob(
 }
 
 /// The server's routes over a store.
-pub fn router(store: Arc<ReleaseStore>, faults: Arc<ServerFaults>) -> Router {
+pub fn router(store: Arc<ReleaseStore>, faults: Arc<ServerFaults>, offers: Arc<Offers>) -> Router {
     Router::new()
         .route("/firmware/latest", get(latest))
         .route(
@@ -252,13 +282,18 @@ pub fn router(store: Arc<ReleaseStore>, faults: Arc<ServerFaults>) -> Router {
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/blobs/{name}", get(blob))
-        .with_state(App { store, faults })
+        .with_state(App {
+            store,
+            faults,
+            offers,
+        })
 }
 
 /// A running server; dropping it does not stop it, [`Server::shutdown`] does.
 pub struct Server {
     pub addr: SocketAddr,
     pub faults: Arc<ServerFaults>,
+    pub offers: Arc<Offers>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -272,7 +307,8 @@ impl Server {
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let faults = Arc::new(ServerFaults::default());
-        let app = router(store, faults.clone());
+        let offers = Arc::new(Offers::default());
+        let app = router(store, faults.clone(), offers.clone());
         let task = tokio::spawn(async move {
             let serve = axum::serve(listener, app).with_graceful_shutdown(async {
                 let _ = stopped.await;
@@ -284,6 +320,7 @@ impl Server {
         Ok(Server {
             addr,
             faults,
+            offers,
             stop: Some(stop),
             task,
         })

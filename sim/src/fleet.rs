@@ -145,7 +145,7 @@ fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
 pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Result<Run> {
     let mut s = scenario.clone();
     if let Some(n) = opts.devices {
-        s.devices = n;
+        s.set_devices(n);
     }
     let prep = prepare(&s)?;
     let dir = tempfile::tempdir().context("creating the store directory")?;

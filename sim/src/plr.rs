@@ -92,7 +92,7 @@ pub struct Report {
 
 fn one_board(s: &Scenario) -> Scenario {
     let mut s = s.clone();
-    s.devices = 1;
+    s.set_devices(1);
     s
 }
 

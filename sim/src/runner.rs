@@ -386,7 +386,7 @@ pub fn run_prepared(
 ) -> anyhow::Result<Run> {
     let mut s = scenario.clone();
     if let Some(n) = opts.devices {
-        s.devices = n;
+        s.set_devices(n);
     }
     if let Some(seed) = opts.seed {
         s.seed = seed;

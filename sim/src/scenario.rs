@@ -293,51 +293,97 @@ struct ExpectDef {
 
 // ---- checked scenario ----------------------------------------------------------------------
 
+/// One end of a board range: an index, or a percentage of the fleet (so a scenario's
+/// selectors still mean the same with `--devices`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bound {
+    Index(u32),
+    Percent(u32),
+}
+
+impl Bound {
+    fn parse(s: &str, part: &str) -> Result<Bound, String> {
+        let s = s.trim();
+        match s.strip_suffix('%') {
+            Some(p) => p
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|p| *p <= 100)
+                .map(Bound::Percent)
+                .ok_or_else(|| format!("'{part}': '{s}' is not a percentage from 0% to 100%")),
+            None => s
+                .parse()
+                .map(Bound::Index)
+                .map_err(|_| format!("'{part}': '{s}' is not a board index or a percentage")),
+        }
+    }
+
+    /// The index this bound stands for in a fleet of `n` boards (percentages round up, as
+    /// rollout waves do).
+    fn at(self, n: u32) -> u32 {
+        match self {
+            Bound::Index(i) => i,
+            Bound::Percent(p) => (n as u64 * p as u64).div_ceil(100) as u32,
+        }
+    }
+}
+
 /// Which boards a fault or expectation applies to (indices 0..devices).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Selector {
+    spec: Vec<(Bound, Bound)>,
+    /// `spec` for the current fleet size.
     ranges: Vec<(u32, u32)>,
     pub text: String,
 }
 
 impl Selector {
     pub fn all() -> Selector {
+        let spec = vec![(Bound::Index(0), Bound::Index(u32::MAX))];
         Selector {
             ranges: vec![(0, u32::MAX)],
+            spec,
             text: "all".into(),
         }
     }
 
-    /// `all`, `N`, `A..B` (B excluded), or a comma-separated list of those.
+    /// `all`, `N`, `A..B` (B excluded), or a comma-separated list of those, where A and B are
+    /// board indices or percentages of the fleet (`0%..10%`). Resolve before use.
     pub fn parse(text: &str) -> Result<Selector, String> {
-        let mut ranges = Vec::new();
+        let mut spec = Vec::new();
         for part in text.split(',').map(str::trim) {
             if part == "all" {
-                ranges.push((0, u32::MAX));
+                spec.push((Bound::Index(0), Bound::Index(u32::MAX)));
             } else if let Some((a, b)) = part.split_once("..") {
-                let a: u32 = a
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("'{part}': start is not a number"))?;
-                let b: u32 = b
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("'{part}': end is not a number"))?;
-                if a >= b {
+                let (a, b) = (Bound::parse(a, part)?, Bound::parse(b, part)?);
+                let empty = match (a, b) {
+                    (Bound::Index(x), Bound::Index(y)) | (Bound::Percent(x), Bound::Percent(y)) => {
+                        x >= y
+                    }
+                    _ => false,
+                };
+                if empty {
                     return Err(format!("'{part}' selects no board (the end is excluded)"));
                 }
-                ranges.push((a, b));
+                spec.push((a, b));
             } else {
                 let n: u32 = part.parse().map_err(|_| {
                     format!("'{part}' is not `all`, a board index or a range `A..B`")
                 })?;
-                ranges.push((n, n + 1));
+                spec.push((Bound::Index(n), Bound::Index(n + 1)));
             }
         }
         Ok(Selector {
-            ranges,
+            spec,
+            ranges: Vec::new(),
             text: text.to_string(),
         })
+    }
+
+    /// Fix the percentages for a fleet of `n` boards.
+    pub fn resolve(&mut self, n: u32) {
+        self.ranges = self.spec.iter().map(|(a, b)| (a.at(n), b.at(n))).collect();
     }
 
     pub fn contains(&self, i: u32) -> bool {
@@ -345,10 +391,12 @@ impl Selector {
     }
 
     fn max_index(&self) -> Option<u32> {
-        self.ranges
+        self.spec
             .iter()
-            .filter(|r| r.1 != u32::MAX)
-            .map(|r| r.1 - 1)
+            .filter_map(|(_, b)| match b {
+                Bound::Index(e) if *e != u32::MAX => Some(e - 1),
+                _ => None,
+            })
             .max()
     }
 }
@@ -616,6 +664,20 @@ impl Ctx<'_> {
 }
 
 impl Scenario {
+    /// Run with `n` boards instead of the file's count; percentage selectors follow.
+    pub fn set_devices(&mut self, n: u32) {
+        self.devices = n;
+        for f in &mut self.faults {
+            f.devices.resolve(n);
+        }
+        for e in &mut self.expects {
+            e.devices.resolve(n);
+        }
+        for (_, sel) in &mut self.channel_of {
+            sel.resolve(n);
+        }
+    }
+
     /// The channel board `i` follows.
     pub fn channel_for(&self, i: u32) -> &str {
         self.channel_of
@@ -826,7 +888,8 @@ impl Scenario {
             match s {
                 None => Ok(Selector::all()),
                 Some(s) => {
-                    let sel = Selector::parse(s.get_ref()).map_err(|m| cx.span(s, m))?;
+                    let mut sel = Selector::parse(s.get_ref()).map_err(|m| cx.span(s, m))?;
+                    sel.resolve(devices);
                     if sel.max_index().is_some_and(|m| m >= devices) {
                         return Err(cx.span(
                             s,
@@ -1254,8 +1317,14 @@ version = "1.0.0"
 
     #[test]
     fn selectors() {
-        let s = Selector::parse("0..3, 7").unwrap();
+        let mut s = Selector::parse("0..3, 7").unwrap();
+        s.resolve(10);
         assert!(s.contains(2) && s.contains(7) && !s.contains(3));
         assert!(Selector::parse("3..3").is_err());
+        let mut p = Selector::parse("0%..10%").unwrap();
+        p.resolve(20);
+        assert!(p.contains(1) && !p.contains(2));
+        p.resolve(1000);
+        assert!(p.contains(99) && !p.contains(100));
     }
 }

@@ -43,6 +43,9 @@ enum Cmd {
         /// Write the event stream as JSON lines (one file per scenario: NAME.jsonl in this dir).
         #[arg(long, value_name = "DIR")]
         events: Option<PathBuf>,
+        /// Write a JUnit XML report (one test case per scenario).
+        #[arg(long, value_name = "PATH")]
+        junit: Option<PathBuf>,
     },
     /// Run scenarios with every board on the wire: an MQTT connection to the broker (embedded,
     /// or --broker) and HTTP to the firmware server, both on loopback.
@@ -60,6 +63,9 @@ enum Cmd {
         /// Write the event stream as JSON lines (NAME.jsonl in this dir).
         #[arg(long, value_name = "DIR")]
         events: Option<PathBuf>,
+        /// Write a JUnit XML report (one test case per scenario).
+        #[arg(long, value_name = "PATH")]
+        junit: Option<PathBuf>,
     },
     /// Check scenario files without running them.
     Check {
@@ -325,7 +331,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             devices,
             seed,
             events,
-        } => run(&files, devices, seed, events.as_deref()),
+            junit,
+        } => run(&files, devices, seed, events.as_deref(), junit.as_deref()),
         Cmd::Plr {
             file,
             exhaustive,
@@ -354,7 +361,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             broker,
             speedup,
             events,
-        } => fleet(&files, devices, broker, speedup, events.as_deref()),
+            junit,
+        } => fleet(
+            &files,
+            devices,
+            broker,
+            speedup,
+            events.as_deref(),
+            junit.as_deref(),
+        ),
         Cmd::Serve { store, listen } => serve(&store, listen),
         Cmd::Release { cmd } => release_cmd(cmd),
         Cmd::Bench {
@@ -559,9 +574,11 @@ fn fleet(
     broker: Option<String>,
     speedup: f64,
     events: Option<&Path>,
+    junit: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new()?;
     let mut failed = false;
+    let mut verdicts = Vec::new();
     for f in files {
         let scenario = match Scenario::load(f) {
             Ok(s) => s,
@@ -600,6 +617,16 @@ fn fleet(
             started.elapsed().as_secs_f64()
         );
         failed |= !failures.is_empty();
+        verdicts.push(summary::Verdict {
+            name: scenario.name.clone(),
+            file: f.display().to_string(),
+            seconds: started.elapsed().as_secs_f64(),
+            failures,
+        });
+    }
+    if let Some(path) = junit {
+        std::fs::write(path, summary::junit("otarig fleet", &verdicts))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(if failed {
         ExitCode::from(1)
@@ -778,7 +805,9 @@ fn run(
     devices: Option<u32>,
     seed: Option<u64>,
     events: Option<&Path>,
+    junit: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
+    let mut verdicts = Vec::new();
     let bar = if files.len() > 1 {
         let b = ProgressBar::new(files.len() as u64);
         b.set_style(
@@ -830,9 +859,19 @@ fn run(
         if !failures.is_empty() {
             failed += 1;
         }
+        verdicts.push(summary::Verdict {
+            name: scenario.name.clone(),
+            file: f.display().to_string(),
+            seconds: started.elapsed().as_secs_f64(),
+            failures,
+        });
         bar.inc(1);
     }
     bar.finish_and_clear();
+    if let Some(path) = junit {
+        std::fs::write(path, summary::junit("otarig run", &verdicts))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(if invalid > 0 {
         ExitCode::from(2)
     } else if failed > 0 {

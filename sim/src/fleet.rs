@@ -155,19 +155,9 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     }
     let server = Server::start(store.clone(), "127.0.0.1:0".parse()?).await?;
     for i in 0..s.devices {
-        let faults: Vec<_> = s
-            .faults
-            .iter()
-            .filter(|f| f.devices.contains(i))
-            .filter_map(|f| match f.kind {
-                FaultKind::Server { fault, times } => Some((fault, times)),
-                _ => None,
-            })
-            .collect();
+        let faults = s.server_faults_for(i);
         if !faults.is_empty() {
-            server
-                .faults
-                .set(&format!("{}-{i:05}", s.device_type), faults);
+            server.faults.set(&s.device_id(i), faults);
         }
     }
     let broker = match &opts.broker {
@@ -274,7 +264,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
                     RolloutCtx {
                         release: prep.releases[k].clone(),
                         signed,
-                        device_type: s.device_type.clone(),
+                        ids: (0..s.devices).map(|i| s.device_id(i)).collect(),
                         offers: server.offers.clone(),
                         store: store.clone(),
                         control: control.clone(),
@@ -309,11 +299,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
                     FaultKind::Command { cmd, repeat, .. } => {
                         let payload = protocol::command(&format!("c-{n}"), *cmd);
                         for i in &targets {
-                            let topic = protocol::device_topic(
-                                PREFIX,
-                                &format!("{}-{i:05}", s.device_type),
-                                Leaf::Cmd,
-                            );
+                            let topic = protocol::device_topic(PREFIX, &s.device_id(*i), Leaf::Cmd);
                             for _ in 0..*repeat {
                                 control
                                     .publish(
@@ -329,11 +315,9 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
                     FaultKind::Payload { topic, text, .. } => {
                         for i in &targets {
                             let t = match topic {
-                                PayloadTopic::Cmd => protocol::device_topic(
-                                    PREFIX,
-                                    &format!("{}-{i:05}", s.device_type),
-                                    Leaf::Cmd,
-                                ),
+                                PayloadTopic::Cmd => {
+                                    protocol::device_topic(PREFIX, &s.device_id(*i), Leaf::Cmd)
+                                }
                                 PayloadTopic::Release => {
                                     protocol::release_topic(PREFIX, &s.device_type, &s.channel)
                                 }
@@ -401,7 +385,8 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
 struct RolloutCtx {
     release: (String, String, Vec<u8>, u64, String),
     signed: Vec<u8>,
-    device_type: String,
+    /// Device id of every board, by index.
+    ids: Vec<String>,
     offers: Arc<crate::server::Offers>,
     store: Arc<ReleaseStore>,
     control: AsyncClient,
@@ -415,7 +400,7 @@ async fn run_rollout(
     cx: RolloutCtx,
 ) -> anyhow::Result<()> {
     let (dt, ch, _, seq, _) = cx.release.clone();
-    let id = |b: u32| format!("{}-{b:05}", cx.device_type);
+    let id = |b: u32| cx.ids[b as usize].clone();
     let mut wave = r.start();
     loop {
         sh.record(

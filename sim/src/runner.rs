@@ -531,7 +531,7 @@ pub(crate) fn new_device(
         }
     }
     Dev {
-        id: format!("{}-{i:05}", s.device_type),
+        id: s.device_id(i),
         board,
         agent: None,
         epoch: 0,
@@ -545,15 +545,7 @@ pub(crate) fn new_device(
         crash_streak: 0,
         crashed_version: String::new(),
         channel: s.channel_for(i).to_string(),
-        server_faults: s
-            .faults
-            .iter()
-            .filter(|f| f.devices.contains(i))
-            .filter_map(|f| match f.kind {
-                FaultKind::Server { fault, times } => Some((fault, times)),
-                _ => None,
-            })
-            .collect(),
+        server_faults: s.server_faults_for(i),
     }
 }
 

@@ -678,6 +678,23 @@ impl Scenario {
         }
     }
 
+    /// The id board `i` uses on MQTT and HTTP.
+    pub fn device_id(&self, i: u32) -> String {
+        format!("{}-{i:05}", self.device_type)
+    }
+
+    /// How the server misbehaves towards board `i`: each fault with how many requests it hits.
+    pub fn server_faults_for(&self, i: u32) -> Vec<(ServerFault, Option<u32>)> {
+        self.faults
+            .iter()
+            .filter(|f| f.devices.contains(i))
+            .filter_map(|f| match f.kind {
+                FaultKind::Server { fault, times } => Some((fault, times)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The channel board `i` follows.
     pub fn channel_for(&self, i: u32) -> &str {
         self.channel_of

@@ -194,13 +194,46 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     o.set_keep_alive(Duration::from_secs(30));
     o.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
     let (control, mut control_loop) = AsyncClient::new(o, 256);
+    let (acked_tx, mut acked_rx) = mpsc::unbounded_channel::<()>();
     let control_task = tokio::spawn(async move {
         loop {
-            if control_loop.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(100)).await; // reconnects on the next poll
+            match control_loop.poll().await {
+                Ok(rumqttc::Event::Incoming(Packet::PubAck(_))) => {
+                    let _ = acked_tx.send(());
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await, // reconnects on the next poll
             }
         }
     });
+    // A broker that outlives runs (an external one) still holds the retained announcements of
+    // earlier runs: clear this fleet's release topics before any board subscribes, and wait for
+    // the broker to confirm, which also proves it is reachable.
+    let mut channels: Vec<&str> = std::iter::once(s.channel.as_str())
+        .chain(s.channel_of.iter().map(|(c, _)| c.as_str()))
+        .collect();
+    channels.sort();
+    channels.dedup();
+    for ch in &channels {
+        control
+            .publish(
+                protocol::release_topic(PREFIX, &s.device_type, ch),
+                QoS::AtLeastOnce,
+                true,
+                Vec::new(),
+            )
+            .await?;
+    }
+    for _ in &channels {
+        match tokio::time::timeout(Duration::from_secs(10), acked_rx.recv()).await {
+            Ok(Some(())) => {}
+            _ => bail!(
+                "the MQTT broker at {}:{} did not acknowledge within 10 s: is it running and reachable?",
+                broker.0,
+                broker.1
+            ),
+        }
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let first_size = s

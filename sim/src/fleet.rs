@@ -314,16 +314,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
                         version,
                     },
                 );
-                let payload =
-                    protocol::announcement(&signed).map_err(|e| anyhow::anyhow!("{e}"))?;
-                control
-                    .publish(
-                        protocol::release_topic(PREFIX, &dt, &ch),
-                        QoS::AtLeastOnce,
-                        true,
-                        payload,
-                    )
-                    .await?;
+                announce(&control, &dt, &ch, &signed).await?;
             }
             Step::Fault(n) => {
                 let f = &s.faults[n];
@@ -415,6 +406,21 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     })
 }
 
+/// Make a signed manifest the retained release announcement of a device type and channel.
+async fn announce(
+    control: &AsyncClient,
+    device_type: &str,
+    channel: &str,
+    signed: &[u8],
+) -> anyhow::Result<()> {
+    let payload = protocol::announcement(signed).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let topic = protocol::release_topic(PREFIX, device_type, channel);
+    control
+        .publish(topic, QoS::AtLeastOnce, true, payload)
+        .await?;
+    Ok(())
+}
+
 struct RolloutCtx {
     release: (String, String, Vec<u8>, u64, String),
     signed: Vec<u8>,
@@ -496,16 +502,7 @@ async fn run_rollout(
             }
             crate::rollout::Step::Done => {
                 cx.store.set_latest(&dt, &ch, &cx.signed)?;
-                let payload =
-                    protocol::announcement(&cx.signed).map_err(|e| anyhow::anyhow!("{e}"))?;
-                cx.control
-                    .publish(
-                        protocol::release_topic(PREFIX, &dt, &ch),
-                        QoS::AtLeastOnce,
-                        true,
-                        payload,
-                    )
-                    .await?;
+                announce(&cx.control, &dt, &ch, &cx.signed).await?;
                 sh.record(
                     u32::MAX,
                     What::Rollout {

@@ -187,20 +187,8 @@ enum ReleaseCmd {
     Add {
         #[arg(long)]
         store: PathBuf,
-        #[arg(long)]
-        image: PathBuf,
-        #[arg(long)]
-        key: String,
-        #[arg(long, default_value_os_t = fixture_dir())]
-        keys_dir: PathBuf,
-        #[arg(long)]
-        device_type: String,
-        #[arg(long, default_value = "stable")]
-        channel: String,
-        #[arg(long)]
-        sequence: u64,
-        #[arg(long, default_value = "30d")]
-        expires_in: String,
+        #[command(flatten)]
+        release: ReleaseArgs,
         /// Older images to offer delta patches from (repeatable).
         #[arg(long)]
         delta_from: Vec<PathBuf>,
@@ -270,25 +258,66 @@ enum SelfTestArg {
     Fail,
 }
 
+/// What a release is: the image, who signs it, for which boards, until when.
+#[derive(clap::Args)]
+struct ReleaseArgs {
+    #[arg(long)]
+    image: PathBuf,
+    /// Key id: a PEM file KEY.pem in --keys-dir.
+    #[arg(long)]
+    key: String,
+    #[arg(long, default_value_os_t = fixture_dir())]
+    keys_dir: PathBuf,
+    #[arg(long)]
+    device_type: String,
+    #[arg(long, default_value = "stable")]
+    channel: String,
+    #[arg(long)]
+    sequence: u64,
+    #[arg(long, default_value = "30d")]
+    expires_in: String,
+}
+
+impl ReleaseArgs {
+    /// Read and verify the image, load the key, and describe the image in a manifest.
+    fn load(&self) -> anyhow::Result<(Vec<u8>, NamedKey, Manifest)> {
+        let bytes = read(&self.image)?;
+        let info = verify_bytes(&bytes).with_context(|| {
+            format!(
+                "{} is not a bootable ESP32-S3 app image",
+                self.image.display()
+            )
+        })?;
+        let key = NamedKey::load(&self.keys_dir, &self.key)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let ttl = parse_duration(&self.expires_in).map_err(anyhow::Error::msg)? / 1000;
+        let m = Manifest {
+            format: manifest::FORMAT,
+            device_type: self.device_type.clone(),
+            channel: self.channel.clone(),
+            version: info.desc.version.to_string(),
+            secure_version: info.desc.secure_version,
+            sequence: self.sequence,
+            size: bytes.len() as u32,
+            sha256: hex::encode(info.sha256),
+            url: None,
+            cid: None,
+            deltas: Vec::new(),
+            issued_at: now,
+            expires_at: now + ttl,
+        };
+        Ok((bytes, key, m))
+    }
+}
+
 #[derive(Subcommand)]
 enum ManifestCmd {
     /// Sign a manifest for an image.
     Sign {
-        #[arg(long)]
-        image: PathBuf,
-        /// Key id: a PEM file KEY.pem in --keys-dir.
-        #[arg(long)]
-        key: String,
-        #[arg(long, default_value_os_t = fixture_dir())]
-        keys_dir: PathBuf,
-        #[arg(long)]
-        device_type: String,
-        #[arg(long, default_value = "stable")]
-        channel: String,
-        #[arg(long)]
-        sequence: u64,
-        #[arg(long, default_value = "30d")]
-        expires_in: String,
+        #[command(flatten)]
+        release: ReleaseArgs,
         #[arg(long)]
         url: Option<String>,
         #[arg(short, long)]
@@ -487,51 +516,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Manifest {
-            cmd:
-                ManifestCmd::Sign {
-                    image,
-                    key,
-                    keys_dir,
-                    device_type,
-                    channel,
-                    sequence,
-                    expires_in,
-                    url,
-                    out,
-                },
+            cmd: ManifestCmd::Sign { release, url, out },
         } => {
-            let bytes =
-                std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
-            let info = verify_bytes(&bytes).with_context(|| {
-                format!("{} is not a bootable ESP32-S3 app image", image.display())
-            })?;
-            let key = NamedKey::load(&keys_dir, &key)?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_secs();
-            let ttl = parse_duration(&expires_in).map_err(anyhow::Error::msg)? / 1000;
-            let m = Manifest {
-                format: manifest::FORMAT,
-                device_type,
-                channel,
-                version: info.desc.version.to_string(),
-                secure_version: info.desc.secure_version,
-                sequence,
-                size: bytes.len() as u32,
-                sha256: hex::encode(info.sha256),
-                url,
-                cid: None,
-                deltas: Vec::new(),
-                issued_at: now,
-                expires_at: now + ttl,
-            };
+            let (_, key, mut m) = release.load()?;
+            m.url = url;
             std::fs::write(&out, key.sign_manifest(&m))
                 .with_context(|| format!("writing {}", out.display()))?;
             println!(
-                "wrote {} ({} {} seq {sequence}, signed by {})",
+                "wrote {} ({} {} seq {}, signed by {})",
                 out.display(),
                 m.device_type,
                 m.version,
+                m.sequence,
                 key.id
             );
             Ok(ExitCode::SUCCESS)
@@ -656,43 +652,15 @@ fn release_cmd(cmd: ReleaseCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         ReleaseCmd::Add {
             store,
-            image,
-            key,
-            keys_dir,
-            device_type,
-            channel,
-            sequence,
-            expires_in,
+            release,
             delta_from,
         } => {
-            let bytes = read(&image)?;
-            let info = verify_bytes(&bytes).with_context(|| {
-                format!("{} is not a bootable ESP32-S3 app image", image.display())
-            })?;
-            let key = NamedKey::load(&keys_dir, &key)?;
+            let (bytes, key, m) = release.load()?;
             let olds = delta_from
                 .iter()
                 .map(|p| read(p))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_secs();
-            let ttl = parse_duration(&expires_in).map_err(anyhow::Error::msg)? / 1000;
-            let m = Manifest {
-                format: manifest::FORMAT,
-                device_type,
-                channel,
-                version: info.desc.version.to_string(),
-                secure_version: info.desc.secure_version,
-                sequence,
-                size: 0,
-                sha256: String::new(),
-                url: None,
-                cid: None,
-                deltas: Vec::new(),
-                issued_at: now,
-                expires_at: now + ttl,
-            };
+            let now = m.issued_at;
             let entry = ReleaseStore::open(&store)?.publish(&key, m, &bytes, &olds, now)?;
             println!(
                 "released {} {} (sequence {}) on {}: image {}, {} patch(es), log entry {}",

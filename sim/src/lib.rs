@@ -8,12 +8,13 @@
 //! Module map:
 //! - [`flash`], [`partition`], [`otadata`], [`board`]: the simulated hardware and ESP-IDF;
 //! - [`appimage`]: building ESP-IDF app images that carry a simulated behaviour;
-//! - [`keys`], [`store`]: signing releases and serving them;
+//! - [`keys`], [`store`], [`release_store`], [`cid`], [`server`]: signing releases and serving them;
 //! - [`scenario`], [`runner`], [`expect`], [`summary`]: scenarios, runs and their verdicts.
 
 pub mod appimage;
 pub mod board;
 pub mod broker;
+pub mod cid;
 pub mod delta;
 pub mod expect;
 pub mod flash;

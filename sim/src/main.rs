@@ -663,12 +663,13 @@ fn release_cmd(cmd: ReleaseCmd) -> anyhow::Result<ExitCode> {
             let now = m.issued_at;
             let entry = ReleaseStore::open(&store)?.publish(&key, m, &bytes, &olds, now)?;
             println!(
-                "released {} {} (sequence {}) on {}: image {}, {} patch(es), log entry {}",
+                "released {} {} (sequence {}) on {}: image {} (ipfs {}), {} patch(es), log entry {}",
                 entry.device_type,
                 entry.version,
                 entry.sequence,
                 entry.channel,
                 entry.image_sha256,
+                entry.image_cid,
                 entry.deltas_from.len(),
                 entry.seq
             );

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! DIR/blobs/<sha256>                       images and delta patches, by content
+//! DIR/cids/<cid>                           the SHA-256 of the blob whose IPFS CIDv1 is <cid>
 //! DIR/manifests/<device_type>/<channel>.json   the latest signed manifest
 //! DIR/releases.log                         append-only, hash-chained, signed release log
 //! DIR/acks.jsonl                           what boards reported
@@ -39,6 +40,9 @@ pub struct LogEntry {
     pub version: String,
     pub sequence: u64,
     pub image_sha256: String,
+    /// The image's IPFS CIDv1 (`ipfs add --cid-version 1`), served at `/ipfs/<cid>`.
+    #[serde(default)]
+    pub image_cid: String,
     pub manifest_sha256: String,
     pub deltas_from: Vec<String>,
 }
@@ -67,7 +71,7 @@ pub fn check_name(what: &str, s: &str) -> anyhow::Result<()> {
 impl ReleaseStore {
     /// Open (and create, if needed) a store directory.
     pub fn open(root: &Path) -> anyhow::Result<ReleaseStore> {
-        for sub in ["blobs", "manifests"] {
+        for sub in ["blobs", "manifests", "cids"] {
             std::fs::create_dir_all(root.join(sub))
                 .with_context(|| format!("creating {}", root.join(sub).display()))?;
         }
@@ -84,14 +88,25 @@ impl ReleaseStore {
         self.root.join("blobs")
     }
 
-    /// Store bytes under their SHA-256; returns the hash.
+    /// Store bytes under their SHA-256, and index them by IPFS CID; returns the hash.
     pub fn put_blob(&self, bytes: &[u8]) -> anyhow::Result<[u8; 32]> {
         let sha = sha256(bytes);
         let path = self.blob_dir().join(hex::encode(sha));
         if !path.exists() {
+            // Index first: a blob that is served under its hash is also found by its CID.
+            let cid_path = self.root.join("cids").join(crate::cid::cid_v1(bytes));
+            write_atomically(&cid_path, hex::encode(sha).as_bytes())?;
             write_atomically(&path, bytes)?;
         }
         Ok(sha)
+    }
+
+    /// The SHA-256 of the blob a CIDv1 (canonical form, see [`crate::cid::canonical`]) names.
+    pub fn sha_of_cid(&self, cid: &str) -> Option<[u8; 32]> {
+        let text = std::fs::read_to_string(self.root.join("cids").join(cid)).ok()?;
+        let mut sha = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut sha).ok()?;
+        Some(sha)
     }
 
     /// Store bytes under a given name (a copy of another store, or a deliberately tampered
@@ -214,6 +229,7 @@ impl ReleaseStore {
             version: m.version.clone(),
             sequence: m.sequence,
             image_sha256: m.sha256.clone(),
+            image_cid: crate::cid::cid_v1(image),
             manifest_sha256: hex::encode(sha256(&signed)),
             deltas_from: m.deltas.iter().map(|d| d.from_sha256.clone()).collect(),
         };

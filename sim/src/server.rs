@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /firmware/latest?deviceType=T[&channel=C][&deviceId=D]` | the latest signed manifest for T/C (channel defaults to `stable`); 404 when there is none |
 //! | `GET /blobs/<sha256>[?deviceId=D]` | an image or patch, with single `Range` (206), strong `ETag`, `If-None-Match` (304) and `If-Match` (412): a resume sends `If-Match` so it never mixes two blobs |
+//! | `GET /ipfs/<cid>[?deviceId=D]` | the same blob by its IPFS CIDv1 (as `ipfs add --cid-version 1` names it), same headers and faults |
 //! | `POST /ack` | a board's ack (the MQTT `ack` payload); 204, or 400 saying what is wrong |
 //! | `GET /healthz` | 200 `ok` |
 //!
@@ -204,7 +205,7 @@ async fn blob(
     State(app): State<App>,
     Path(name): Path<String>,
     Query(q): Query<BlobQuery>,
-    mut req: Request,
+    req: Request,
 ) -> Response {
     if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
         return error(
@@ -212,6 +213,33 @@ async fn blob(
             format!("'{name}' is not a SHA-256 (64 hex digits)"),
         );
     }
+    serve_blob(app, name.to_ascii_lowercase(), q, req).await
+}
+
+async fn ipfs(
+    State(app): State<App>,
+    Path(cid): Path<String>,
+    Query(q): Query<BlobQuery>,
+    req: Request,
+) -> Response {
+    let cid = match crate::cid::canonical(&cid) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let store = app.store.clone();
+    let key = cid.clone();
+    match tokio::task::spawn_blocking(move || store.sha_of_cid(&key)).await {
+        Ok(Some(sha)) => serve_blob(app, hex::encode(sha), q, req).await,
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no blob with CID {cid} in this store (publish it with `otarig release add`)"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Serve the blob stored under `name` (a SHA-256 in hex), applying the device's faults.
+async fn serve_blob(app: App, name: String, q: BlobQuery, mut req: Request) -> Response {
     let path = app.store.blob_dir().join(&name);
     let total = tokio::fs::metadata(&path)
         .await
@@ -282,6 +310,7 @@ pub fn router(store: Arc<ReleaseStore>, faults: Arc<ServerFaults>, offers: Arc<O
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/blobs/{name}", get(blob))
+        .route("/ipfs/{cid}", get(ipfs))
         .with_state(App {
             store,
             faults,

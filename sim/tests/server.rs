@@ -121,7 +121,7 @@ async fn manifests_blobs_and_acks_over_http() {
     assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
     let r = http
         .get(&url)
-        .header(header::IF_NONE_MATCH, etag)
+        .header(header::IF_NONE_MATCH, etag.clone())
         .send()
         .await
         .unwrap();
@@ -132,6 +132,39 @@ async fn manifests_blobs_and_acks_over_http() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // The same blob by its IPFS CID: same bytes, same ETag, Range works; unknown or malformed
+    // CIDs say so.
+    let cid = otarig::cid::cid_v1(&v2);
+    assert!(
+        cid.starts_with("bafkrei"),
+        "a one-chunk image is a raw leaf: {cid}"
+    );
+    let r = http
+        .get(format!("{base}/ipfs/{cid}"))
+        .header(header::RANGE, "bytes=1000-1999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.headers().get(header::ETAG), Some(&etag));
+    assert_eq!(&r.bytes().await.unwrap()[..], &v2[1000..2000]);
+    let r = http
+        .get(format!(
+            "{base}/ipfs/{}",
+            otarig::cid::cid_v1(b"not released")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = http
+        .get(format!("{base}/ipfs/not-a-cid"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.text().await.unwrap().contains("not a CID"));
 
     // Acks: a good one is recorded, a malformed one says what is wrong.
     let ok = r#"{"v":1,"device":"d-1","sequence":2,"version":"2.0.0","outcome":"installed","detail":""}"#;

@@ -52,6 +52,9 @@ struct Seen {
     boots: u32,
     reports: u32,
     fetch_retries: u32,
+    /// When the first download started and when its image was verified.
+    download_started: Option<u64>,
+    download_verified: Option<u64>,
 }
 
 fn distil(records: &[Record], device: u32) -> Seen {
@@ -79,8 +82,12 @@ fn distil(records: &[Record], device: u32) -> Seen {
                 s.rolled_back = true;
                 s.failures.push(reason.clone());
             }
-            What::Agent(Event::Downloading { resumed_from, .. }) if *resumed_from > 0 => {
-                s.resumed = true
+            What::Agent(Event::Downloading { resumed_from, .. }) => {
+                s.resumed |= *resumed_from > 0;
+                s.download_started.get_or_insert(r.t_ms);
+            }
+            What::Agent(Event::Verified { .. }) if s.download_started.is_some() => {
+                s.download_verified.get_or_insert(r.t_ms);
             }
             What::Agent(Event::StorageError { during, error }) => {
                 s.storage_errors.push(format!("{during}: {error}"))
@@ -275,6 +282,17 @@ fn check_one(c: &Check, d: &DeviceReport, s: &Seen) -> Result<(), (String, Strin
                 )
             }
         }
+        Check::MinDownloadMs(ms) => match (s.download_started, s.download_verified) {
+            (Some(a), Some(b)) if b - a >= *ms => Ok(()),
+            (Some(a), Some(b)) => fail(
+                format!("a download taking at least {} ms", ms),
+                format!("{} ms", b - a),
+            ),
+            _ => fail(
+                format!("a download taking at least {} ms", ms),
+                "no completed download".into(),
+            ),
+        },
         Check::FetchRetries(n) => {
             if s.fetch_retries == *n {
                 Ok(())
@@ -428,5 +446,6 @@ pub fn falsified(c: &Check) -> Check {
         Check::Boots(n) => Check::Boots(n + 1),
         Check::Reports(n) => Check::Reports(n + 1),
         Check::FetchRetries(n) => Check::FetchRetries(n + 1),
+        Check::MinDownloadMs(ms) => Check::MinDownloadMs(ms * 100 + 1),
     }
 }

@@ -154,6 +154,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         store.put_blob_as(sha, bytes)?;
     }
     let server = Server::start(store.clone(), "127.0.0.1:0".parse()?).await?;
+    server.faults.set_speedup(opts.speedup.max(1.0));
     for i in 0..s.devices {
         let faults = s.server_faults_for(i);
         if !faults.is_empty() {
@@ -804,20 +805,31 @@ fn spawn_fetch(
     tokio::spawn(async move {
         let url = format!("{}/blobs/{}?deviceId={device}", sh.server, hex::encode(sha));
         let range = format!("bytes={}-{}", offset, offset as u64 + len as u64 - 1);
+        // Like esp_http_client's `timeout_ms`, the timeout bounds each wait for the network
+        // (the answer's head, then every read), not the whole transfer: a slow but moving
+        // download is not cut off.
         let timeout = sh.clock.real(runner::FETCH_TIMEOUT_MS);
-        let resp = match sh
-            .http
-            .get(url)
-            .header("Range", range)
-            .timeout(timeout)
-            .send()
-            .await
+        let idle = || {
+            format!(
+                "no data within {} s",
+                runner::FETCH_TIMEOUT_MS / 1000
+            )
+        };
+        let resp = match tokio::time::timeout(
+            timeout,
+            sh.http.get(url).header("Range", range).send(),
+        )
+        .await
         {
-            Ok(r) => r,
-            Err(e) => {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 let _ = tx
                     .send(Io::FetchFailed(format!("request failed: {e}")))
                     .await;
+                return;
+            }
+            Err(_) => {
+                let _ = tx.send(Io::FetchFailed(idle())).await;
                 return;
             }
         };
@@ -830,7 +842,11 @@ fn spawn_fetch(
         let mut pos = if status.as_u16() == 200 { 0 } else { offset };
         let mut resp = resp;
         loop {
-            match resp.chunk().await {
+            let Ok(next) = tokio::time::timeout(timeout, resp.chunk()).await else {
+                let _ = tx.send(Io::FetchFailed(idle())).await;
+                return;
+            };
+            match next {
                 Ok(Some(chunk)) => {
                     let n = chunk.len() as u32;
                     if tx

@@ -676,7 +676,17 @@ impl World {
     }
 
     /// Answer a range request; with `cut`, the connection drops at that blob position.
-    fn serve(&mut self, d: usize, sha256: [u8; 32], offset: u32, len: u64, cut: Option<u64>) {
+    /// Answer a range request: the bytes arrive after the latency plus their transfer time at
+    /// the board's link speed, or at `throttle` bytes per second when the server paces them.
+    fn serve(
+        &mut self,
+        d: usize,
+        sha256: [u8; 32],
+        offset: u32,
+        len: u64,
+        cut: Option<u64>,
+        throttle: Option<u32>,
+    ) {
         let now = self.now;
         match self.store.serve(&sha256, offset as u64, len) {
             Served::Bytes(mut data) => {
@@ -688,7 +698,11 @@ impl World {
                 }
                 let n = data.len() as u64;
                 self.devs[d].fetched += n;
-                let t = now + LATENCY_MS + n.div_ceil(BYTES_PER_MS);
+                let transfer = match throttle {
+                    Some(bps) => (n * 1000).div_ceil(bps.max(1) as u64),
+                    None => n.div_ceil(BYTES_PER_MS),
+                };
+                let t = now + LATENCY_MS + transfer;
                 self.schedule(d, t, Ev::Body { offset, data });
                 match dropped {
                     Some(n) => self.schedule(
@@ -917,8 +931,12 @@ impl World {
                     ServerFault::DropAfterPercent(p) => {
                         start < cut_of(p) && cut_of(p) < end.min(total)
                     }
-                    _ => true,
+                    f => f.shapes_answer(),
                 });
+                let throttle = match self.devs[d].server_fault(|f| !f.shapes_answer()) {
+                    Some(ServerFault::Throttle(bps)) => Some(bps),
+                    _ => None,
+                };
                 match fault {
                     Some(ServerFault::Status(st)) => {
                         self.schedule(d, now + LATENCY_MS, Ev::FetchFailed(format!("HTTP {st}")))
@@ -928,11 +946,15 @@ impl World {
                         now + FETCH_TIMEOUT_MS,
                         Ev::FetchFailed(format!("no answer within {} s", FETCH_TIMEOUT_MS / 1000)),
                     ),
-                    Some(ServerFault::NoRange) => self.serve(d, sha256, 0, u64::MAX, None),
-                    Some(ServerFault::DropAfterPercent(p)) => {
-                        self.serve(d, sha256, offset, len as u64, Some(cut_of(p)))
+                    Some(ServerFault::NoRange) => {
+                        self.serve(d, sha256, 0, u64::MAX, None, throttle)
                     }
-                    None => self.serve(d, sha256, offset, len as u64, None),
+                    Some(ServerFault::DropAfterPercent(p)) => {
+                        self.serve(d, sha256, offset, len as u64, Some(cut_of(p)), throttle)
+                    }
+                    Some(ServerFault::Throttle(_)) | None => {
+                        self.serve(d, sha256, offset, len as u64, None, throttle)
+                    }
                 }
             }
             Action::Report(e) => {

@@ -199,6 +199,9 @@ struct ServerFaultDef {
     status: Option<u16>,
     #[serde(default)]
     stall: bool,
+    /// Bytes per second, as a number or a string with a unit ("32 KiB/s", "1 MB/s").
+    #[serde(default)]
+    throttle: Option<toml::Value>,
     #[serde(default)]
     times: Option<u32>,
 }
@@ -289,6 +292,8 @@ struct ExpectDef {
     reports: Option<u32>,
     #[serde(default)]
     fetch_retries: Option<u32>,
+    #[serde(default)]
+    min_download_time: Option<String>,
 }
 
 // ---- checked scenario ----------------------------------------------------------------------
@@ -483,6 +488,52 @@ pub enum ServerFault {
     Status(u16),
     /// No answer at all; the board's request times out.
     Stall,
+    /// Bodies trickle at this many bytes per second (virtual time). Unlike the others, a
+    /// throttle combines with another fault on the same request.
+    Throttle(u32),
+}
+
+impl ServerFault {
+    /// Whether this fault decides the answer to a request (all but [`ServerFault::Throttle`],
+    /// which only paces it).
+    pub fn shapes_answer(self) -> bool {
+        !matches!(self, ServerFault::Throttle(_))
+    }
+}
+
+/// A rate such as `32768`, `"32 KiB/s"`, `"1.5 MB/s"` or `"800 B/s"`, in bytes per second.
+pub fn parse_rate(v: &toml::Value) -> Result<u32, String> {
+    let bad = || {
+        format!("throttle = {v} is not a rate: give bytes per second (32768) or a string like \"32 KiB/s\", \"1 MB/s\"")
+    };
+    let bps = match v {
+        toml::Value::Integer(n) => *n as f64,
+        toml::Value::String(s) => {
+            let s = s.trim();
+            let s = s.strip_suffix("/s").ok_or_else(bad)?.trim_end();
+            let split = s
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(s.len());
+            let (num, unit) = s.split_at(split);
+            let n: f64 = num.parse().map_err(|_| bad())?;
+            let mult = match unit.trim() {
+                "B" | "" => 1.0,
+                "kB" | "KB" => 1e3,
+                "KiB" => 1024.0,
+                "MB" => 1e6,
+                "MiB" => 1024.0 * 1024.0,
+                _ => return Err(bad()),
+            };
+            n * mult
+        }
+        _ => return Err(bad()),
+    };
+    if !(1.0..=u32::MAX as f64).contains(&bps) {
+        return Err(format!(
+            "throttle = {v} must be between 1 B/s and 4 GB/s"
+        ));
+    }
+    Ok(bps as u32)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -527,6 +578,9 @@ pub enum Check {
     Boots(u32),
     Reports(u32),
     FetchRetries(u32),
+    /// The first download took at least this long (from its start to the image's hash check):
+    /// proves a throttle really paced the bytes.
+    MinDownloadMs(u64),
 }
 
 impl Check {
@@ -550,6 +604,7 @@ impl Check {
             Check::Boots(_) => "boots",
             Check::Reports(_) => "reports",
             Check::FetchRetries(_) => "fetch-retries",
+            Check::MinDownloadMs(_) => "min-download-time",
         }
     }
 }
@@ -969,10 +1024,15 @@ impl Scenario {
                 if d.stall {
                     kinds.push(ServerFault::Stall);
                 }
+                if let Some(rate) = &d.throttle {
+                    kinds.push(ServerFault::Throttle(
+                        parse_rate(rate).map_err(|e| cx.span(sv, e))?,
+                    ));
+                }
                 if kinds.len() != 1 {
                     return Err(cx.span(
                         sv,
-                        "a server fault is exactly one of drop-after, no-range, status or stall",
+                        "a server fault is exactly one of drop-after, no-range, status, stall or throttle (give two [[fault]] tables to combine them)",
                     ));
                 }
                 faults.push(Fault {
@@ -1179,6 +1239,11 @@ impl Scenario {
             if let Some(n) = d.fetch_retries {
                 checks.push(Check::FetchRetries(n));
             }
+            if let Some(t) = &d.min_download_time {
+                checks.push(Check::MinDownloadMs(parse_duration(t).map_err(|m| {
+                    bad(format!("min-download-time = '{t}': {m}"))
+                })?));
+            }
             if checks.is_empty() {
                 return Err(bad(
                     "this [[expect]] block checks nothing: add a key such as version = \"2.0.0\""
@@ -1321,6 +1386,19 @@ version = "1.0.0"
         let e = Scenario::parse(Path::new("t.toml"), &text).unwrap_err();
         assert_eq!(e.line, 6, "{e}");
         assert!(e.message.contains("device_typo"), "{e}");
+    }
+
+    #[test]
+    fn throttle_rates() {
+        let v = |s: &str| toml::Value::String(s.into());
+        assert_eq!(parse_rate(&v("32 KiB/s")), Ok(32 * 1024));
+        assert_eq!(parse_rate(&v("1.5MB/s")), Ok(1_500_000));
+        assert_eq!(parse_rate(&v("800 B/s")), Ok(800));
+        assert_eq!(parse_rate(&toml::Value::Integer(4096)), Ok(4096));
+        for bad in ["32 KiB", "fast/s", "3 GiB/s", "0 B/s"] {
+            assert!(parse_rate(&v(bad)).is_err(), "{bad}");
+        }
+        assert!(parse_rate(&toml::Value::Integer(-5)).is_err());
     }
 
     #[test]

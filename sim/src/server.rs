@@ -12,7 +12,8 @@
 //!
 //! Fault injection ([`ServerFaults`]) lives here, so it works the same for simulated and real
 //! boards: per device id, a blob request can fail with an HTTP status, never be answered,
-//! ignore `Range`, or have its connection dropped at a given point of the blob.
+//! ignore `Range`, have its connection dropped at a given point of the blob, or trickle at a
+//! given rate.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,9 +39,25 @@ pub type CountedFault = (ServerFault, Option<u32>);
 #[derive(Default, Debug)]
 pub struct ServerFaults {
     by_device: Mutex<HashMap<String, Vec<CountedFault>>>,
+    /// Virtual time runs this many times faster than real time for the boards (the wire
+    /// fleet's speedup; 0 means 1): a throttle of B/s virtual is B x speedup real.
+    speedup: std::sync::atomic::AtomicU32,
 }
 
 impl ServerFaults {
+    /// Pace throttled bodies for boards whose clock runs `speedup` times real time.
+    pub fn set_speedup(&self, speedup: f64) {
+        self.speedup.store(
+            speedup.clamp(1.0, 1e6) as u32,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn real_rate(&self, bytes_per_s: u32) -> f64 {
+        let s = self.speedup.load(std::sync::atomic::Ordering::Relaxed).max(1);
+        bytes_per_s as f64 * s as f64
+    }
+
     /// Faults for one device: each applies `times` times (None: always), first match first.
     pub fn set(&self, device: &str, faults: Vec<CountedFault>) {
         self.by_device
@@ -251,8 +268,14 @@ async fn serve_blob(app: App, name: String, q: BlobQuery, mut req: Request) -> R
         app.faults.take(d, |f| match f {
             // A drop bites the response that would carry the byte where it happens.
             ServerFault::DropAfterPercent(p) => start < cut_of(p) && cut_of(p) < end.min(total),
-            _ => true,
+            f => f.shapes_answer(),
         })
+    });
+    let throttle = q.device_id.as_deref().and_then(|d| {
+        match app.faults.take(d, |f| !f.shapes_answer()) {
+            Some(ServerFault::Throttle(bps)) => Some(app.faults.real_rate(bps)),
+            _ => None,
+        }
     });
     match fault {
         Some(ServerFault::Status(st)) => {
@@ -276,6 +299,10 @@ async fn serve_blob(app: App, name: String, q: BlobQuery, mut req: Request) -> R
         Ok(r) => r.map(axum::body::Body::new),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
+    let resp = match throttle {
+        Some(rate) => resp.map(|body| paced(body, rate)),
+        None => resp,
+    };
     let Some(ServerFault::DropAfterPercent(p)) = fault else {
         return resp;
     };
@@ -298,6 +325,27 @@ async fn serve_blob(app: App, name: String, q: BlobQuery, mut req: Request) -> R
         parts,
         axum::body::Body::from_stream(futures_util::stream::iter(chunks)),
     )
+}
+
+/// A body that yields its bytes no faster than `bytes_per_s`, in slices of about 50 ms.
+fn paced(body: axum::body::Body, bytes_per_s: f64) -> axum::body::Body {
+    use futures_util::StreamExt;
+    let slice = ((bytes_per_s / 20.0) as usize).clamp(1, 64 * 1024);
+    let start = tokio::time::Instant::now();
+    let state = (body.into_data_stream(), 0u64, axum::body::Bytes::new());
+    let stream = futures_util::stream::unfold(state, move |(mut inner, sent, mut pending)| async move {
+        if pending.is_empty() {
+            match inner.next().await? {
+                Ok(b) => pending = b,
+                Err(e) => return Some((Err(std::io::Error::other(e)), (inner, sent, pending))),
+            }
+        }
+        let piece = pending.split_to(slice.min(pending.len()));
+        let sent = sent + piece.len() as u64;
+        tokio::time::sleep_until(start + std::time::Duration::from_secs_f64(sent as f64 / bytes_per_s)).await;
+        Some((Ok(piece), (inner, sent, pending)))
+    });
+    axum::body::Body::from_stream(stream)
 }
 
 /// The server's routes over a store.

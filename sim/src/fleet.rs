@@ -41,10 +41,65 @@ pub struct FleetOptions {
     pub devices: Option<u32>,
     /// `mqtt://host:port` of an external broker instead of the embedded one.
     pub broker: Option<String>,
+    /// `http://host:port` of an external firmware server (`otarig serve`) instead of the
+    /// embedded one. It must already hold the scenario's blobs (`otarig release stage`); the
+    /// fleet still announces each release over MQTT at its time.
+    pub server: Option<String>,
     /// Virtual milliseconds per real millisecond.
     pub speedup: f64,
     /// End the run after this much virtual quiet (no event on any board).
     pub quiet_ms: u64,
+    /// Each board publishes telemetry this often (virtual ms; 0: never).
+    pub telemetry_ms: u64,
+    /// Filled in as the run goes, from the telemetry the broker delivers (for a progress bar).
+    pub progress: Option<Arc<FleetProgress>>,
+}
+
+/// How many boards have each value, sorted by value.
+pub type Tally = Vec<(String, u32)>;
+
+/// What the operator sees of a running fleet: each board's latest telemetry sample as
+/// received from the broker (so it shows what a real fleet dashboard would, not the boards'
+/// memory).
+#[derive(Debug, Default)]
+pub struct FleetProgress {
+    latest: Mutex<std::collections::HashMap<String, (String, String)>>,
+    samples: AtomicU64,
+    pub boards: AtomicU64,
+}
+
+impl FleetProgress {
+    fn sample(&self, payload: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return;
+        };
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_string();
+        self.samples.fetch_add(1, Ordering::Relaxed);
+        self.latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(field("device"), (field("activity"), field("version")));
+    }
+
+    /// Telemetry samples received so far.
+    pub fn samples(&self) -> u64 {
+        self.samples.load(Ordering::Relaxed)
+    }
+
+    /// Boards by activity and by running version, from their latest sample, sorted by name.
+    pub fn counts(&self) -> (Tally, Tally) {
+        let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_activity = std::collections::BTreeMap::new();
+        let mut by_version = std::collections::BTreeMap::new();
+        for (activity, version) in latest.values() {
+            *by_activity.entry(activity.clone()).or_insert(0) += 1;
+            *by_version.entry(version.clone()).or_insert(0) += 1;
+        }
+        (
+            by_activity.into_iter().collect(),
+            by_version.into_iter().collect(),
+        )
+    }
 }
 
 impl Default for FleetOptions {
@@ -52,8 +107,11 @@ impl Default for FleetOptions {
         FleetOptions {
             devices: None,
             broker: None,
+            server: None,
             speedup: 50.0,
             quiet_ms: 150_000,
+            telemetry_ms: 1_000,
+            progress: None,
         }
     }
 }
@@ -88,6 +146,7 @@ struct Shared {
     broker: (String, u16),
     cfg: Config,
     acked: Mutex<HashSet<(String, u64, &'static str)>>,
+    telemetry_ms: u64,
 }
 
 impl Shared {
@@ -149,18 +208,28 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     }
     let prep = prepare(&s)?;
     let dir = tempfile::tempdir().context("creating the store directory")?;
-    let store = Arc::new(ReleaseStore::open(dir.path())?);
-    for (sha, bytes) in prep.store.blobs() {
-        store.put_blob_as(sha, bytes)?;
-    }
-    let server = Server::start(store.clone(), "127.0.0.1:0".parse()?).await?;
-    server.faults.set_speedup(opts.speedup.max(1.0));
-    for i in 0..s.devices {
-        let faults = s.server_faults_for(i);
-        if !faults.is_empty() {
-            server.faults.set(&s.device_id(i), faults);
+    let (local, server_url) = match &opts.server {
+        None => {
+            let store = Arc::new(ReleaseStore::open(dir.path())?);
+            for (sha, bytes) in prep.store.blobs() {
+                store.put_blob_as(sha, bytes)?;
+            }
+            let server = Server::start(store.clone(), "127.0.0.1:0".parse()?).await?;
+            server.faults.set_speedup(opts.speedup.max(1.0));
+            for i in 0..s.devices {
+                let faults = s.server_faults_for(i);
+                if !faults.is_empty() {
+                    server.faults.set(&s.device_id(i), faults);
+                }
+            }
+            let url = server.url();
+            (Some((server, store)), url)
         }
-    }
+        Some(url) => {
+            check_external_server(&s, &prep, url).await?;
+            (None, url.trim_end_matches('/').to_string())
+        }
+    };
     let broker = match &opts.broker {
         Some(url) => parse_broker(url)?,
         None => {
@@ -180,11 +249,16 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(1)
             .build()?,
-        server: server.url(),
+        server: server_url,
         broker: broker.clone(),
         cfg: prep.cfg_template.clone(),
         acked: Mutex::new(HashSet::new()),
+        telemetry_ms: opts.telemetry_ms,
     });
+    let progress = opts.progress.clone();
+    if let Some(p) = &progress {
+        p.boards.store(s.devices as u64, Ordering::Relaxed);
+    }
 
     // The server's own MQTT client: release announcements and commands.
     let mut o = MqttOptions::new(
@@ -201,6 +275,11 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
             match control_loop.poll().await {
                 Ok(rumqttc::Event::Incoming(Packet::PubAck(_))) => {
                     let _ = acked_tx.send(());
+                }
+                Ok(rumqttc::Event::Incoming(Packet::Publish(p))) => {
+                    if let Some(pr) = &progress {
+                        pr.sample(&p.payload);
+                    }
                 }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await, // reconnects on the next poll
@@ -224,6 +303,10 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
                 Vec::new(),
             )
             .await?;
+    }
+    if opts.progress.is_some() && opts.telemetry_ms > 0 {
+        let all = protocol::device_topic(PREFIX, "+", Leaf::Telemetry);
+        control.subscribe(all, QoS::AtMostOnce).await?;
     }
     for _ in &channels {
         match tokio::time::timeout(Duration::from_secs(10), acked_rx.recv()).await {
@@ -299,15 +382,23 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
                         release: prep.releases[k].clone(),
                         signed,
                         ids: (0..s.devices).map(|i| s.device_id(i)).collect(),
-                        offers: server.offers.clone(),
-                        store: store.clone(),
+                        offers: local
+                            .as_ref()
+                            .map(|(srv, _)| srv.offers.clone())
+                            .context("a staged rollout needs the embedded server")?,
+                        store: local
+                            .as_ref()
+                            .map(|(_, st)| st.clone())
+                            .context("a staged rollout needs the embedded server")?,
                         control: control.clone(),
                     },
                 )));
             }
             Step::Release(k) => {
                 let (dt, ch, signed, seq, version) = prep.releases[k].clone();
-                store.set_latest(&dt, &ch, &signed)?;
+                if let Some((_, store)) = &local {
+                    store.set_latest(&dt, &ch, &signed)?;
+                }
                 shared.record(
                     u32::MAX,
                     What::Release {
@@ -388,7 +479,9 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     }
     let _ = control.disconnect().await;
     control_task.abort();
-    server.shutdown().await;
+    if let Some((server, _)) = local {
+        server.shutdown().await;
+    }
     let mut records =
         std::mem::take(&mut *shared.records.lock().unwrap_or_else(|p| p.into_inner()));
     records.sort_by_key(|r| r.t_ms);
@@ -405,6 +498,43 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         end_ms,
         served_bytes,
     })
+}
+
+/// Before boards use an external firmware server: refuse what only the embedded server can
+/// do, and check the server holds every blob the scenario's releases need.
+async fn check_external_server(
+    s: &Scenario,
+    prep: &runner::Prepared,
+    url: &str,
+) -> anyhow::Result<()> {
+    let file = s.path.display();
+    if s.releases.iter().any(|r| r.rollout.is_some()) {
+        bail!("{file}: staged rollouts are driven by the embedded firmware server; run without --server");
+    }
+    if s.faults
+        .iter()
+        .any(|f| matches!(f.kind, FaultKind::Server { .. }))
+    {
+        bail!("{file}: server faults are injected by the embedded firmware server; run without --server");
+    }
+    let http = reqwest::Client::new();
+    for (sha, _) in prep.store.blobs() {
+        let blob = format!("{}/blobs/{}", url.trim_end_matches('/'), hex::encode(sha));
+        let r = http
+            .get(&blob)
+            .header("Range", "bytes=0-0")
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .with_context(|| format!("the firmware server at {url} does not answer"))?;
+        if !r.status().is_success() {
+            bail!(
+                "the firmware server at {url} answers {} for {blob}: stage the scenario's releases first with `otarig release stage {file} --store DIR` on the server's store",
+                r.status()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Make a signed manifest the retained release announcement of a device type and channel.
@@ -625,6 +755,8 @@ async fn run_boot(
     };
     let mut wake: Option<u64> = None;
     let mut self_test_at: Option<u64> = None;
+    let booted_at = sh.clock.now();
+    let mut telemetry_at = (sh.telemetry_ms > 0).then(|| booted_at + sh.telemetry_ms);
     let mut pending: Vec<Action> = Vec::new();
 
     macro_rules! feed {
@@ -721,6 +853,7 @@ async fn run_boot(
         let sleep_for =
             |at: Option<u64>| at.map(|t| sh.clock.real(t.saturating_sub(sh.clock.now())));
         let (wake_in, test_in) = (sleep_for(wake), sleep_for(self_test_at));
+        let telemetry_in = sleep_for(telemetry_at);
         tokio::select! {
             _ = stop.changed() => {
                 tasks.iter().for_each(JoinHandle::abort);
@@ -754,6 +887,19 @@ async fn run_boot(
             _ = tokio::time::sleep(wake_in.unwrap_or(Duration::from_secs(3600))), if wake_in.is_some() => {
                 wake = None;
                 feed!(Input::Timer);
+            }
+            _ = tokio::time::sleep(telemetry_in.unwrap_or(Duration::from_secs(3600))), if telemetry_in.is_some() => {
+                let now = sh.clock.now();
+                telemetry_at = Some(now + sh.telemetry_ms);
+                if let Some(c) = &client {
+                    let sample = protocol::telemetry_json(&dev.id, now, now - booted_at, &agent.telemetry());
+                    let _ = c.try_publish(
+                        protocol::device_topic(PREFIX, &dev.id, Leaf::Telemetry),
+                        QoS::AtMostOnce,
+                        false,
+                        sample.to_string(),
+                    );
+                }
             }
             _ = tokio::time::sleep(test_in.unwrap_or(Duration::from_secs(3600))), if test_in.is_some() => {
                 self_test_at = None;
@@ -809,30 +955,23 @@ fn spawn_fetch(
         // (the answer's head, then every read), not the whole transfer: a slow but moving
         // download is not cut off.
         let timeout = sh.clock.real(runner::FETCH_TIMEOUT_MS);
-        let idle = || {
-            format!(
-                "no data within {} s",
-                runner::FETCH_TIMEOUT_MS / 1000
-            )
-        };
-        let resp = match tokio::time::timeout(
-            timeout,
-            sh.http.get(url).header("Range", range).send(),
-        )
-        .await
-        {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                let _ = tx
-                    .send(Io::FetchFailed(format!("request failed: {e}")))
-                    .await;
-                return;
-            }
-            Err(_) => {
-                let _ = tx.send(Io::FetchFailed(idle())).await;
-                return;
-            }
-        };
+        let idle = || format!("no data within {} s", runner::FETCH_TIMEOUT_MS / 1000);
+        let resp =
+            match tokio::time::timeout(timeout, sh.http.get(url).header("Range", range).send())
+                .await
+            {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    let _ = tx
+                        .send(Io::FetchFailed(format!("request failed: {e}")))
+                        .await;
+                    return;
+                }
+                Err(_) => {
+                    let _ = tx.send(Io::FetchFailed(idle())).await;
+                    return;
+                }
+            };
         let status = resp.status();
         if status.as_u16() != 206 && status.as_u16() != 200 {
             let _ = tx.send(Io::FetchFailed(format!("HTTP {status}"))).await;

@@ -57,6 +57,13 @@ enum Cmd {
         /// External broker (mqtt://HOST:PORT) instead of the embedded one.
         #[arg(long)]
         broker: Option<String>,
+        /// External firmware server (http://HOST:PORT, e.g. `otarig serve`) instead of the
+        /// embedded one; stage the scenario on its store first (`otarig release stage`).
+        #[arg(long)]
+        server: Option<String>,
+        /// How often each board publishes telemetry, in virtual time ("0" turns it off).
+        #[arg(long, default_value = "1s")]
+        telemetry_period: String,
         /// Virtual time runs this many times faster than the wall clock.
         #[arg(long, default_value_t = 50.0)]
         speedup: f64,
@@ -192,6 +199,13 @@ enum ReleaseCmd {
         /// Older images to offer delta patches from (repeatable).
         #[arg(long)]
         delta_from: Vec<PathBuf>,
+    },
+    /// Put every blob a scenario's releases use (images, patches, deliberately tampered blobs)
+    /// into a store, so `otarig fleet FILE --server URL` can run against `otarig serve`.
+    Stage {
+        scenario: PathBuf,
+        #[arg(long)]
+        store: PathBuf,
     },
     /// Verify the release log (signatures and hash chain) and print it.
     Log {
@@ -338,9 +352,14 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                // Simulated power cuts drop MQTT connections mid-packet; rumqttd's router logs
-                // each as an error. RUST_LOG overrides this default.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd::router=off")),
+                // Simulated power cuts and reboots drop MQTT connections mid-packet, even
+                // mid-CONNECT; rumqttd's router and server log each as an error. RUST_LOG
+                // overrides this default (RUST_LOG=rumqttd=info shows the broker).
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(
+                        "warn,rumqttd::router=off,rumqttd::server=off",
+                    )
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -388,17 +407,26 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             files,
             devices,
             broker,
+            server,
+            telemetry_period,
             speedup,
             events,
             junit,
-        } => fleet(
-            &files,
-            devices,
-            broker,
-            speedup,
-            events.as_deref(),
-            junit.as_deref(),
-        ),
+        } => {
+            let opts = otarig::fleet::FleetOptions {
+                devices,
+                broker,
+                server,
+                speedup,
+                telemetry_ms: match telemetry_period.trim() {
+                    "0" => 0,
+                    t => parse_duration(t)
+                        .map_err(|e| anyhow::anyhow!("--telemetry-period {t}: {e}"))?,
+                },
+                ..Default::default()
+            };
+            fleet(&files, opts, events.as_deref(), junit.as_deref())
+        }
         Cmd::Serve { store, listen } => serve(&store, listen),
         Cmd::Release { cmd } => release_cmd(cmd),
         Cmd::Bench {
@@ -566,12 +594,11 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
 
 fn fleet(
     files: &[PathBuf],
-    devices: Option<u32>,
-    broker: Option<String>,
-    speedup: f64,
+    base: otarig::fleet::FleetOptions,
     events: Option<&Path>,
     junit: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
+    let speedup = base.speedup;
     let rt = tokio::runtime::Runtime::new()?;
     let mut failed = false;
     let mut verdicts = Vec::new();
@@ -583,18 +610,16 @@ fn fleet(
                 return Ok(ExitCode::from(2));
             }
         };
+        let progress = std::sync::Arc::new(otarig::fleet::FleetProgress::default());
         let opts = otarig::fleet::FleetOptions {
-            devices,
-            broker: broker.clone(),
-            speedup,
-            ..Default::default()
+            progress: Some(progress.clone()),
+            ..base.clone()
         };
-        let bar = ProgressBar::new_spinner();
-        bar.set_message(format!("{}: boards on the wire", f.display()));
-        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        let bar = fleet_bar(f, &progress, base.telemetry_ms > 0);
         let started = std::time::Instant::now();
-        let run = rt.block_on(otarig::fleet::run_fleet(&scenario, &opts))?;
+        let run = rt.block_on(otarig::fleet::run_fleet(&scenario, &opts));
         bar.finish_and_clear();
+        let run = run?;
         let failures = expect::judge(&run, None);
         if let Some(dir) = events {
             std::fs::create_dir_all(dir)?;
@@ -629,6 +654,44 @@ fn fleet(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// A live bar for a fleet run: boards heard from (by telemetry through the broker), and how
+/// many are in each activity and on each version.
+fn fleet_bar(
+    file: &Path,
+    progress: &std::sync::Arc<otarig::fleet::FleetProgress>,
+    telemetry: bool,
+) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed:>4} [{bar:24}] {pos}/{len} boards  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("{}: starting", file.display()));
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let (b, p, name) = (bar.clone(), progress.clone(), file.display().to_string());
+    std::thread::spawn(move || {
+        while !b.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            let boards = p.boards.load(std::sync::atomic::Ordering::Relaxed);
+            b.set_length(boards);
+            if !telemetry {
+                b.set_message(format!("{name} (telemetry off)"));
+                continue;
+            }
+            let (acts, versions) = p.counts();
+            b.set_position(acts.iter().map(|(_, n)| *n as u64).sum());
+            let fmt = |v: &[(String, u32)]| {
+                v.iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            b.set_message(format!("{} | on {}", fmt(&acts), fmt(&versions)));
+        }
+    });
+    bar
 }
 
 fn serve(store: &Path, listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
@@ -672,6 +735,26 @@ fn release_cmd(cmd: ReleaseCmd) -> anyhow::Result<ExitCode> {
                 entry.image_cid,
                 entry.deltas_from.len(),
                 entry.seq
+            );
+        }
+        ReleaseCmd::Stage { scenario, store } => {
+            let s = Scenario::load(&scenario)?;
+            let prep = runner::prepare(&s)?;
+            let st = ReleaseStore::open(&store)?;
+            let mut n = 0;
+            for (sha, bytes) in prep.blobs() {
+                if otarig::store::sha256(bytes) == *sha {
+                    st.put_blob(bytes)?;
+                } else {
+                    st.put_blob_as(sha, bytes)?; // a scenario's deliberately tampered blob
+                }
+                n += 1;
+            }
+            println!(
+                "staged {n} blob(s) of {} into {}; run it with `otarig fleet {} --server URL`",
+                scenario.display(),
+                store.display(),
+                scenario.display()
             );
         }
         ReleaseCmd::Log {

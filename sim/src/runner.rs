@@ -262,6 +262,14 @@ pub struct Prepared {
     pub(crate) releases: Vec<(String, String, Vec<u8>, u64, String)>,
 }
 
+impl Prepared {
+    /// Every blob the scenario's releases use, by the SHA-256 it is served under (a tampered
+    /// blob's name is the hash its manifest claims, not of its bytes).
+    pub fn blobs(&self) -> impl Iterator<Item = (&[u8; 32], &Arc<Vec<u8>>)> {
+        self.store.blobs()
+    }
+}
+
 /// Build images, patches and signed manifests for a scenario.
 pub fn prepare(s: &Scenario) -> anyhow::Result<Prepared> {
     let key_dir = crate::keys::fixture_dir();

@@ -529,9 +529,7 @@ pub fn parse_rate(v: &toml::Value) -> Result<u32, String> {
         _ => return Err(bad()),
     };
     if !(1.0..=u32::MAX as f64).contains(&bps) {
-        return Err(format!(
-            "throttle = {v} must be between 1 B/s and 4 GB/s"
-        ));
+        return Err(format!("throttle = {v} must be between 1 B/s and 4 GB/s"));
     }
     Ok(bps as u32)
 }
@@ -1240,9 +1238,10 @@ impl Scenario {
                 checks.push(Check::FetchRetries(n));
             }
             if let Some(t) = &d.min_download_time {
-                checks.push(Check::MinDownloadMs(parse_duration(t).map_err(|m| {
-                    bad(format!("min-download-time = '{t}': {m}"))
-                })?));
+                checks
+                    .push(Check::MinDownloadMs(parse_duration(t).map_err(|m| {
+                        bad(format!("min-download-time = '{t}': {m}"))
+                    })?));
             }
             if checks.is_empty() {
                 return Err(bad(

@@ -54,7 +54,10 @@ impl ServerFaults {
     }
 
     fn real_rate(&self, bytes_per_s: u32) -> f64 {
-        let s = self.speedup.load(std::sync::atomic::Ordering::Relaxed).max(1);
+        let s = self
+            .speedup
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1);
         bytes_per_s as f64 * s as f64
     }
 
@@ -271,12 +274,13 @@ async fn serve_blob(app: App, name: String, q: BlobQuery, mut req: Request) -> R
             f => f.shapes_answer(),
         })
     });
-    let throttle = q.device_id.as_deref().and_then(|d| {
-        match app.faults.take(d, |f| !f.shapes_answer()) {
-            Some(ServerFault::Throttle(bps)) => Some(app.faults.real_rate(bps)),
-            _ => None,
-        }
-    });
+    let throttle =
+        q.device_id
+            .as_deref()
+            .and_then(|d| match app.faults.take(d, |f| !f.shapes_answer()) {
+                Some(ServerFault::Throttle(bps)) => Some(app.faults.real_rate(bps)),
+                _ => None,
+            });
     match fault {
         Some(ServerFault::Status(st)) => {
             let status = StatusCode::from_u16(st).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
@@ -333,18 +337,22 @@ fn paced(body: axum::body::Body, bytes_per_s: f64) -> axum::body::Body {
     let slice = ((bytes_per_s / 20.0) as usize).clamp(1, 64 * 1024);
     let start = tokio::time::Instant::now();
     let state = (body.into_data_stream(), 0u64, axum::body::Bytes::new());
-    let stream = futures_util::stream::unfold(state, move |(mut inner, sent, mut pending)| async move {
-        if pending.is_empty() {
-            match inner.next().await? {
-                Ok(b) => pending = b,
-                Err(e) => return Some((Err(std::io::Error::other(e)), (inner, sent, pending))),
+    let stream =
+        futures_util::stream::unfold(state, move |(mut inner, sent, mut pending)| async move {
+            if pending.is_empty() {
+                match inner.next().await? {
+                    Ok(b) => pending = b,
+                    Err(e) => return Some((Err(std::io::Error::other(e)), (inner, sent, pending))),
+                }
             }
-        }
-        let piece = pending.split_to(slice.min(pending.len()));
-        let sent = sent + piece.len() as u64;
-        tokio::time::sleep_until(start + std::time::Duration::from_secs_f64(sent as f64 / bytes_per_s)).await;
-        Some((Ok(piece), (inner, sent, pending)))
-    });
+            let piece = pending.split_to(slice.min(pending.len()));
+            let sent = sent + piece.len() as u64;
+            tokio::time::sleep_until(
+                start + std::time::Duration::from_secs_f64(sent as f64 / bytes_per_s),
+            )
+            .await;
+            Some((Ok(piece), (inner, sent, pending)))
+        });
     axum::body::Body::from_stream(stream)
 }
 

@@ -39,7 +39,7 @@ pub mod manifest;
 pub mod platform;
 pub mod protocol;
 
-pub use agent::{Action, Agent, Config, Input};
+pub use agent::{Action, Activity, Agent, Config, Input, Telemetry};
 pub use event::{Ack, Check, Event, Outcome};
 pub use manifest::{Manifest, PublicKey, SignedManifest, TrustedKey};
 pub use platform::{EspError, EspResult, OtaImgState, Platform, Slot, SlotKind};

@@ -8,7 +8,7 @@
 //! | `{prefix}/device/{device_id}/cmd` | server → board | no | [`Command`]: `{"v":1,"id":"c-17","cmd":"update-now"}` (`update-now`, `reboot`, `report`) |
 //! | `{prefix}/device/{device_id}/status` | board → server | no | an event: `{"v":1,"device":"…","t_ms":…,"kind":"downloading",…}` ([`event_json`]) |
 //! | `{prefix}/device/{device_id}/ack` | board → server | no | an ack: `{"v":1,"device":"…","sequence":7,"version":"2.0.0","outcome":"installed","detail":""}` |
-//! | `{prefix}/device/{device_id}/telemetry` | board → server | no | `{"v":1,"device":"…","t_ms":…,"version":"…","slot":"ota_0","state":"valid","uptime_ms":…}` every second by default |
+//! | `{prefix}/device/{device_id}/telemetry` | board → server | no | [`telemetry_json`]: `{"v":1,"device":"…","t_ms":…,"uptime_ms":…,"version":"2.0.0","slot":"ota_1","activity":"downloading","progress":40,"probation":false}` every second by default |
 //!
 //! Commands carry an id; a board ignores an id it has seen recently, so a duplicated or
 //! replayed command does nothing twice.
@@ -179,6 +179,18 @@ fn outcome_detail(o: &Outcome) -> String {
 pub fn ack_json(device: &str, ack: &Ack) -> Value {
     json!({"v": VERSION, "device": device, "sequence": ack.sequence, "version": ack.version,
         "outcome": ack.outcome.name(), "detail": outcome_detail(&ack.outcome)})
+}
+
+/// A telemetry sample as JSON. `uptime_ms` is time since the board's last reset; `progress`
+/// is present while an image downloads.
+pub fn telemetry_json(device: &str, t_ms: u64, uptime_ms: u64, t: &crate::Telemetry<'_>) -> Value {
+    let mut v = json!({"v": VERSION, "device": device, "t_ms": t_ms, "uptime_ms": uptime_ms,
+        "version": t.version, "slot": t.slot.map(|s| s.to_string()), "activity": t.activity.name(),
+        "probation": t.probation, "online": t.online});
+    if let (Some(p), Some(obj)) = (t.progress_pct, v.as_object_mut()) {
+        obj.insert("progress".into(), json!(p));
+    }
+    v
 }
 
 /// An agent event as JSON: the `status` topic payload, the console event line, and the

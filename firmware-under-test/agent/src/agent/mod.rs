@@ -175,6 +175,46 @@ impl Timers {
     }
 }
 
+/// What the agent is busy with, as telemetry names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activity {
+    /// Booting: self-test or waiting for the network.
+    Starting,
+    Idle,
+    Downloading,
+    /// A download failed and waits to retry.
+    Backoff,
+    Rebooting,
+    /// A storage error stopped the agent until the next reset.
+    Halted,
+}
+
+impl Activity {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Activity::Starting => "starting",
+            Activity::Idle => "idle",
+            Activity::Downloading => "downloading",
+            Activity::Backoff => "backoff",
+            Activity::Rebooting => "rebooting",
+            Activity::Halted => "halted",
+        }
+    }
+}
+
+/// A snapshot for the `telemetry` topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Telemetry<'a> {
+    /// The running app's version (None before boot).
+    pub version: Option<&'a str>,
+    pub slot: Option<crate::platform::SlotKind>,
+    /// The running image still has to confirm itself (rollback pending).
+    pub probation: bool,
+    pub activity: Activity,
+    pub progress_pct: Option<u8>,
+    pub online: bool,
+}
+
 /// What runs, as found at boot.
 #[derive(Clone, Debug)]
 struct Running {
@@ -234,6 +274,35 @@ impl Agent {
     /// True while an image is being fetched or waits for a retry.
     pub fn is_downloading(&self) -> bool {
         matches!(self.state, State::Downloading(_) | State::Backoff(_))
+    }
+
+    /// What the board is doing, for its periodic telemetry. The shell publishes it on its own
+    /// timer ([`crate::protocol::telemetry_json`]); asking does not change the agent.
+    pub fn telemetry(&self) -> Telemetry<'_> {
+        let (phase, progress_pct) = match &self.state {
+            State::Off | State::SelfTest | State::AwaitNetwork => (Activity::Starting, None),
+            State::Ready | State::AwaitManifest => (Activity::Idle, None),
+            State::Downloading(d) | State::Backoff(d) => {
+                let size = d.manifest.size.max(1) as u64;
+                let pct = (d.written as u64 * 100 / size).min(100) as u8;
+                let phase = if matches!(self.state, State::Backoff(_)) {
+                    Activity::Backoff
+                } else {
+                    Activity::Downloading
+                };
+                (phase, Some(pct))
+            }
+            State::Rebooting => (Activity::Rebooting, None),
+            State::Halted => (Activity::Halted, None),
+        };
+        Telemetry {
+            version: self.running.as_ref().map(|r| r.version.as_str()),
+            slot: self.running.as_ref().map(|r| r.slot.kind),
+            probation: self.timers.confirm.is_some(),
+            activity: phase,
+            progress_pct,
+            online: self.online,
+        }
     }
 
     /// Feed one input. `now_ms` is Unix time in milliseconds.

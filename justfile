@@ -48,3 +48,10 @@ bench-plr:
 # Patch sizes and apply throughput against Python bsdiff4 (pip install bsdiff4).
 bench-delta:
     cargo run --release -p otarig -- bench delta
+
+# Scale: 1,000 then 10,000 boards each update a 1 MiB image through the embedded broker and
+# server (one process per size, so each peak RSS is its own). Needs `ulimit -n` of about four
+# descriptors per board; the command says so when it is too low.
+bench-fleet *SIZES="1000 10000":
+    cargo build --release -p otarig
+    for n in {{SIZES}}; do ./target/release/otarig bench fleet --devices $n || true; done

@@ -13,9 +13,11 @@
 //!
 //! Storage is sparse and copy-on-write: an erased sector takes no memory and a written one is
 //! an `Arc` shared with every clone until one of them writes it. Ten thousand boards that
-//! start from the same image share its sectors.
+//! start from the same image share its sectors; with a [`SectorPool`], boards that *write*
+//! the same bytes (a fleet installing one release) end up sharing them too.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -70,10 +72,46 @@ pub struct CutReport {
     pub addr: u32,
 }
 
+/// Written sectors shared by content across many boards' flash (copy-on-write, as clones
+/// already are). A board's flash hands a sector to the pool once it moves on to write another
+/// one, so only the sector being written is private; identical contents become one `Arc`.
+/// Costs one CRC-32 per sector written, and a compare when it matches.
+#[derive(Default)]
+pub struct SectorPool {
+    by_crc: Mutex<HashMap<u32, Vec<Arc<Sector>>>>,
+}
+
+impl SectorPool {
+    /// The pool's copy of `sector`'s contents (added if new).
+    fn intern(&self, sector: &Arc<Sector>) -> Arc<Sector> {
+        let crc = crc32fast::hash(&sector[..]);
+        let mut map = self.by_crc.lock().unwrap_or_else(|p| p.into_inner());
+        let same = map.entry(crc).or_default();
+        if let Some(found) = same.iter().find(|s| s[..] == sector[..]) {
+            return found.clone();
+        }
+        same.push(sector.clone());
+        sector.clone()
+    }
+
+    /// Distinct sectors held.
+    pub fn len(&self) -> usize {
+        let map = self.by_crc.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[derive(Clone)]
 pub struct Flash {
     size: u32,
     sectors: Vec<Option<Arc<Sector>>>,
+    /// Where finished sectors are shared, and the sector being written (kept private).
+    pool: Option<Arc<SectorPool>>,
+    dirty: Option<usize>,
     ops: u64,
     powered: bool,
     cut: Option<Cut>,
@@ -102,6 +140,8 @@ impl Flash {
         Flash {
             size,
             sectors: vec![None; (size / SECTOR_SIZE) as usize],
+            pool: None,
+            dirty: None,
             ops: 0,
             powered: true,
             cut: None,
@@ -127,6 +167,11 @@ impl Flash {
 
     pub fn is_powered(&self) -> bool {
         self.powered
+    }
+
+    /// Share written sectors with every other flash using `pool`.
+    pub fn set_pool(&mut self, pool: Arc<SectorPool>) {
+        self.pool = Some(pool);
     }
 
     pub fn set_strict(&mut self, strict: bool) {
@@ -271,6 +316,14 @@ impl Flash {
     }
 
     fn sector_mut(&mut self, s: usize) -> &mut Sector {
+        if let Some(pool) = &self.pool {
+            if self.dirty != Some(s) {
+                let done = self.dirty.replace(s);
+                if let Some(Some(arc)) = done.map(|d| &mut self.sectors[d]) {
+                    *arc = pool.intern(arc);
+                }
+            }
+        }
         let slot = &mut self.sectors[s];
         let arc = slot.get_or_insert_with(|| Arc::new([0xFF; SECTOR_SIZE as usize]));
         Arc::make_mut(arc)
@@ -285,6 +338,12 @@ impl Flash {
         let strict = self.strict;
         let mut found = None;
         let sector = self.sector_mut(s);
+        let dst = &mut sector[off..off + data.len()];
+        if dst.iter().all(|b| *b == 0xFF) {
+            // The usual case, erased bytes: AND-ing with 0xFF is a copy, and nothing violates.
+            dst.copy_from_slice(data);
+            return;
+        }
         for (i, b) in data.iter().enumerate() {
             let old = sector[off + i];
             if strict && old != 0xFF && found.is_none() && (old & b) != *b {

@@ -234,7 +234,8 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         Some(url) => parse_broker(url)?,
         None => {
             let devices = s.devices as usize;
-            let b = tokio::task::spawn_blocking(move || EmbeddedBroker::start(devices)).await??;
+            let b =
+                tokio::task::spawn_blocking(move || EmbeddedBroker::start(devices * 2)).await??;
             (b.addr.ip().to_string(), b.addr.port())
         }
     };
@@ -325,10 +326,13 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         .first()
         .map(|r| prep.images[&r.firmware].len() as u64)
         .unwrap_or(0);
+    // Boards that install the same release write the same sectors: share them.
+    let pool = Arc::new(crate::flash::SectorPool::default());
     let mut boards: Vec<JoinHandle<Dev>> = Vec::new();
     let mut controls = Vec::new();
     for i in 0..s.devices {
-        let dev = new_device(&s, &prep.proto, &RunOptions::default(), first_size, i);
+        let mut dev = new_device(&s, &prep.proto, &RunOptions::default(), first_size, i);
+        dev.board.flash.set_pool(pool.clone());
         let (ctl_tx, ctl_rx) = mpsc::channel(4);
         controls.push(ctl_tx);
         let (sh, stop) = (shared.clone(), stop_rx.clone());
@@ -720,7 +724,7 @@ async fn run_boot(
     cfg.channel = dev.channel.clone();
     let mut agent = Agent::new(cfg);
     let (net_tx, mut net_rx) = mpsc::channel::<Net>(64);
-    let (io_tx, mut io_rx) = mpsc::channel::<Io>(256);
+    let (io_tx, mut io_rx) = mpsc::channel::<Io>(2);
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     let client = if dev.behaviour.network == NetworkBehaviour::Ok {
         let mut o = MqttOptions::new(dev.id.clone(), sh.broker.0.clone(), sh.broker.1);

@@ -185,6 +185,12 @@ enum BenchCmd {
     /// Patch sizes and apply throughput on 1 MiB image pairs, against Python bsdiff4 (bz2)
     /// when `python3 -c "import bsdiff4"` works.
     Delta,
+    /// N boards each update a 1 MiB image through the embedded broker and server, in real
+    /// time: boards/s, MB/s, peak RSS and RSS per board.
+    Fleet {
+        #[arg(long, default_value_t = 1000)]
+        devices: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -435,6 +441,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Bench {
             cmd: BenchCmd::Delta,
         } => bench::delta(),
+        Cmd::Bench {
+            cmd: BenchCmd::Fleet { devices },
+        } => bench::fleet(devices),
         Cmd::Check { files } => {
             let mut bad = 0;
             for f in &files {

@@ -304,6 +304,7 @@ pub fn prepare(s: &Scenario) -> anyhow::Result<Prepared> {
     let mut cfg_template = Config::new("", &s.device_type, keys.clone());
     cfg_template.channel = s.channel.clone();
     cfg_template.poll_interval_ms = s.poll_interval_ms;
+    cfg_template.chunk_size = s.range_size;
     cfg_template.confirm_timeout_ms = s.confirm_timeout_ms;
 
     let mut store = Store::new();

@@ -94,6 +94,9 @@ struct FleetDef {
     poll_interval: Option<Spanned<String>>,
     #[serde(default)]
     confirm_timeout: Option<Spanned<String>>,
+    /// Bytes a board asks for in one HTTP range request (the agent's `chunk_size`).
+    #[serde(default)]
+    range_size: Option<Spanned<SizeDef>>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -627,6 +630,8 @@ pub struct Scenario {
     pub trusted_keys: Vec<String>,
     pub poll_interval_ms: u64,
     pub confirm_timeout_ms: u64,
+    /// Bytes per HTTP range request (default 16 KiB).
+    pub range_size: u32,
     pub firmware: BTreeMap<String, Firmware>,
     pub releases: Vec<Release>,
     pub faults: Vec<Fault>,
@@ -1319,6 +1324,19 @@ impl Scenario {
                 .map(|s| cx.duration(s))
                 .transpose()?
                 .unwrap_or(120_000),
+            range_size: match &raw.fleet.range_size {
+                None => 16 * 1024,
+                Some(v) => parse_size(v.get_ref())
+                    .ok()
+                    .filter(|n| (4096..=16 * 1024 * 1024).contains(n))
+                    .map(|n| n as u32)
+                    .ok_or_else(|| {
+                        cx.span(
+                            v,
+                            "range-size must be a size from 4KiB to 16MiB, like \"256KiB\"",
+                        )
+                    })?,
+            },
             firmware,
             releases,
             faults,

@@ -143,10 +143,10 @@ where
         return Err(ImageError::TooManySegments(segment_count));
     }
 
+    // One pass of SHA-256: the whole image's hash (the store's content address) is the image
+    // hash's state continued over the appended digest, forked off just before finalizing.
     let mut image_hash = Sha256::new();
-    let mut whole_hash = Sha256::new();
     image_hash.update(header);
-    whole_hash.update(header);
     let mut checksum = CHECKSUM_SEED;
     let mut pos = HEADER_LEN as u32;
     let mut buf = [0u8; 512];
@@ -162,7 +162,6 @@ where
         }
         read(pos, &mut seg).map_err(|_| ImageError::Read)?;
         image_hash.update(seg);
-        whole_hash.update(seg);
         let len = u32::from_le_bytes([seg[4], seg[5], seg[6], seg[7]]);
         pos += SEGMENT_HEADER_LEN as u32;
         if len % 4 != 0 {
@@ -182,7 +181,6 @@ where
                 checksum ^= *b;
             }
             image_hash.update(&buf[..n]);
-            whole_hash.update(&buf[..n]);
             done += n as u32;
         }
         pos += len;
@@ -201,7 +199,6 @@ where
     }
     read(pos, &mut tail[..tail_len]).map_err(|_| ImageError::Read)?;
     image_hash.update(&tail[..tail_len]);
-    whole_hash.update(&tail[..tail_len]);
     pos += tail_len as u32;
     let stored = tail[tail_len - 1];
     if stored != checksum {
@@ -223,6 +220,7 @@ where
         });
     }
     read(pos, &mut appended).map_err(|_| ImageError::Read)?;
+    let mut whole_hash = image_hash.clone();
     let computed: [u8; 32] = image_hash.finalize().into();
     if computed != appended {
         return Err(ImageError::HashMismatch);

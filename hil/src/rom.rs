@@ -1,0 +1,309 @@
+//! The ESP32-S3 ROM serial loader, as a virtual board answers it: enough of the protocol that
+//! espflash, used exactly as on a real board (ROM loader, no stub), connects, detects the chip
+//! and its flash, writes images and checks them.
+//!
+//! What is modelled, from Espressif's serial protocol reference ("esptool: Serial Protocol")
+//! and the ESP32-S3 ROM:
+//! - SLIP framing (0xC0 ends a frame, 0xDB escapes), requests `00 op len:u16 checksum:u32 data`,
+//!   responses `01 op len:u16 value:u32 data` whose data ends with 4 status bytes (the ROM's;
+//!   the stub uses 2): `status` (0 ok, 1 failed) and `error`.
+//! - `SYNC` (0x08) is answered eight times, as the ROM does.
+//! - `READ_REG`/`WRITE_REG` on a register file; the SPI0 user-command registers run an RDID
+//!   (0x9F) when `SPI_CMD_REG` gets the USR bit (bit 18), so flash-size detection works.
+//! - `GET_SECURITY_INFO` (0x14): no security features, chip id 9 (ESP32-S3), ECO 0.
+//! - `SPI_ATTACH`, `SPI_SET_PARAMS`, `CHANGE_BAUDRATE`: accepted.
+//! - `FLASH_BEGIN` erases the sectors the write will cover (the ROM erases at begin),
+//!   `FLASH_DATA` checks the block's sequence number and its XOR checksum (seed 0xEF) and
+//!   programs it, `FLASH_END` with 0 reboots into the flashed app.
+//! - `SPI_FLASH_MD5` (0x13) answers the MD5 of a flash region as 32 ASCII hex digits (ROM).
+//! - Anything else fails with error 0x05 ("received message is invalid"), as the ROM does for
+//!   stub-only commands such as `ERASE_REGION`.
+
+use md5::{Digest, Md5};
+use std::collections::HashMap;
+
+/// What the loader needs from the board: its SPI flash.
+pub trait FlashMemory {
+    fn size(&self) -> u32;
+    /// Erase whole 4 KiB sectors from `addr` (sector aligned) for `len` bytes.
+    fn erase(&mut self, addr: u32, len: u32) -> Result<(), String>;
+    fn write(&mut self, addr: u32, data: &[u8]) -> Result<(), String>;
+    fn read(&self, addr: u32, buf: &mut [u8]);
+}
+
+/// Chip id the ESP32-S3 ROM reports in `GET_SECURITY_INFO`.
+pub const CHIP_ID_ESP32S3: u32 = 9;
+/// The ROM's flash write block (espflash `FLASH_WRITE_SIZE`).
+pub const FLASH_WRITE_SIZE: u32 = 0x400;
+const SECTOR: u32 = 4096;
+
+const SPI0_BASE: u32 = 0x6000_2000;
+const SPI_CMD: u32 = SPI0_BASE;
+const SPI_USR2: u32 = SPI0_BASE + 0x20;
+const SPI_W0: u32 = SPI0_BASE + 0x58;
+const SPI_CMD_USR: u32 = 1 << 18;
+const RDID: u32 = 0x9F;
+
+/// ROM error codes (the `error` status byte).
+mod err {
+    pub const INVALID_MESSAGE: u8 = 0x05;
+    pub const BAD_DATA_LEN: u8 = 0xC0;
+    pub const BAD_DATA_CHECKSUM: u8 = 0xC1;
+    pub const BAD_BLOCKSIZE: u8 = 0xC2;
+    pub const FLASH_WRITE_ERR: u8 = 0xC5;
+    pub const NOT_IN_FLASH_MODE: u8 = 0xC9;
+}
+
+/// What the loader wants done after answering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum After {
+    Nothing,
+    /// `FLASH_END` asked to leave the loader: reset and boot from flash.
+    RunApp,
+}
+
+#[derive(Debug)]
+struct FlashWrite {
+    offset: u32,
+    erase_size: u32,
+    block_size: u32,
+    next_seq: u32,
+}
+
+/// The loader's state between requests.
+#[derive(Debug, Default)]
+pub struct RomLoader {
+    regs: HashMap<u32, u32>,
+    writing: Option<FlashWrite>,
+    /// JEDEC id the flash answers to RDID (manufacturer, type, capacity = log2 bytes).
+    jedec: u32,
+}
+
+impl RomLoader {
+    /// A loader for a board with `flash_size` bytes of flash (a power of two).
+    pub fn new(flash_size: u32) -> RomLoader {
+        let capacity = flash_size.max(1).trailing_zeros();
+        RomLoader {
+            regs: HashMap::new(),
+            writing: None,
+            // GigaDevice (0xC8), type 0x40, as on ESP32-S3-DevKitC modules.
+            jedec: 0xC8 | (0x40 << 8) | (capacity << 16),
+        }
+    }
+
+    /// Answer one request (a SLIP frame's payload). Returns the response frames' payloads.
+    pub fn handle(&mut self, req: &[u8], flash: &mut dyn FlashMemory) -> (Vec<Vec<u8>>, After) {
+        if req.len() < 8 || req[0] != 0 {
+            return (vec![], After::Nothing); // not a request: the ROM ignores it
+        }
+        let op = req[1];
+        let len = u16::from_le_bytes([req[2], req[3]]) as usize;
+        let checksum = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
+        let data = &req[8..];
+        if data.len() != len {
+            return (vec![fail(op, err::BAD_DATA_LEN)], After::Nothing);
+        }
+        let word = |i: usize| {
+            data.get(i * 4..i * 4 + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        match op {
+            0x08 => ((0..8).map(|_| ok(op, 0, &[])).collect(), After::Nothing),
+            0x0A => {
+                let Some(addr) = word(0) else {
+                    return (vec![fail(op, err::BAD_DATA_LEN)], After::Nothing);
+                };
+                let v = self.regs.get(&addr).copied().unwrap_or(0);
+                (vec![ok(op, v, &[])], After::Nothing)
+            }
+            0x09 => {
+                let (Some(addr), Some(value)) = (word(0), word(1)) else {
+                    return (vec![fail(op, err::BAD_DATA_LEN)], After::Nothing);
+                };
+                let mask = word(2).unwrap_or(0xFFFF_FFFF);
+                let old = self.regs.get(&addr).copied().unwrap_or(0);
+                self.regs.insert(addr, (old & !mask) | (value & mask));
+                if addr == SPI_CMD && value & SPI_CMD_USR != 0 {
+                    self.spi_user_command();
+                }
+                (vec![ok(op, 0, &[])], After::Nothing)
+            }
+            0x14 => {
+                let mut info = Vec::with_capacity(20);
+                info.extend_from_slice(&0u32.to_le_bytes()); // flags: nothing enabled
+                info.push(0); // flash_crypt_cnt
+                info.extend_from_slice(&[0; 7]); // key purposes
+                info.extend_from_slice(&CHIP_ID_ESP32S3.to_le_bytes());
+                info.extend_from_slice(&0u32.to_le_bytes()); // eco version
+                (vec![ok(op, 0, &info)], After::Nothing)
+            }
+            0x0D | 0x0B | 0x0F => (vec![ok(op, 0, &[])], After::Nothing),
+            0x02 => {
+                let (Some(size), Some(_blocks), Some(block_size), Some(offset)) =
+                    (word(0), word(1), word(2), word(3))
+                else {
+                    return (vec![fail(op, err::BAD_DATA_LEN)], After::Nothing);
+                };
+                if block_size == 0 || block_size > 0x4000 {
+                    return (vec![fail(op, err::BAD_BLOCKSIZE)], After::Nothing);
+                }
+                let start = offset - offset % SECTOR;
+                let end = offset.saturating_add(size).div_ceil(SECTOR) * SECTOR;
+                if end > flash.size() {
+                    return (vec![fail(op, err::FLASH_WRITE_ERR)], After::Nothing);
+                }
+                if let Err(e) = flash.erase(start, end - start) {
+                    tracing::warn!("FLASH_BEGIN erase failed: {e}");
+                    return (vec![fail(op, err::FLASH_WRITE_ERR)], After::Nothing);
+                }
+                self.writing = Some(FlashWrite {
+                    offset,
+                    erase_size: size,
+                    block_size,
+                    next_seq: 0,
+                });
+                (vec![ok(op, 0, &[])], After::Nothing)
+            }
+            0x03 => {
+                let Some(w) = self.writing.as_mut() else {
+                    return (vec![fail(op, err::NOT_IN_FLASH_MODE)], After::Nothing);
+                };
+                let (Some(size), Some(seq)) = (word(0), word(1)) else {
+                    return (vec![fail(op, err::BAD_DATA_LEN)], After::Nothing);
+                };
+                let block = &data[16.min(data.len())..];
+                if block.len() != size as usize || size > w.block_size {
+                    return (vec![fail(op, err::BAD_DATA_LEN)], After::Nothing);
+                }
+                if block.iter().fold(0xEFu8, |c, b| c ^ b) as u32 != checksum {
+                    return (vec![fail(op, err::BAD_DATA_CHECKSUM)], After::Nothing);
+                }
+                if seq != w.next_seq {
+                    return (vec![fail(op, err::INVALID_MESSAGE)], After::Nothing);
+                }
+                let addr = w.offset + seq * w.block_size;
+                // Padding past the begun region is not written (the ROM clips to the erase).
+                let room = (w.offset + w.erase_size.div_ceil(SECTOR) * SECTOR).saturating_sub(addr);
+                let n = (block.len() as u32).min(room) as usize;
+                if let Err(e) = flash.write(addr, &block[..n]) {
+                    tracing::warn!("FLASH_DATA write at 0x{addr:x} failed: {e}");
+                    return (vec![fail(op, err::FLASH_WRITE_ERR)], After::Nothing);
+                }
+                w.next_seq += 1;
+                (vec![ok(op, 0, &[])], After::Nothing)
+            }
+            0x04 => {
+                self.writing = None;
+                let stay = word(0).unwrap_or(1) != 0;
+                let after = if stay { After::Nothing } else { After::RunApp };
+                (vec![ok(op, 0, &[])], after)
+            }
+            0x13 => {
+                let (Some(addr), Some(size)) = (word(0), word(1)) else {
+                    return (vec![fail(op, err::BAD_DATA_LEN)], After::Nothing);
+                };
+                if addr.checked_add(size).is_none_or(|e| e > flash.size()) {
+                    return (vec![fail(op, err::FLASH_WRITE_ERR)], After::Nothing);
+                }
+                let mut md5 = Md5::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut done = 0;
+                while done < size {
+                    let n = (size - done).min(buf.len() as u32) as usize;
+                    flash.read(addr + done, &mut buf[..n]);
+                    md5.update(&buf[..n]);
+                    done += n as u32;
+                }
+                let hex: String = md5.finalize().iter().map(|b| format!("{b:02x}")).collect();
+                (vec![ok(op, 0, hex.as_bytes())], After::Nothing)
+            }
+            _ => (vec![fail(op, err::INVALID_MESSAGE)], After::Nothing),
+        }
+    }
+
+    /// `SPI_CMD_REG` got USR: run the command in `SPI_USER2_REG` (only RDID is answered).
+    fn spi_user_command(&mut self) {
+        let command = self.regs.get(&SPI_USR2).copied().unwrap_or(0) & 0xFFFF;
+        let result = if command == RDID { self.jedec } else { 0 };
+        self.regs.insert(SPI_W0, result);
+        // Done at once: clear the busy bit espflash polls.
+        let cmd = self.regs.get(&SPI_CMD).copied().unwrap_or(0);
+        self.regs.insert(SPI_CMD, cmd & !SPI_CMD_USR);
+    }
+}
+
+fn response(op: u8, value: u32, data: &[u8], status: u8, error: u8) -> Vec<u8> {
+    let mut r = Vec::with_capacity(12 + data.len());
+    r.push(0x01);
+    r.push(op);
+    r.extend_from_slice(&((data.len() + 4) as u16).to_le_bytes());
+    r.extend_from_slice(&value.to_le_bytes());
+    r.extend_from_slice(data);
+    r.extend_from_slice(&[status, error, 0, 0]);
+    r
+}
+
+fn ok(op: u8, value: u32, data: &[u8]) -> Vec<u8> {
+    response(op, value, data, 0, 0)
+}
+
+fn fail(op: u8, error: u8) -> Vec<u8> {
+    response(op, 0, &[], 1, error)
+}
+
+/// SLIP frame assembly from a byte stream that also carries console text: bytes outside a
+/// frame are ignored. Incremental, because the virtual board reads its pty in pieces.
+#[derive(Debug, Default)]
+pub struct SlipFrames {
+    buf: Vec<u8>,
+    in_frame: bool,
+    escaped: bool,
+}
+
+impl SlipFrames {
+    /// Feed bytes; returns the frames they completed.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<Vec<u8>> {
+        let mut frames = Vec::new();
+        for &b in bytes {
+            match (b, self.escaped) {
+                (0xC0, _) => {
+                    if self.in_frame && !self.buf.is_empty() {
+                        frames.push(std::mem::take(&mut self.buf));
+                    }
+                    self.in_frame = true;
+                    self.escaped = false;
+                    self.buf.clear();
+                }
+                _ if !self.in_frame => {}
+                (0xDB, false) => self.escaped = true,
+                (0xDC, true) => {
+                    self.buf.push(0xC0);
+                    self.escaped = false;
+                }
+                (0xDD, true) => {
+                    self.buf.push(0xDB);
+                    self.escaped = false;
+                }
+                (b, _) => {
+                    self.buf.push(b);
+                    self.escaped = false;
+                }
+            }
+            if self.buf.len() > 64 * 1024 {
+                // Not a loader frame (the largest is a 16 KiB block): drop it.
+                self.buf.clear();
+                self.in_frame = false;
+            }
+        }
+        frames
+    }
+}
+
+/// SLIP-encode one frame.
+pub fn slip_encode(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 8);
+    let mut enc = slip_codec::SlipEncoder::new(true);
+    // Writing to a Vec cannot fail.
+    let _ = enc.encode(payload, &mut out);
+    out
+}

@@ -14,3 +14,6 @@ pub mod flasher;
 pub mod pty;
 pub mod reset;
 pub mod rom;
+
+/// The serial port crate this layer is built on (for the console reader above it).
+pub use serialport;

@@ -238,6 +238,38 @@ impl Board {
         })
     }
 
+    /// A board from whatever its flash holds (the virtual board after espflash wrote it): the
+    /// partition table is read from flash at 0x8000, as the second-stage bootloader does.
+    pub fn from_flash(
+        flash: Flash,
+        boot_config: BootConfig,
+        efuse_secure_version: u32,
+    ) -> Result<Board, Box<(Flash, String)>> {
+        let mut raw = vec![0u8; TABLE_MAX_LEN];
+        flash.peek(TABLE_OFFSET, &mut raw);
+        let table = match PartitionTable::from_binary(&raw) {
+            Ok(t) => t,
+            Err(e) => return Err(Box::new((flash, format!("partition table at 0x8000: {e}")))),
+        };
+        Ok(Board {
+            flash,
+            table: Arc::new(table),
+            boot_config,
+            efuse_secure_version,
+            running: None,
+            session: None,
+            plans: Vec::new(),
+            phase: None,
+            events: Vec::new(),
+            violations_seen: 0,
+        })
+    }
+
+    /// Give the flash back (the virtual board keeps it across resets and flashing).
+    pub fn into_flash(self) -> Flash {
+        self.flash
+    }
+
     pub fn table(&self) -> &PartitionTable {
         &self.table
     }

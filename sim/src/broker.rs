@@ -59,8 +59,9 @@ fn config(addr: SocketAddr, max_connections: usize) -> Config {
     }
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+fn free_port(ip: std::net::IpAddr) -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind(SocketAddr::new(ip, 0))
+        .with_context(|| format!("finding a free port on {ip}"))?;
     Ok(l.local_addr()?)
 }
 
@@ -90,9 +91,17 @@ pub fn handshake(addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
 impl EmbeddedBroker {
     /// Start a broker on a free loopback port for up to `max_connections` clients.
     pub fn start(max_connections: usize) -> anyhow::Result<EmbeddedBroker> {
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into(), max_connections)
+    }
+
+    /// Start a broker on a free port of `ip` (a bench PC's LAN address, for a real board).
+    pub fn start_on(
+        ip: std::net::IpAddr,
+        max_connections: usize,
+    ) -> anyhow::Result<EmbeddedBroker> {
         let mut last = None;
         for _ in 0..5 {
-            let addr = free_port()?;
+            let addr = free_port(ip)?;
             let cfg = config(addr, max_connections + 8);
             std::thread::Builder::new()
                 .name(format!("mqtt-broker-{}", addr.port()))

@@ -137,7 +137,8 @@ impl Clock {
     }
 }
 
-struct Shared {
+/// What every board task of one run shares. The virtual board uses it for its single board.
+pub(crate) struct Shared {
     clock: Clock,
     records: Mutex<Vec<Record>>,
     last_activity: AtomicU64,
@@ -147,12 +148,55 @@ struct Shared {
     cfg: Config,
     acked: Mutex<HashSet<(String, u64, &'static str)>>,
     telemetry_ms: u64,
+    /// No network at all (a virtual board not provisioned yet).
+    offline: bool,
+    /// Where a virtual board prints its console (events as console-protocol lines).
+    console: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 impl Shared {
+    /// For one virtual board: real time, its provisioned broker and server (None: offline),
+    /// events rendered to `console`.
+    pub(crate) fn for_virtual_board(
+        cfg: Config,
+        network: Option<((String, u16), String)>,
+        console: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> anyhow::Result<Shared> {
+        let offline = network.is_none();
+        let (broker, server) = network.unwrap_or_else(|| ((String::new(), 0), String::new()));
+        Ok(Shared {
+            clock: Clock {
+                start: Instant::now(),
+                speedup: 1.0,
+            },
+            records: Mutex::new(Vec::new()),
+            last_activity: AtomicU64::new(0),
+            http: reqwest::Client::builder().build()?,
+            server,
+            broker,
+            cfg,
+            acked: Mutex::new(HashSet::new()),
+            telemetry_ms: 1_000,
+            offline,
+            console: Some(console),
+        })
+    }
+
     fn record(&self, device: u32, what: What) {
         let t = self.clock.now();
         self.last_activity.fetch_max(t, Ordering::Relaxed);
+        if let Some(console) = &self.console {
+            let id = &self.cfg.device_id;
+            let line = match &what {
+                What::Agent(e) => Some(otarig_agent::console::event_line(id, t, e)),
+                What::Ack { ack, .. } => Some(otarig_agent::console::ack_line(id, t, ack)),
+                What::Board(b) => Some(crate::virtual_board::bootloader_log(t, b)),
+                _ => None,
+            };
+            if let Some(line) = line {
+                let _ = console.send(line);
+            }
+        }
         let mut r = self.records.lock().unwrap_or_else(|p| p.into_inner());
         r.push(Record {
             t_ms: t,
@@ -162,8 +206,10 @@ impl Shared {
     }
 }
 
-enum Ctl {
+pub(crate) enum Ctl {
     Force(Arc<Vec<u8>>),
+    /// The bench asked over the console for a `report` event.
+    Report,
 }
 
 enum Net {
@@ -255,6 +301,8 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         cfg: prep.cfg_template.clone(),
         acked: Mutex::new(HashSet::new()),
         telemetry_ms: opts.telemetry_ms,
+        offline: false,
+        console: None,
     });
     let progress = opts.progress.clone();
     if let Some(p) = &progress {
@@ -660,7 +708,7 @@ fn drain_board(sh: &Shared, i: u32, dev: &mut Dev) {
     }
 }
 
-async fn board_task(
+pub(crate) async fn board_task(
     i: u32,
     mut dev: Dev,
     sh: Arc<Shared>,
@@ -726,7 +774,7 @@ async fn run_boot(
     let (net_tx, mut net_rx) = mpsc::channel::<Net>(64);
     let (io_tx, mut io_rx) = mpsc::channel::<Io>(2);
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
-    let client = if dev.behaviour.network == NetworkBehaviour::Ok {
+    let client = if dev.behaviour.network == NetworkBehaviour::Ok && !sh.offline {
         let mut o = MqttOptions::new(dev.id.clone(), sh.broker.0.clone(), sh.broker.1);
         o.set_keep_alive(Duration::from_secs(60));
         o.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
@@ -911,14 +959,20 @@ async fn run_boot(
                 let detail = if passed { "all checks passed" } else { "self-test reported failure" };
                 feed!(Input::SelfTestDone { passed, detail });
             }
-            Some(Ctl::Force(image)) = ctl.recv() => {
-                tasks.iter().for_each(JoinHandle::abort);
-                if let Some(slot) = otarig_agent::Platform::next_update_slot(&dev.board) {
-                    let _ = dev.board.force_install(slot.kind, &image);
+            Some(c) = ctl.recv() => match c {
+                Ctl::Report => {
+                    let cmd = protocol::command(&format!("console-{}", sh.clock.now()), protocol::CommandKind::Report);
+                    feed!(Input::Command(cmd.as_bytes()));
                 }
-                drain_board(sh, i, dev);
-                return BootEnd::Reboot(100);
-            }
+                Ctl::Force(image) => {
+                    tasks.iter().for_each(JoinHandle::abort);
+                    if let Some(slot) = otarig_agent::Platform::next_update_slot(&dev.board) {
+                        let _ = dev.board.force_install(slot.kind, &image);
+                    }
+                    drain_board(sh, i, dev);
+                    return BootEnd::Reboot(100);
+                }
+            },
         }
     }
 }

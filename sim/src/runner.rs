@@ -558,6 +558,29 @@ pub(crate) fn new_device(
     }
 }
 
+impl Dev {
+    /// A board on its own (the virtual board): no scenario faults, the given id and channel.
+    pub(crate) fn for_board(id: &str, channel: &str, board: Board) -> Dev {
+        Dev {
+            id: id.to_string(),
+            board,
+            agent: None,
+            epoch: 0,
+            behaviour: Behaviour::default(),
+            fetched: 0,
+            image_size: 0,
+            cuts: 0,
+            off_for_ms: 1_000,
+            bricked: None,
+            update_slot: None,
+            crash_streak: 0,
+            crashed_version: String::new(),
+            channel: channel.to_string(),
+            server_faults: Vec::new(),
+        }
+    }
+}
+
 pub(crate) fn report(index: u32, d: &Dev) -> DeviceReport {
     let b = &d.board;
     let running = b.running();

@@ -42,9 +42,17 @@ pub struct ServerFaults {
     /// Virtual time runs this many times faster than real time for the boards (the wire
     /// fleet's speedup; 0 means 1): a throttle of B/s virtual is B x speedup real.
     speedup: std::sync::atomic::AtomicU32,
+    /// Blob bytes answered per device (by Content-Length: a response cut short counts whole).
+    served: Mutex<HashMap<String, u64>>,
 }
 
 impl ServerFaults {
+    /// Blob bytes the server answered to one device so far.
+    pub fn served(&self, device: &str) -> u64 {
+        let map = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(device).copied().unwrap_or(0)
+    }
+
     /// Pace throttled bodies for boards whose clock runs `speedup` times real time.
     pub fn set_speedup(&self, speedup: f64) {
         self.speedup.store(
@@ -303,6 +311,15 @@ async fn serve_blob(app: App, name: String, q: BlobQuery, mut req: Request) -> R
         Ok(r) => r.map(axum::body::Body::new),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
+    if let (Some(d), Some(len)) = (
+        q.device_id.as_deref(),
+        resp.headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok()),
+    ) {
+        let mut served = app.faults.served.lock().unwrap_or_else(|p| p.into_inner());
+        *served.entry(d.to_string()).or_default() += len;
+    }
     let resp = match throttle {
         Some(rate) => resp.map(|body| paced(body, rate)),
         None => resp,

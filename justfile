@@ -55,3 +55,17 @@ bench-delta:
 bench-fleet *SIZES="1000 10000":
     cargo build --release -p otarig
     for n in {{SIZES}}; do ./target/release/otarig bench fleet --devices $n || true; done
+
+# A virtual ESP32-S3 behind a pty, for `just hil` without hardware (Linux). Prints its port.
+board *ARGS:
+    cargo run --release -p otarig -- board --pty {{ARGS}}
+
+# Run scenarios on a board over its serial port: just hil --port COM9 scenarios/full-update.toml
+# (a real board needs bench/bench.toml; a virtual one: --control /tmp/otarig-board.sock).
+hil *ARGS:
+    cargo run --release -p otarig -- hil {{ARGS}}
+
+# Build the ESP32-S3 firmware under test and its variants into firmware-under-test/esp32s3/dist
+# (needs the Espressif Rust toolchain: espup install; see the README's bench section).
+fw-build *VERSIONS="1.0.0 2.0.0 3.0.0":
+    firmware-under-test/esp32s3/build-variants.sh {{VERSIONS}}

@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use crate::board::BoardEvent;
 use crate::broker::EmbeddedBroker;
 use crate::release_store::ReleaseStore;
-use crate::runner::{prepare, DeviceReport, Record, Run, What};
+use crate::runner::{prepare, prepare_with, DeviceReport, Record, Run, What};
 use crate::scenario::{Check, FaultKind, PayloadTopic, Scenario, ServerFault};
 use crate::server::Server;
 
@@ -58,6 +58,45 @@ pub struct HilOptions {
     pub log_dir: Option<PathBuf>,
     /// Show espflash progress bars.
     pub progress: bool,
+    /// A real board's firmware builds (`just fw-build` output): `bootloader.bin` and one
+    /// `VERSION[-VARIANT].bin` per scenario firmware (see [`firmware_file`]).
+    pub firmware_dir: Option<PathBuf>,
+}
+
+/// The build of a scenario firmware for a real board: `VERSION.bin`, or with a variant suffix
+/// for the behaviours the firmware's build flags select (`-selftest-fail`, `-crash`,
+/// `-no-network`). What only the simulator can make (another chip id, a size) is refused.
+pub fn firmware_file(
+    dir: &std::path::Path,
+    fw: &crate::scenario::Firmware,
+) -> anyhow::Result<Vec<u8>> {
+    use crate::appimage::{BootBehaviour, NetworkBehaviour, SelfTest};
+    if fw.chip_id != otarig_agent::image::CHIP_ID_ESP32S3 {
+        bail!(
+            "firmware '{}' has chip id {}: only the simulator builds images for another chip",
+            fw.id,
+            fw.chip_id
+        );
+    }
+    let mut name = fw.version.clone();
+    if fw.self_test == SelfTest::Fail {
+        name.push_str("-selftest-fail");
+    }
+    if fw.boot == BootBehaviour::Crash {
+        name.push_str("-crash");
+    }
+    if fw.network == NetworkBehaviour::Never {
+        name.push_str("-no-network");
+    }
+    let path = dir.join(format!("{name}.bin"));
+    std::fs::read(&path).with_context(|| {
+        format!(
+            "firmware '{}' ({name}) for the real board: {} is missing; build it with `just fw-build {}`",
+            fw.id,
+            path.display(),
+            fw.version
+        )
+    })
 }
 
 /// What a HIL run produced.
@@ -69,6 +108,11 @@ pub struct HilRun {
 }
 
 const DEVICE: u32 = 0;
+
+/// A scenario that only the simulator can play; the runner reports it skipped, with why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SimOnly(pub String);
 
 /// Checks a console cannot support (otadata states, bootloader rejections): sim-only.
 fn sim_only_check(c: &Check) -> bool {
@@ -86,6 +130,9 @@ struct Observed {
     image_size: u64,
     last_line_at: Option<Instant>,
     progress_pct: u32,
+    /// A release is being worked on (between its first download event and its ack): silence
+    /// then is a timeout or a backoff, not the end.
+    busy: bool,
 }
 
 impl Observed {
@@ -138,7 +185,10 @@ impl Observed {
                         self.progress_pct = 0;
                     }
                     Event::Confirmed { .. } => self.confirmed_since_boot = true,
-                    Event::Downloading { size, .. } => self.image_size = *size as u64,
+                    Event::Downloading { size, .. } => {
+                        self.image_size = *size as u64;
+                        self.busy = true;
+                    }
                     Event::Progress { written, size, .. } => {
                         self.progress_pct = (*written as u64 * 100 / (*size).max(1) as u64) as u32
                     }
@@ -152,6 +202,7 @@ impl Observed {
                 push(What::Agent(event));
             }
             BoardLine::Ack { ack, .. } => {
+                self.busy = false;
                 let fresh = self.acks.insert((ack.sequence, ack.outcome.name()));
                 push(What::Ack {
                     ack,
@@ -210,6 +261,18 @@ struct Console {
     lines: mpsc::UnboundedReceiver<String>,
     out: Box<dyn otarig_hil::serialport::SerialPort>,
     log: Vec<String>,
+    /// Tells the reader thread to let go of the port (the next scenario flashes through it).
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
 }
 
 impl Console {
@@ -220,10 +283,12 @@ impl Console {
             .with_context(|| format!("opening the console on {port}"))?;
         let reader = p.try_clone().context("cloning the serial port")?;
         let (tx, rx) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let halt = stop.clone();
+        let reader = std::thread::spawn(move || {
             let mut r = BufReader::new(reader);
             let mut buf = Vec::new();
-            loop {
+            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
                 match r.read_until(b'\n', &mut buf) {
                     Ok(0) => break,
                     Ok(_) => {
@@ -244,6 +309,8 @@ impl Console {
             lines: rx,
             out: p,
             log: Vec::new(),
+            stop,
+            reader: Some(reader),
         })
     }
 
@@ -277,7 +344,13 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
             keep
         });
     }
-    let prep = prepare(&s)?;
+    let prep = match (opts.target, &opts.firmware_dir) {
+        (Target::Virtual, _) => prepare(&s)?,
+        (Target::Hardware, Some(dir)) => prepare_with(&s, &|fw| firmware_file(dir, fw))?,
+        (Target::Hardware, None) => bail!(
+            "a real board runs the firmware built for it: set firmware-dir in the bench file (the output of `just fw-build`)"
+        ),
+    };
     let id = s.device_id(DEVICE);
 
     // Broker and server where the board can reach them.
@@ -303,11 +376,19 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
                 let rate = (first_size / 10).max(16 * 1024) as u32;
                 faults.push((ServerFault::Throttle(rate), None));
             }
-            FaultKind::PowerLoss(_) => skipped.push(
-                "power-loss at a flash operation or bootloader phase (simulator only: a bench can cut power at a download progress point)".into(),
-            ),
+            FaultKind::PowerLoss(pl) => {
+                return Err(SimOnly(format!(
+                    "a power cut in phase {:?}{} needs the simulator (a bench cuts power at a download progress point)",
+                    pl.phase,
+                    pl.op.map(|n| format!(", operation {n}")).unwrap_or_default()
+                ))
+                .into())
+            }
             FaultKind::ForceInstall { .. } => {
-                skipped.push("force-install (simulator only: writes a slot behind the agent)".into())
+                return Err(SimOnly(
+                    "force-install writes a slot behind the agent: simulator only".into(),
+                )
+                .into())
             }
             _ => {}
         }
@@ -320,16 +401,37 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
 
     // Flash what the scenario's boards start with: partition table, the starting firmware in
     // its slot, otadata erased.
-    let mut images = vec![Image {
+    let mut images = Vec::new();
+    if let (Target::Hardware, Some(dir)) = (opts.target, &opts.firmware_dir) {
+        // ESP32-S3's second-stage bootloader lives at 0x0 (built with app rollback enabled).
+        let path = dir.join("bootloader.bin");
+        let data = std::fs::read(&path)
+            .with_context(|| format!("{} is missing (just fw-build)", path.display()))?;
+        images.push(Image {
+            name: "bootloader".into(),
+            addr: 0,
+            data,
+        });
+    }
+    images.push(Image {
         name: "partition table".into(),
         addr: crate::partition::TABLE_OFFSET,
         data: prep.proto.table().to_binary(),
-    }];
-    if let Some(ota) = prep.proto.table().otadata() {
+    });
+    // A fresh board per scenario: otadata (espflash never writes it), the agent's journal
+    // (it remembers the last release sequence, which would refuse this scenario's releases as
+    // replays) and NVS (provisioning follows) are erased by writing 0xFF.
+    let table = prep.proto.table();
+    let erased = [
+        table.otadata(),
+        table.find(crate::partition::AGENT_LABEL),
+        table.find("nvs"),
+    ];
+    for p in erased.into_iter().flatten() {
         images.push(Image {
-            name: "otadata (erased)".into(),
-            addr: ota.offset,
-            data: vec![0xFF; ota.size as usize],
+            name: format!("{} (erased)", p.label),
+            addr: p.offset,
+            data: vec![0xFF; p.size as usize],
         });
     }
     let start_slot = prep
@@ -373,6 +475,7 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
         device: id.clone(),
         broker: broker_url.clone(),
         server: server.url(),
+        channel: Some(s.channel_for(DEVICE).to_string()),
         wifi_ssid: opts.wifi_ssid.clone(),
         wifi_password: opts.wifi_password.clone(),
     })?;
@@ -382,9 +485,9 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
         match line {
             Ok(Some(l)) => {
                 con.log.push(l.clone());
-                let provisioned = l.contains("\"kind\":\"provisioned\"");
-                let _ = seen.take(now_ms(t0), &l);
-                if provisioned {
+                // What it says before that (its first, unprovisioned boot) is not the
+                // scenario's: the simulated boards start provisioned.
+                if l.contains("\"kind\":\"provisioned\"") {
                     break;
                 }
             }
@@ -427,14 +530,17 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
     let mut skew = 0u64; // ms of idle time skipped so far
     let mut cuts = 0u32;
     let mut next = 0usize;
+    let mut last_step = Instant::now();
     let hard_deadline = Instant::now() + opts.step_timeout * 20;
     loop {
         let t = now_ms(t0) + skew;
         if next < steps.len() {
             let (at, _) = &steps[next];
+            // Quiet since its last line and since the last step: the board had time to act.
             let quiet = seen
                 .last_line_at
-                .is_none_or(|l| l.elapsed() >= opts.idle_skip);
+                .is_none_or(|l| l.elapsed() >= opts.idle_skip)
+                && last_step.elapsed() >= opts.idle_skip;
             if *at > t && quiet {
                 skew += at - t;
             }
@@ -491,9 +597,10 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
                     },
                 }
                 next += 1;
+                last_step = Instant::now();
                 continue;
             }
-        } else if seen.last_line_at.is_some_and(|l| l.elapsed() >= opts.quiet) {
+        } else if !seen.busy && seen.last_line_at.is_some_and(|l| l.elapsed() >= opts.quiet) {
             break;
         }
         if Instant::now() > hard_deadline {
@@ -555,6 +662,6 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
             served_bytes: fetched,
         },
         skipped,
-        console: con.log,
+        console: std::mem::take(&mut con.log),
     })
 }

@@ -47,6 +47,39 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         junit: Option<PathBuf>,
     },
+    /// A virtual ESP32-S3 behind a pseudo-terminal, for the HIL runner (Linux).
+    Board {
+        /// Serve on a new pty (the only transport today).
+        #[arg(long, required = true)]
+        pty: bool,
+        /// Control socket for reset, download mode and power (a pty has no DTR/RTS).
+        #[arg(long, default_value = "/tmp/otarig-board.sock")]
+        control: PathBuf,
+        /// Take the firmware's build settings (device type, trusted keys, agent timeouts)
+        /// from a scenario; without it: otarig-devkit-s3, keys ed25519-test and rsa-test.
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+    },
+    /// Run scenarios on one board over its serial port (a real ESP32-S3, or `otarig board`).
+    Hil {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The board's serial port: COM9, /dev/ttyACM0, /dev/ttyUSB0, /dev/pts/N.
+        #[arg(long)]
+        port: String,
+        /// The virtual board's control socket: makes this a virtual-board run.
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// The bench file (Wi-Fi, host address, reset method, firmware directory).
+        #[arg(long, default_value = "bench/bench.toml")]
+        bench: PathBuf,
+        /// Write the event stream as JSON lines (NAME.jsonl in this dir).
+        #[arg(long, value_name = "DIR")]
+        events: Option<PathBuf>,
+        /// Write a JUnit XML report (one test case per scenario).
+        #[arg(long, value_name = "PATH")]
+        junit: Option<PathBuf>,
+    },
     /// Run scenarios with every board on the wire: an MQTT connection to the broker (embedded,
     /// or --broker) and HTTP to the firmware server, both on loopback.
     Fleet {
@@ -434,6 +467,26 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             fleet(&files, opts, events.as_deref(), junit.as_deref())
         }
         Cmd::Serve { store, listen } => serve(&store, listen),
+        Cmd::Board {
+            pty: _,
+            control,
+            scenario,
+        } => board(&control, scenario.as_deref()),
+        Cmd::Hil {
+            files,
+            port,
+            control,
+            bench,
+            events,
+            junit,
+        } => hil(
+            &files,
+            &port,
+            control,
+            &bench,
+            events.as_deref(),
+            junit.as_deref(),
+        ),
         Cmd::Release { cmd } => release_cmd(cmd),
         Cmd::Bench {
             cmd: BenchCmd::Plr { threads },
@@ -652,6 +705,7 @@ fn fleet(
             file: f.display().to_string(),
             seconds: started.elapsed().as_secs_f64(),
             failures,
+            skipped: None,
         });
     }
     if let Some(path) = junit {
@@ -701,6 +755,194 @@ fn fleet_bar(
         }
     });
     bar
+}
+
+fn board(control: &Path, scenario: Option<&Path>) -> anyhow::Result<ExitCode> {
+    use otarig::virtual_board;
+    let opts = match scenario {
+        Some(p) => virtual_board::options_for(&Scenario::load(p)?)?,
+        None => virtual_board::BoardOptions {
+            flash_size: 4 << 20,
+            device_type: "otarig-devkit-s3".into(),
+            trusted_keys: ["ed25519-test", "rsa-test"]
+                .iter()
+                .map(|id| NamedKey::load(&fixture_dir(), id)?.trusted())
+                .collect::<anyhow::Result<_>>()?,
+            boot_config: otarig::board::BootConfig::default(),
+            agent: None,
+        },
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let b = virtual_board::start(opts, control).await?;
+        println!(
+            "virtual ESP32-S3 on {} (control socket {}); blank flash: waiting in download mode",
+            b.pty.display(),
+            b.control.display()
+        );
+        println!(
+            "run scenarios on it: just hil --port {} --control {} scenarios/full-update.toml",
+            b.pty.display(),
+            b.control.display()
+        );
+        tokio::signal::ctrl_c().await?;
+        b.stop();
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The bench file (`bench/bench.example.toml` documents it).
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct BenchFile {
+    #[serde(default)]
+    wifi: Option<BenchWifi>,
+    host: Option<std::net::IpAddr>,
+    reset: Option<String>,
+    firmware_dir: Option<PathBuf>,
+    log_dir: Option<PathBuf>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BenchWifi {
+    #[serde(default)]
+    ssid: String,
+    #[serde(default)]
+    password: String,
+}
+
+fn hil(
+    files: &[PathBuf],
+    port: &str,
+    control: Option<PathBuf>,
+    bench_path: &Path,
+    events: Option<&Path>,
+    junit: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    use otarig_hil::flasher::Target;
+    use otarig_hil::reset::ResetMethod;
+    let bench: BenchFile = match std::fs::read_to_string(bench_path) {
+        Ok(text) => toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", bench_path.display()))?,
+        Err(_) if control.is_some() => BenchFile::default(),
+        Err(e) => bail!(
+            "{}: {e}. A real board needs a bench file: copy bench/bench.example.toml to bench/bench.toml and fill it in",
+            bench_path.display()
+        ),
+    };
+    let (target, reset) = match (&control, bench.reset.as_deref()) {
+        (Some(c), _) => (Target::Virtual, ResetMethod::Control(c.clone())),
+        (None, Some(r)) if r.starts_with("control:") => (
+            Target::Virtual,
+            ResetMethod::Control(PathBuf::from(&r["control:".len()..])),
+        ),
+        (None, Some(r)) if r.starts_with("command:") => (
+            Target::Hardware,
+            ResetMethod::Command(r["command:".len()..].to_string()),
+        ),
+        (None, Some("rts") | None) => (Target::Hardware, ResetMethod::Rts),
+        (None, Some(other)) => bail!(
+            "{}: reset = \"{other}\" is not rts, command:CMD or control:PATH",
+            bench_path.display()
+        ),
+    };
+    let wifi = bench.wifi.unwrap_or_default();
+    let host = match (bench.host, target) {
+        (Some(h), _) => h,
+        (None, Target::Virtual) => std::net::Ipv4Addr::LOCALHOST.into(),
+        (None, Target::Hardware) => bail!(
+            "{}: set host = \"<this PC's address on the board's network>\" so the board can reach the broker and server",
+            bench_path.display()
+        ),
+    };
+    let opts = otarig::hil::HilOptions {
+        port: port.to_string(),
+        target,
+        reset,
+        host,
+        wifi_ssid: std::env::var("OTARIG_WIFI_SSID").unwrap_or(wifi.ssid),
+        wifi_password: std::env::var("OTARIG_WIFI_PASSWORD").unwrap_or(wifi.password),
+        step_timeout: std::time::Duration::from_secs(30),
+        quiet: std::time::Duration::from_secs(5),
+        idle_skip: std::time::Duration::from_secs(2),
+        log_dir: bench.log_dir.or_else(|| Some(PathBuf::from("target/hil"))),
+        progress: true,
+        firmware_dir: bench.firmware_dir,
+    };
+    println!(
+        "bench: {port} ({}), broker and server on {host}",
+        if target == Target::Virtual {
+            "virtual board"
+        } else {
+            "hardware"
+        }
+    );
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut verdicts = Vec::new();
+    let mut failed = false;
+    for f in files {
+        let s = Scenario::load(f)?;
+        let started = std::time::Instant::now();
+        let result = rt.block_on(otarig::hil::run_scenario(&s, &opts));
+        let mut skipped = None;
+        let failures = match result {
+            Ok(h) => {
+                for skip in &h.skipped {
+                    println!("skipped   {skip}");
+                }
+                if let Some(dir) = events {
+                    std::fs::create_dir_all(dir)?;
+                    let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("scenario");
+                    let mut out = std::io::BufWriter::new(std::fs::File::create(
+                        dir.join(format!("{stem}.jsonl")),
+                    )?);
+                    summary::write_events(&h.run, &mut out)?;
+                    out.flush()?;
+                }
+                let failures = expect::judge(&h.run, None);
+                print!("{}", summary::render(&h.run, &failures));
+                failures
+            }
+            Err(e) if e.downcast_ref::<otarig::hil::SimOnly>().is_some() => {
+                println!("SKIP      {} ({}): {e}", s.name, f.display());
+                skipped = Some(e.to_string());
+                Vec::new()
+            }
+            Err(e) => {
+                eprintln!("error: {}: {e:#}", f.display());
+                vec![expect::Failure {
+                    at: f.display().to_string(),
+                    device: 0,
+                    check: "run".into(),
+                    expected: "the scenario runs on the board".into(),
+                    seen: format!("{e:#}"),
+                }]
+            }
+        };
+        println!(
+            "wall      {:.1} s (real time, on {port})\n",
+            started.elapsed().as_secs_f64()
+        );
+        failed |= !failures.is_empty();
+        verdicts.push(summary::Verdict {
+            name: s.name.clone(),
+            file: f.display().to_string(),
+            seconds: started.elapsed().as_secs_f64(),
+            failures,
+            skipped,
+        });
+    }
+    if let Some(path) = junit {
+        std::fs::write(path, summary::junit("otarig hil", &verdicts))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn serve(store: &Path, listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
@@ -925,6 +1167,7 @@ fn run(
             file: f.display().to_string(),
             seconds: started.elapsed().as_secs_f64(),
             failures,
+            skipped: None,
         });
         bar.inc(1);
     }

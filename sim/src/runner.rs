@@ -272,6 +272,14 @@ impl Prepared {
 
 /// Build images, patches and signed manifests for a scenario.
 pub fn prepare(s: &Scenario) -> anyhow::Result<Prepared> {
+    prepare_with(s, &|fw| Ok(build_firmware(s, fw)))
+}
+
+/// [`prepare`] with the firmware images from elsewhere (a real board's builds, for HIL).
+pub fn prepare_with(
+    s: &Scenario,
+    image_of: &dyn Fn(&Firmware) -> anyhow::Result<Vec<u8>>,
+) -> anyhow::Result<Prepared> {
     let key_dir = crate::keys::fixture_dir();
     let keys: Vec<TrustedKey> = s
         .trusted_keys
@@ -280,7 +288,7 @@ pub fn prepare(s: &Scenario) -> anyhow::Result<Prepared> {
         .collect::<anyhow::Result<_>>()?;
     let mut images = BTreeMap::new();
     for (id, fw) in &s.firmware {
-        images.insert(id.clone(), Arc::new(build_firmware(s, fw)));
+        images.insert(id.clone(), Arc::new(image_of(fw)?));
     }
     let table = Arc::new(s.table.clone());
     let start_slot = if table.factory().is_some() {

@@ -311,12 +311,17 @@ async fn serve_blob(app: App, name: String, q: BlobQuery, mut req: Request) -> R
         Ok(r) => r.map(axum::body::Body::new),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    if let (Some(d), Some(len)) = (
-        q.device_id.as_deref(),
-        resp.headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok()),
-    ) {
+    let sent = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map(|len| match fault {
+            // The cut resets the connection with the head of the body still queued, so the
+            // board receives none of it (it re-requests the whole range).
+            Some(ServerFault::DropAfterPercent(_)) => 0,
+            _ => len,
+        });
+    if let (Some(d), Some(len)) = (q.device_id.as_deref(), sent) {
         let mut served = app.faults.served.lock().unwrap_or_else(|p| p.into_inner());
         *served.entry(d.to_string()).or_default() += len;
     }

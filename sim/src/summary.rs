@@ -93,6 +93,8 @@ pub struct Verdict {
     pub file: String,
     pub seconds: f64,
     pub failures: Vec<crate::expect::Failure>,
+    /// Not run, and why (a HIL run of a scenario only the simulator can play).
+    pub skipped: Option<String>,
 }
 
 fn xml_escape(s: &str) -> String {
@@ -120,7 +122,13 @@ pub fn junit(suite: &str, verdicts: &[Verdict]) -> String {
             xml_escape(&v.name),
             v.seconds
         );
-        if v.failures.is_empty() {
+        if let Some(why) = &v.skipped {
+            let _ = writeln!(
+                x,
+                ">\n      <skipped message=\"{}\"/>\n    </testcase>",
+                xml_escape(why)
+            );
+        } else if v.failures.is_empty() {
             x.push_str("/>\n");
         } else {
             let text: Vec<String> = v

@@ -120,6 +120,7 @@ enum Control {
 
 struct Provisioned {
     device: String,
+    channel: String,
     broker: (String, u16),
     server: String,
 }
@@ -234,9 +235,13 @@ async fn run(
                 return Mode::Off;
             }
         };
-        let (id, network) = match prov {
-            Some(p) => (p.device.clone(), Some((p.broker.clone(), p.server.clone()))),
-            None => ("unprovisioned".to_string(), None),
+        let (id, channel, network) = match prov {
+            Some(p) => (
+                p.device.clone(),
+                p.channel.clone(),
+                Some((p.broker.clone(), p.server.clone())),
+            ),
+            None => ("unprovisioned".to_string(), "stable".to_string(), None),
         };
         let mut cfg = opts
             .agent
@@ -252,7 +257,7 @@ async fn run(
                 return Mode::Off;
             }
         };
-        let dev = Dev::for_board(&id, "stable", board);
+        let dev = Dev::for_board(&id, &channel, board);
         let (stop, stop_rx) = watch::channel(false);
         let (ctl, ctl_rx) = mpsc::channel(8);
         let task = tokio::spawn(board_task(0, dev, sh, stop_rx, ctl_rx));
@@ -317,11 +322,12 @@ async fn run(
                             Some(Err(e)) => {
                                 let _ = console.send(console::notice_line(&device, "console-error", &e.to_string()));
                             }
-                            Some(Ok(HostCommand::Provision { device, broker, server, .. })) => {
+                            Some(Ok(HostCommand::Provision { device, broker, server, channel, .. })) => {
                                 match parse_mqtt_url(&broker) {
                                     Ok(b) => {
                                         let _ = console.send(console::notice_line(&device, "provisioned", "stored; restarting"));
-                                        provisioned = Some(Provisioned { device, broker: b, server });
+                                        let channel = channel.unwrap_or_else(|| "stable".into());
+                                        provisioned = Some(Provisioned { device, channel, broker: b, server });
                                         halt(std::mem::replace(&mut mode, Mode::Off), &mut flash).await;
                                         mode = start_app(&mut flash, &provisioned);
                                     }

@@ -40,6 +40,7 @@ async fn run_on_virtual_board(name: &str) -> otarig::hil::HilRun {
         idle_skip: Duration::from_secs(2),
         log_dir: None,
         progress: false,
+        firmware_dir: None,
     };
     let r = run_scenario(&s, &opts).await;
     board.stop();

@@ -45,6 +45,9 @@ pub enum HostCommand {
         device: String,
         broker: String,
         server: String,
+        /// The release channel the board follows ("stable" when left out).
+        #[serde(default)]
+        channel: Option<String>,
         #[serde(default)]
         wifi_ssid: String,
         #[serde(default)]
@@ -86,10 +89,11 @@ pub fn command_line(cmd: &HostCommand) -> String {
             device,
             broker,
             server,
+            channel,
             wifi_ssid,
             wifi_password,
         } => json!({"v": VERSION, "cmd": "provision", "device": device, "broker": broker,
-            "server": server, "wifi_ssid": wifi_ssid, "wifi_password": wifi_password}),
+            "server": server, "channel": channel, "wifi_ssid": wifi_ssid, "wifi_password": wifi_password}),
         HostCommand::Report => json!({"v": VERSION, "cmd": "report"}),
         HostCommand::Reboot => json!({"v": VERSION, "cmd": "reboot"}),
     };
@@ -452,6 +456,7 @@ mod tests {
             device: "bench-1".into(),
             broker: "mqtt://10.0.0.2:1883".into(),
             server: "http://10.0.0.2:8080".into(),
+            channel: Some("beta".into()),
             wifi_ssid: "lab".into(),
             wifi_password: "pw".into(),
         };

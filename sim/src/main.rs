@@ -271,6 +271,15 @@ enum KeysCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Write a key's public half the way firmware compiles it in: OUT/NAME.ed25519 (32 raw
+    /// bytes) or OUT/NAME.rsa.der (PKCS#1 DER).
+    Export {
+        name: String,
+        #[arg(long, default_value_os_t = fixture_dir())]
+        dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -519,6 +528,28 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(2)
             })
+        }
+        Cmd::Keys {
+            cmd: KeysCmd::Export { name, dir, out },
+        } => {
+            let key = NamedKey::load(&dir, &name)?.trusted()?;
+            let (file, bytes) = match &key.key {
+                otarig_agent::PublicKey::Ed25519(k) => {
+                    (format!("{name}.ed25519"), k.to_bytes().to_vec())
+                }
+                otarig_agent::PublicKey::Rsa(k) => {
+                    use rsa::pkcs1::EncodeRsaPublicKey;
+                    (
+                        format!("{name}.rsa.der"),
+                        k.to_pkcs1_der()?.as_bytes().to_vec(),
+                    )
+                }
+            };
+            std::fs::create_dir_all(&out)?;
+            let path = out.join(file);
+            std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote {}", path.display());
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Keys {
             cmd:

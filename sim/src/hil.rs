@@ -259,7 +259,8 @@ impl Observed {
 /// The serial console: lines in on a channel (a reader thread), commands out.
 struct Console {
     lines: mpsc::UnboundedReceiver<String>,
-    out: Box<dyn otarig_hil::serialport::SerialPort>,
+    /// Replaced by the reader when it reopens the port.
+    out: Arc<std::sync::Mutex<Box<dyn otarig_hil::serialport::SerialPort>>>,
     log: Vec<String>,
     /// Tells the reader thread to let go of the port (the next scenario flashes through it).
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -277,16 +278,20 @@ impl Drop for Console {
 
 impl Console {
     fn open(port: &str) -> anyhow::Result<Console> {
-        let p = otarig_hil::serialport::new(port, 115_200)
-            .timeout(Duration::from_millis(100))
-            .open()
-            .with_context(|| format!("opening the console on {port}"))?;
-        let reader = p.try_clone().context("cloning the serial port")?;
+        let open = |port: &str| {
+            otarig_hil::serialport::new(port, 115_200)
+                .timeout(Duration::from_millis(100))
+                .open()
+        };
+        let p = open(port).with_context(|| format!("opening the console on {port}"))?;
+        let out = Arc::new(std::sync::Mutex::new(
+            p.try_clone().context("cloning the serial port")?,
+        ));
         let (tx, rx) = mpsc::unbounded_channel();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let halt = stop.clone();
+        let (halt, writer, name) = (stop.clone(), out.clone(), port.to_string());
         let reader = std::thread::spawn(move || {
-            let mut r = BufReader::new(reader);
+            let mut r = BufReader::new(p);
             let mut buf = Vec::new();
             while !halt.load(std::sync::atomic::Ordering::Relaxed) {
                 match r.read_until(b'\n', &mut buf) {
@@ -301,13 +306,29 @@ impl Console {
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-                    Err(_) => break,
+                    Err(e) => {
+                        // A reset through USB-Serial-JTAG takes the port away for a moment:
+                        // reopen it for up to 10 s before giving up.
+                        tracing::info!("console {name}: {e}; reopening");
+                        let again = (0..50).find_map(|_| {
+                            std::thread::sleep(Duration::from_millis(200));
+                            if halt.load(std::sync::atomic::Ordering::Relaxed) {
+                                return None;
+                            }
+                            open(&name).ok()
+                        });
+                        let Some(p) = again else { break };
+                        if let (Ok(w), Ok(mut out)) = (p.try_clone(), writer.lock()) {
+                            *out = w;
+                        }
+                        r = BufReader::new(p);
+                    }
                 }
             }
         });
         Ok(Console {
             lines: rx,
-            out: p,
+            out,
             log: Vec::new(),
             stop,
             reader: Some(reader),
@@ -315,10 +336,10 @@ impl Console {
     }
 
     fn send(&mut self, cmd: &HostCommand) -> anyhow::Result<()> {
-        self.out
-            .write_all(console::command_line(cmd).as_bytes())
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        out.write_all(console::command_line(cmd).as_bytes())
             .context("writing to the console")?;
-        self.out.flush()?;
+        out.flush()?;
         Ok(())
     }
 

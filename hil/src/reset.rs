@@ -65,11 +65,15 @@ impl ResetMethod {
         }
     }
 
-    /// Cut (false) or restore (true) the board's power. With `rts` a power cut is a held
-    /// reset: EN low stops the chip as losing power would.
+    /// Cut (false) or restore (true) the board's power. Not for `rts`: there a cut is an EN
+    /// pulse on the port the console already holds open (exclusively), which the HIL runner
+    /// sends through that handle.
     pub fn power(&self, on: bool) -> Result<(), ResetError> {
         match self {
-            ResetMethod::Rts => Ok(()),
+            ResetMethod::Rts => Err(ResetError::Command {
+                command: "rts".into(),
+                detail: "an RTS power cut goes through the open console port (the HIL runner's pulse)".into(),
+            }),
             ResetMethod::Command(cmd) => {
                 let line = cmd.replace("{state}", if on { "on" } else { "off" });
                 let out = std::process::Command::new(if cfg!(windows) { "cmd" } else { "sh" })

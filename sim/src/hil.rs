@@ -343,6 +343,17 @@ impl Console {
         Ok(())
     }
 
+    /// Hold EN low for 100 ms through RTS (with DTR, i.e. IO0, high: the chip boots the app),
+    /// as a UART bridge board is wired: a hard reset, the bench's power cut.
+    fn pulse_rts(&mut self) -> anyhow::Result<()> {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        out.write_data_terminal_ready(false)?;
+        out.write_request_to_send(true)?;
+        std::thread::sleep(Duration::from_millis(100));
+        out.write_request_to_send(false)?;
+        Ok(())
+    }
+
     /// The last lines, for error messages.
     fn tail(&self) -> String {
         let n = self.log.len().saturating_sub(15);
@@ -644,9 +655,15 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
                     cut_at = None;
                     cuts += 1;
                     tracing::info!("power cut at {}% of the download", seen.progress_pct);
-                    opts.reset.power(false)?;
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    opts.reset.power(true)?;
+                    match &opts.reset {
+                        // The console holds the port (exclusively): pulse EN through it.
+                        ResetMethod::Rts => con.pulse_rts()?,
+                        other => {
+                            other.power(false)?;
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            other.power(true)?;
+                        }
+                    }
                 }
             }
         }

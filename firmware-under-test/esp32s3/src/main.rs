@@ -32,6 +32,26 @@ use otarig_agent::{Action, Agent, Config, Input};
 const DEVICE_TYPE: &str = "otarig-devkit-s3";
 const PREFIX: &str = protocol::DEFAULT_PREFIX;
 const TELEMETRY_MS: u64 = 1_000;
+/// The bench CA (PEM) from `OTARIG_BENCH_CA` at build time; empty without TLS.
+const BENCH_CA: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bench_ca.pem"));
+
+/// Put the bench CA in ESP-TLS's global store, which the HTTP and MQTT clients then trust.
+fn install_bench_ca() -> Result<(), Box<dyn std::error::Error>> {
+    if BENCH_CA.is_empty() {
+        return Ok(());
+    }
+    let mut pem = BENCH_CA.to_vec();
+    pem.push(0); // mbedTLS wants the PEM NUL-terminated, length included
+                 // SAFETY: ESP-TLS copies the certificate; `pem` outlives the call.
+    unsafe {
+        esp_idf_svc::sys::esp!(esp_idf_svc::sys::esp_tls_init_global_ca_store())?;
+        esp_idf_svc::sys::esp!(esp_idf_svc::sys::esp_tls_set_global_ca_store(
+            pem.as_ptr(),
+            pem.len() as u32
+        ))?;
+    }
+    Ok(())
+}
 
 /// Keys compiled in (the public halves of fixtures/keys, TEST ONLY; `otarig keys export`).
 fn trusted_keys() -> Vec<TrustedKey> {
@@ -166,10 +186,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         wifi.connect()?;
         wifi.wait_netif_up()?;
         _sntp = Some(EspSntp::new_default()?);
+        install_bench_ca()?;
         _wifi = Some(wifi);
         let mqtt_tx = tx.clone();
         let conf = MqttClientConfiguration {
             client_id: Some(&p.device),
+            use_global_ca_store: !BENCH_CA.is_empty(),
             ..Default::default()
         };
         mqtt = Some(EspMqttClient::new_cb(
@@ -444,7 +466,7 @@ fn http(
     let mut conn = EspHttpConnection::new(&HttpConfig {
         timeout: Some(Duration::from_secs(30)),
         buffer_size: Some(4096),
-        use_global_ca_store: option_env!("OTARIG_BENCH_CA").is_some(),
+        use_global_ca_store: !BENCH_CA.is_empty(),
         ..Default::default()
     })
     .map_err(|e| e.to_string())?;

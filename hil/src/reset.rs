@@ -72,7 +72,9 @@ impl ResetMethod {
         match self {
             ResetMethod::Rts => Err(ResetError::Command {
                 command: "rts".into(),
-                detail: "an RTS power cut goes through the open console port (the HIL runner's pulse)".into(),
+                detail:
+                    "an RTS power cut goes through the open console port (the HIL runner's pulse)"
+                        .into(),
             }),
             ResetMethod::Command(cmd) => {
                 let line = cmd.replace("{state}", if on { "on" } else { "off" });

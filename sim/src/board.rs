@@ -224,18 +224,12 @@ impl Board {
         flash.program(target.address, image)?;
         // The board's life, and its operation count, starts when it leaves the programmer.
         flash.reset_op_count();
-        Ok(Board {
+        Ok(Board::assemble(
             flash,
             table,
             boot_config,
             efuse_secure_version,
-            running: None,
-            session: None,
-            plans: Vec::new(),
-            phase: None,
-            events: Vec::new(),
-            violations_seen: 0,
-        })
+        ))
     }
 
     /// A board from whatever its flash holds (the virtual board after espflash wrote it): the
@@ -251,9 +245,24 @@ impl Board {
             Ok(t) => t,
             Err(e) => return Err(Box::new((flash, format!("partition table at 0x8000: {e}")))),
         };
-        Ok(Board {
+        Ok(Board::assemble(
             flash,
-            table: Arc::new(table),
+            Arc::new(table),
+            boot_config,
+            efuse_secure_version,
+        ))
+    }
+
+    /// A powered-off board over `flash` with nothing running and no cut planned.
+    fn assemble(
+        flash: Flash,
+        table: Arc<PartitionTable>,
+        boot_config: BootConfig,
+        efuse_secure_version: u32,
+    ) -> Board {
+        Board {
+            flash,
+            table,
             boot_config,
             efuse_secure_version,
             running: None,
@@ -262,7 +271,7 @@ impl Board {
             phase: None,
             events: Vec::new(),
             violations_seen: 0,
-        })
+        }
     }
 
     /// Give the flash back (the virtual board keeps it across resets and flashing).

@@ -30,7 +30,7 @@ use crate::release_store::ReleaseStore;
 use crate::runner::{
     self, new_device, prepare, report, Dev, Record, Run, RunOptions, What, EPOCH_MS,
 };
-use crate::scenario::{FaultKind, PayloadTopic, Scenario};
+use crate::scenario::{FaultKind, PayloadTopic, Scenario, Step};
 use crate::server::Server;
 
 const PREFIX: &str = protocol::DEFAULT_PREFIX;
@@ -392,25 +392,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     }
 
     // The timeline of releases and faults, in virtual time.
-    enum Step {
-        Release(usize),
-        Fault(usize),
-    }
-    let mut timeline: Vec<(u64, Step)> = s
-        .releases
-        .iter()
-        .enumerate()
-        .map(|(k, r)| (r.at_ms, Step::Release(k)))
-        .collect();
-    for (n, f) in s.faults.iter().enumerate() {
-        match f.kind {
-            FaultKind::Command { at_ms, .. }
-            | FaultKind::Payload { at_ms, .. }
-            | FaultKind::ForceInstall { at_ms, .. } => timeline.push((at_ms, Step::Fault(n))),
-            FaultKind::PowerLoss(_) | FaultKind::Server { .. } => {}
-        }
-    }
-    timeline.sort_by_key(|(t, _)| *t);
+    let timeline = s.timeline();
     let mut rollouts: Vec<JoinHandle<anyhow::Result<()>>> = Vec::new();
     for (at, step) in timeline {
         shared.clock.sleep_until(at).await;

@@ -35,7 +35,7 @@ use crate::board::BoardEvent;
 use crate::broker::EmbeddedBroker;
 use crate::release_store::ReleaseStore;
 use crate::runner::{prepare, prepare_with, DeviceReport, Record, Run, What};
-use crate::scenario::{Check, FaultKind, PayloadTopic, Scenario, ServerFault};
+use crate::scenario::{Check, FaultKind, PayloadTopic, Scenario, ServerFault, Step};
 use crate::server::Server;
 
 /// How to reach the board and its bench.
@@ -543,22 +543,7 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
     let control_task = tokio::spawn(async move { while control_loop.poll().await.is_ok() {} });
 
     // The timeline, with idle time skipped.
-    enum Step {
-        Release(usize),
-        Fault(usize),
-    }
-    let mut steps: Vec<(u64, Step)> = s
-        .releases
-        .iter()
-        .enumerate()
-        .map(|(k, r)| (r.at_ms, Step::Release(k)))
-        .collect();
-    for (n, f) in s.faults.iter().enumerate() {
-        if let FaultKind::Command { at_ms, .. } | FaultKind::Payload { at_ms, .. } = f.kind {
-            steps.push((at_ms, Step::Fault(n)));
-        }
-    }
-    steps.sort_by_key(|(t, _)| *t);
+    let steps = s.timeline();
     let mut skew = 0u64; // ms of idle time skipped so far
     let mut cuts = 0u32;
     let mut next = 0usize;

@@ -1,6 +1,5 @@
 //! `otarig`: run scenarios, build and sign releases.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -715,15 +714,7 @@ fn fleet(
         let run = run?;
         let failures = expect::judge(&run, None);
         if let Some(dir) = events {
-            std::fs::create_dir_all(dir)?;
-            let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("scenario");
-            let path = dir.join(format!("{stem}.jsonl"));
-            let mut out = std::io::BufWriter::new(
-                std::fs::File::create(&path)
-                    .with_context(|| format!("creating {}", path.display()))?,
-            );
-            summary::write_events(&run, &mut out)?;
-            out.flush()?;
+            summary::write_events_file(dir, f, &run)?;
         }
         print!("{}", summary::render(&run, &failures));
         println!(
@@ -924,13 +915,7 @@ fn hil(
                     println!("skipped   {skip}");
                 }
                 if let Some(dir) = events {
-                    std::fs::create_dir_all(dir)?;
-                    let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("scenario");
-                    let mut out = std::io::BufWriter::new(std::fs::File::create(
-                        dir.join(format!("{stem}.jsonl")),
-                    )?);
-                    summary::write_events(&h.run, &mut out)?;
-                    out.flush()?;
+                    summary::write_events_file(dir, f, &h.run)?;
                 }
                 let failures = expect::judge(&h.run, None);
                 print!("{}", summary::render(&h.run, &failures));
@@ -1176,15 +1161,7 @@ fn run(
         )?;
         let failures = expect::judge(&result, None);
         if let Some(dir) = events {
-            std::fs::create_dir_all(dir)?;
-            let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("scenario");
-            let path = dir.join(format!("{stem}.jsonl"));
-            let mut out = std::io::BufWriter::new(
-                std::fs::File::create(&path)
-                    .with_context(|| format!("creating {}", path.display()))?,
-            );
-            summary::write_events(&result, &mut out)?;
-            out.flush()?;
+            summary::write_events_file(dir, f, &result)?;
         }
         bar.suspend(|| {
             print!("{}", summary::render(&result, &failures));

@@ -548,21 +548,9 @@ pub(crate) fn new_device(
         }
     }
     Dev {
-        id: s.device_id(i),
-        board,
-        agent: None,
-        epoch: 0,
-        behaviour: Behaviour::default(),
-        fetched: 0,
-        image_size: 0,
-        cuts: 0,
         off_for_ms,
-        bricked: None,
-        update_slot: None,
-        crash_streak: 0,
-        crashed_version: String::new(),
-        channel: s.channel_for(i).to_string(),
         server_faults: s.server_faults_for(i),
+        ..Dev::for_board(&s.device_id(i), s.channel_for(i), board)
     }
 }
 

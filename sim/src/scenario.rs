@@ -610,6 +610,15 @@ impl Check {
     }
 }
 
+/// A moment of a scenario's timeline that a runner acts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// `releases[k]` is published.
+    Release(usize),
+    /// `faults[n]` (a command, a payload or a forced install) happens.
+    Fault(usize),
+}
+
 /// A loaded, checked scenario.
 #[derive(Clone, Debug)]
 pub struct Scenario {
@@ -734,6 +743,27 @@ impl Scenario {
         for (_, sel) in &mut self.channel_of {
             sel.resolve(n);
         }
+    }
+
+    /// Releases and timed faults, in time order (releases first at equal times): what the
+    /// wire fleet and the HIL runner play.
+    pub fn timeline(&self) -> Vec<(u64, Step)> {
+        let mut t: Vec<(u64, Step)> = self
+            .releases
+            .iter()
+            .enumerate()
+            .map(|(k, r)| (r.at_ms, Step::Release(k)))
+            .collect();
+        for (n, f) in self.faults.iter().enumerate() {
+            match f.kind {
+                FaultKind::Command { at_ms, .. }
+                | FaultKind::Payload { at_ms, .. }
+                | FaultKind::ForceInstall { at_ms, .. } => t.push((at_ms, Step::Fault(n))),
+                FaultKind::PowerLoss(_) | FaultKind::Server { .. } => {}
+            }
+        }
+        t.sort_by_key(|(at, _)| *at);
+        t
     }
 
     /// The id board `i` uses on MQTT and HTTP.

@@ -87,6 +87,27 @@ pub fn write_events(run: &Run, out: &mut dyn Write) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Write a run's event stream to `DIR/<scenario file stem>.jsonl` (`--events DIR`).
+pub fn write_events_file(
+    dir: &std::path::Path,
+    scenario_file: &std::path::Path,
+    run: &Run,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let stem = scenario_file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("scenario");
+    let path = dir.join(format!("{stem}.jsonl"));
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    write_events(run, &mut out)?;
+    out.flush()?;
+    Ok(())
+}
+
 /// One scenario's verdict for a JUnit report.
 pub struct Verdict {
     pub name: String,

@@ -148,10 +148,11 @@ impl RomLoader {
                     return (vec![fail(op, err::BAD_BLOCKSIZE)], After::Nothing);
                 }
                 let start = offset - offset % SECTOR;
-                let end = offset.saturating_add(size).div_ceil(SECTOR) * SECTOR;
-                if end > flash.size() {
+                let end = (offset as u64 + size as u64).div_ceil(SECTOR as u64) * SECTOR as u64;
+                if end > flash.size() as u64 {
                     return (vec![fail(op, err::FLASH_WRITE_ERR)], After::Nothing);
                 }
+                let end = end as u32;
                 if let Err(e) = flash.erase(start, end - start) {
                     tracing::warn!("FLASH_BEGIN erase failed: {e}");
                     return (vec![fail(op, err::FLASH_WRITE_ERR)], After::Nothing);
@@ -306,4 +307,121 @@ pub fn slip_encode(payload: &[u8]) -> Vec<u8> {
     // Writing to a Vec cannot fail.
     let _ = enc.encode(payload, &mut out);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Mem(Vec<u8>);
+    impl FlashMemory for Mem {
+        fn size(&self) -> u32 {
+            self.0.len() as u32
+        }
+        fn erase(&mut self, addr: u32, len: u32) -> Result<(), String> {
+            self.0[addr as usize..(addr + len) as usize].fill(0xFF);
+            Ok(())
+        }
+        fn write(&mut self, addr: u32, data: &[u8]) -> Result<(), String> {
+            self.0[addr as usize..addr as usize + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn read(&self, addr: u32, buf: &mut [u8]) {
+            buf.copy_from_slice(&self.0[addr as usize..addr as usize + buf.len()]);
+        }
+    }
+
+    fn req(op: u8, data: &[u8], checksum: u32) -> Vec<u8> {
+        let mut r = vec![0, op];
+        r.extend_from_slice(&(data.len() as u16).to_le_bytes());
+        r.extend_from_slice(&checksum.to_le_bytes());
+        r.extend_from_slice(data);
+        r
+    }
+
+    fn words(w: &[u32]) -> Vec<u8> {
+        w.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    fn block(seq: u32, data: &[u8]) -> (Vec<u8>, u32) {
+        let mut d = words(&[data.len() as u32, seq, 0, 0]);
+        d.extend_from_slice(data);
+        (d, data.iter().fold(0xEF, |c, b| c ^ b) as u32)
+    }
+
+    /// (status, error) of a single response.
+    fn status(r: &[Vec<u8>]) -> (u8, u8) {
+        let last = &r[0];
+        (last[last.len() - 4], last[last.len() - 3])
+    }
+
+    #[test]
+    fn sync_is_answered_eight_times() {
+        let mut l = RomLoader::new(1 << 20);
+        let (r, _) = l.handle(
+            &req(0x08, &[0x07, 0x07, 0x12, 0x20], 0),
+            &mut Mem(vec![0xFF; 1 << 20]),
+        );
+        assert_eq!(r.len(), 8);
+    }
+
+    #[test]
+    fn flash_data_checks_checksum_sequence_and_begin() {
+        let mut m = Mem(vec![0u8; 1 << 20]);
+        let mut l = RomLoader::new(1 << 20);
+        let (d, sum) = block(0, &[1, 2, 3, 4]);
+        let (r, _) = l.handle(&req(0x03, &d, sum), &mut m);
+        assert_eq!(
+            status(&r),
+            (1, err::NOT_IN_FLASH_MODE),
+            "data before FLASH_BEGIN"
+        );
+        let (r, _) = l.handle(&req(0x02, &words(&[4, 1, 0x400, 0x1000, 0]), 0), &mut m);
+        assert_eq!(status(&r), (0, 0));
+        assert!(
+            m.0[0x1000..0x2000].iter().all(|b| *b == 0xFF),
+            "begin erased the sector"
+        );
+        let (r, _) = l.handle(&req(0x03, &d, sum ^ 1), &mut m);
+        assert_eq!(status(&r), (1, err::BAD_DATA_CHECKSUM));
+        let (d1, s1) = block(1, &[1, 2, 3, 4]);
+        let (r, _) = l.handle(&req(0x03, &d1, s1), &mut m);
+        assert_eq!(status(&r), (1, err::INVALID_MESSAGE), "out of sequence");
+        let (r, _) = l.handle(&req(0x03, &d, sum), &mut m);
+        assert_eq!(status(&r), (0, 0));
+        assert_eq!(&m.0[0x1000..0x1004], &[1, 2, 3, 4]);
+        let (_, after) = l.handle(&req(0x04, &words(&[0]), 0), &mut m);
+        assert_eq!(after, After::RunApp, "FLASH_END 0 reboots into the app");
+    }
+
+    #[test]
+    fn out_of_range_and_stub_only_requests_fail_cleanly() {
+        let mut m = Mem(vec![0u8; 1 << 20]);
+        let mut l = RomLoader::new(1 << 20);
+        let (r, _) = l.handle(
+            &req(0x02, &words(&[u32::MAX, 1, 0x400, 0xFFFF_F000, 0]), 0),
+            &mut m,
+        );
+        assert_eq!(status(&r), (1, err::FLASH_WRITE_ERR));
+        let (r, _) = l.handle(&req(0x13, &words(&[0xF_0000, 0x10_0000, 0, 0]), 0), &mut m);
+        assert_eq!(status(&r), (1, err::FLASH_WRITE_ERR));
+        let (r, _) = l.handle(&req(0xD1, &words(&[0, 4096]), 0), &mut m);
+        assert_eq!(
+            status(&r),
+            (1, err::INVALID_MESSAGE),
+            "ERASE_REGION is stub-only"
+        );
+        assert!(m.0.iter().all(|b| *b == 0), "nothing was written");
+    }
+
+    #[test]
+    fn slip_frames_survive_console_text_and_escapes() {
+        let mut f = SlipFrames::default();
+        let payload = [1u8, 0xC0, 2, 0xDB, 3];
+        let mut bytes = b"I (5) boot: noise\r\n".to_vec();
+        bytes.extend(slip_encode(&payload));
+        let mut frames = f.push(&bytes[..10]);
+        frames.extend(f.push(&bytes[10..]));
+        assert_eq!(frames, vec![payload.to_vec()]);
+    }
 }

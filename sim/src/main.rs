@@ -61,7 +61,7 @@ enum Cmd {
     },
     /// Run scenarios on one board over its serial port (a real ESP32-S3, or `otarig board`).
     Hil {
-        #[arg(required = true)]
+        /// Scenario files (default: every scenarios/*.toml).
         files: Vec<PathBuf>,
         /// The board's serial port: COM9, /dev/ttyACM0, /dev/ttyUSB0, /dev/pts/N.
         #[arg(long)]
@@ -901,6 +901,19 @@ fn hil(
             "hardware"
         }
     );
+    let all: Vec<PathBuf>;
+    let files = if files.is_empty() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir("scenarios")
+            .context("no scenario files given and no scenarios/ directory here")?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        v.sort();
+        all = v;
+        &all[..]
+    } else {
+        files
+    };
     let rt = tokio::runtime::Runtime::new()?;
     let mut verdicts = Vec::new();
     let mut failed = false;

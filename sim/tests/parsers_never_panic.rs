@@ -10,8 +10,29 @@ fn valid_patch() -> Vec<u8> {
     otarig::delta::make(&a, &b)
 }
 
+/// A ROM loader request: header, then `data`.
+fn rom_request(op: u8, data: &[u8], checksum: u32) -> Vec<u8> {
+    let mut r = vec![0, op];
+    r.extend_from_slice(&(data.len() as u16).to_le_bytes());
+    r.extend_from_slice(&checksum.to_le_bytes());
+    r.extend_from_slice(data);
+    r
+}
+
 proptest! {
+
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Well-formed loader requests with hostile fields (addresses, sizes, sequence numbers).
+    #[test]
+    fn rom_loader_requests(op in prop_oneof![Just(0x02u8), Just(0x03), Just(0x04), Just(0x09), Just(0x0A), Just(0x13)],
+                           words in proptest::collection::vec(any::<u32>(), 0..8),
+                           tail in proptest::collection::vec(any::<u8>(), 0..64)) {
+        let mut data: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        data.extend_from_slice(&tail);
+        let frame = rom_request(op, &data, 0xEF);
+        fuzzing::serial(&otarig_hil::rom::slip_encode(&frame));
+    }
 
     #[test]
     fn random_bytes(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
@@ -22,6 +43,7 @@ proptest! {
         fuzzing::partition_table(&data);
         fuzzing::bsdiff40(&data);
         fuzzing::mqtt_payloads(&data);
+        fuzzing::serial(&data);
     }
 
     #[test]

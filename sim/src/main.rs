@@ -52,7 +52,7 @@ enum Cmd {
         #[arg(long, required = true)]
         pty: bool,
         /// Control socket for reset, download mode and power (a pty has no DTR/RTS).
-        #[arg(long, default_value = "/tmp/otarig-board.sock")]
+        #[arg(long, default_value = VIRTUAL_BOARD_CONTROL)]
         control: PathBuf,
         /// Take the firmware's build settings (device type, trusted keys, agent timeouts)
         /// from a scenario; without it: otarig-devkit-s3, keys ed25519-test and rsa-test.
@@ -66,7 +66,8 @@ enum Cmd {
         /// The board's serial port: COM9, /dev/ttyACM0, /dev/ttyUSB0, /dev/pts/N.
         #[arg(long)]
         port: String,
-        /// The virtual board's control socket: makes this a virtual-board run.
+        /// The virtual board's control socket: makes this a virtual-board run (a /dev/pts/*
+        /// port with /tmp/otarig-board.sock present implies it).
         #[arg(long)]
         control: Option<PathBuf>,
         /// The bench file (Wi-Fi, host address, reset method, firmware directory).
@@ -779,6 +780,9 @@ fn fleet_bar(
     bar
 }
 
+/// Where `otarig board --pty` listens for reset and power commands unless told otherwise.
+const VIRTUAL_BOARD_CONTROL: &str = "/tmp/otarig-board.sock";
+
 fn board(control: &Path, scenario: Option<&Path>) -> anyhow::Result<ExitCode> {
     use otarig::virtual_board;
     let opts = match scenario {
@@ -845,6 +849,16 @@ fn hil(
 ) -> anyhow::Result<ExitCode> {
     use otarig_hil::flasher::Target;
     use otarig_hil::reset::ResetMethod;
+    // A pty with the virtual board's default control socket next to it: that board.
+    let default_control = Path::new(VIRTUAL_BOARD_CONTROL);
+    let control = control.or_else(|| {
+        (port.starts_with("/dev/pts/") && default_control.exists()).then(|| {
+            println!(
+                "{port} is a pty: using the virtual board's control socket {VIRTUAL_BOARD_CONTROL}"
+            );
+            default_control.to_path_buf()
+        })
+    });
     let bench: BenchFile = match std::fs::read_to_string(bench_path) {
         Ok(text) => toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: {e}", bench_path.display()))?,

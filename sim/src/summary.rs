@@ -129,9 +129,10 @@ fn xml_escape(s: &str) -> String {
 /// (GitLab, Jenkins, GitHub test reporters) read this.
 pub fn junit(suite: &str, verdicts: &[Verdict]) -> String {
     let failed = verdicts.iter().filter(|v| !v.failures.is_empty()).count();
+    let skipped = verdicts.iter().filter(|v| v.skipped.is_some()).count();
     let total: f64 = verdicts.iter().map(|v| v.seconds).sum();
     let mut x = format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failed}\" time=\"{total:.3}\">\n",
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failed}\" skipped=\"{skipped}\" time=\"{total:.3}\">\n",
         xml_escape(suite),
         verdicts.len()
     );

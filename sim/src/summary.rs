@@ -169,3 +169,41 @@ pub fn junit(suite: &str, verdicts: &[Verdict]) -> String {
     x.push_str("  </testsuite>\n</testsuites>\n");
     x
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn junit_marks_failures_and_skips() {
+        let v = |name: &str, failures, skipped: Option<&str>| Verdict {
+            name: name.into(),
+            file: format!("scenarios/{name}.toml"),
+            seconds: 1.0,
+            failures,
+            skipped: skipped.map(str::to_string),
+        };
+        let fail = crate::expect::Failure {
+            at: "x.toml:3".into(),
+            device: 0,
+            check: "version".into(),
+            expected: "running 2.0.0".into(),
+            seen: "running <1.0.0>".into(),
+        };
+        let x = junit(
+            "otarig hil",
+            &[
+                v("ok", vec![], None),
+                v("bad", vec![fail], None),
+                v("cut", vec![], Some("needs the simulator")),
+            ],
+        );
+        assert!(x.contains(r#"tests="3" failures="1" skipped="1""#), "{x}");
+        assert!(
+            x.contains(r#"<skipped message="needs the simulator"/>"#),
+            "{x}"
+        );
+        assert!(x.contains("&lt;1.0.0&gt;"), "escaped: {x}");
+        assert_eq!(x.matches("<testcase").count(), 3);
+    }
+}

@@ -8,6 +8,11 @@ test:
 run *FILES="scenarios/*.toml":
     cargo run --release -p otarig -- run {{FILES}}
 
+# Example: just fleet scenarios/rollout-halt.toml --devices 1000
+# Run scenarios with every board on real sockets (embedded broker and firmware server).
+fleet *ARGS:
+    cargo run --release -p otarig -- fleet {{ARGS}}
+
 # Check scenario files without running them.
 check *FILES="scenarios/*.toml":
     cargo run --release -p otarig -- check {{FILES}}
@@ -49,9 +54,9 @@ bench-plr:
 bench-delta:
     cargo run --release -p otarig -- bench delta
 
-# Scale: 1,000 then 10,000 boards each update a 1 MiB image through the embedded broker and
-# server (one process per size, so each peak RSS is its own). Needs `ulimit -n` of about four
+# One process per size, so each peak RSS is its own. Needs `ulimit -n` of about four
 # descriptors per board; the command says so when it is too low.
+# Scale: 1,000 then 10,000 boards each update a 1 MiB image through the real broker and server.
 bench-fleet *SIZES="1000 10000":
     cargo build --release -p otarig
     for n in {{SIZES}}; do ./target/release/otarig bench fleet --devices $n || true; done
@@ -60,12 +65,13 @@ bench-fleet *SIZES="1000 10000":
 board *ARGS:
     cargo run --release -p otarig -- board --pty {{ARGS}}
 
-# Run scenarios on a board over its serial port: just hil --port COM9 scenarios/full-update.toml
-# (a real board needs bench/bench.toml; a virtual one: --control /tmp/otarig-board.sock).
+# A real board needs bench/bench.toml (see bench/bench.example.toml); a /dev/pts/N port of
+# `just board` is found by its control socket. Without scenarios: every scenarios/*.toml.
+# Run scenarios on one board over its serial port: just hil --port COM9 [SCENARIO...]
 hil *ARGS:
     cargo run --release -p otarig -- hil {{ARGS}}
 
-# Build the ESP32-S3 firmware under test and its variants into firmware-under-test/esp32s3/dist
-# (needs the Espressif Rust toolchain: espup install; see the README's bench section).
+# Needs the Espressif Rust toolchain (espup install; see the README's bench section).
+# Build the ESP32-S3 firmware under test and its variants into firmware-under-test/esp32s3/dist.
 fw-build *VERSIONS="1.0.0 2.0.0 3.0.0":
     firmware-under-test/esp32s3/build-variants.sh {{VERSIONS}}

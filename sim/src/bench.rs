@@ -158,19 +158,21 @@ fn peak_rss() -> Option<u64> {
 /// The scale benchmark: `devices` boards on the wire, each updating a 1 MiB image, in real
 /// time (speedup 1, so no virtual timer fires early under load). Run one size per process:
 /// the peak RSS is the process's.
-pub fn fleet(devices: u32) -> anyhow::Result<ExitCode> {
+pub fn fleet(devices: u32, broker: Option<String>) -> anyhow::Result<ExitCode> {
     use otarig::fleet::{run_fleet, FleetOptions};
     use otarig_agent::Event;
     if cfg!(debug_assertions) {
         eprintln!("warning: a debug build; run `just bench-fleet` for real figures");
     }
     // Every board holds an MQTT and an HTTP connection, and the embedded broker and server
-    // hold the other ends: about four descriptors per board in this one process.
-    let needed = devices as u64 * 4 + 256;
+    // hold the other ends: about four descriptors per board in this one process (three with
+    // an external broker).
+    let per_board = if broker.is_some() { 3 } else { 4 };
+    let needed = devices as u64 * per_board + 256;
     if let Some(limit) = open_files_limit().filter(|l| *l < needed) {
         anyhow::bail!(
             "{devices} boards need about {needed} open files in this process (an MQTT and an HTTP connection per board, both ends in-process); the limit is {limit} (ulimit -n). Raise it (ulimit -n {needed}; the hard limit may need root or LimitNOFILE) or pass --devices {}",
-            (limit.saturating_sub(256)) / 4
+            (limit.saturating_sub(256)) / per_board
         );
     }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/bench/fleet-1mib.toml");
@@ -178,7 +180,9 @@ pub fn fleet(devices: u32) -> anyhow::Result<ExitCode> {
     s.set_devices(devices);
     let image = s.firmware.get("v2").map_or(0, |f| f.size) as f64;
     let rss_before = peak_rss().unwrap_or(0);
+    let which = broker.clone().unwrap_or_else(|| "embedded rumqttd".into());
     let opts = FleetOptions {
+        broker,
         speedup: 1.0,
         quiet_ms: 5_000,
         ..Default::default()
@@ -202,7 +206,7 @@ pub fn fleet(devices: u32) -> anyhow::Result<ExitCode> {
     let peak = peak_rss().unwrap_or(0);
     let mb = run.served_bytes as f64 / 1e6;
     println!(
-        "fleet scale: {devices} boards x {:.0} KiB image, real time, embedded broker + server",
+        "fleet scale: {devices} boards x {:.0} KiB image, real time, broker: {which}, embedded server",
         image / 1024.0
     );
     println!(

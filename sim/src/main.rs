@@ -223,6 +223,9 @@ enum BenchCmd {
     Fleet {
         #[arg(long, default_value_t = 1000)]
         devices: u32,
+        /// An external broker (mqtt://HOST:PORT) instead of the embedded rumqttd.
+        #[arg(long)]
+        broker: Option<String>,
     },
 }
 
@@ -504,8 +507,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             cmd: BenchCmd::Delta,
         } => bench::delta(),
         Cmd::Bench {
-            cmd: BenchCmd::Fleet { devices },
-        } => bench::fleet(devices),
+            cmd: BenchCmd::Fleet { devices, broker },
+        } => bench::fleet(devices, broker),
         Cmd::Check { files } => {
             let mut bad = 0;
             for f in &files {

@@ -79,7 +79,17 @@ pub struct CutReport {
 #[derive(Default)]
 pub struct SectorPool {
     by_crc: Mutex<HashMap<u32, Vec<Arc<Sector>>>>,
+    /// Results computed over a region, keyed by the region's exact sectors (see
+    /// [`Flash::memo_region`]).
+    memo: Mutex<HashMap<(u32, u32, Vec<usize>), Memo>>,
 }
+
+/// A remembered result and the sectors it was computed from, kept alive (and therefore
+/// shared: any later write to them copies first, so their contents never change).
+type Memo = (
+    Vec<Option<Arc<Sector>>>,
+    Arc<dyn std::any::Any + Send + Sync>,
+);
 
 impl SectorPool {
     /// The pool's copy of `sector`'s contents (added if new).
@@ -167,6 +177,58 @@ impl Flash {
 
     pub fn is_powered(&self) -> bool {
         self.powered
+    }
+
+    /// `compute` over `len` bytes from `addr`, or its remembered result when this flash (or
+    /// another one on the same [`SectorPool`]) computed it over exactly the same sectors. A
+    /// pure function of the region's bytes gives the same answer either way; the fleet uses
+    /// this so that ten thousand boards verifying the same image hash it once. Without a
+    /// pool, or without power, it simply computes.
+    pub fn memo_region<T: Clone + Send + Sync + 'static>(
+        &mut self,
+        addr: u32,
+        len: u32,
+        compute: impl FnOnce(&Flash) -> T,
+    ) -> T {
+        let Some(pool) = self.pool.clone() else {
+            return compute(self);
+        };
+        if !self.powered || self.check_bounds(addr, len).is_err() || len == 0 {
+            return compute(self);
+        }
+        // The sector being written is private until interned: share it so the key is the
+        // same for every board holding the same bytes.
+        if let Some(d) = self.dirty.take() {
+            if let Some(arc) = self.sectors[d].as_mut() {
+                *arc = pool.intern(arc);
+            }
+        }
+        let first = (addr / SECTOR_SIZE) as usize;
+        let last = ((addr + len - 1) / SECTOR_SIZE) as usize;
+        let sectors: Vec<Option<Arc<Sector>>> = self.sectors[first..=last].to_vec();
+        let key = (
+            addr,
+            len,
+            sectors
+                .iter()
+                .map(|s| s.as_ref().map_or(0, |a| Arc::as_ptr(a) as usize))
+                .collect::<Vec<_>>(),
+        );
+        if let Some(v) = pool
+            .memo
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .and_then(|(_, v)| v.downcast_ref::<T>().cloned())
+        {
+            return v;
+        }
+        let v = compute(self);
+        pool.memo
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, (sectors, Arc::new(v.clone())));
+        v
     }
 
     /// Share written sectors with every other flash using `pool`.
@@ -450,5 +512,40 @@ mod tests {
         let mut byte = [0u8];
         a.read(0, &mut byte).unwrap();
         assert_eq!(byte, [1], "the other clone keeps its data");
+    }
+
+    #[test]
+    fn a_memo_is_shared_by_equal_flashes_and_dropped_by_a_write() {
+        let pool = Arc::new(SectorPool::default());
+        let mut a = Flash::new(64 * 1024);
+        a.set_pool(pool.clone());
+        let mut b = a.clone();
+        for f in [&mut a, &mut b] {
+            f.erase(0, 8192).unwrap();
+            f.program(0, &[7u8; 5000]).unwrap();
+        }
+        let calls = std::cell::Cell::new(0);
+        let sum = |f: &Flash| {
+            calls.set(calls.get() + 1);
+            let mut buf = vec![0u8; 8192];
+            f.peek(0, &mut buf);
+            buf.iter().map(|x| *x as u64).sum::<u64>()
+        };
+        let first = a.memo_region(0, 8192, sum);
+        assert_eq!(
+            b.memo_region(0, 8192, sum),
+            first,
+            "same bytes, same answer"
+        );
+        assert_eq!(calls.get(), 1, "computed once for both boards");
+        b.program(6000, &[0]).unwrap();
+        let changed = b.memo_region(0, 8192, sum);
+        assert_eq!(calls.get(), 2, "a write makes it compute again");
+        assert_eq!(changed, first - 0xFF);
+        assert_eq!(
+            a.memo_region(0, 8192, sum),
+            first,
+            "the other board is untouched"
+        );
     }
 }

@@ -81,8 +81,11 @@ pub struct SectorPool {
     by_crc: Mutex<HashMap<u32, Vec<Arc<Sector>>>>,
     /// Results computed over a region, keyed by the region's exact sectors (see
     /// [`Flash::memo_region`]).
-    memo: Mutex<HashMap<(u32, u32, Vec<usize>), Memo>>,
+    memo: Mutex<HashMap<MemoKey, Memo>>,
 }
+
+/// A region (address, length) and the identity of each of its sectors (0: erased).
+type MemoKey = (u32, u32, Vec<usize>);
 
 /// A remembered result and the sectors it was computed from, kept alive (and therefore
 /// shared: any later write to them copies first, so their contents never change).

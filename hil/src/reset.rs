@@ -35,47 +35,39 @@ pub enum ResetError {
 }
 
 impl ResetMethod {
-    /// Hard reset into the app (EN pulse).
-    pub fn reset(&self, port: &str) -> Result<(), ResetError> {
+    /// A power cut: the board is off for `off_for`, then boots again. With `rts` it is an EN
+    /// pulse of 100 ms through `console`, the port the runner already holds open (exclusively:
+    /// opening it again would fail), DTR (IO0) high so the chip boots the app.
+    pub fn power_cut(
+        &self,
+        console: &mut dyn serialport::SerialPort,
+        off_for: Duration,
+    ) -> Result<(), ResetError> {
         match self {
             ResetMethod::Rts => {
-                let mut p = serialport::new(port, 115_200)
-                    .timeout(Duration::from_millis(200))
-                    .open()
-                    .map_err(|source| ResetError::Serial {
-                        port: port.to_string(),
-                        source,
-                    })?;
+                let name = console.name().unwrap_or_else(|| "the console".into());
                 let serr = |source| ResetError::Serial {
-                    port: port.to_string(),
+                    port: name.clone(),
                     source,
                 };
-                p.write_data_terminal_ready(false).map_err(serr)?;
-                p.write_request_to_send(true).map_err(serr)?;
+                console.write_data_terminal_ready(false).map_err(serr)?;
+                console.write_request_to_send(true).map_err(serr)?;
                 std::thread::sleep(Duration::from_millis(100));
-                p.write_request_to_send(false).map_err(serr)?;
-                Ok(())
+                console.write_request_to_send(false).map_err(serr)
             }
-            ResetMethod::Command(_) => {
+            ResetMethod::Command(_) | ResetMethod::Control(_) => {
                 self.power(false)?;
-                std::thread::sleep(Duration::from_millis(500));
+                std::thread::sleep(off_for);
                 self.power(true)
             }
-            ResetMethod::Control(_) => self.control("reset"),
         }
     }
 
-    /// Cut (false) or restore (true) the board's power. Not for `rts`: there a cut is an EN
-    /// pulse on the port the console already holds open (exclusively), which the HIL runner
-    /// sends through that handle.
-    pub fn power(&self, on: bool) -> Result<(), ResetError> {
+    /// Cut (false) or restore (true) the board's power through the command or the control
+    /// socket (`rts` has no "off" state: see [`ResetMethod::power_cut`]).
+    fn power(&self, on: bool) -> Result<(), ResetError> {
         match self {
-            ResetMethod::Rts => Err(ResetError::Command {
-                command: "rts".into(),
-                detail:
-                    "an RTS power cut goes through the open console port (the HIL runner's pulse)"
-                        .into(),
-            }),
+            ResetMethod::Rts => Ok(()),
             ResetMethod::Command(cmd) => {
                 let line = cmd.replace("{state}", if on { "on" } else { "off" });
                 let out = std::process::Command::new(if cfg!(windows) { "cmd" } else { "sh" })

@@ -343,17 +343,6 @@ impl Console {
         Ok(())
     }
 
-    /// Hold EN low for 100 ms through RTS (with DTR, i.e. IO0, high: the chip boots the app),
-    /// as a UART bridge board is wired: a hard reset, the bench's power cut.
-    fn pulse_rts(&mut self) -> anyhow::Result<()> {
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        out.write_data_terminal_ready(false)?;
-        out.write_request_to_send(true)?;
-        std::thread::sleep(Duration::from_millis(100));
-        out.write_request_to_send(false)?;
-        Ok(())
-    }
-
     /// The last lines, for error messages.
     fn tail(&self) -> String {
         let n = self.log.len().saturating_sub(15);
@@ -471,12 +460,8 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
         .table()
         .app_slots()
         .into_iter()
-        .find(|sl| {
-            let mut b = [0u8; 1];
-            prep.proto.flash.peek(sl.address, &mut b);
-            b[0] == otarig_agent::image::IMAGE_MAGIC
-        })
-        .context("the scenario's board has no app in flash")?;
+        .find(|sl| sl.kind == prep.start_slot)
+        .context("the scenario's partition table lost its starting slot")?;
     let start_image = &prep.images[&s.start_firmware];
     images.push(Image {
         name: format!("app {} -> {}", s.start_firmware, start_slot.kind),
@@ -640,15 +625,12 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
                     cut_at = None;
                     cuts += 1;
                     tracing::info!("power cut at {}% of the download", seen.progress_pct);
-                    match &opts.reset {
-                        // The console holds the port (exclusively): pulse EN through it.
-                        ResetMethod::Rts => con.pulse_rts()?,
-                        other => {
-                            other.power(false)?;
-                            tokio::time::sleep(Duration::from_millis(300)).await;
-                            other.power(true)?;
-                        }
-                    }
+                    let (out, reset) = (con.out.clone(), opts.reset.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let mut port = out.lock().unwrap_or_else(|p| p.into_inner());
+                        reset.power_cut(&mut **port, Duration::from_millis(300))
+                    })
+                    .await??;
                 }
             }
         }

@@ -260,6 +260,8 @@ pub struct Prepared {
     pub(crate) store: Store,
     /// (device type, channel, signed manifest, sequence, version), in scenario order.
     pub(crate) releases: Vec<(String, String, Vec<u8>, u64, String)>,
+    /// The slot the factory-flashed board holds its starting firmware in.
+    pub(crate) start_slot: SlotKind,
 }
 
 impl Prepared {
@@ -387,6 +389,7 @@ pub fn prepare_with(
         cfg_template,
         store,
         releases,
+        start_slot,
     })
 }
 
@@ -415,6 +418,7 @@ pub fn run_prepared(
         cfg_template,
         store,
         releases,
+        ..
     } = prep.clone();
     let mut world = World {
         now: 0,

@@ -735,8 +735,7 @@ fn fleet(
         });
     }
     if let Some(path) = junit {
-        std::fs::write(path, summary::junit("otarig fleet", &verdicts))
-            .with_context(|| format!("writing {}", path.display()))?;
+        summary::write_junit_file(path, "otarig fleet", &verdicts)?;
     }
     Ok(if failed {
         ExitCode::from(1)
@@ -981,8 +980,7 @@ fn hil(
         });
     }
     if let Some(path) = junit {
-        std::fs::write(path, summary::junit("otarig hil", &verdicts))
-            .with_context(|| format!("writing {}", path.display()))?;
+        summary::write_junit_file(path, "otarig hil", &verdicts)?;
     }
     Ok(if failed {
         ExitCode::from(1)
@@ -1211,8 +1209,7 @@ fn run(
     }
     bar.finish_and_clear();
     if let Some(path) = junit {
-        std::fs::write(path, summary::junit("otarig run", &verdicts))
-            .with_context(|| format!("writing {}", path.display()))?;
+        summary::write_junit_file(path, "otarig run", &verdicts)?;
     }
     Ok(if invalid > 0 {
         ExitCode::from(2)

@@ -108,6 +108,17 @@ pub fn write_events_file(
     Ok(())
 }
 
+/// Write [`junit`] of `verdicts` to `path` (`--junit PATH`).
+pub fn write_junit_file(
+    path: &std::path::Path,
+    suite: &str,
+    verdicts: &[Verdict],
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::write(path, junit(suite, verdicts))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// One scenario's verdict for a JUnit report.
 pub struct Verdict {
     pub name: String,

@@ -31,6 +31,38 @@ pub trait FlashMemory {
     fn read(&self, addr: u32, buf: &mut [u8]);
 }
 
+/// Flash as a plain byte vector, for tests, fuzzing and tools: NOR semantics (a write can only
+/// clear bits), every access bounds-checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VecFlash(pub Vec<u8>);
+
+impl FlashMemory for VecFlash {
+    fn size(&self) -> u32 {
+        self.0.len() as u32
+    }
+    fn erase(&mut self, addr: u32, len: u32) -> Result<(), String> {
+        let range = addr as usize..addr as usize + len as usize;
+        let bytes = self.0.get_mut(range).ok_or("erase outside the flash")?;
+        bytes.fill(0xFF);
+        Ok(())
+    }
+    fn write(&mut self, addr: u32, data: &[u8]) -> Result<(), String> {
+        let range = addr as usize..addr as usize + data.len();
+        let bytes = self.0.get_mut(range).ok_or("write outside the flash")?;
+        bytes
+            .iter_mut()
+            .zip(data)
+            .for_each(|(old, new)| *old &= new);
+        Ok(())
+    }
+    fn read(&self, addr: u32, buf: &mut [u8]) {
+        match self.0.get(addr as usize..addr as usize + buf.len()) {
+            Some(bytes) => buf.copy_from_slice(bytes),
+            None => buf.fill(0xFF),
+        }
+    }
+}
+
 /// Chip id the ESP32-S3 ROM reports in `GET_SECURITY_INFO`.
 pub const CHIP_ID_ESP32S3: u32 = 9;
 /// The ROM's flash write block (espflash `FLASH_WRITE_SIZE`).
@@ -313,24 +345,6 @@ pub fn slip_encode(payload: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    struct Mem(Vec<u8>);
-    impl FlashMemory for Mem {
-        fn size(&self) -> u32 {
-            self.0.len() as u32
-        }
-        fn erase(&mut self, addr: u32, len: u32) -> Result<(), String> {
-            self.0[addr as usize..(addr + len) as usize].fill(0xFF);
-            Ok(())
-        }
-        fn write(&mut self, addr: u32, data: &[u8]) -> Result<(), String> {
-            self.0[addr as usize..addr as usize + data.len()].copy_from_slice(data);
-            Ok(())
-        }
-        fn read(&self, addr: u32, buf: &mut [u8]) {
-            buf.copy_from_slice(&self.0[addr as usize..addr as usize + buf.len()]);
-        }
-    }
-
     fn req(op: u8, data: &[u8], checksum: u32) -> Vec<u8> {
         let mut r = vec![0, op];
         r.extend_from_slice(&(data.len() as u16).to_le_bytes());
@@ -360,14 +374,14 @@ mod tests {
         let mut l = RomLoader::new(1 << 20);
         let (r, _) = l.handle(
             &req(0x08, &[0x07, 0x07, 0x12, 0x20], 0),
-            &mut Mem(vec![0xFF; 1 << 20]),
+            &mut VecFlash(vec![0xFF; 1 << 20]),
         );
         assert_eq!(r.len(), 8);
     }
 
     #[test]
     fn flash_data_checks_checksum_sequence_and_begin() {
-        let mut m = Mem(vec![0u8; 1 << 20]);
+        let mut m = VecFlash(vec![0u8; 1 << 20]);
         let mut l = RomLoader::new(1 << 20);
         let (d, sum) = block(0, &[1, 2, 3, 4]);
         let (r, _) = l.handle(&req(0x03, &d, sum), &mut m);
@@ -396,7 +410,7 @@ mod tests {
 
     #[test]
     fn out_of_range_and_stub_only_requests_fail_cleanly() {
-        let mut m = Mem(vec![0u8; 1 << 20]);
+        let mut m = VecFlash(vec![0u8; 1 << 20]);
         let mut l = RomLoader::new(1 << 20);
         let (r, _) = l.handle(
             &req(0x02, &words(&[u32::MAX, 1, 0x400, 0xFFFF_F000, 0]), 0),

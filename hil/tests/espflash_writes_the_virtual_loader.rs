@@ -7,33 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use otarig_hil::flasher::{flash, Bars, Image, Target};
 use otarig_hil::pty::Pty;
-use otarig_hil::rom::{slip_encode, After, FlashMemory, RomLoader, SlipFrames};
-
-struct Mem(Vec<u8>);
-
-impl FlashMemory for Mem {
-    fn size(&self) -> u32 {
-        self.0.len() as u32
-    }
-    fn erase(&mut self, addr: u32, len: u32) -> Result<(), String> {
-        self.0[addr as usize..(addr + len) as usize].fill(0xFF);
-        Ok(())
-    }
-    fn write(&mut self, addr: u32, data: &[u8]) -> Result<(), String> {
-        for (i, b) in data.iter().enumerate() {
-            self.0[addr as usize + i] &= b;
-        }
-        Ok(())
-    }
-    fn read(&self, addr: u32, buf: &mut [u8]) {
-        buf.copy_from_slice(&self.0[addr as usize..addr as usize + buf.len()]);
-    }
-}
+use otarig_hil::rom::{slip_encode, After, RomLoader, SlipFrames, VecFlash};
 
 #[test]
 fn espflash_flashes_through_the_rom_loader_on_a_pty() {
     let pty = Pty::open().unwrap();
-    let mem = Arc::new(Mutex::new(Mem(vec![0x5A; 4 << 20])));
+    let mem = Arc::new(Mutex::new(VecFlash(vec![0x5A; 4 << 20])));
     let ran_app = Arc::new(Mutex::new(false));
     let (m, ran) = (mem.clone(), ran_app.clone());
     let mut rx = pty.master().unwrap();

@@ -121,32 +121,7 @@ pub fn serial(data: &[u8]) {
         let _ = otarig_agent::console::parse_board_line(line);
         let _ = otarig_agent::console::parse_command_line(line);
     }
-    struct Small(Vec<u8>);
-    impl otarig_hil::rom::FlashMemory for Small {
-        fn size(&self) -> u32 {
-            self.0.len() as u32
-        }
-        fn erase(&mut self, addr: u32, len: u32) -> Result<(), String> {
-            let r = self
-                .0
-                .get_mut(addr as usize..(addr + len) as usize)
-                .ok_or("out of range")?;
-            r.fill(0xFF);
-            Ok(())
-        }
-        fn write(&mut self, addr: u32, data: &[u8]) -> Result<(), String> {
-            let r = self
-                .0
-                .get_mut(addr as usize..addr as usize + data.len())
-                .ok_or("out of range")?;
-            r.copy_from_slice(data);
-            Ok(())
-        }
-        fn read(&self, addr: u32, buf: &mut [u8]) {
-            buf.copy_from_slice(&self.0[addr as usize..addr as usize + buf.len()]);
-        }
-    }
-    let mut flash = Small(vec![0xFF; 64 * 1024]);
+    let mut flash = otarig_hil::rom::VecFlash(vec![0xFF; 64 * 1024]);
     let mut loader = otarig_hil::rom::RomLoader::new(64 * 1024);
     let mut frames = otarig_hil::rom::SlipFrames::default();
     for f in frames.push(data) {

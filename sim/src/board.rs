@@ -21,11 +21,15 @@ use std::sync::Arc;
 use otarig_agent::image::{self, ImageInfo};
 use otarig_agent::{EspError, EspResult, OtaImgState, Platform, Slot, SlotKind};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::appimage::{self, Behaviour};
 use crate::flash::{Cut, CutReport, Flash, FlashError, SECTOR_SIZE};
 use crate::otadata::{self, Entry, ENTRY_LEN};
 use crate::partition::{PartitionTable, AGENT_LABEL, TABLE_MAX_LEN, TABLE_OFFSET};
+
+/// The memo name of `esp_image_verify` over a slot (see [`Flash::memo_region`]).
+const VERIFY: &str = "esp_image_verify";
 
 /// Bootloader options (sdkconfig).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -410,11 +414,16 @@ impl Board {
 
     /// The image in a slot, verified, read regardless of power.
     pub fn peek_image(&self, slot: Slot) -> Option<ImageInfo> {
-        image::verify(slot.size, |off, buf| {
-            self.flash.peek(slot.address + off, buf);
-            Ok(())
-        })
-        .ok()
+        // Same computation as `verify_slot` (peek reads what a powered read would), so it
+        // shares that memo.
+        self.flash
+            .memo_peek(VERIFY, slot.address, slot.size, |flash| {
+                image::verify(slot.size, |off, buf| {
+                    flash.peek(slot.address + off, buf);
+                    Ok(())
+                })
+            })
+            .ok()
     }
 
     pub fn peek_otadata(&self) -> Option<[Entry; 2]> {
@@ -537,7 +546,7 @@ impl Board {
     /// `esp_image_verify` over a slot. On a fleet's shared sector pool, boards holding the
     /// same bytes share the result (see [`Flash::memo_region`]): same answer, one hash.
     fn verify_slot(&mut self, slot: Slot) -> Result<ImageInfo, image::ImageError> {
-        self.flash.memo_region(slot.address, slot.size, |flash| {
+        self.flash.memo_region(VERIFY, slot.address, slot.size, |flash| {
             image::verify(slot.size, |off, buf| {
                 flash.read(slot.address + off, buf).map_err(|_| ())
             })
@@ -1036,6 +1045,31 @@ impl Platform for Board {
 
     fn mark_app_invalid_rollback(&mut self) -> EspResult<()> {
         self.with_phase(Phase::Confirm, |b| b.set_running_state(false))
+    }
+
+    /// The firmware's read-and-hash (the provided body), remembered per exact sectors.
+    fn slot_sha256(&mut self, slot: Slot, len: u32) -> EspResult<[u8; 32]> {
+        if len > slot.size {
+            return Err(EspError::InvalidArg);
+        }
+        self.flash.memo_region("sha256", slot.address, len, |flash| {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut off = 0;
+            while off < len {
+                let n = (buf.len() as u32).min(len - off) as usize;
+                flash.read(slot.address + off, &mut buf[..n]).map_err(fl)?;
+                h.update(&buf[..n]);
+                off += n as u32;
+            }
+            Ok(h.finalize().into())
+        })
+    }
+
+    /// `esp_image_verify` as the agent runs it, remembered per exact sectors like the
+    /// bootloader's (see `Board::verify_slot`).
+    fn slot_image(&mut self, slot: Slot) -> Result<ImageInfo, image::ImageError> {
+        self.verify_slot(slot)
     }
 
     fn slot_read(&mut self, slot: Slot, offset: u32, buf: &mut [u8]) -> EspResult<()> {

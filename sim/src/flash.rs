@@ -84,8 +84,9 @@ pub struct SectorPool {
     memo: Mutex<HashMap<MemoKey, Memo>>,
 }
 
-/// A region (address, length) and the identity of each of its sectors (0: erased).
-type MemoKey = (u32, u32, Vec<usize>);
+/// What was computed over a region (address, length), and the identity of each of the
+/// region's sectors (0: erased).
+type MemoKey = (&'static str, u32, u32, Vec<usize>);
 
 /// A remembered result and the sectors it was computed from, kept alive (and therefore
 /// shared: any later write to them copies first, so their contents never change).
@@ -183,33 +184,55 @@ impl Flash {
     }
 
     /// `compute` over `len` bytes from `addr`, or its remembered result when this flash (or
-    /// another one on the same [`SectorPool`]) computed it over exactly the same sectors. A
-    /// pure function of the region's bytes gives the same answer either way; the fleet uses
-    /// this so that ten thousand boards verifying the same image hash it once. Without a
-    /// pool, or without power, it simply computes.
+    /// another one on the same [`SectorPool`]) computed the same `what` over exactly the same
+    /// sectors. A pure function of the region's bytes gives the same answer either way; the
+    /// fleet uses this so that ten thousand boards verifying the same image hash it once.
+    /// `what` names the computation: two different ones over one region must not share.
+    /// Without a pool, or without power, it simply computes.
     pub fn memo_region<T: Clone + Send + Sync + 'static>(
         &mut self,
+        what: &'static str,
         addr: u32,
         len: u32,
         compute: impl FnOnce(&Flash) -> T,
     ) -> T {
-        let Some(pool) = self.pool.clone() else {
-            return compute(self);
-        };
-        if !self.powered || self.check_bounds(addr, len).is_err() || len == 0 {
+        if !self.powered {
             return compute(self);
         }
         // The sector being written is private until interned: share it so the key is the
         // same for every board holding the same bytes.
-        if let Some(d) = self.dirty.take() {
+        if let (Some(pool), Some(d)) = (self.pool.clone(), self.dirty.take()) {
             if let Some(arc) = self.sectors[d].as_mut() {
                 *arc = pool.intern(arc);
             }
         }
+        self.memo_peek(what, addr, len, compute)
+    }
+
+    /// [`Flash::memo_region`] for a computation that reads with [`Flash::peek`] (reports made
+    /// from outside the board), so power does not matter. It leaves the sector being written
+    /// private: a region holding it is computed, not remembered.
+    pub fn memo_peek<T: Clone + Send + Sync + 'static>(
+        &self,
+        what: &'static str,
+        addr: u32,
+        len: u32,
+        compute: impl FnOnce(&Flash) -> T,
+    ) -> T {
+        let Some(pool) = self.pool.as_ref() else {
+            return compute(self);
+        };
+        if self.check_bounds(addr, len).is_err() || len == 0 {
+            return compute(self);
+        }
         let first = (addr / SECTOR_SIZE) as usize;
         let last = ((addr + len - 1) / SECTOR_SIZE) as usize;
+        if self.dirty.is_some_and(|d| (first..=last).contains(&d)) {
+            return compute(self);
+        }
         let sectors: Vec<Option<Arc<Sector>>> = self.sectors[first..=last].to_vec();
         let key = (
+            what,
             addr,
             len,
             sectors
@@ -534,21 +557,29 @@ mod tests {
             f.peek(0, &mut buf);
             buf.iter().map(|x| *x as u64).sum::<u64>()
         };
-        let first = a.memo_region(0, 8192, sum);
+        let first = a.memo_region("sum", 0, 8192, sum);
         assert_eq!(
-            b.memo_region(0, 8192, sum),
+            b.memo_region("sum", 0, 8192, sum),
             first,
             "same bytes, same answer"
         );
         assert_eq!(calls.get(), 1, "computed once for both boards");
         b.program(6000, &[0]).unwrap();
-        let changed = b.memo_region(0, 8192, sum);
+        let changed = b.memo_region("sum", 0, 8192, sum);
         assert_eq!(calls.get(), 2, "a write makes it compute again");
         assert_eq!(changed, first - 0xFF);
         assert_eq!(
-            a.memo_region(0, 8192, sum),
+            a.memo_region("sum", 0, 8192, sum),
             first,
             "the other board is untouched"
         );
+        let zero = |_: &Flash| 0u64;
+        assert_eq!(
+            a.memo_region("zero", 0, 8192, zero),
+            0,
+            "another computation over the same sectors is not answered from sum's memo"
+        );
+        assert_eq!(a.memo_peek("sum", 0, 8192, sum), first);
+        assert_eq!(calls.get(), 2, "a peek shares the memo too");
     }
 }

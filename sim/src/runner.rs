@@ -597,12 +597,11 @@ pub(crate) fn report(index: u32, d: &Dev) -> DeviceReport {
                 .to_string(),
         )
     });
+    let image = running.and_then(|s| b.peek_image(s));
     DeviceReport {
         index,
         id: d.id.clone(),
-        version: running
-            .and_then(|s| b.peek_image(s))
-            .map(|i| i.desc.version.to_string()),
+        version: image.as_ref().map(|i| i.desc.version.to_string()),
         running_slot: running.map(|s| s.kind.to_string()),
         running_state: running
             .and_then(|s| b.peek_slot_state(s))
@@ -620,7 +619,7 @@ pub(crate) fn report(index: u32, d: &Dev) -> DeviceReport {
         fetched_bytes: d.fetched,
         image_size: d.image_size,
         power_cuts: d.cuts,
-        running_sha256: running.and_then(|s| b.peek_image(s)).map(|i| i.sha256),
+        running_sha256: image.map(|i| i.sha256),
         efuse: b.efuse_secure_version(),
         flash_ops: b.flash.ops(),
     }

@@ -6,6 +6,8 @@
 
 use core::fmt;
 
+use crate::image::{self, ImageError, ImageInfo};
+
 /// Kind of app partition (`esp_partition_subtype_t` for `ESP_PARTITION_TYPE_APP`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SlotKind {
@@ -182,4 +184,31 @@ pub trait Platform {
 
     /// `esp_efuse_read_secure_version()`.
     fn efuse_secure_version(&mut self) -> u32;
+
+    /// SHA-256 of the first `len` bytes of `slot` as written: `esp_partition_read` in 1 KiB
+    /// pieces into `mbedtls_sha256`, which is what the firmware runs (this provided body).
+    /// A platform may answer otherwise only with the same function of the slot's bytes; the
+    /// simulator shares one answer between boards whose slots hold the very same sectors.
+    fn slot_sha256(&mut self, slot: Slot, len: u32) -> EspResult<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut buf = [0u8; 1024];
+        let mut off = 0;
+        while off < len {
+            let n = core::cmp::min(buf.len() as u32, len - off) as usize;
+            self.slot_read(slot, off, &mut buf[..n])?;
+            h.update(&buf[..n]);
+            off += n as u32;
+        }
+        Ok(h.finalize().into())
+    }
+
+    /// [`image::verify`] over `slot` through [`Platform::slot_read`]: the checks
+    /// `esp_image_verify` makes, and the whole image's SHA-256. The same caveat as
+    /// [`Platform::slot_sha256`] applies to overriding it.
+    fn slot_image(&mut self, slot: Slot) -> Result<ImageInfo, ImageError> {
+        image::verify(slot.size, |off, buf| {
+            self.slot_read(slot, off, buf).map_err(|_| ())
+        })
+    }
 }

@@ -16,9 +16,7 @@ impl Agent {
         };
         self.journal = Some(journal);
         let slot = p.running_slot();
-        let (version, sha256) = match image::verify(slot.size, |off, buf| {
-            p.slot_read(slot, off, buf).map_err(|_| ())
-        }) {
+        let (version, sha256) = match p.slot_image(slot) {
             Ok(info) => (info.desc.version.as_str().to_string(), info.sha256),
             // The bootloader verified this image a moment ago; failing here means flash reads
             // are failing, which a later step reports.

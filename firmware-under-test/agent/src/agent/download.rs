@@ -575,18 +575,6 @@ impl Agent {
         size: u32,
         sha: &[u8; 32],
     ) -> bool {
-        let mut h = Sha256::new();
-        let mut buf = [0u8; 1024];
-        let mut off = 0;
-        while off < size {
-            let n = core::cmp::min(buf.len() as u32, size - off) as usize;
-            if p.slot_read(slot, off, &mut buf[..n]).is_err() {
-                return false;
-            }
-            h.update(&buf[..n]);
-            off += n as u32;
-        }
-        let got: [u8; 32] = h.finalize().into();
-        &got == sha
+        p.slot_sha256(slot, size).is_ok_and(|got| &got == sha)
     }
 }

@@ -16,7 +16,6 @@
 use alloc::collections::VecDeque;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
-use sha2::{Digest, Sha256};
 
 use crate::delta::{self, Applier, Resume};
 use crate::event::{Ack, Check, Event, Outcome};

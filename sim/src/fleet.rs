@@ -20,6 +20,8 @@ use anyhow::{bail, Context};
 use otarig_agent::protocol::{self, Leaf};
 use otarig_agent::{Action, Agent, Config, Event, Input};
 use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
+
+use crate::board_http::{self, BoardHttp};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -142,7 +144,6 @@ pub(crate) struct Shared {
     clock: Clock,
     records: Mutex<Vec<Record>>,
     last_activity: AtomicU64,
-    http: reqwest::Client,
     server: String,
     broker: (String, u16),
     cfg: Config,
@@ -171,7 +172,6 @@ impl Shared {
             },
             records: Mutex::new(Vec::new()),
             last_activity: AtomicU64::new(0),
-            http: reqwest::Client::builder().build()?,
             server,
             broker,
             cfg,
@@ -293,9 +293,6 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         clock,
         records: Mutex::new(Vec::new()),
         last_activity: AtomicU64::new(0),
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(1)
-            .build()?,
         server: server_url,
         broker: broker.clone(),
         cfg: prep.cfg_template.clone(),
@@ -551,15 +548,13 @@ async fn check_external_server(
     {
         bail!("{file}: server faults are injected by the embedded firmware server; run without --server");
     }
-    let http = reqwest::Client::new();
+    let http = BoardHttp::new();
     for (sha, _) in prep.store.blobs() {
         let blob = format!("{}/blobs/{}", url.trim_end_matches('/'), hex::encode(sha));
-        let r = http
-            .get(&blob)
-            .header("Range", "bytes=0-0")
-            .timeout(Duration::from_secs(10))
-            .send()
+        let r = tokio::time::timeout(Duration::from_secs(10), http.get(&blob, Some((0, 0))))
             .await
+            .map_err(|_| anyhow::anyhow!("no answer within 10 s"))
+            .and_then(|r| r)
             .with_context(|| format!("the firmware server at {url} does not answer"))?;
         if !r.status().is_success() {
             bail!(
@@ -753,6 +748,8 @@ async fn run_boot(
     cfg.device_id = dev.id.clone();
     cfg.channel = dev.channel.clone();
     let mut agent = Agent::new(cfg);
+    // A boot's own connection: a reboot drops it, as a board's does.
+    let http = BoardHttp::new();
     let (net_tx, mut net_rx) = mpsc::channel::<Net>(64);
     let (io_tx, mut io_rx) = mpsc::channel::<Io>(2);
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
@@ -822,6 +819,7 @@ async fn run_boot(
                 }
                 Action::PollManifest => tasks.push(spawn_poll(
                     sh.clone(),
+                    http.clone(),
                     io_tx.clone(),
                     dev.id.clone(),
                     dev.channel.clone(),
@@ -833,6 +831,7 @@ async fn run_boot(
                     ..
                 } => tasks.push(spawn_fetch(
                     sh.clone(),
+                    http.clone(),
                     io_tx.clone(),
                     dev.id.clone(),
                     sha256,
@@ -869,9 +868,9 @@ async fn run_boot(
                             body.clone(),
                         );
                     }
-                    let (http, url) = (sh.http.clone(), format!("{}/ack", sh.server));
+                    let (http, url) = (http.clone(), format!("{}/ack", sh.server));
                     tasks.push(tokio::spawn(async move {
-                        let _ = http.post(url).body(body).send().await;
+                        let _ = http.post_json(&url, body).await;
                     }));
                     sh.record(
                         i,
@@ -961,6 +960,7 @@ async fn run_boot(
 
 fn spawn_poll(
     sh: Arc<Shared>,
+    http: BoardHttp,
     tx: mpsc::Sender<Io>,
     device: String,
     channel: String,
@@ -970,9 +970,9 @@ fn spawn_poll(
             "{}/firmware/latest?deviceType={}&channel={}&deviceId={device}",
             sh.server, sh.cfg.device_type, channel
         );
-        if let Ok(r) = sh.http.get(url).send().await {
+        if let Ok(r) = http.get(&url, None).await {
             if r.status().is_success() {
-                if let Ok(b) = r.bytes().await {
+                if let Ok(b) = board_http::read_all(r).await {
                     let _ = tx.send(Io::Manifest(b.to_vec())).await;
                 }
             }
@@ -982,6 +982,7 @@ fn spawn_poll(
 
 fn spawn_fetch(
     sh: Arc<Shared>,
+    http: BoardHttp,
     tx: mpsc::Sender<Io>,
     device: String,
     sha: [u8; 32],
@@ -990,14 +991,14 @@ fn spawn_fetch(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let url = format!("{}/blobs/{}?deviceId={device}", sh.server, hex::encode(sha));
-        let range = format!("bytes={}-{}", offset, offset as u64 + len as u64 - 1);
+        let range = (offset as u64, offset as u64 + len as u64 - 1);
         // Like esp_http_client's `timeout_ms`, the timeout bounds each wait for the network
         // (the answer's head, then every read), not the whole transfer: a slow but moving
         // download is not cut off.
         let timeout = sh.clock.real(runner::FETCH_TIMEOUT_MS);
         let idle = || format!("no data within {} s", runner::FETCH_TIMEOUT_MS / 1000);
         let resp =
-            match tokio::time::timeout(timeout, sh.http.get(url).header("Range", range).send())
+            match tokio::time::timeout(timeout, http.get(&url, Some(range)))
                 .await
             {
                 Ok(Ok(r)) => r,
@@ -1019,9 +1020,9 @@ fn spawn_fetch(
         }
         // A server without Range support answers 200 with the whole blob from byte 0.
         let mut pos = if status.as_u16() == 200 { 0 } else { offset };
-        let mut resp = resp;
+        let mut body = resp.into_body();
         loop {
-            let Ok(next) = tokio::time::timeout(timeout, resp.chunk()).await else {
+            let Ok(next) = tokio::time::timeout(timeout, board_http::next_chunk(&mut body)).await else {
                 let _ = tx.send(Io::FetchFailed(idle())).await;
                 return;
             };

@@ -13,6 +13,7 @@
 
 pub mod appimage;
 pub mod board;
+pub mod board_http;
 pub mod broker;
 pub mod cid;
 pub mod delta;

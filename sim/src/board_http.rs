@@ -1,0 +1,82 @@
+//! A simulated board's HTTP client: its `esp_http_client` handle, one keep-alive connection
+//! per boot, reading the socket through a small buffer.
+//!
+//! ESP-IDF's `esp_http_client` reads through a `buffer_size` buffer (512 bytes by default;
+//! OTA code reads a few KiB per `esp_http_client_read`), so a board never holds more than a
+//! few KiB of a download in RAM. hyper's default read buffer instead grows to about 400 KiB
+//! per connection when the socket has that much waiting, which on loopback it always has:
+//! ten thousand boards downloading at once would hold gigabytes in flight. Bounding it to
+//! [`READ_BUFFER`] keeps a board's download in flight to that, at a few more reads.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// The most a board's connection buffers from the socket at once.
+pub const READ_BUFFER: usize = 64 * 1024;
+
+/// One board's HTTP client. Cloning shares the connection (as tasks of one board do).
+#[derive(Clone)]
+pub struct BoardHttp {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for BoardHttp {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BoardHttp {
+    pub fn new() -> BoardHttp {
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1)
+            .http1_max_buf_size(READ_BUFFER)
+            .build_http();
+        BoardHttp { client }
+    }
+
+    /// `GET url`, with `Range: bytes=first-last` when given.
+    pub async fn get(
+        &self,
+        url: &str,
+        range: Option<(u64, u64)>,
+    ) -> anyhow::Result<Response<Incoming>> {
+        let mut req = Request::get(url);
+        if let Some((first, last)) = range {
+            req = req.header(hyper::header::RANGE, format!("bytes={first}-{last}"));
+        }
+        Ok(self.client.request(req.body(Full::default())?).await?)
+    }
+
+    /// `POST url` with a JSON body; the answer's status.
+    pub async fn post_json(&self, url: &str, body: String) -> anyhow::Result<StatusCode> {
+        let req = Request::post(url)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        let resp = self.client.request(req).await?;
+        let status = resp.status();
+        // Read the (short) answer so the connection can be reused.
+        let _ = resp.into_body().collect().await;
+        Ok(status)
+    }
+}
+
+/// The next piece of a body as it arrives (`None` at its end); trailers are skipped.
+pub async fn next_chunk(body: &mut Incoming) -> Result<Option<Bytes>, hyper::Error> {
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            return Ok(Some(data));
+        }
+    }
+    Ok(None)
+}
+
+/// A whole (small) body.
+pub async fn read_all(resp: Response<Incoming>) -> Result<Bytes, hyper::Error> {
+    Ok(resp.into_body().collect().await?.to_bytes())
+}

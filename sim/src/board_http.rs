@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 /// The most a board's connection buffers from the socket at once.
-pub const READ_BUFFER: usize = 64 * 1024;
+pub const READ_BUFFER: usize = 16 * 1024;
 
 /// One board's HTTP client. Cloning shares the connection (as tasks of one board do).
 #[derive(Clone)]

@@ -22,6 +22,8 @@ use otarig_agent::{Action, Agent, Config, Event, Input};
 use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
 
 use crate::board_http::{self, BoardHttp};
+use bytes::Bytes;
+use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -219,9 +221,18 @@ enum Net {
 
 enum Io {
     Manifest(Vec<u8>),
-    Body { offset: u32, data: Vec<u8> },
-    BodyEnd,
+    /// A range's answer arrived; its body is read by the board task itself (straight from
+    /// the connection into the agent, no copy and no hop through another task).
+    Response { offset: u32, body: Incoming },
     FetchFailed(String),
+}
+
+/// A body being read into the agent: where its next byte goes, and when waiting for it
+/// stops (each read has its own timeout, like `esp_http_client`'s `timeout_ms`).
+struct Reading {
+    body: Incoming,
+    pos: u32,
+    deadline: tokio::time::Instant,
 }
 
 enum BootEnd {
@@ -789,6 +800,8 @@ async fn run_boot(
     let booted_at = sh.clock.now();
     let mut telemetry_at = (sh.telemetry_ms > 0).then(|| booted_at + sh.telemetry_ms);
     let mut pending: Vec<Action> = Vec::new();
+    let mut reading: Option<Reading> = None;
+    let read_deadline = || tokio::time::Instant::now() + sh.clock.real(runner::FETCH_TIMEOUT_MS);
 
     macro_rules! feed {
         ($input:expr) => {{
@@ -910,12 +923,29 @@ async fn run_boot(
             },
             Some(io) = io_rx.recv() => match io {
                 Io::Manifest(b) => feed!(Input::Manifest(&b)),
-                Io::Body { offset, data } => {
+                Io::Response { offset, body } => {
+                    reading = Some(Reading { body, pos: offset, deadline: read_deadline() });
+                }
+                Io::FetchFailed(reason) => feed!(Input::FetchFailed { reason: &reason }),
+            },
+            next = read_next(&mut reading) => match next {
+                Ok(Some(data)) => {
+                    let offset = reading.as_ref().map_or(0, |r| r.pos);
+                    if let Some(r) = reading.as_mut() {
+                        r.pos += data.len() as u32;
+                        r.deadline = read_deadline();
+                    }
                     dev.fetched += data.len() as u64;
                     feed!(Input::Body { offset, data: &data });
                 }
-                Io::BodyEnd => feed!(Input::BodyEnd),
-                Io::FetchFailed(reason) => feed!(Input::FetchFailed { reason: &reason }),
+                Ok(None) => {
+                    reading = None;
+                    feed!(Input::BodyEnd);
+                }
+                Err(reason) => {
+                    reading = None;
+                    feed!(Input::FetchFailed { reason: &reason });
+                }
             },
             _ = tokio::time::sleep(wake_in.unwrap_or(Duration::from_secs(3600))), if wake_in.is_some() => {
                 wake = None;
@@ -1019,37 +1049,30 @@ fn spawn_fetch(
             return;
         }
         // A server without Range support answers 200 with the whole blob from byte 0.
-        let mut pos = if status.as_u16() == 200 { 0 } else { offset };
-        let mut body = resp.into_body();
-        loop {
-            let Ok(next) = tokio::time::timeout(timeout, board_http::next_chunk(&mut body)).await else {
-                let _ = tx.send(Io::FetchFailed(idle())).await;
-                return;
-            };
-            match next {
-                Ok(Some(chunk)) => {
-                    let n = chunk.len() as u32;
-                    if tx
-                        .send(Io::Body {
-                            offset: pos,
-                            data: chunk.to_vec(),
-                        })
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    pos += n;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = tx.send(Io::FetchFailed(format!("body ended: {e}"))).await;
-                    return;
-                }
-            }
-        }
-        let _ = tx.send(Io::BodyEnd).await;
+        let offset = if status.as_u16() == 200 { 0 } else { offset };
+        let _ = tx
+            .send(Io::Response {
+                offset,
+                body: resp.into_body(),
+            })
+            .await;
     })
+}
+
+/// The next piece of the body being read: `Ok(None)` at its end, `Err` with the reason when
+/// it broke or its read timed out. Never ready when nothing is being read.
+async fn read_next(reading: &mut Option<Reading>) -> Result<Option<Bytes>, String> {
+    let Some(r) = reading.as_mut() else {
+        return std::future::pending().await;
+    };
+    match tokio::time::timeout_at(r.deadline, board_http::next_chunk(&mut r.body)).await {
+        Ok(Ok(chunk)) => Ok(chunk),
+        Ok(Err(e)) => Err(format!("body ended: {e}")),
+        Err(_) => Err(format!(
+            "no data within {} s",
+            runner::FETCH_TIMEOUT_MS / 1000
+        )),
+    }
 }
 
 /// Fleet runs reuse the deterministic runner's report type.

@@ -266,6 +266,9 @@ async fn ipfs(
     }
 }
 
+/// How much of a blob file one read takes.
+const BLOB_READ_CHUNK: usize = 256 * 1024;
+
 /// Serve the blob stored under `name` (a SHA-256 in hex), applying the device's faults.
 async fn serve_blob(app: App, name: String, q: BlobQuery, mut req: Request) -> Response {
     let path = app.store.blob_dir().join(&name);
@@ -307,7 +310,13 @@ async fn serve_blob(app: App, name: String, q: BlobQuery, mut req: Request) -> R
         Ok(u) => u,
         Err(_) => return error(StatusCode::BAD_REQUEST, "bad blob name"),
     };
-    let resp = match ServeDir::new(app.store.blob_dir()).oneshot(req).await {
+    // Ranges are read from the file in one piece (tower-http reads 64 KiB per blocking-pool
+    // trip by default): a fleet asks for thousands of 256 KiB ranges at once.
+    let resp = match ServeDir::new(app.store.blob_dir())
+        .with_buf_chunk_size(BLOB_READ_CHUNK)
+        .oneshot(req)
+        .await
+    {
         Ok(r) => r.map(axum::body::Body::new),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };

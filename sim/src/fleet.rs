@@ -57,6 +57,32 @@ pub struct FleetOptions {
     pub telemetry_ms: u64,
     /// Filled in as the run goes, from the telemetry the broker delivers (for a progress bar).
     pub progress: Option<Arc<FleetProgress>>,
+    /// Simulate only this share of the fleet (the scale benchmark runs one per process; see
+    /// [`Shard`]).
+    pub shard: Option<Shard>,
+    /// The wall-clock time of virtual time 0, so that shards in different processes share one
+    /// timeline (the run waits for it if it is ahead). `None`: when the boards are created.
+    pub epoch: Option<std::time::SystemTime>,
+}
+
+/// One of `count` processes that together simulate a fleet: it runs boards `i` with
+/// `i % count == index`, and shard 0 alone speaks for the operator (clears and publishes the
+/// retained release announcements). Each board keeps its id, channel and behaviour, so the
+/// union of the shards is the same fleet. Needs an external broker and server, and no staged
+/// rollout or injected fault (those are steered from one process).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Shard {
+    fn holds(&self, device: u32) -> bool {
+        device % self.count == self.index
+    }
+    fn speaks(&self) -> bool {
+        self.index == 0
+    }
 }
 
 /// How many boards have each value, sorted by value.
@@ -116,6 +142,8 @@ impl Default for FleetOptions {
             quiet_ms: 150_000,
             telemetry_ms: 1_000,
             progress: None,
+            shard: None,
+            epoch: None,
         }
     }
 }
@@ -263,6 +291,15 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     if let Some(n) = opts.devices {
         s.set_devices(n);
     }
+    if opts.shard.is_some() {
+        if opts.server.is_none() || opts.broker.is_none() {
+            bail!("a fleet shard needs an external broker and server (--broker, --server)");
+        }
+        if s.releases.iter().any(|r| r.rollout.is_some()) || !s.faults.is_empty() {
+            bail!("a fleet shard runs no staged rollout or injected fault: those are steered from one process");
+        }
+    }
+    let speaks = opts.shard.is_none_or(|sh| sh.speaks());
     let prep = prepare(&s)?;
     let dir = tempfile::tempdir().context("creating the store directory")?;
     let (local, server_url) = match &opts.server {
@@ -296,8 +333,19 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
             (b.addr.ip().to_string(), b.addr.port())
         }
     };
+    let start = match opts.epoch.map(|e| e.duration_since(std::time::SystemTime::now())) {
+        // The epoch is ahead: wait for it.
+        Some(Ok(ahead)) => {
+            tokio::time::sleep(ahead).await;
+            Instant::now()
+        }
+        Some(Err(behind)) => Instant::now()
+            .checked_sub(behind.duration())
+            .unwrap_or_else(Instant::now),
+        None => Instant::now(),
+    };
     let clock = Clock {
-        start: Instant::now(),
+        start,
         speedup: opts.speedup.max(1.0),
     };
     let shared = Arc::new(Shared {
@@ -351,7 +399,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         .collect();
     channels.sort();
     channels.dedup();
-    for ch in &channels {
+    for ch in channels.iter().filter(|_| speaks) {
         control
             .publish(
                 protocol::release_topic(PREFIX, &s.device_type, ch),
@@ -365,7 +413,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         let all = protocol::device_topic(PREFIX, "+", Leaf::Telemetry);
         control.subscribe(all, QoS::AtMostOnce).await?;
     }
-    for _ in &channels {
+    for _ in channels.iter().filter(|_| speaks) {
         match tokio::time::timeout(Duration::from_secs(10), acked_rx.recv()).await {
             Ok(Some(())) => {}
             _ => bail!(
@@ -384,19 +432,26 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         .unwrap_or(0);
     // Boards that install the same release write the same sectors: share them.
     let pool = Arc::new(crate::flash::SectorPool::default());
-    let mut boards: Vec<JoinHandle<Dev>> = Vec::new();
+    let mut boards: Vec<(u32, JoinHandle<Dev>)> = Vec::new();
     let mut controls = Vec::new();
     for i in 0..s.devices {
+        if opts.shard.is_some_and(|sh| !sh.holds(i)) {
+            controls.push(None);
+            continue;
+        }
         let mut dev = new_device(&s, &prep.proto, &RunOptions::default(), first_size, i);
         dev.board.flash.set_pool(pool.clone());
         let (ctl_tx, ctl_rx) = mpsc::channel(4);
-        controls.push(ctl_tx);
+        controls.push(Some(ctl_tx));
         let (sh, stop) = (shared.clone(), stop_rx.clone());
-        boards.push(tokio::spawn(async move {
-            // Stagger connects: thousands of simultaneous CONNECTs overwhelm a small machine.
-            tokio::time::sleep(Duration::from_millis(i as u64 % 1000 * 2)).await;
-            board_task(i, dev, sh, stop, ctl_rx).await
-        }));
+        boards.push((
+            i,
+            tokio::spawn(async move {
+                // Stagger connects: thousands of simultaneous CONNECTs overwhelm a small machine.
+                tokio::time::sleep(Duration::from_millis(i as u64 % 1000 * 2)).await;
+                board_task(i, dev, sh, stop, ctl_rx).await
+            }),
+        ));
     }
 
     // The timeline of releases and faults, in virtual time.
@@ -448,7 +503,9 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
                         version,
                     },
                 );
-                announce(&control, &dt, &ch, &signed).await?;
+                if speaks {
+                    announce(&control, &dt, &ch, &signed).await?;
+                }
             }
             Step::Fault(n) => {
                 let f = &s.faults[n];
@@ -490,9 +547,9 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
                     }
                     FaultKind::ForceInstall { firmware, .. } => {
                         for i in &targets {
-                            let _ = controls[*i as usize]
-                                .send(Ctl::Force(prep.images[firmware].clone()))
-                                .await;
+                            if let Some(Some(c)) = controls.get(*i as usize) {
+                                let _ = c.send(Ctl::Force(prep.images[firmware].clone())).await;
+                            }
                         }
                     }
                     FaultKind::PowerLoss(_) | FaultKind::Server { .. } => {}
@@ -516,8 +573,8 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     }
     let _ = stop_tx.send(true);
     let mut devs = Vec::new();
-    for b in boards {
-        devs.push(b.await.context("a board task failed")?);
+    for (i, b) in boards {
+        devs.push((i, b.await.context("a board task failed")?));
     }
     let _ = control.disconnect().await;
     control_task.abort();
@@ -529,8 +586,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     records.sort_by_key(|r| r.t_ms);
     let devices = devs
         .iter()
-        .enumerate()
-        .map(|(i, d)| report(i as u32, d))
+        .map(|(i, d)| report(*i, d))
         .collect::<Vec<_>>();
     let served_bytes = devices.iter().map(|d| d.fetched_bytes).sum();
     Ok(Run {

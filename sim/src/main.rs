@@ -223,9 +223,31 @@ enum BenchCmd {
     Fleet {
         #[arg(long, default_value_t = 1000)]
         devices: u32,
-        /// An external broker (mqtt://HOST:PORT) instead of the embedded rumqttd.
+        /// An external broker (mqtt://HOST:PORT) instead of the embedded rumqttd (one
+        /// process) or a Mosquitto started for the run (shards).
         #[arg(long)]
         broker: Option<String>,
+        /// Board processes (default: one per 2,500 boards); with more than one, the firmware
+        /// server runs in this process and the broker in its own.
+        #[arg(long)]
+        shards: Option<u32>,
+    },
+    /// One shard of a sharded `bench fleet` (started by it; prints its figures as JSON).
+    #[command(hide = true)]
+    FleetShard {
+        #[arg(long)]
+        devices: u32,
+        #[arg(long)]
+        shard: u32,
+        #[arg(long)]
+        shards: u32,
+        #[arg(long)]
+        broker: String,
+        #[arg(long)]
+        server: String,
+        /// Virtual time 0, in ms since the Unix epoch.
+        #[arg(long)]
+        epoch_ms: u64,
     },
 }
 
@@ -507,8 +529,33 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             cmd: BenchCmd::Delta,
         } => bench::delta(),
         Cmd::Bench {
-            cmd: BenchCmd::Fleet { devices, broker },
-        } => bench::fleet(devices, broker),
+            cmd:
+                BenchCmd::Fleet {
+                    devices,
+                    broker,
+                    shards,
+                },
+        } => bench::fleet(devices, broker, shards),
+        Cmd::Bench {
+            cmd:
+                BenchCmd::FleetShard {
+                    devices,
+                    shard,
+                    shards,
+                    broker,
+                    server,
+                    epoch_ms,
+                },
+        } => bench::fleet_shard(
+            devices,
+            otarig::fleet::Shard {
+                index: shard,
+                count: shards,
+            },
+            broker,
+            server,
+            epoch_ms,
+        ),
         Cmd::Check { files } => {
             let mut bad = 0;
             for f in &files {
@@ -1035,16 +1082,7 @@ fn release_cmd(cmd: ReleaseCmd) -> anyhow::Result<ExitCode> {
         ReleaseCmd::Stage { scenario, store } => {
             let s = Scenario::load(&scenario)?;
             let prep = runner::prepare(&s)?;
-            let st = ReleaseStore::open(&store)?;
-            let mut n = 0;
-            for (sha, bytes) in prep.blobs() {
-                if otarig::store::sha256(bytes) == *sha {
-                    st.put_blob(bytes)?;
-                } else {
-                    st.put_blob_as(sha, bytes)?; // a scenario's deliberately tampered blob
-                }
-                n += 1;
-            }
+            let n = prep.stage_into(&ReleaseStore::open(&store)?)?;
             println!(
                 "staged {n} blob(s) of {} into {}; run it with `otarig fleet {} --server URL`",
                 scenario.display(),

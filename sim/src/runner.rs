@@ -270,6 +270,21 @@ impl Prepared {
     pub fn blobs(&self) -> impl Iterator<Item = (&[u8; 32], &Arc<Vec<u8>>)> {
         self.store.blobs()
     }
+
+    /// Put every blob into a release store (`otarig release stage`), so that an external
+    /// server over it serves this scenario; how many.
+    pub fn stage_into(&self, store: &crate::release_store::ReleaseStore) -> anyhow::Result<usize> {
+        let mut n = 0;
+        for (sha, bytes) in self.blobs() {
+            if crate::store::sha256(bytes) == *sha {
+                store.put_blob(bytes)?;
+            } else {
+                store.put_blob_as(sha, bytes)?; // a scenario's deliberately tampered blob
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
 }
 
 /// Build images, patches and signed manifests for a scenario.

@@ -1,6 +1,9 @@
 //! `otarig bench …`: figures for the README. Build with --release; numbers are printed, never
 //! asserted (machines are noisy).
 
+mod fleet;
+pub use fleet::{fleet, fleet_shard};
+
 use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -140,110 +143,3 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     Ok(d)
 }
 
-/// The soft limit on open files (Linux `/proc/self/limits`).
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
-}
-
-/// Peak resident set size of this process so far (Linux `VmHWM`), in bytes.
-fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// The scale benchmark: `devices` boards on the wire, each updating a 1 MiB image, in real
-/// time (speedup 1, so no virtual timer fires early under load). Run one size per process:
-/// the peak RSS is the process's.
-pub fn fleet(devices: u32, broker: Option<String>) -> anyhow::Result<ExitCode> {
-    use otarig::fleet::{run_fleet, FleetOptions};
-    use otarig_agent::Event;
-    if cfg!(debug_assertions) {
-        eprintln!("warning: a debug build; run `just bench-fleet` for real figures");
-    }
-    // Every board holds an MQTT and an HTTP connection, and the embedded broker and server
-    // hold the other ends: about four descriptors per board in this one process (three with
-    // an external broker).
-    let per_board = if broker.is_some() { 3 } else { 4 };
-    let needed = devices as u64 * per_board + 256;
-    if let Some(limit) = open_files_limit().filter(|l| *l < needed) {
-        anyhow::bail!(
-            "{devices} boards need about {needed} open files in this process (an MQTT and an HTTP connection per board, both ends in-process); the limit is {limit} (ulimit -n). Raise it (ulimit -n {needed}; the hard limit may need root or LimitNOFILE) or pass --devices {}",
-            (limit.saturating_sub(256)) / per_board
-        );
-    }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/bench/fleet-1mib.toml");
-    let mut s = Scenario::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    s.set_devices(devices);
-    let image = s.firmware.get("v2").map_or(0, |f| f.size) as f64;
-    let rss_before = peak_rss().unwrap_or(0);
-    let which = broker.clone().unwrap_or_else(|| "embedded rumqttd".into());
-    let opts = FleetOptions {
-        broker,
-        speedup: 1.0,
-        quiet_ms: 5_000,
-        ..Default::default()
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let started = Instant::now();
-    let run = rt.block_on(run_fleet(&s, &opts))?;
-    let wall = started.elapsed().as_secs_f64();
-    let failures = otarig::expect::judge(&run, None);
-    let release_at = s.releases.first().map_or(0, |r| r.at_ms);
-    let confirmed: Vec<u64> = run
-        .records
-        .iter()
-        .filter(|r| matches!(r.what, otarig::runner::What::Agent(Event::Confirmed { .. })))
-        .map(|r| r.t_ms)
-        .collect();
-    let all_done = confirmed.iter().max().copied().unwrap_or(0);
-    let secs = (all_done.saturating_sub(release_at) as f64 / 1000.0).max(1e-3);
-    let peak = peak_rss().unwrap_or(0);
-    let mb = run.served_bytes as f64 / 1e6;
-    println!(
-        "fleet scale: {devices} boards x {:.0} KiB image, real time, broker: {which}, embedded server",
-        image / 1024.0
-    );
-    println!(
-        "  confirmed      {} of {devices} boards ({} expectation failure(s))",
-        confirmed.len(),
-        failures.len()
-    );
-    println!(
-        "  release -> last board confirmed   {secs:.1} s   (target < 60 s: {:.2}x of budget)",
-        secs / 60.0
-    );
-    println!(
-        "  boards/s       {:.0}",
-        confirmed.len() as f64 / secs.max(1e-9)
-    );
-    println!(
-        "  MB/s           {:.0}   ({mb:.0} MB served)",
-        mb / secs.max(1e-9)
-    );
-    println!(
-        "  peak RSS       {:.0} MiB   (target < 4 GiB: {:.2}x of budget; {:.0} KiB per board)",
-        peak as f64 / (1 << 20) as f64,
-        peak as f64 / (4u64 << 30) as f64,
-        peak.saturating_sub(rss_before) as f64 / 1024.0 / devices as f64
-    );
-    println!(
-        "  wall           {wall:.1} s (whole run, including {:.0} s of quiet at the end)",
-        opts.quiet_ms as f64 / 1000.0
-    );
-    for f in failures.iter().take(5) {
-        println!("  FAILED: {f:?}");
-    }
-    Ok(
-        if failures.is_empty() && confirmed.len() as u32 == devices {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        },
-    )
-}

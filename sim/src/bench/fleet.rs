@@ -1,0 +1,381 @@
+//! `otarig bench fleet`: the scale benchmark. Every board updates a 1 MiB image through a real
+//! broker and the firmware server, in real time (speedup 1, so no board timer fires early
+//! under load), telemetry on.
+//!
+//! Up to [`BOARDS_PER_PROCESS`] boards run in this one process with the embedded broker and
+//! server. More run in shards (`otarig bench fleet-shard`, one process each, see
+//! [`otarig::fleet::Shard`]) on one shared timeline, against the firmware server in this
+//! process and a broker of their own: a process holds one descriptor per connection end and
+//! the hard `ulimit -n` is finite, and the embedded rumqttd does not scale that far (its topic
+//! matching is quadratic in per-device topics; README, "Scale"), so the broker is Mosquitto in
+//! its own process (started here from `PATH`, or `--broker URL`). The figures are for the
+//! whole fleet; peak RSS is the sum of every process's peak (broker included), which is at
+//! least the real combined peak.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use otarig::expect;
+use otarig::fleet::{run_fleet, FleetOptions, Shard};
+use otarig::release_store::ReleaseStore;
+use otarig::runner::{self, Run, What};
+use otarig::scenario::Scenario;
+use otarig::server::Server;
+use otarig_agent::Event;
+use serde::{Deserialize, Serialize};
+
+/// Boards one process simulates before the benchmark shards: each holds an MQTT and an HTTP
+/// connection (two descriptors here, plus the server's ends when it is in-process).
+pub const BOARDS_PER_PROCESS: u32 = 2_500;
+
+/// Virtual ms of quiet (no event on any board) that end a run.
+const QUIET_MS: u64 = 5_000;
+
+/// Time the shards get to start and build the scenario before the shared timeline's zero.
+const SHARD_START: Duration = Duration::from_secs(6);
+
+fn scenario(devices: u32) -> anyhow::Result<Scenario> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/bench/fleet-1mib.toml");
+    let mut s = Scenario::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    s.set_devices(devices);
+    Ok(s)
+}
+
+/// What one process measured, in the shared timeline's virtual ms.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Figures {
+    boards: u32,
+    confirmed: u32,
+    release_ms: u64,
+    last_confirmed_ms: u64,
+    served_bytes: u64,
+    peak_rss: u64,
+    failures: Vec<String>,
+}
+
+impl Figures {
+    fn of(s: &Scenario, run: &Run) -> Figures {
+        let confirmed: Vec<u64> = run
+            .records
+            .iter()
+            .filter(|r| matches!(r.what, What::Agent(Event::Confirmed { .. })))
+            .map(|r| r.t_ms)
+            .collect();
+        Figures {
+            boards: run.devices.len() as u32,
+            confirmed: confirmed.len() as u32,
+            release_ms: s.releases.first().map_or(0, |r| r.at_ms),
+            last_confirmed_ms: confirmed.iter().max().copied().unwrap_or(0),
+            served_bytes: run.served_bytes,
+            peak_rss: peak_rss(std::process::id()).unwrap_or(0),
+            failures: expect::judge(run, None)
+                .iter()
+                .map(|f| format!("{f:?}"))
+                .collect(),
+        }
+    }
+}
+
+/// `otarig bench fleet --devices N [--broker URL] [--shards K]`.
+pub fn fleet(devices: u32, broker: Option<String>, shards: Option<u32>) -> anyhow::Result<ExitCode> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: a debug build; run `just bench-fleet` for real figures");
+    }
+    let shards = shards
+        .unwrap_or_else(|| devices.div_ceil(BOARDS_PER_PROCESS))
+        .clamp(1, devices.max(1));
+    let s = scenario(devices)?;
+    let image = s.firmware.get("v2").map_or(0, |f| f.size);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let (figures, broker_name, broker_rss) = if shards == 1 {
+        check_open_files(devices, if broker.is_some() { 3 } else { 4 })?;
+        let which = broker.clone().unwrap_or_else(|| "embedded rumqttd".into());
+        let opts = FleetOptions {
+            broker,
+            speedup: 1.0,
+            quiet_ms: QUIET_MS,
+            ..Default::default()
+        };
+        let run = rt.block_on(run_fleet(&s, &opts))?;
+        (vec![Figures::of(&s, &run)], which, None)
+    } else {
+        let mosquitto = match &broker {
+            Some(_) => None,
+            None => Some(Mosquitto::start()?),
+        };
+        let broker_url = match (&broker, &mosquitto) {
+            (Some(url), _) => url.clone(),
+            (None, Some(m)) => m.url(),
+            (None, None) => unreachable!("started above"),
+        };
+        let figures = run_shards(&rt, &s, shards, &broker_url)?;
+        let name = match &mosquitto {
+            Some(m) => format!("Mosquitto (own process, {})", m.url()),
+            None => broker_url,
+        };
+        let rss = mosquitto.as_ref().and_then(|m| peak_rss(m.child.id()));
+        (figures, name, rss)
+    };
+    let wall = started.elapsed().as_secs_f64();
+    report(&figures, devices, shards, image as u64, &broker_name, broker_rss, wall)
+}
+
+/// Start the firmware server here, the shards as child processes on a shared timeline, and
+/// collect what each measured.
+fn run_shards(
+    rt: &tokio::runtime::Runtime,
+    s: &Scenario,
+    shards: u32,
+    broker: &str,
+) -> anyhow::Result<Vec<Figures>> {
+    // One server for all shards, holding the scenario's blobs (what `otarig release stage`
+    // does); its connections are one descriptor each here.
+    check_open_files(s.devices, 1)?;
+    let prep = runner::prepare(s)?;
+    let dir = tempfile::tempdir().context("creating the store directory")?;
+    let store = Arc::new(ReleaseStore::open(dir.path())?);
+    prep.stage_into(&store)?;
+    let server = rt.block_on(Server::start(store, SocketAddr::from(([127, 0, 0, 1], 0))))?;
+    let epoch = SystemTime::now() + SHARD_START;
+    let epoch_ms = epoch.duration_since(UNIX_EPOCH)?.as_millis() as u64;
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let mut children = Vec::new();
+    for index in 0..shards {
+        let child = Command::new(&exe)
+            .args(["bench", "fleet-shard"])
+            .args(["--devices", &s.devices.to_string()])
+            .args(["--shard", &index.to_string(), "--shards", &shards.to_string()])
+            .args(["--broker", broker, "--server", &server.url()])
+            .args(["--epoch-ms", &epoch_ms.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting shard {index} ({})", exe.display()))?;
+        children.push(child);
+    }
+    let mut figures = Vec::new();
+    let mut errors = Vec::new();
+    // The server keeps serving on the runtime's worker threads while this thread waits.
+    for (index, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        match text.lines().last().map(serde_json::from_str::<Figures>) {
+            Some(Ok(f)) => figures.push(f),
+            _ => errors.push(format!(
+                "shard {index} exited with {} and no figures (its errors are above)",
+                out.status
+            )),
+        }
+    }
+    rt.block_on(server.shutdown());
+    if !errors.is_empty() {
+        bail!("{}", errors.join("; "));
+    }
+    let mut own = Figures {
+        boards: 0,
+        confirmed: 0,
+        release_ms: 0,
+        last_confirmed_ms: 0,
+        served_bytes: 0,
+        peak_rss: peak_rss(std::process::id()).unwrap_or(0),
+        failures: Vec::new(),
+    };
+    own.release_ms = figures.iter().map(|f| f.release_ms).min().unwrap_or(0);
+    figures.push(own);
+    Ok(figures)
+}
+
+/// `otarig bench fleet-shard`: one shard of a sharded benchmark; prints its [`Figures`] as
+/// one JSON line.
+pub fn fleet_shard(
+    devices: u32,
+    shard: Shard,
+    broker: String,
+    server: String,
+    epoch_ms: u64,
+) -> anyhow::Result<ExitCode> {
+    let s = scenario(devices)?;
+    let opts = FleetOptions {
+        broker: Some(broker),
+        server: Some(server),
+        speedup: 1.0,
+        quiet_ms: QUIET_MS,
+        shard: Some(shard),
+        epoch: Some(UNIX_EPOCH + Duration::from_millis(epoch_ms)),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let run = rt.block_on(run_fleet(&s, &opts))?;
+    println!("{}", serde_json::to_string(&Figures::of(&s, &run))?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report(
+    figures: &[Figures],
+    devices: u32,
+    shards: u32,
+    image: u64,
+    broker: &str,
+    broker_rss: Option<u64>,
+    wall: f64,
+) -> anyhow::Result<ExitCode> {
+    let confirmed: u32 = figures.iter().map(|f| f.confirmed).sum();
+    let release = figures.iter().map(|f| f.release_ms).min().unwrap_or(0);
+    let last = figures.iter().map(|f| f.last_confirmed_ms).max().unwrap_or(0);
+    let secs = (last.saturating_sub(release) as f64 / 1000.0).max(1e-3);
+    let mb = figures.iter().map(|f| f.served_bytes).sum::<u64>() as f64 / 1e6;
+    let peak: u64 = figures.iter().map(|f| f.peak_rss).sum::<u64>() + broker_rss.unwrap_or(0);
+    let failures: Vec<&String> = figures.iter().flat_map(|f| &f.failures).collect();
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let processes = if shards == 1 {
+        "one process (boards, broker and server)".to_string()
+    } else {
+        format!("{shards} board processes + the server's + the broker's")
+    };
+    println!(
+        "fleet scale: {devices} boards x {:.0} KiB image, real time, broker: {broker}, {processes}",
+        image as f64 / 1024.0
+    );
+    println!(
+        "  confirmed      {confirmed} of {devices} boards ({} expectation failure(s))",
+        failures.len()
+    );
+    println!(
+        "  release -> last board confirmed   {secs:.1} s   (target < 60 s: {:.2}x of budget)",
+        secs / 60.0
+    );
+    println!("  boards/s       {:.0}", confirmed as f64 / secs);
+    println!("  MB/s           {:.0}   ({mb:.0} MB served)", mb / secs);
+    println!(
+        "  peak RSS       {:.0} MiB   (target < 4 GiB: {:.2}x of budget; {:.0} KiB per board)",
+        mib(peak),
+        peak as f64 / (4u64 << 30) as f64,
+        peak as f64 / 1024.0 / devices.max(1) as f64
+    );
+    if shards > 1 {
+        let parts: Vec<String> = figures
+            .iter()
+            .map(|f| format!("{:.0}", mib(f.peak_rss)))
+            .chain(broker_rss.map(|b| format!("broker {:.0}", mib(b))))
+            .collect();
+        println!("                 (MiB per process: {})", parts.join(", "));
+    }
+    println!(
+        "  wall           {wall:.1} s (whole run: building the scenario, connecting, {:.0} s of quiet at the end)",
+        QUIET_MS as f64 / 1000.0
+    );
+    for f in failures.iter().take(5) {
+        println!("  FAILED: {f}");
+    }
+    Ok(if failures.is_empty() && confirmed == devices {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Refuse early, with what to do, when `devices` boards at `per_board` descriptors each do
+/// not fit this process's open-files limit.
+fn check_open_files(devices: u32, per_board: u64) -> anyhow::Result<()> {
+    let needed = devices as u64 * per_board + 256;
+    if let Some(limit) = open_files_limit().filter(|l| *l < needed) {
+        bail!(
+            "{devices} boards need about {needed} open files in one process ({per_board} per board); the limit is {limit} (ulimit -n). Raise it (ulimit -n {needed}; the hard limit may need root or LimitNOFILE), or pass --shards to spread the boards over more processes"
+        );
+    }
+    Ok(())
+}
+
+/// The soft limit on open files (Linux `/proc/self/limits`).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Peak resident set size of a process so far (Linux `VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A Mosquitto broker in its own process on a free loopback port, stopped when dropped.
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    fn start() -> anyhow::Result<Mosquitto> {
+        let exe = ["mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| {
+                Command::new(p)
+                    .arg("-h")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok()
+            })
+            .context("more boards than one process holds need Mosquitto as the broker, and `mosquitto` is not installed: run scripts/setup.sh (or apt install mosquitto), or pass --broker mqtt://HOST:PORT")?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let dir = tempfile::tempdir()?;
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+            ),
+        )?;
+        // Its log goes to a file: a pipe nobody reads would stall it once full.
+        let log_path = dir.path().join("mosquitto.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut child = Command::new(&exe)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait()? {
+                let err = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("mosquitto exited ({status}) before accepting connections: {}", err.trim());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("mosquitto did not accept connections on 127.0.0.1:{port} within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Mosquitto {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -546,11 +546,12 @@ impl Board {
     /// `esp_image_verify` over a slot. On a fleet's shared sector pool, boards holding the
     /// same bytes share the result (see [`Flash::memo_region`]): same answer, one hash.
     fn verify_slot(&mut self, slot: Slot) -> Result<ImageInfo, image::ImageError> {
-        self.flash.memo_region(VERIFY, slot.address, slot.size, |flash| {
-            image::verify(slot.size, |off, buf| {
-                flash.read(slot.address + off, buf).map_err(|_| ())
+        self.flash
+            .memo_region(VERIFY, slot.address, slot.size, |flash| {
+                image::verify(slot.size, |off, buf| {
+                    flash.read(slot.address + off, buf).map_err(|_| ())
+                })
             })
-        })
     }
 
     fn secure_version_ok(&mut self, slot: Slot) -> bool {
@@ -1052,18 +1053,19 @@ impl Platform for Board {
         if len > slot.size {
             return Err(EspError::InvalidArg);
         }
-        self.flash.memo_region("sha256", slot.address, len, |flash| {
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut off = 0;
-            while off < len {
-                let n = (buf.len() as u32).min(len - off) as usize;
-                flash.read(slot.address + off, &mut buf[..n]).map_err(fl)?;
-                h.update(&buf[..n]);
-                off += n as u32;
-            }
-            Ok(h.finalize().into())
-        })
+        self.flash
+            .memo_region("sha256", slot.address, len, |flash| {
+                let mut h = Sha256::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut off = 0;
+                while off < len {
+                    let n = (buf.len() as u32).min(len - off) as usize;
+                    flash.read(slot.address + off, &mut buf[..n]).map_err(fl)?;
+                    h.update(&buf[..n]);
+                    off += n as u32;
+                }
+                Ok(h.finalize().into())
+            })
     }
 
     /// `esp_image_verify` as the agent runs it, remembered per exact sectors like the

@@ -57,9 +57,9 @@ struct Seen {
     download_verified: Option<u64>,
 }
 
-fn distil(records: &[Record], device: u32) -> Seen {
+fn distil<'a>(records: impl IntoIterator<Item = &'a Record>) -> Seen {
     let mut s = Seen::default();
-    for r in records.iter().filter(|r| r.device == device) {
+    for r in records {
         match &r.what {
             What::Ack {
                 ack,
@@ -339,8 +339,13 @@ fn check_one(c: &Check, d: &DeviceReport, s: &Seen) -> Result<(), (String, Strin
 pub fn judge(run: &Run, expects: Option<&[Expect]>) -> Vec<Failure> {
     let expects = expects.unwrap_or(&run.scenario.expects);
     let mut out = Vec::new();
+    // Each device's records, in order, found once (a fleet has thousands of devices).
+    let mut by_device: std::collections::HashMap<u32, Vec<&Record>> = Default::default();
+    for r in &run.records {
+        by_device.entry(r.device).or_default().push(r);
+    }
     for d in &run.devices {
-        let seen = distil(&run.records, d.index);
+        let seen = distil(by_device.get(&d.index).into_iter().flatten().copied());
         if let Some(reason) = &d.crash_loop {
             out.push(Failure {
                 at: "invariant".into(),

@@ -251,7 +251,10 @@ enum Io {
     Manifest(Vec<u8>),
     /// A range's answer arrived; its body is read by the board task itself (straight from
     /// the connection into the agent, no copy and no hop through another task).
-    Response { offset: u32, body: Incoming },
+    Response {
+        offset: u32,
+        body: Incoming,
+    },
     FetchFailed(String),
 }
 
@@ -333,7 +336,10 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
             (b.addr.ip().to_string(), b.addr.port())
         }
     };
-    let start = match opts.epoch.map(|e| e.duration_since(std::time::SystemTime::now())) {
+    let start = match opts
+        .epoch
+        .map(|e| e.duration_since(std::time::SystemTime::now()))
+    {
         // The epoch is ahead: wait for it.
         Some(Ok(ahead)) => {
             tokio::time::sleep(ahead).await;
@@ -584,10 +590,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     let mut records =
         std::mem::take(&mut *shared.records.lock().unwrap_or_else(|p| p.into_inner()));
     records.sort_by_key(|r| r.t_ms);
-    let devices = devs
-        .iter()
-        .map(|(i, d)| report(*i, d))
-        .collect::<Vec<_>>();
+    let devices = devs.iter().map(|(i, d)| report(*i, d)).collect::<Vec<_>>();
     let served_bytes = devices.iter().map(|d| d.fetched_bytes).sum();
     Ok(Run {
         scenario: s,
@@ -1083,22 +1086,19 @@ fn spawn_fetch(
         // download is not cut off.
         let timeout = sh.clock.real(runner::FETCH_TIMEOUT_MS);
         let idle = || format!("no data within {} s", runner::FETCH_TIMEOUT_MS / 1000);
-        let resp =
-            match tokio::time::timeout(timeout, http.get(&url, Some(range)))
-                .await
-            {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    let _ = tx
-                        .send(Io::FetchFailed(format!("request failed: {e}")))
-                        .await;
-                    return;
-                }
-                Err(_) => {
-                    let _ = tx.send(Io::FetchFailed(idle())).await;
-                    return;
-                }
-            };
+        let resp = match tokio::time::timeout(timeout, http.get(&url, Some(range))).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                let _ = tx
+                    .send(Io::FetchFailed(format!("request failed: {e}")))
+                    .await;
+                return;
+            }
+            Err(_) => {
+                let _ = tx.send(Io::FetchFailed(idle())).await;
+                return;
+            }
+        };
         let status = resp.status();
         if status.as_u16() != 206 && status.as_u16() != 200 {
             let _ = tx.send(Io::FetchFailed(format!("HTTP {status}"))).await;

@@ -14,8 +14,10 @@
 //! says at which line. Blobs are written to a temporary file and renamed, so a crash never
 //! leaves a half-written blob under its hash.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use otarig_agent::manifest::{self, Manifest, TrustedKey};
@@ -51,7 +53,28 @@ pub struct LogEntry {
 #[derive(Clone, Debug)]
 pub struct ReleaseStore {
     root: PathBuf,
+    /// Blobs read for serving, shared by clones (see [`ReleaseStore::blob`]).
+    cache: Arc<Mutex<BlobCache>>,
 }
+
+/// A stored blob's bytes, and the SHA-256 of exactly those bytes: its strong ETag, equal to
+/// its name unless a test stored a tampered copy under that name.
+#[derive(Clone, Debug)]
+pub struct Blob {
+    pub bytes: bytes::Bytes,
+    pub sha256: [u8; 32],
+}
+
+/// Blobs kept in memory, up to [`BLOB_CACHE_BYTES`] in all.
+#[derive(Debug, Default)]
+struct BlobCache {
+    by_name: HashMap<[u8; 32], Blob>,
+    bytes: usize,
+}
+
+/// How many blob bytes a store keeps in memory for serving. A fleet downloads the same few
+/// images thousands of times; an image is at most an app partition (16 MiB on an ESP32-S3).
+const BLOB_CACHE_BYTES: usize = 256 << 20;
 
 /// Device types and channels become path components: keep them to a safe alphabet.
 pub fn check_name(what: &str, s: &str) -> anyhow::Result<()> {
@@ -77,6 +100,7 @@ impl ReleaseStore {
         }
         Ok(ReleaseStore {
             root: root.to_path_buf(),
+            cache: Arc::default(),
         })
     }
 
@@ -112,7 +136,55 @@ impl ReleaseStore {
     /// Store bytes under a given name (a copy of another store, or a deliberately tampered
     /// blob in a test).
     pub fn put_blob_as(&self, sha: &[u8; 32], bytes: &[u8]) -> anyhow::Result<()> {
-        write_atomically(&self.blob_dir().join(hex::encode(sha)), bytes)
+        // Held across the write, so no reader caches the old bytes in between.
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        write_atomically(&self.blob_dir().join(hex::encode(sha)), bytes)?;
+        if let Some(old) = cache.by_name.remove(sha) {
+            cache.bytes -= old.bytes.len();
+        }
+        Ok(())
+    }
+
+    /// The blob stored under `name` if it is in memory (never blocks).
+    pub fn cached_blob(&self, name: &[u8; 32]) -> Option<Blob> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.by_name.get(name).cloned()
+    }
+
+    /// The blob stored under `name` (`None`: there is none), read from disk unless it is in
+    /// memory (blocking), and kept in memory for the next request. A name's bytes only
+    /// change through [`ReleaseStore::put_blob_as`], which drops the kept copy; blobs are
+    /// otherwise content-addressed and written once, so the copy is never stale.
+    pub fn blob(&self, name: &[u8; 32]) -> anyhow::Result<Option<Blob>> {
+        if let Some(b) = self.cached_blob(name) {
+            return Ok(Some(b));
+        }
+        let path = self.blob_dir().join(hex::encode(name));
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let blob = Blob {
+            sha256: sha256(&bytes),
+            bytes: bytes.into(),
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if blob.bytes.len() <= BLOB_CACHE_BYTES && !cache.by_name.contains_key(name) {
+            // Make room, oldest-or-not: a store that serves more than this at once is
+            // beyond what the cache is for.
+            while cache.bytes + blob.bytes.len() > BLOB_CACHE_BYTES {
+                let Some(k) = cache.by_name.keys().next().copied() else {
+                    break;
+                };
+                if let Some(old) = cache.by_name.remove(&k) {
+                    cache.bytes -= old.bytes.len();
+                }
+            }
+            cache.bytes += blob.bytes.len();
+            cache.by_name.insert(*name, blob.clone());
+        }
+        Ok(Some(blob))
     }
 
     /// Make an already signed manifest the latest for a device type and channel.
@@ -129,10 +201,6 @@ impl ReleaseStore {
             std::fs::create_dir_all(dir)?;
         }
         write_atomically(&path, signed)
-    }
-
-    pub fn blob(&self, sha: &[u8; 32]) -> Option<Vec<u8>> {
-        std::fs::read(self.blob_dir().join(hex::encode(sha))).ok()
     }
 
     fn manifest_path(&self, device_type: &str, channel: &str) -> PathBuf {

@@ -26,10 +26,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
-use tower::ServiceExt;
-use tower_http::services::ServeDir;
 
-use crate::release_store::ReleaseStore;
+use crate::release_store::{Blob, ReleaseStore};
 use crate::scenario::ServerFault;
 
 /// A fault and how many more requests it applies to (None: all of them).
@@ -266,16 +264,37 @@ async fn ipfs(
     }
 }
 
-/// How much of a blob file one read takes.
-const BLOB_READ_CHUNK: usize = 256 * 1024;
-
 /// Serve the blob stored under `name` (a SHA-256 in hex), applying the device's faults.
-async fn serve_blob(app: App, name: String, q: BlobQuery, mut req: Request) -> Response {
-    let path = app.store.blob_dir().join(&name);
-    let total = tokio::fs::metadata(&path)
-        .await
-        .map(|m| m.len())
-        .unwrap_or(0);
+async fn serve_blob(app: App, name: String, q: BlobQuery, req: Request) -> Response {
+    let mut key = [0u8; 32];
+    if hex::decode_to_slice(&name, &mut key).is_err() {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("'{name}' is not a SHA-256 (64 hex digits)"),
+        );
+    }
+    // Kept in memory after the first read: a fleet asks for the same few blobs thousands of
+    // times, and each answer is then a slice of one shared buffer.
+    let blob = match app.store.cached_blob(&key) {
+        Some(b) => b,
+        None => {
+            let store = app.store.clone();
+            match tokio::task::spawn_blocking(move || store.blob(&key)).await {
+                Ok(Ok(Some(b))) => b,
+                Ok(Ok(None)) => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        format!(
+                            "no blob {name} in this store (publish it with `otarig release add`)"
+                        ),
+                    )
+                }
+                Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+    };
+    let total = blob.bytes.len() as u64;
     let (start, end) = range_of(&req).unwrap_or((0, u64::MAX));
     let cut_of = |p: u32| total * p as u64 / 100;
     let fault = q.device_id.as_deref().and_then(|d| {
@@ -301,25 +320,10 @@ async fn serve_blob(app: App, name: String, q: BlobQuery, mut req: Request) -> R
             // Never answer; the board's own timeout ends the request.
             std::future::pending::<()>().await;
         }
-        Some(ServerFault::NoRange) => {
-            req.headers_mut().remove(header::RANGE);
-        }
         _ => {}
     }
-    *req.uri_mut() = match format!("/{name}").parse() {
-        Ok(u) => u,
-        Err(_) => return error(StatusCode::BAD_REQUEST, "bad blob name"),
-    };
-    // Ranges are read from the file in one piece (tower-http reads 64 KiB per blocking-pool
-    // trip by default): a fleet asks for thousands of 256 KiB ranges at once.
-    let resp = match ServeDir::new(app.store.blob_dir())
-        .with_buf_chunk_size(BLOB_READ_CHUNK)
-        .oneshot(req)
-        .await
-    {
-        Ok(r) => r.map(axum::body::Body::new),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
+    let honour_range = !matches!(fault, Some(ServerFault::NoRange));
+    let resp = ranged(&blob, req.headers(), honour_range);
     let sent = resp
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -360,6 +364,81 @@ async fn serve_blob(app: App, name: String, q: BlobQuery, mut req: Request) -> R
         parts,
         axum::body::Body::from_stream(futures_util::stream::iter(chunks)),
     )
+}
+
+/// The answer to a GET of `blob` under conditional and range headers (RFC 9110): `If-Match`
+/// that fails → 412; `If-None-Match` that matches → 304; one satisfiable `Range` (honoured
+/// only while `If-Range` names this blob) → 206 with that slice; a range past the end → 416;
+/// otherwise (no range, several ranges, or a server told to ignore them) → 200 with it all.
+/// The ETag is the blob's SHA-256, strong: the same bytes always carry it, under any URL.
+fn ranged(blob: &Blob, headers: &axum::http::HeaderMap, honour_range: bool) -> Response {
+    use headers::{
+        AcceptRanges, ContentLength, ContentRange, ContentType, ETag, HeaderMapExt, IfMatch,
+        IfNoneMatch, IfRange, Range,
+    };
+    use std::ops::Bound;
+    let len = blob.bytes.len() as u64;
+    let Ok(etag) = format!("\"{}\"", hex::encode(blob.sha256)).parse::<ETag>() else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot form the ETag");
+    };
+    let mut head = axum::http::HeaderMap::new();
+    head.typed_insert(etag.clone());
+    head.typed_insert(AcceptRanges::bytes());
+    head.typed_insert(ContentType::octet_stream());
+    if headers
+        .typed_get::<IfMatch>()
+        .is_some_and(|m| !m.precondition_passes(&etag))
+    {
+        return (StatusCode::PRECONDITION_FAILED, head).into_response();
+    }
+    if headers
+        .typed_get::<IfNoneMatch>()
+        .is_some_and(|m| !m.precondition_passes(&etag))
+    {
+        return (StatusCode::NOT_MODIFIED, head).into_response();
+    }
+    let range = headers.typed_get::<Range>().filter(|_| {
+        honour_range
+            && headers
+                .typed_get::<IfRange>()
+                .is_none_or(|r| !r.is_modified(Some(&etag), None))
+    });
+    let one = range.map(|r| r.satisfiable_ranges(len).collect::<Vec<_>>());
+    let (start, end) = match one.as_deref() {
+        Some([(first, last)]) => {
+            let start = match *first {
+                Bound::Included(s) => s,
+                Bound::Excluded(s) => s.saturating_add(1),
+                Bound::Unbounded => 0,
+            };
+            let end = match *last {
+                Bound::Included(e) => e.saturating_add(1).min(len),
+                Bound::Excluded(e) => e.min(len),
+                Bound::Unbounded => len,
+            };
+            if start >= end {
+                head.typed_insert(ContentRange::unsatisfied_bytes(len));
+                return (StatusCode::RANGE_NOT_SATISFIABLE, head).into_response();
+            }
+            (start, end)
+        }
+        _ => (0, len),
+    };
+    let body = blob.bytes.slice(start as usize..end as usize);
+    head.typed_insert(ContentLength(end - start));
+    if (start, end) == (0, len) && one.as_ref().is_none_or(|r| r.len() != 1) {
+        return (StatusCode::OK, head, body).into_response();
+    }
+    match ContentRange::bytes(start..end, len) {
+        Ok(cr) => head.typed_insert(cr),
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot form Content-Range",
+            )
+        }
+    }
+    (StatusCode::PARTIAL_CONTENT, head, body).into_response()
 }
 
 /// A body that yields its bytes no faster than `bytes_per_s`, in slices of about 50 ms.

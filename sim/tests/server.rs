@@ -112,6 +112,49 @@ async fn manifests_blobs_and_acks_over_http() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(&r.bytes().await.unwrap()[..], &v2[2000..]);
+    // If-Range: the same blob resumes; a changed one gets all of it again, from byte 0.
+    let r = http
+        .get(&url)
+        .header(header::RANGE, "bytes=2000-")
+        .header(header::IF_RANGE, etag.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(&r.bytes().await.unwrap()[..], &v2[2000..]);
+    let r = http
+        .get(&url)
+        .header(header::RANGE, "bytes=2000-")
+        .header(header::IF_RANGE, "\"an-older-blob\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(&r.bytes().await.unwrap()[..], &v2[..]);
+    // The last 100 bytes; a range past the end is refused with the blob's length.
+    let r = http
+        .get(&url)
+        .header(header::RANGE, "bytes=-100")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        r.headers().get(header::CONTENT_RANGE).unwrap(),
+        &format!("bytes {}-{}/{}", v2.len() - 100, v2.len() - 1, v2.len())
+    );
+    assert_eq!(&r.bytes().await.unwrap()[..], &v2[v2.len() - 100..]);
+    let r = http
+        .get(&url)
+        .header(header::RANGE, format!("bytes={}-", v2.len()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(
+        r.headers().get(header::CONTENT_RANGE).unwrap(),
+        &format!("bytes */{}", v2.len())
+    );
     let r = http
         .get(&url)
         .header(header::IF_MATCH, "\"some-other-blob\"")

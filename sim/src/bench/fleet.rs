@@ -81,7 +81,11 @@ impl Figures {
 }
 
 /// `otarig bench fleet --devices N [--broker URL] [--shards K]`.
-pub fn fleet(devices: u32, broker: Option<String>, shards: Option<u32>) -> anyhow::Result<ExitCode> {
+pub fn fleet(
+    devices: u32,
+    broker: Option<String>,
+    shards: Option<u32>,
+) -> anyhow::Result<ExitCode> {
     if cfg!(debug_assertions) {
         eprintln!("warning: a debug build; run `just bench-fleet` for real figures");
     }
@@ -124,7 +128,15 @@ pub fn fleet(devices: u32, broker: Option<String>, shards: Option<u32>) -> anyho
         (figures, name, rss)
     };
     let wall = started.elapsed().as_secs_f64();
-    report(&figures, devices, shards, image as u64, &broker_name, broker_rss, wall)
+    report(
+        &figures,
+        devices,
+        shards,
+        image as u64,
+        &broker_name,
+        broker_rss,
+        wall,
+    )
 }
 
 /// Start the firmware server here, the shards as child processes on a shared timeline, and
@@ -151,7 +163,12 @@ fn run_shards(
         let child = Command::new(&exe)
             .args(["bench", "fleet-shard"])
             .args(["--devices", &s.devices.to_string()])
-            .args(["--shard", &index.to_string(), "--shards", &shards.to_string()])
+            .args([
+                "--shard",
+                &index.to_string(),
+                "--shards",
+                &shards.to_string(),
+            ])
             .args(["--broker", broker, "--server", &server.url()])
             .args(["--epoch-ms", &epoch_ms.to_string()])
             .stdout(Stdio::piped())
@@ -229,7 +246,11 @@ fn report(
 ) -> anyhow::Result<ExitCode> {
     let confirmed: u32 = figures.iter().map(|f| f.confirmed).sum();
     let release = figures.iter().map(|f| f.release_ms).min().unwrap_or(0);
-    let last = figures.iter().map(|f| f.last_confirmed_ms).max().unwrap_or(0);
+    let last = figures
+        .iter()
+        .map(|f| f.last_confirmed_ms)
+        .max()
+        .unwrap_or(0);
     let secs = (last.saturating_sub(release) as f64 / 1000.0).max(1e-3);
     let mb = figures.iter().map(|f| f.served_bytes).sum::<u64>() as f64 / 1e6;
     let peak: u64 = figures.iter().map(|f| f.peak_rss).sum::<u64>() + broker_rss.unwrap_or(0);
@@ -353,7 +374,10 @@ impl Mosquitto {
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Some(status) = child.try_wait()? {
                 let err = std::fs::read_to_string(&log_path).unwrap_or_default();
-                bail!("mosquitto exited ({status}) before accepting connections: {}", err.trim());
+                bail!(
+                    "mosquitto exited ({status}) before accepting connections: {}",
+                    err.trim()
+                );
             }
             if Instant::now() > deadline {
                 let _ = child.kill();

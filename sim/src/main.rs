@@ -227,8 +227,9 @@ enum BenchCmd {
         /// process) or a Mosquitto started for the run (shards).
         #[arg(long)]
         broker: Option<String>,
-        /// Board processes (default: one per 2,500 boards); with more than one, the firmware
-        /// server runs in this process and the broker in its own.
+        /// Board processes. Default: up to 1,000 boards, none (boards, embedded broker and
+        /// server in this one process); more, one per 2,500 boards, with the firmware server
+        /// in this process and the broker (Mosquitto, or --broker) in its own.
         #[arg(long)]
         shards: Option<u32>,
     },

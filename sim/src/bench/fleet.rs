@@ -2,13 +2,13 @@
 //! broker and the firmware server, in real time (speedup 1, so no board timer fires early
 //! under load), telemetry on.
 //!
-//! Up to [`BOARDS_PER_PROCESS`] boards run in this one process with the embedded broker and
-//! server. More run in shards (`otarig bench fleet-shard`, one process each, see
-//! [`otarig::fleet::Shard`]) on one shared timeline, against the firmware server in this
-//! process and a broker of their own: a process holds one descriptor per connection end and
-//! the hard `ulimit -n` is finite, and the embedded rumqttd does not scale that far (its topic
-//! matching is quadratic in per-device topics; README, "Scale"), so the broker is Mosquitto in
-//! its own process (started here from `PATH`, or `--broker URL`). The figures are for the
+//! Up to [`EMBEDDED_MAX`] boards run in this one process with the embedded broker and server.
+//! More run in shards of [`BOARDS_PER_PROCESS`] (`otarig bench fleet-shard`, one process each,
+//! see [`otarig::fleet::Shard`]) on one shared timeline, against the firmware server in this
+//! process and a broker in its own: a process holds one descriptor per connection end and the
+//! hard `ulimit -n` is finite, and the embedded rumqttd does not scale that far (its topic
+//! matching is quadratic in per-device topics; README, "Scale"), so the broker is Mosquitto
+//! (started here from `PATH`, or `--broker URL`). The figures are for the
 //! whole fleet; peak RSS is the sum of every process's peak (broker included), which is at
 //! least the real combined peak.
 
@@ -28,9 +28,13 @@ use otarig::server::Server;
 use otarig_agent::Event;
 use serde::{Deserialize, Serialize};
 
-/// Boards one process simulates before the benchmark shards: each holds an MQTT and an HTTP
-/// connection (two descriptors here, plus the server's ends when it is in-process).
+/// Boards per shard process: each holds an MQTT and an HTTP connection (two descriptors).
 pub const BOARDS_PER_PROCESS: u32 = 2_500;
+
+/// The most boards run in one process with the embedded rumqttd: beyond about this many its
+/// per-topic matching dominates (2,500 boards took 101 s here), so larger fleets shard with
+/// Mosquitto.
+pub const EMBEDDED_MAX: u32 = 1_000;
 
 /// Virtual ms of quiet (no event on any board) that end a run.
 const QUIET_MS: u64 = 5_000;
@@ -89,27 +93,20 @@ pub fn fleet(
     if cfg!(debug_assertions) {
         eprintln!("warning: a debug build; run `just bench-fleet` for real figures");
     }
-    let shards = shards
-        .unwrap_or_else(|| devices.div_ceil(BOARDS_PER_PROCESS))
-        .clamp(1, devices.max(1));
+    // One process with everything embedded for small fleets (unless told to shard);
+    // otherwise shard processes, the server here and the broker in its own.
+    let shards = match shards {
+        Some(k) => Some(k.clamp(1, devices.max(1))),
+        None if devices <= EMBEDDED_MAX => None,
+        None => Some(devices.div_ceil(BOARDS_PER_PROCESS)),
+    };
     let s = scenario(devices)?;
     let image = s.firmware.get("v2").map_or(0, |f| f.size);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let started = Instant::now();
-    let (figures, broker_name, broker_rss) = if shards == 1 {
-        check_open_files(devices, if broker.is_some() { 3 } else { 4 })?;
-        let which = broker.clone().unwrap_or_else(|| "embedded rumqttd".into());
-        let opts = FleetOptions {
-            broker,
-            speedup: 1.0,
-            quiet_ms: QUIET_MS,
-            ..Default::default()
-        };
-        let run = rt.block_on(run_fleet(&s, &opts))?;
-        (vec![Figures::of(&s, &run)], which, None)
-    } else {
+    let (figures, broker_name, broker_rss) = if let Some(shards) = shards {
         let mosquitto = match &broker {
             Some(_) => None,
             None => Some(Mosquitto::start()?),
@@ -126,6 +123,17 @@ pub fn fleet(
         };
         let rss = mosquitto.as_ref().and_then(|m| peak_rss(m.child.id()));
         (figures, name, rss)
+    } else {
+        check_open_files(devices, if broker.is_some() { 3 } else { 4 })?;
+        let which = broker.clone().unwrap_or_else(|| "embedded rumqttd".into());
+        let opts = FleetOptions {
+            broker,
+            speedup: 1.0,
+            quiet_ms: QUIET_MS,
+            ..Default::default()
+        };
+        let run = rt.block_on(run_fleet(&s, &opts))?;
+        (vec![Figures::of(&s, &run)], which, None)
     };
     let wall = started.elapsed().as_secs_f64();
     report(
@@ -238,7 +246,7 @@ pub fn fleet_shard(
 fn report(
     figures: &[Figures],
     devices: u32,
-    shards: u32,
+    shards: Option<u32>,
     image: u64,
     broker: &str,
     broker_rss: Option<u64>,
@@ -256,10 +264,9 @@ fn report(
     let peak: u64 = figures.iter().map(|f| f.peak_rss).sum::<u64>() + broker_rss.unwrap_or(0);
     let failures: Vec<&String> = figures.iter().flat_map(|f| &f.failures).collect();
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-    let processes = if shards == 1 {
-        "one process (boards, broker and server)".to_string()
-    } else {
-        format!("{shards} board processes + the server's + the broker's")
+    let processes = match shards {
+        None => "one process (boards, broker and server)".to_string(),
+        Some(k) => format!("{k} board process(es) + the server's + the broker's"),
     };
     println!(
         "fleet scale: {devices} boards x {:.0} KiB image, real time, broker: {broker}, {processes}",
@@ -281,7 +288,7 @@ fn report(
         peak as f64 / (4u64 << 30) as f64,
         peak as f64 / 1024.0 / devices.max(1) as f64
     );
-    if shards > 1 {
+    if shards.is_some() {
         let parts: Vec<String> = figures
             .iter()
             .map(|f| format!("{:.0}", mib(f.peak_rss)))

@@ -289,6 +289,25 @@ fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
 }
 
 /// Run a scenario over real sockets.
+/// Refuse early, saying what to do, when `boards` connections at `per_board` descriptors each
+/// do not fit this process's open-files limit (`ulimit -n`; Linux). Running out halfway would
+/// fail boards at random instead. `whose` names the connections, for the message.
+pub fn check_open_files(boards: u32, per_board: u64, whose: &str) -> anyhow::Result<()> {
+    let needed = boards as u64 * per_board + 256;
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            let line = l.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(3)?.parse::<u64>().ok()
+        });
+    if let Some(limit) = limit.filter(|l| *l < needed) {
+        bail!(
+            "{boards} boards need about {needed} open files for {whose} connections in this process ({per_board} per board); the limit is {limit} (ulimit -n). Raise it (ulimit -n {needed}; past the hard limit that needs root or LimitNOFILE), or run fewer boards per process: `otarig bench fleet` spreads them over shard processes"
+        );
+    }
+    Ok(())
+}
+
 pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Result<Run> {
     let mut s = scenario.clone();
     if let Some(n) = opts.devices {
@@ -303,6 +322,14 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         }
     }
     let speaks = opts.shard.is_none_or(|sh| sh.speaks());
+    // Each board holds an MQTT and an HTTP connection; an embedded broker or server holds
+    // the other end of one.
+    let here = match opts.shard {
+        Some(sh) => s.devices.div_ceil(sh.count),
+        None => s.devices,
+    };
+    let per_board = 2 + opts.broker.is_none() as u64 + opts.server.is_none() as u64;
+    check_open_files(here, per_board, "the boards'")?;
     let prep = prepare(&s)?;
     let dir = tempfile::tempdir().context("creating the store directory")?;
     let (local, server_url) = match &opts.server {
@@ -625,7 +652,7 @@ async fn check_external_server(
             .await
             .map_err(|_| anyhow::anyhow!("no answer within 10 s"))
             .and_then(|r| r)
-            .with_context(|| format!("the firmware server at {url} does not answer"))?;
+            .with_context(|| format!("the firmware server at {url} does not answer (is `otarig serve --store DIR` running there?)"))?;
         if !r.status().is_success() {
             bail!(
                 "the firmware server at {url} answers {} for {blob}: stage the scenario's releases first with `otarig release stage {file} --store DIR` on the server's store",

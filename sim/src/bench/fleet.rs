@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use otarig::expect;
-use otarig::fleet::{run_fleet, FleetOptions, Shard};
+use otarig::fleet::{check_open_files, run_fleet, FleetOptions, Shard};
 use otarig::release_store::ReleaseStore;
 use otarig::runner::{self, Run, What};
 use otarig::scenario::Scenario;
@@ -124,7 +124,6 @@ pub fn fleet(
         let rss = mosquitto.as_ref().and_then(|m| peak_rss(m.child.id()));
         (figures, name, rss)
     } else {
-        check_open_files(devices, if broker.is_some() { 3 } else { 4 })?;
         let which = broker.clone().unwrap_or_else(|| "embedded rumqttd".into());
         let opts = FleetOptions {
             broker,
@@ -157,7 +156,7 @@ fn run_shards(
 ) -> anyhow::Result<Vec<Figures>> {
     // One server for all shards, holding the scenario's blobs (what `otarig release stage`
     // does); its connections are one descriptor each here.
-    check_open_files(s.devices, 1)?;
+    check_open_files(s.devices, 1, "the firmware server's")?;
     let prep = runner::prepare(s)?;
     let dir = tempfile::tempdir().context("creating the store directory")?;
     let store = Arc::new(ReleaseStore::open(dir.path())?);
@@ -308,25 +307,6 @@ fn report(
     } else {
         ExitCode::from(1)
     })
-}
-
-/// Refuse early, with what to do, when `devices` boards at `per_board` descriptors each do
-/// not fit this process's open-files limit.
-fn check_open_files(devices: u32, per_board: u64) -> anyhow::Result<()> {
-    let needed = devices as u64 * per_board + 256;
-    if let Some(limit) = open_files_limit().filter(|l| *l < needed) {
-        bail!(
-            "{devices} boards need about {needed} open files in one process ({per_board} per board); the limit is {limit} (ulimit -n). Raise it (ulimit -n {needed}; the hard limit may need root or LimitNOFILE), or pass --shards to spread the boards over more processes"
-        );
-    }
-    Ok(())
-}
-
-/// The soft limit on open files (Linux `/proc/self/limits`).
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// Peak resident set size of a process so far (Linux `VmHWM`), in bytes.

@@ -39,6 +39,9 @@ use crate::server::Server;
 
 const PREFIX: &str = protocol::DEFAULT_PREFIX;
 
+/// Fleet runs started by this process (names each run's operator MQTT client).
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
 /// How to run a fleet.
 #[derive(Clone, Debug)]
 pub struct FleetOptions {
@@ -400,7 +403,13 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
 
     // The server's own MQTT client: release announcements and commands.
     let mut o = MqttOptions::new(
-        format!("otarig-server-{}", std::process::id()),
+        // Unique per run, not just per process: two runs on one broker (shards in one
+        // process, concurrent tests) would otherwise take over each other's session.
+        format!(
+            "otarig-server-{}-{}",
+            std::process::id(),
+            RUNS.fetch_add(1, Ordering::Relaxed)
+        ),
         broker.0.clone(),
         broker.1,
     );

@@ -3,7 +3,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `GET /firmware/latest?deviceType=T[&channel=C][&deviceId=D]` | the latest signed manifest for T/C (channel defaults to `stable`); 404 when there is none |
-//! | `GET /blobs/<sha256>[?deviceId=D]` | an image or patch, with single `Range` (206), strong `ETag`, `If-None-Match` (304) and `If-Match` (412): a resume sends `If-Match` so it never mixes two blobs |
+//! | `GET /blobs/<sha256>[?deviceId=D]` | an image or patch, with single `Range` (206; 416 past the end), strong `ETag` (the blob's SHA-256), `If-None-Match` (304), `If-Match` (412) and `If-Range` (a changed blob comes whole): a resume never mixes two blobs |
 //! | `GET /ipfs/<cid>[?deviceId=D]` | the same blob by its IPFS CIDv1 (as `ipfs add --cid-version 1` names it), same headers and faults |
 //! | `POST /ack` | a board's ack (the MQTT `ack` payload); 204, or 400 saying what is wrong |
 //! | `GET /healthz` | 200 `ok` |

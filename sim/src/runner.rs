@@ -292,17 +292,39 @@ pub fn prepare(s: &Scenario) -> anyhow::Result<Prepared> {
     prepare_with(s, &|fw| Ok(build_firmware(s, fw)))
 }
 
-/// [`prepare`] with the firmware images from elsewhere (a real board's builds, for HIL).
-pub fn prepare_with(
-    s: &Scenario,
-    image_of: &dyn Fn(&Firmware) -> anyhow::Result<Vec<u8>>,
-) -> anyhow::Result<Prepared> {
+/// The agent configuration a scenario's firmware is built with (no device id yet): its
+/// trusted keys, device type, channel and timings.
+pub fn agent_config(s: &Scenario) -> anyhow::Result<Config> {
     let key_dir = crate::keys::fixture_dir();
     let keys: Vec<TrustedKey> = s
         .trusted_keys
         .iter()
         .map(|id| NamedKey::load(&key_dir, id)?.trusted())
         .collect::<anyhow::Result<_>>()?;
+    let mut cfg = Config::new("", &s.device_type, keys);
+    cfg.channel = s.channel.clone();
+    cfg.poll_interval_ms = s.poll_interval_ms;
+    cfg.chunk_size = s.range_size;
+    cfg.confirm_timeout_ms = s.confirm_timeout_ms;
+    Ok(cfg)
+}
+
+/// The bootloader's sdkconfig for a scenario: rollback always, anti-rollback as it says.
+pub fn boot_config(s: &Scenario) -> BootConfig {
+    BootConfig {
+        rollback: true,
+        anti_rollback: s.anti_rollback,
+    }
+}
+
+/// [`prepare`] with the firmware images from elsewhere (a real board's builds, for HIL).
+pub fn prepare_with(
+    s: &Scenario,
+    image_of: &dyn Fn(&Firmware) -> anyhow::Result<Vec<u8>>,
+) -> anyhow::Result<Prepared> {
+    let key_dir = crate::keys::fixture_dir();
+    let cfg_template = agent_config(s)?;
+    let keys = cfg_template.trusted_keys.clone();
     let mut images = BTreeMap::new();
     for (id, fw) in &s.firmware {
         images.insert(id.clone(), Arc::new(image_of(fw)?));
@@ -313,10 +335,7 @@ pub fn prepare_with(
     } else {
         SlotKind::Ota(0)
     };
-    let boot_config = BootConfig {
-        rollback: true,
-        anti_rollback: s.anti_rollback,
-    };
+    let boot_config = boot_config(s);
     let proto = Board::factory_flashed(
         table,
         boot_config,
@@ -325,12 +344,6 @@ pub fn prepare_with(
         s.efuse_secure_version,
     )
     .with_context(|| format!("flashing firmware '{}'", s.start_firmware))?;
-
-    let mut cfg_template = Config::new("", &s.device_type, keys.clone());
-    cfg_template.channel = s.channel.clone();
-    cfg_template.poll_interval_ms = s.poll_interval_ms;
-    cfg_template.chunk_size = s.range_size;
-    cfg_template.confirm_timeout_ms = s.confirm_timeout_ms;
 
     let mut store = Store::new();
     let mut releases = Vec::new();

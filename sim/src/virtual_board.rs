@@ -386,12 +386,12 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
 /// configuration the firmware is built with, its partition table's flash size, its
 /// bootloader configuration.
 pub fn options_for(s: &crate::scenario::Scenario) -> anyhow::Result<BoardOptions> {
-    let prep = crate::runner::prepare(s)?;
+    let agent = crate::runner::agent_config(s)?;
     Ok(BoardOptions {
-        flash_size: prep.proto.table().flash_size().max(4 << 20),
+        flash_size: s.table.flash_size().max(4 << 20),
         device_type: s.device_type.clone(),
-        trusted_keys: prep.cfg_template.trusted_keys.clone(),
-        boot_config: prep.proto.boot_config,
-        agent: Some(prep.cfg_template.clone()),
+        trusted_keys: agent.trusted_keys.clone(),
+        boot_config: crate::runner::boot_config(s),
+        agent: Some(agent),
     })
 }

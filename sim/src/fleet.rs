@@ -416,12 +416,16 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     o.set_keep_alive(Duration::from_secs(30));
     o.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
     let (control, mut control_loop) = AsyncClient::new(o, 256);
-    let (acked_tx, mut acked_rx) = mpsc::unbounded_channel::<()>();
+    // What the broker confirmed: the connection (false) or a publish (true).
+    let (acked_tx, mut acked_rx) = mpsc::unbounded_channel::<bool>();
     let control_task = tokio::spawn(async move {
         loop {
             match control_loop.poll().await {
+                Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = acked_tx.send(false);
+                }
                 Ok(rumqttc::Event::Incoming(Packet::PubAck(_))) => {
-                    let _ = acked_tx.send(());
+                    let _ = acked_tx.send(true);
                 }
                 Ok(rumqttc::Event::Incoming(Packet::Publish(p))) => {
                     if let Some(pr) = &progress {
@@ -455,9 +459,14 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         let all = protocol::device_topic(PREFIX, "+", Leaf::Telemetry);
         control.subscribe(all, QoS::AtMostOnce).await?;
     }
-    for _ in channels.iter().filter(|_| speaks) {
-        match tokio::time::timeout(Duration::from_secs(10), acked_rx.recv()).await {
-            Ok(Some(())) => {}
+    // Every run proves the broker answers (a shard that does not speak only connects).
+    let (mut connected, mut cleared) = (false, 0);
+    let clears = if speaks { channels.len() } else { 0 };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !connected || cleared < clears {
+        match tokio::time::timeout_at(deadline, acked_rx.recv()).await {
+            Ok(Some(false)) => connected = true,
+            Ok(Some(true)) => cleared += 1,
             _ => bail!(
                 "the MQTT broker at {}:{} did not acknowledge within 10 s: is it running and reachable?",
                 broker.0,

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
 use otarig::expect;
 use otarig::fleet::{check_open_files, run_fleet, FleetOptions, Shard};
 use otarig::release_store::ReleaseStore;
@@ -106,6 +107,15 @@ pub fn fleet(
         .enable_all()
         .build()?;
     let started = Instant::now();
+    // Something moves while the run goes (stderr, drawn only on a terminal); figures come at
+    // the end. A live per-state bar would need this process to take every board's telemetry,
+    // which would load what is being measured.
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_style(ProgressStyle::with_template(
+        "{spinner} {elapsed:>4} {msg}",
+    )?);
+    spinner.set_message(format!("{devices} boards updating"));
+    spinner.enable_steady_tick(Duration::from_millis(200));
     let (figures, broker_name, broker_rss) = if let Some(shards) = shards {
         let mosquitto = match &broker {
             Some(_) => None,
@@ -116,7 +126,7 @@ pub fn fleet(
             (None, Some(m)) => m.url(),
             (None, None) => unreachable!("started above"),
         };
-        let figures = run_shards(&rt, &s, shards, &broker_url)?;
+        let figures = run_shards(&rt, &s, shards, &broker_url, &spinner)?;
         let name = match &mosquitto {
             Some(m) => format!("Mosquitto (own process, {})", m.url()),
             None => broker_url,
@@ -134,6 +144,7 @@ pub fn fleet(
         let run = rt.block_on(run_fleet(&s, &opts))?;
         (vec![Figures::of(&s, &run)], which, None)
     };
+    spinner.finish_and_clear();
     let wall = started.elapsed().as_secs_f64();
     report(
         &figures,
@@ -153,6 +164,7 @@ fn run_shards(
     s: &Scenario,
     shards: u32,
     broker: &str,
+    spinner: &ProgressBar,
 ) -> anyhow::Result<Vec<Figures>> {
     // One server for all shards, holding the scenario's blobs (what `otarig release stage`
     // does); its connections are one descriptor each here.
@@ -187,6 +199,10 @@ fn run_shards(
     let mut errors = Vec::new();
     // The server keeps serving on the runtime's worker threads while this thread waits.
     for (index, child) in children.into_iter().enumerate() {
+        spinner.set_message(format!(
+            "{} boards in {shards} shard processes; {index} of them done",
+            s.devices
+        ));
         let out = child.wait_with_output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         match text.lines().last().map(serde_json::from_str::<Figures>) {

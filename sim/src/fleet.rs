@@ -17,18 +17,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
+use hyper::body::Incoming;
 use otarig_agent::protocol::{self, Leaf};
 use otarig_agent::{Action, Agent, Config, Event, Input};
 use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
-
-use crate::board_http::{self, BoardHttp};
-use bytes::Bytes;
-use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::appimage::{BootBehaviour, NetworkBehaviour, SelfTest};
 use crate::board::{BoardEvent, BootOutcome};
+use crate::board_http::{self, BoardHttp};
 use crate::broker::EmbeddedBroker;
 use crate::release_store::ReleaseStore;
 use crate::runner::{
@@ -291,7 +290,6 @@ fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
     Ok((host.to_string(), port))
 }
 
-/// Run a scenario over real sockets.
 /// Refuse early, saying what to do, when `boards` connections at `per_board` descriptors each
 /// do not fit this process's open-files limit (`ulimit -n`; Linux). Running out halfway would
 /// fail boards at random instead. `whose` names the connections, for the message.
@@ -311,6 +309,7 @@ pub fn check_open_files(boards: u32, per_board: u64, whose: &str) -> anyhow::Res
     Ok(())
 }
 
+/// Run a scenario over real sockets.
 pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Result<Run> {
     let mut s = scenario.clone();
     if let Some(n) = opts.devices {

@@ -389,7 +389,13 @@ fn ranged(blob: &Blob, headers: &axum::http::HeaderMap, honour_range: bool) -> R
         .typed_get::<IfMatch>()
         .is_some_and(|m| !m.precondition_passes(&etag))
     {
-        return (StatusCode::PRECONDITION_FAILED, head).into_response();
+        let msg = format!(
+            "If-Match names another blob; this one's ETag is {}: start the download again from byte 0",
+            hex::encode(blob.sha256)
+        );
+        let mut resp = error(StatusCode::PRECONDITION_FAILED, msg);
+        resp.headers_mut().typed_insert(etag);
+        return resp;
     }
     if headers
         .typed_get::<IfNoneMatch>()
@@ -403,7 +409,15 @@ fn ranged(blob: &Blob, headers: &axum::http::HeaderMap, honour_range: bool) -> R
                 .typed_get::<IfRange>()
                 .is_none_or(|r| !r.is_modified(Some(&etag), None))
     });
-    let one = range.map(|r| r.satisfiable_ranges(len).collect::<Vec<_>>());
+    // A spec whose last byte comes before its first is invalid, and RFC 9110 says to ignore
+    // the whole header then.
+    let one = range
+        .map(|r| r.satisfiable_ranges(len).collect::<Vec<_>>())
+        .filter(|specs| {
+            !specs.iter().any(|spec| {
+                matches!(spec, (Bound::Included(first), Bound::Included(last)) if last < first)
+            })
+        });
     let (start, end) = match one.as_deref() {
         Some([(first, last)]) => {
             let start = match *first {

@@ -162,6 +162,19 @@ async fn manifests_blobs_and_acks_over_http() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
+    assert!(
+        r.text().await.unwrap().contains("from byte 0"),
+        "412 says what to do"
+    );
+    // An invalid range (last before first) is ignored: the whole blob.
+    let r = http
+        .get(&url)
+        .header(header::RANGE, "bytes=5-3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().len(), v2.len());
     let r = http
         .get(&url)
         .header(header::IF_NONE_MATCH, etag.clone())

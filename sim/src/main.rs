@@ -1311,6 +1311,7 @@ fn plr(
             explored: 1,
             ops: g.ops,
             worst_refetch: p.refetched,
+            refetch_per_cut: g.refetch_per_cut().0,
             ..Default::default()
         };
         if p.known_hazard.is_some() {
@@ -1339,8 +1340,7 @@ fn plr(
     );
     println!(
         "worst re-download {} bytes after a cut (bound {} per cut)",
-        report.worst_refetch,
-        plr::refetch_bound()
+        report.worst_refetch, report.refetch_per_cut
     );
     println!("violations        {}", report.failures.len());
     if !report.known.is_empty() {

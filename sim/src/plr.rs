@@ -54,6 +54,9 @@ pub struct Golden {
     pub image_size: u64,
     /// Bytes fetched without a cut (a scenario may download more than once on purpose).
     pub fetched: u64,
+    /// The scenario's server ignores `Range` for the board, so every resume starts over from
+    /// byte 0 and may re-download the whole image: that is the bound per cut then.
+    pub ranges_ignored: bool,
     pub known_images: BTreeSet<String>,
 }
 
@@ -94,6 +97,8 @@ pub struct Report {
     /// Probes whose violations are an acknowledged hazard of the scenario.
     pub known: Vec<Probe>,
     pub worst_refetch: u64,
+    /// What a resume may re-download per cut in this scenario (see [`Golden::refetch_per_cut`]).
+    pub refetch_per_cut: u64,
     pub elapsed: Duration,
 }
 
@@ -122,14 +127,37 @@ pub fn golden(s: &Scenario) -> anyhow::Result<Golden> {
     if let Some(f) = failures.first() {
         anyhow::bail!("the scenario fails even without a power cut: {f}");
     }
+    let ranges_ignored = s
+        .server_faults_for(0)
+        .iter()
+        .any(|(f, _)| matches!(f, crate::scenario::ServerFault::NoRange));
     Ok(Golden {
         prepared,
         fetched: d.fetched_bytes,
+        ranges_ignored,
         ops: d.flash_ops,
         final_version: d.version.clone().unwrap_or_default(),
         image_size: d.image_size,
         known_images,
     })
+}
+
+impl Golden {
+    /// Bytes a resume may re-download per cut, and why: [`refetch_bound`], or the whole image
+    /// when the server ignores `Range` (every resume starts over from byte 0).
+    pub fn refetch_per_cut(&self) -> (u64, &'static str) {
+        if self.ranges_ignored {
+            (
+                self.image_size.max(refetch_bound()),
+                "the whole image: this server ignores Range",
+            )
+        } else {
+            (
+                refetch_bound(),
+                "checkpoint interval, patch framing over it, one range",
+            )
+        }
+    }
 }
 
 /// Run one probe: cuts at `cuts` (flash operation indices), tearing chosen by `seed`.
@@ -183,10 +211,11 @@ fn assess(r: &Run, g: &Golden, cuts: &[u64], seed: u64) -> Probe {
         ));
     }
     let refetched = d.fetched_bytes.saturating_sub(g.fetched);
-    let bound = refetch_bound() * d.power_cuts.max(1) as u64;
+    let (per_cut, why) = g.refetch_per_cut();
+    let bound = per_cut * d.power_cuts.max(1) as u64;
     if refetched > bound {
         v.push(format!(
-            "re-downloaded {refetched} bytes more than the run without a cut, after {} cut(s); the bound is {bound} per cut (checkpoint interval, patch framing over it, one range)",
+            "re-downloaded {refetched} bytes more than the run without a cut, after {} cut(s); the bound is {per_cut} per cut ({why})",
             d.power_cuts
         ));
     }
@@ -264,6 +293,7 @@ fn explore(
     let stop = AtomicBool::new(false);
     let out = Mutex::new(Report {
         ops: g.ops,
+        refetch_per_cut: g.refetch_per_cut().0,
         ..Default::default()
     });
     let error = Mutex::new(None);

@@ -58,3 +58,27 @@ fn a_double_fault_during_recovery_is_survived() {
         assert_eq!(p.fired, 2, "both cuts should land (cuts {:?})", p.cuts);
     }
 }
+
+/// A server that ignores `Range` makes every resume start over from byte 0: the explorer
+/// bounds the re-download by the whole image there, and still by a checkpoint interval
+/// everywhere else (found by the nightly random explorer on `no-range-server.toml`).
+#[test]
+fn a_resume_from_a_server_without_range_may_fetch_the_whole_image_again() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/no-range-server.toml");
+    let s = Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let g = plr::golden(&s).unwrap();
+    assert!(g.ranges_ignored);
+    assert_eq!(
+        g.refetch_per_cut().0,
+        g.image_size.max(plr::refetch_bound())
+    );
+    let p = plr::probe(&s, &g, &[g.ops / 2], 7).unwrap();
+    assert_eq!(p.fired, 1);
+    assert!(
+        p.refetched > plr::refetch_bound(),
+        "the resume re-fetched only {} bytes: this no longer tests the no-Range bound",
+        p.refetched
+    );
+    assert!(p.violations.is_empty(), "{:?}", p.violations);
+    assert!(!plr::golden(&small()).unwrap().ranges_ignored);
+}

@@ -209,9 +209,9 @@ impl Flash {
         }
         // The sector being written is private until interned: share it so the key is the
         // same for every board holding the same bytes.
-        if let (Some(pool), Some(d)) = (self.pool.clone(), self.dirty.take()) {
-            if let Some(arc) = self.sectors[d].as_mut() {
-                *arc = pool.intern(arc);
+        if self.pool.is_some() {
+            if let Some(d) = self.dirty.take() {
+                self.intern(d);
             }
         }
         self.memo_peek(what, addr, len, compute)
@@ -411,13 +411,17 @@ impl Flash {
         FlashError::PowerLost { op }
     }
 
+    /// Hand sector `s` to the pool: a board holding the same bytes shares this copy.
+    fn intern(&mut self, s: usize) {
+        if let (Some(pool), Some(arc)) = (&self.pool, self.sectors[s].as_mut()) {
+            *arc = pool.intern(arc);
+        }
+    }
+
     fn sector_mut(&mut self, s: usize) -> &mut Sector {
-        if let Some(pool) = &self.pool {
-            if self.dirty != Some(s) {
-                let done = self.dirty.replace(s);
-                if let Some(Some(arc)) = done.map(|d| &mut self.sectors[d]) {
-                    *arc = pool.intern(arc);
-                }
+        if self.pool.is_some() && self.dirty != Some(s) {
+            if let Some(done) = self.dirty.replace(s) {
+                self.intern(done);
             }
         }
         let slot = &mut self.sectors[s];

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use otarig_agent::image::{self, ImageInfo};
 use otarig_agent::{EspError, EspResult, OtaImgState, Platform, Slot, SlotKind};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::appimage::{self, Behaviour};
 use crate::flash::{Cut, CutReport, Flash, FlashError, SECTOR_SIZE};
@@ -1055,16 +1054,9 @@ impl Platform for Board {
         }
         self.flash
             .memo_region("sha256", slot.address, len, |flash| {
-                let mut h = Sha256::new();
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut off = 0;
-                while off < len {
-                    let n = (buf.len() as u32).min(len - off) as usize;
-                    flash.read(slot.address + off, &mut buf[..n]).map_err(fl)?;
-                    h.update(&buf[..n]);
-                    off += n as u32;
-                }
-                Ok(h.finalize().into())
+                image::sha256_of(len, |off, buf| {
+                    flash.read(slot.address + off, buf).map_err(fl)
+                })
             })
     }
 

@@ -117,6 +117,24 @@ impl fmt::Display for ImageError {
     }
 }
 
+/// SHA-256 of the first `len` bytes read through `read(offset, buf)`, 1 KiB at a time (a
+/// board's stack holds no more).
+pub fn sha256_of<E>(
+    len: u32,
+    mut read: impl FnMut(u32, &mut [u8]) -> Result<(), E>,
+) -> Result<[u8; 32], E> {
+    let mut h = Sha256::new();
+    let mut buf = [0u8; 1024];
+    let mut off = 0;
+    while off < len {
+        let n = core::cmp::min(buf.len() as u32, len - off) as usize;
+        read(off, &mut buf[..n])?;
+        h.update(&buf[..n]);
+        off += n as u32;
+    }
+    Ok(h.finalize().into())
+}
+
 /// Verify an app image the way `esp_image_verify(ESP_IMAGE_VERIFY, …)` does, reading through
 /// `read(offset, buf)` within a partition of `part_size` bytes.
 ///

@@ -190,17 +190,7 @@ pub trait Platform {
     /// A platform may answer otherwise only with the same function of the slot's bytes; the
     /// simulator shares one answer between boards whose slots hold the very same sectors.
     fn slot_sha256(&mut self, slot: Slot, len: u32) -> EspResult<[u8; 32]> {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        let mut buf = [0u8; 1024];
-        let mut off = 0;
-        while off < len {
-            let n = core::cmp::min(buf.len() as u32, len - off) as usize;
-            self.slot_read(slot, off, &mut buf[..n])?;
-            h.update(&buf[..n]);
-            off += n as u32;
-        }
-        Ok(h.finalize().into())
+        image::sha256_of(len, |off, buf| self.slot_read(slot, off, buf))
     }
 
     /// [`image::verify`] over `slot` through [`Platform::slot_read`]: the checks

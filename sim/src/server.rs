@@ -233,13 +233,14 @@ async fn blob(
     Query(q): Query<BlobQuery>,
     req: Request,
 ) -> Response {
-    if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let mut key = [0u8; 32];
+    if hex::decode_to_slice(&name, &mut key).is_err() {
         return error(
             StatusCode::NOT_FOUND,
             format!("'{name}' is not a SHA-256 (64 hex digits)"),
         );
     }
-    serve_blob(app, name.to_ascii_lowercase(), q, req).await
+    serve_blob(app, key, q, req).await
 }
 
 async fn ipfs(
@@ -255,7 +256,7 @@ async fn ipfs(
     let store = app.store.clone();
     let key = cid.clone();
     match tokio::task::spawn_blocking(move || store.sha_of_cid(&key)).await {
-        Ok(Some(sha)) => serve_blob(app, hex::encode(sha), q, req).await,
+        Ok(Some(sha)) => serve_blob(app, sha, q, req).await,
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             format!("no blob with CID {cid} in this store (publish it with `otarig release add`)"),
@@ -264,15 +265,8 @@ async fn ipfs(
     }
 }
 
-/// Serve the blob stored under `name` (a SHA-256 in hex), applying the device's faults.
-async fn serve_blob(app: App, name: String, q: BlobQuery, req: Request) -> Response {
-    let mut key = [0u8; 32];
-    if hex::decode_to_slice(&name, &mut key).is_err() {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("'{name}' is not a SHA-256 (64 hex digits)"),
-        );
-    }
+/// Serve the blob stored under `key` (a SHA-256), applying the device's faults.
+async fn serve_blob(app: App, key: [u8; 32], q: BlobQuery, req: Request) -> Response {
     // Kept in memory after the first read: a fleet asks for the same few blobs thousands of
     // times, and each answer is then a slice of one shared buffer.
     let blob = match app.store.cached_blob(&key) {
@@ -285,7 +279,8 @@ async fn serve_blob(app: App, name: String, q: BlobQuery, req: Request) -> Respo
                     return error(
                         StatusCode::NOT_FOUND,
                         format!(
-                            "no blob {name} in this store (publish it with `otarig release add`)"
+                            "no blob {} in this store (publish it with `otarig release add`)",
+                            hex::encode(key)
                         ),
                     )
                 }

@@ -50,12 +50,10 @@ fn scenario(devices: u32) -> anyhow::Result<Scenario> {
     Ok(s)
 }
 
-/// What one process measured, in the shared timeline's virtual ms.
-#[derive(Debug, Serialize, Deserialize)]
+/// What one process measured.
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Figures {
-    boards: u32,
-    release_ms: u64,
-    /// When each board confirmed the update.
+    /// When each board confirmed the update, in the shared timeline's virtual ms.
     confirmed_ms: Vec<u64>,
     served_bytes: u64,
     peak_rss: u64,
@@ -63,7 +61,7 @@ pub struct Figures {
 }
 
 impl Figures {
-    fn of(s: &Scenario, run: &Run) -> Figures {
+    fn of(run: &Run) -> Figures {
         let confirmed: Vec<u64> = run
             .records
             .iter()
@@ -71,8 +69,6 @@ impl Figures {
             .map(|r| r.t_ms)
             .collect();
         Figures {
-            boards: run.devices.len() as u32,
-            release_ms: s.releases.first().map_or(0, |r| r.at_ms),
             confirmed_ms: confirmed,
             served_bytes: run.served_bytes,
             peak_rss: peak_rss(std::process::id()).unwrap_or(0),
@@ -101,7 +97,6 @@ pub fn fleet(
         None => Some(devices.div_ceil(BOARDS_PER_PROCESS)),
     };
     let s = scenario(devices)?;
-    let image = s.firmware.get("v2").map_or(0, |f| f.size);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -141,19 +136,11 @@ pub fn fleet(
             ..Default::default()
         };
         let run = rt.block_on(run_fleet(&s, &opts))?;
-        (vec![Figures::of(&s, &run)], which, None)
+        (vec![Figures::of(&run)], which, None)
     };
     spinner.finish_and_clear();
     let wall = started.elapsed().as_secs_f64();
-    report(
-        &figures,
-        devices,
-        shards,
-        image as u64,
-        &broker_name,
-        broker_rss,
-        wall,
-    )
+    report(&figures, &s, shards, &broker_name, broker_rss, wall)
 }
 
 /// Start the firmware server here, the shards as child processes on a shared timeline, and
@@ -216,16 +203,11 @@ fn run_shards(
     if !errors.is_empty() {
         bail!("{}", errors.join("; "));
     }
-    let mut own = Figures {
-        boards: 0,
-        release_ms: 0,
-        confirmed_ms: Vec::new(),
-        served_bytes: 0,
+    // This process's own share: the server's memory.
+    figures.push(Figures {
         peak_rss: peak_rss(std::process::id()).unwrap_or(0),
-        failures: Vec::new(),
-    };
-    own.release_ms = figures.iter().map(|f| f.release_ms).min().unwrap_or(0);
-    figures.push(own);
+        ..Default::default()
+    });
     Ok(figures)
 }
 
@@ -252,20 +234,21 @@ pub fn fleet_shard(
         .enable_all()
         .build()?;
     let run = rt.block_on(run_fleet(&s, &opts))?;
-    println!("{}", serde_json::to_string(&Figures::of(&s, &run))?);
+    println!("{}", serde_json::to_string(&Figures::of(&run))?);
     Ok(ExitCode::SUCCESS)
 }
 
 fn report(
     figures: &[Figures],
-    devices: u32,
+    s: &Scenario,
     shards: Option<u32>,
-    image: u64,
     broker: &str,
     broker_rss: Option<u64>,
     wall: f64,
 ) -> anyhow::Result<ExitCode> {
-    let release = figures.iter().map(|f| f.release_ms).min().unwrap_or(0);
+    let devices = s.devices;
+    let image = s.firmware.get("v2").map_or(0, |f| f.size) as u64;
+    let release = s.releases.first().map_or(0, |r| r.at_ms);
     let mut times: Vec<u64> = figures
         .iter()
         .flat_map(|f| &f.confirmed_ms)

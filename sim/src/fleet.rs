@@ -265,7 +265,24 @@ enum Io {
 struct Reading {
     body: Incoming,
     pos: u32,
+    timeout: Duration,
     deadline: tokio::time::Instant,
+}
+
+impl Reading {
+    fn new(body: Incoming, pos: u32, timeout: Duration) -> Reading {
+        Reading {
+            body,
+            pos,
+            timeout,
+            deadline: tokio::time::Instant::now() + timeout,
+        }
+    }
+}
+
+/// Why a fetch ended when the network went quiet.
+fn no_data() -> String {
+    format!("no data within {} s", runner::FETCH_TIMEOUT_MS / 1000)
 }
 
 enum BootEnd {
@@ -904,7 +921,6 @@ async fn run_boot(
     let mut telemetry_at = (sh.telemetry_ms > 0).then(|| booted_at + sh.telemetry_ms);
     let mut pending: Vec<Action> = Vec::new();
     let mut reading: Option<Reading> = None;
-    let read_deadline = || tokio::time::Instant::now() + sh.clock.real(runner::FETCH_TIMEOUT_MS);
 
     macro_rules! feed {
         ($input:expr) => {{
@@ -1027,28 +1043,17 @@ async fn run_boot(
             Some(io) = io_rx.recv() => match io {
                 Io::Manifest(b) => feed!(Input::Manifest(&b)),
                 Io::Response { offset, body } => {
-                    reading = Some(Reading { body, pos: offset, deadline: read_deadline() });
+                    reading = Some(Reading::new(body, offset, sh.clock.real(runner::FETCH_TIMEOUT_MS)));
                 }
                 Io::FetchFailed(reason) => feed!(Input::FetchFailed { reason: &reason }),
             },
             next = read_next(&mut reading) => match next {
-                Ok(Some(data)) => {
-                    let offset = reading.as_ref().map_or(0, |r| r.pos);
-                    if let Some(r) = reading.as_mut() {
-                        r.pos += data.len() as u32;
-                        r.deadline = read_deadline();
-                    }
+                Ok(Some((offset, data))) => {
                     dev.fetched += data.len() as u64;
                     feed!(Input::Body { offset, data: &data });
                 }
-                Ok(None) => {
-                    reading = None;
-                    feed!(Input::BodyEnd);
-                }
-                Err(reason) => {
-                    reading = None;
-                    feed!(Input::FetchFailed { reason: &reason });
-                }
+                Ok(None) => feed!(Input::BodyEnd),
+                Err(reason) => feed!(Input::FetchFailed { reason: &reason }),
             },
             _ = tokio::time::sleep(wake_in.unwrap_or(Duration::from_secs(3600))), if wake_in.is_some() => {
                 wake = None;
@@ -1129,7 +1134,6 @@ fn spawn_fetch(
         // (the answer's head, then every read), not the whole transfer: a slow but moving
         // download is not cut off.
         let timeout = sh.clock.real(runner::FETCH_TIMEOUT_MS);
-        let idle = || format!("no data within {} s", runner::FETCH_TIMEOUT_MS / 1000);
         let resp = match tokio::time::timeout(timeout, http.get(&url, Some(range))).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
@@ -1139,7 +1143,7 @@ fn spawn_fetch(
                 return;
             }
             Err(_) => {
-                let _ = tx.send(Io::FetchFailed(idle())).await;
+                let _ = tx.send(Io::FetchFailed(no_data())).await;
                 return;
             }
         };
@@ -1159,20 +1163,27 @@ fn spawn_fetch(
     })
 }
 
-/// The next piece of the body being read: `Ok(None)` at its end, `Err` with the reason when
-/// it broke or its read timed out. Never ready when nothing is being read.
-async fn read_next(reading: &mut Option<Reading>) -> Result<Option<Bytes>, String> {
+/// The next piece of the body being read and the offset it goes to; `Ok(None)` at its end,
+/// `Err` with the reason when it broke or its read timed out (the reading is over then).
+/// Never ready when nothing is being read. Cancel-safe: nothing changes before the read is.
+async fn read_next(reading: &mut Option<Reading>) -> Result<Option<(u32, Bytes)>, String> {
     let Some(r) = reading.as_mut() else {
         return std::future::pending().await;
     };
-    match tokio::time::timeout_at(r.deadline, board_http::next_chunk(&mut r.body)).await {
-        Ok(Ok(chunk)) => Ok(chunk),
+    let next = match tokio::time::timeout_at(r.deadline, board_http::next_chunk(&mut r.body)).await
+    {
+        Ok(Ok(Some(data))) => {
+            let offset = r.pos;
+            r.pos += data.len() as u32;
+            r.deadline = tokio::time::Instant::now() + r.timeout;
+            return Ok(Some((offset, data)));
+        }
+        Ok(Ok(None)) => Ok(None),
         Ok(Err(e)) => Err(format!("body ended: {e}")),
-        Err(_) => Err(format!(
-            "no data within {} s",
-            runner::FETCH_TIMEOUT_MS / 1000
-        )),
-    }
+        Err(_) => Err(no_data()),
+    };
+    *reading = None;
+    next
 }
 
 /// Fleet runs reuse the deterministic runner's report type.

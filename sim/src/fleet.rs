@@ -354,9 +354,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     let (local, server_url) = match &opts.server {
         None => {
             let store = Arc::new(ReleaseStore::open(dir.path())?);
-            for (sha, bytes) in prep.store.blobs() {
-                store.put_blob_as(sha, bytes)?;
-            }
+            prep.stage_into(&store)?;
             let server = Server::start(store.clone(), "127.0.0.1:0".parse()?).await?;
             server.faults.set_speedup(opts.speedup.max(1.0));
             for i in 0..s.devices {

@@ -379,9 +379,7 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
     let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start_on(host, 8)).await??;
     let dir = tempfile::tempdir()?;
     let store = Arc::new(ReleaseStore::open(dir.path())?);
-    for (sha, bytes) in prep.blobs() {
-        store.put_blob_as(sha, bytes)?;
-    }
+    prep.stage_into(&store)?;
     let server = Server::start(store.clone(), std::net::SocketAddr::new(host, 0)).await?;
     let mut faults = s.server_faults_for(DEVICE);
     let first_size = s

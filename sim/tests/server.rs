@@ -11,6 +11,19 @@ use otarig_agent::manifest::{self, Manifest};
 use reqwest::header;
 use reqwest::StatusCode;
 
+/// `GET url` with `headers`.
+async fn get(
+    http: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    headers: &[(header::HeaderName, &str)],
+) -> reqwest::Response {
+    let mut req = http.get(url);
+    for (name, value) in headers {
+        req = req.header(name, *value);
+    }
+    req.send().await.unwrap()
+}
+
 fn manifest(version: &str, sequence: u64) -> Manifest {
     Manifest {
         format: manifest::FORMAT,
@@ -90,97 +103,70 @@ async fn manifests_blobs_and_acks_over_http() {
     // A range of the blob, with a strong ETag; a resume with If-Match on that ETag works, with
     // another ETag it is refused rather than mixing blobs.
     let url = format!("{base}/blobs/{}", m.sha256);
-    let r = http
-        .get(&url)
-        .header(header::RANGE, "bytes=1000-1999")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&http, &url, &[(header::RANGE, "bytes=1000-1999")]).await;
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
-    let etag = r.headers().get(header::ETAG).cloned().expect("an ETag");
-    assert!(
-        !etag.to_str().unwrap().starts_with("W/"),
-        "the ETag is strong"
-    );
+    let etag_value = r.headers().get(header::ETAG).cloned().expect("an ETag");
+    let etag = etag_value.to_str().unwrap();
+    assert!(!etag.starts_with("W/"), "the ETag is strong");
     assert_eq!(&r.bytes().await.unwrap()[..], &v2[1000..2000]);
-    let r = http
-        .get(&url)
-        .header(header::RANGE, "bytes=2000-")
-        .header(header::IF_MATCH, etag.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = get(
+        &http,
+        &url,
+        &[(header::RANGE, "bytes=2000-"), (header::IF_MATCH, etag)],
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(&r.bytes().await.unwrap()[..], &v2[2000..]);
     // If-Range: the same blob resumes; a changed one gets all of it again, from byte 0.
-    let r = http
-        .get(&url)
-        .header(header::RANGE, "bytes=2000-")
-        .header(header::IF_RANGE, etag.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = get(
+        &http,
+        &url,
+        &[(header::RANGE, "bytes=2000-"), (header::IF_RANGE, etag)],
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(&r.bytes().await.unwrap()[..], &v2[2000..]);
-    let r = http
-        .get(&url)
-        .header(header::RANGE, "bytes=2000-")
-        .header(header::IF_RANGE, "\"an-older-blob\"")
-        .send()
-        .await
-        .unwrap();
+    let r = get(
+        &http,
+        &url,
+        &[
+            (header::RANGE, "bytes=2000-"),
+            (header::IF_RANGE, "\"an-older-blob\""),
+        ],
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(&r.bytes().await.unwrap()[..], &v2[..]);
     // The last 100 bytes; a range past the end is refused with the blob's length.
-    let r = http
-        .get(&url)
-        .header(header::RANGE, "bytes=-100")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&http, &url, &[(header::RANGE, "bytes=-100")]).await;
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(
         r.headers().get(header::CONTENT_RANGE).unwrap(),
         &format!("bytes {}-{}/{}", v2.len() - 100, v2.len() - 1, v2.len())
     );
     assert_eq!(&r.bytes().await.unwrap()[..], &v2[v2.len() - 100..]);
-    let r = http
-        .get(&url)
-        .header(header::RANGE, format!("bytes={}-", v2.len()))
-        .send()
-        .await
-        .unwrap();
+    let r = get(
+        &http,
+        &url,
+        &[(header::RANGE, &format!("bytes={}-", v2.len()))],
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(
         r.headers().get(header::CONTENT_RANGE).unwrap(),
         &format!("bytes */{}", v2.len())
     );
-    let r = http
-        .get(&url)
-        .header(header::IF_MATCH, "\"some-other-blob\"")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&http, &url, &[(header::IF_MATCH, "\"some-other-blob\"")]).await;
     assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
     assert!(
         r.text().await.unwrap().contains("from byte 0"),
         "412 says what to do"
     );
     // An invalid range (last before first) is ignored: the whole blob.
-    let r = http
-        .get(&url)
-        .header(header::RANGE, "bytes=5-3")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&http, &url, &[(header::RANGE, "bytes=5-3")]).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.unwrap().len(), v2.len());
-    let r = http
-        .get(&url)
-        .header(header::IF_NONE_MATCH, etag.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = get(&http, &url, &[(header::IF_NONE_MATCH, etag)]).await;
     assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
     let r = http
         .get(format!("{base}/blobs/{}", "0".repeat(64)))
@@ -196,14 +182,14 @@ async fn manifests_blobs_and_acks_over_http() {
         cid.starts_with("bafkrei"),
         "a one-chunk image is a raw leaf: {cid}"
     );
-    let r = http
-        .get(format!("{base}/ipfs/{cid}"))
-        .header(header::RANGE, "bytes=1000-1999")
-        .send()
-        .await
-        .unwrap();
+    let r = get(
+        &http,
+        format!("{base}/ipfs/{cid}"),
+        &[(header::RANGE, "bytes=1000-1999")],
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
-    assert_eq!(r.headers().get(header::ETAG), Some(&etag));
+    assert_eq!(r.headers().get(header::ETAG), Some(&etag_value));
     assert_eq!(&r.bytes().await.unwrap()[..], &v2[1000..2000]);
     let r = http
         .get(format!(

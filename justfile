@@ -19,7 +19,7 @@ check *FILES="scenarios/*.toml":
 
 # Print the agent's peak heap during a 1 MiB update.
 heap:
-    cargo test -p otarig --test agent_heap -- --nocapture
+    cargo test -p otarig-scenario --test agent_heap -- --nocapture
 
 # Formatting and lints, as CI expects them.
 lint:
@@ -42,7 +42,7 @@ fuzz-plr DURATION="10m":
 # partition_table bsdiff40 mqtt_payloads serial). Needs `cargo install cargo-fuzz`; RUSTC_BOOTSTRAP lets stable
 # Rust take the nightly flags cargo-fuzz passes.
 fuzz TARGET SECONDS="60":
-    cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run {{TARGET}} -- -max_total_time={{SECONDS}}
+    RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz/targets {{TARGET}} -- -max_total_time={{SECONDS}}
 
 # Exhaustive power-loss runs over a 1 MiB full and a 1 MiB delta update, then patch sizes and
 # apply throughput against Python bsdiff4.

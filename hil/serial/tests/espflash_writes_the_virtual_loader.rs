@@ -1,0 +1,95 @@
+//! espflash, as the HIL runner uses it, writes images into a ROM loader behind a pty: the
+//! bytes land where they should, what was outside the images is untouched, and MD5
+//! verification passes (espflash checks it after each image).
+
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+
+use otarig_serial::flasher::{flash, Bars, Image, Target};
+use otarig_serial::pty::Pty;
+use otarig_serial::rom::{slip_encode, After, RomLoader, SlipFrames, VecFlash};
+
+#[test]
+fn espflash_flashes_through_the_rom_loader_on_a_pty() {
+    let pty = Pty::open().unwrap();
+    let mem = Arc::new(Mutex::new(VecFlash(vec![0x5A; 4 << 20])));
+    let ran_app = Arc::new(Mutex::new(false));
+    let (m, ran) = (mem.clone(), ran_app.clone());
+    let mut rx = pty.master().unwrap();
+    let mut tx = pty.master().unwrap();
+    std::thread::spawn(move || {
+        let mut loader = RomLoader::new(4 << 20);
+        let mut frames = SlipFrames::default();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = rx.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            for f in frames.push(&buf[..n]) {
+                let (replies, after) = loader.handle(&f, &mut *m.lock().unwrap());
+                for r in replies {
+                    tx.write_all(&slip_encode(&r)).unwrap();
+                }
+                if after == After::RunApp {
+                    *ran.lock().unwrap() = true;
+                }
+            }
+        }
+    });
+
+    let table: Vec<u8> = (0..3072u32).map(|i| (i % 251) as u8).collect();
+    let app: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let images = [
+        Image {
+            name: "partition table".into(),
+            addr: 0x8000,
+            data: table.clone(),
+        },
+        Image {
+            name: "otadata (erased)".into(),
+            addr: 0xd000,
+            data: vec![0xFF; 0x2000],
+        },
+        Image {
+            name: "app".into(),
+            addr: 0x10000,
+            data: app.clone(),
+        },
+    ];
+    let path = pty.path().to_str().unwrap().to_string();
+    flash(&path, Target::Virtual, &images, &mut Bars::quiet()).expect("espflash writes the images");
+
+    let mem = mem.lock().unwrap();
+    assert_eq!(&mem.0[0x8000..0x8000 + table.len()], &table[..]);
+    assert!(
+        mem.0[0xd000..0xf000].iter().all(|b| *b == 0xFF),
+        "otadata erased"
+    );
+    assert_eq!(&mem.0[0x10000..0x10000 + app.len()], &app[..]);
+    // The rest of a begun sector is erased (FLASH_BEGIN erases whole sectors); outside, untouched.
+    assert!(mem.0[0x8000 + table.len()..0x9000]
+        .iter()
+        .all(|b| *b == 0xFF));
+    assert_eq!(mem.0[0x7fff], 0x5A);
+    assert_eq!(mem.0[0x9000], 0x5A);
+    assert!(
+        *ran_app.lock().unwrap(),
+        "FLASH_END asked the board to run the app"
+    );
+}
+
+#[test]
+fn a_port_that_does_not_exist_says_so() {
+    let err = flash(
+        "/dev/does-not-exist",
+        Target::Virtual,
+        &[],
+        &mut Bars::quiet(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot open serial port /dev/does-not-exist"),
+        "{err}"
+    );
+}

@@ -1,0 +1,408 @@
+//! `otarig bench fleet`: the scale benchmark. Every board updates a 1 MiB image through a real
+//! broker and the firmware server, in real time (speedup 1, so no board timer fires early
+//! under load), telemetry on.
+//!
+//! Up to [`EMBEDDED_MAX`] boards run in this one process with the embedded broker and server.
+//! More run in shards of [`BOARDS_PER_PROCESS`] (`otarig bench fleet-shard`, one process each,
+//! see [`otarig_fleet::fleet::Shard`]) on one shared timeline, against the firmware server in this
+//! process and a broker in its own: a process holds one descriptor per connection end and the
+//! hard `ulimit -n` is finite, and the embedded rumqttd does not scale that far (its topic
+//! matching is quadratic in per-device topics; README, "Scale"), so the broker is Mosquitto
+//! (started here from `PATH`, or `--broker URL`). The figures are for the
+//! whole fleet; peak RSS is the sum of every process's peak (broker included), which is at
+//! least the real combined peak.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::fleet::{check_open_files, run_fleet, FleetOptions, Shard};
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use otarig_agent::Event;
+use otarig_scenario::expect;
+use otarig_scenario::runner::{self, Run, What};
+use otarig_scenario::scenario::Scenario;
+use otarig_server::release_store::ReleaseStore;
+use otarig_server::server::Server;
+use serde::{Deserialize, Serialize};
+
+/// Boards per shard process: each holds an MQTT and an HTTP connection (two descriptors).
+pub const BOARDS_PER_PROCESS: u32 = 2_500;
+
+/// The most boards run in one process with the embedded rumqttd: beyond about this many its
+/// per-topic matching dominates (2,500 boards took 101 s here), so larger fleets shard with
+/// Mosquitto.
+pub const EMBEDDED_MAX: u32 = 1_000;
+
+/// Virtual ms of quiet (no event on any board) that end a run.
+const QUIET_MS: u64 = 5_000;
+
+/// Time the shards get to start and build the scenario before the shared timeline's zero.
+const SHARD_START: Duration = Duration::from_secs(6);
+
+fn scenario(devices: u32) -> anyhow::Result<Scenario> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/bench/fleet-1mib.toml");
+    let mut s = Scenario::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    s.set_devices(devices);
+    Ok(s)
+}
+
+/// What one process measured.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Figures {
+    /// When each board confirmed the update, in the shared timeline's virtual ms.
+    confirmed_ms: Vec<u64>,
+    served_bytes: u64,
+    peak_rss: u64,
+    failures: Vec<String>,
+}
+
+impl Figures {
+    fn of(run: &Run) -> Figures {
+        let confirmed: Vec<u64> = run
+            .records
+            .iter()
+            .filter(|r| matches!(r.what, What::Agent(Event::Confirmed { .. })))
+            .map(|r| r.t_ms)
+            .collect();
+        Figures {
+            confirmed_ms: confirmed,
+            served_bytes: run.served_bytes,
+            peak_rss: peak_rss(std::process::id()).unwrap_or(0),
+            failures: expect::judge(run, None)
+                .iter()
+                .map(|f| format!("{f:?}"))
+                .collect(),
+        }
+    }
+}
+
+/// `otarig bench fleet --devices N [--broker URL] [--shards K]`.
+/// What a shard process is told: the fleet size, which shard it is, where the broker and the
+/// server are, and the shared timeline's zero (ms since the Unix epoch).
+#[derive(Clone, Debug)]
+pub struct ShardLaunch {
+    pub devices: u32,
+    pub shard: Shard,
+    pub broker: String,
+    pub server: String,
+    pub epoch_ms: u64,
+}
+
+/// The benchmark. `launch` makes the command that starts one shard process (the CLI re-runs
+/// itself as `otarig bench fleet-shard`); it is used only when the fleet shards.
+pub fn fleet(
+    devices: u32,
+    broker: Option<String>,
+    shards: Option<u32>,
+    launch: &dyn Fn(&ShardLaunch) -> Command,
+) -> anyhow::Result<ExitCode> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: a debug build; run `just bench-fleet` for real figures");
+    }
+    // One process with everything embedded for small fleets (unless told to shard);
+    // otherwise shard processes, the server here and the broker in its own.
+    let shards = match shards {
+        Some(k) => Some(k.clamp(1, devices.max(1))),
+        None if devices <= EMBEDDED_MAX => None,
+        None => Some(devices.div_ceil(BOARDS_PER_PROCESS)),
+    };
+    let s = scenario(devices)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    // Something moves while the run goes (stderr, drawn only on a terminal); figures come at
+    // the end. A live per-state bar would need this process to take every board's telemetry,
+    // which would load what is being measured.
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_style(ProgressStyle::with_template(
+        "{spinner} {elapsed:>4} {msg}",
+    )?);
+    spinner.set_message(format!("{devices} boards updating"));
+    spinner.enable_steady_tick(Duration::from_millis(200));
+    let (figures, broker_name, broker_rss) = if let Some(shards) = shards {
+        let mosquitto = match &broker {
+            Some(_) => None,
+            None => Some(Mosquitto::start()?),
+        };
+        let broker_url = match (&broker, &mosquitto) {
+            (Some(url), _) => url.clone(),
+            (None, Some(m)) => m.url(),
+            (None, None) => unreachable!("started above"),
+        };
+        let figures = run_shards(&rt, &s, shards, &broker_url, &spinner, launch)?;
+        let name = match &mosquitto {
+            Some(m) => format!("Mosquitto (own process, {})", m.url()),
+            None => broker_url,
+        };
+        let rss = mosquitto.as_ref().and_then(|m| peak_rss(m.child.id()));
+        (figures, name, rss)
+    } else {
+        let which = broker.clone().unwrap_or_else(|| "embedded rumqttd".into());
+        let opts = FleetOptions {
+            broker,
+            speedup: 1.0,
+            quiet_ms: QUIET_MS,
+            ..Default::default()
+        };
+        let run = rt.block_on(run_fleet(&s, &opts))?;
+        (vec![Figures::of(&run)], which, None)
+    };
+    spinner.finish_and_clear();
+    let wall = started.elapsed().as_secs_f64();
+    report(&figures, &s, shards, &broker_name, broker_rss, wall)
+}
+
+/// Start the firmware server here, the shards as child processes on a shared timeline, and
+/// collect what each measured.
+fn run_shards(
+    rt: &tokio::runtime::Runtime,
+    s: &Scenario,
+    shards: u32,
+    broker: &str,
+    spinner: &ProgressBar,
+    launch: &dyn Fn(&ShardLaunch) -> Command,
+) -> anyhow::Result<Vec<Figures>> {
+    // One server for all shards, holding the scenario's blobs (what `otarig release stage`
+    // does); its connections are one descriptor each here.
+    check_open_files(s.devices, 1, "the firmware server's")?;
+    let prep = runner::prepare(s)?;
+    let dir = tempfile::tempdir().context("creating the store directory")?;
+    let store = Arc::new(ReleaseStore::open(dir.path())?);
+    prep.stage_into(&store)?;
+    let server = rt.block_on(Server::start(store, SocketAddr::from(([127, 0, 0, 1], 0))))?;
+    let epoch = SystemTime::now() + SHARD_START;
+    let epoch_ms = epoch.duration_since(UNIX_EPOCH)?.as_millis() as u64;
+    let mut children = Vec::new();
+    for index in 0..shards {
+        let mut cmd = launch(&ShardLaunch {
+            devices: s.devices,
+            shard: Shard {
+                index,
+                count: shards,
+            },
+            broker: broker.to_string(),
+            server: server.url(),
+            epoch_ms,
+        });
+        let child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting shard {index} ({cmd:?})"))?;
+        children.push(child);
+    }
+    let mut figures = Vec::new();
+    let mut errors = Vec::new();
+    // The server keeps serving on the runtime's worker threads while this thread waits.
+    for (index, child) in children.into_iter().enumerate() {
+        spinner.set_message(format!(
+            "{} boards in {shards} shard processes; {index} of them done",
+            s.devices
+        ));
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        match text.lines().last().map(serde_json::from_str::<Figures>) {
+            Some(Ok(f)) => figures.push(f),
+            _ => errors.push(format!(
+                "shard {index} exited with {} and no figures (its errors are above)",
+                out.status
+            )),
+        }
+    }
+    rt.block_on(server.shutdown());
+    if !errors.is_empty() {
+        bail!("{}", errors.join("; "));
+    }
+    // This process's own share: the server's memory.
+    figures.push(Figures {
+        peak_rss: peak_rss(std::process::id()).unwrap_or(0),
+        ..Default::default()
+    });
+    Ok(figures)
+}
+
+/// One shard of a sharded benchmark, in its own process; prints its [`Figures`] as one JSON
+/// line.
+pub fn fleet_shard(l: ShardLaunch) -> anyhow::Result<ExitCode> {
+    let s = scenario(l.devices)?;
+    let opts = FleetOptions {
+        broker: Some(l.broker),
+        server: Some(l.server),
+        speedup: 1.0,
+        quiet_ms: QUIET_MS,
+        shard: Some(l.shard),
+        epoch: Some(UNIX_EPOCH + Duration::from_millis(l.epoch_ms)),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let run = rt.block_on(run_fleet(&s, &opts))?;
+    println!("{}", serde_json::to_string(&Figures::of(&run))?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report(
+    figures: &[Figures],
+    s: &Scenario,
+    shards: Option<u32>,
+    broker: &str,
+    broker_rss: Option<u64>,
+    wall: f64,
+) -> anyhow::Result<ExitCode> {
+    let devices = s.devices;
+    let image = s.firmware.get("v2").map_or(0, |f| f.size) as u64;
+    let release = s.releases.first().map_or(0, |r| r.at_ms);
+    let mut times: Vec<u64> = figures
+        .iter()
+        .flat_map(|f| &f.confirmed_ms)
+        .map(|t| t.saturating_sub(release))
+        .collect();
+    times.sort_unstable();
+    let confirmed = times.len() as u32;
+    // After the release, when this share of the boards had confirmed (0 < share <= 1).
+    let by = |share: f64| {
+        let i = ((times.len() as f64 * share).ceil() as usize).clamp(1, times.len().max(1)) - 1;
+        times.get(i).copied().unwrap_or(0) as f64 / 1000.0
+    };
+    let secs = by(1.0).max(1e-3);
+    let mb = figures.iter().map(|f| f.served_bytes).sum::<u64>() as f64 / 1e6;
+    let peak: u64 = figures.iter().map(|f| f.peak_rss).sum::<u64>() + broker_rss.unwrap_or(0);
+    let failures: Vec<&String> = figures.iter().flat_map(|f| &f.failures).collect();
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let processes = match shards {
+        None => "one process (boards, broker and server)".to_string(),
+        Some(k) => format!("{k} board process(es) + the server's + the broker's"),
+    };
+    println!(
+        "fleet scale: {devices} boards x {:.0} KiB image, real time, broker: {broker}, {processes}",
+        image as f64 / 1024.0
+    );
+    println!(
+        "  confirmed      {confirmed} of {devices} boards ({} expectation failure(s))",
+        failures.len()
+    );
+    println!(
+        "  release -> last board confirmed   {secs:.1} s   (target < 60 s: {:.2}x of budget)",
+        secs / 60.0
+    );
+    println!(
+        "  confirmed by   {:.1} s (half), {:.1} s (99 %), {secs:.1} s (all), after the release",
+        by(0.5),
+        by(0.99)
+    );
+    println!("  boards/s       {:.0}", confirmed as f64 / secs);
+    println!("  MB/s           {:.0}   ({mb:.0} MB served)", mb / secs);
+    println!(
+        "  peak RSS       {:.0} MiB   (target < 4 GiB: {:.2}x of budget; {:.0} KiB per board)",
+        mib(peak),
+        peak as f64 / (4u64 << 30) as f64,
+        peak as f64 / 1024.0 / devices.max(1) as f64
+    );
+    if shards.is_some() {
+        let parts: Vec<String> = figures
+            .iter()
+            .map(|f| format!("{:.0}", mib(f.peak_rss)))
+            .chain(broker_rss.map(|b| format!("broker {:.0}", mib(b))))
+            .collect();
+        println!("                 (MiB per process: {})", parts.join(", "));
+    }
+    println!(
+        "  wall           {wall:.1} s (whole run: building the scenario, connecting, {:.0} s of quiet at the end)",
+        QUIET_MS as f64 / 1000.0
+    );
+    for f in failures.iter().take(5) {
+        println!("  FAILED: {f}");
+    }
+    Ok(if failures.is_empty() && confirmed == devices {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Peak resident set size of a process so far (Linux `VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A Mosquitto broker in its own process on a free loopback port, stopped when dropped.
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    fn start() -> anyhow::Result<Mosquitto> {
+        let exe = ["mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| {
+                Command::new(p)
+                    .arg("-h")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok()
+            })
+            .context("more boards than one process holds need Mosquitto as the broker, and `mosquitto` is not installed: run scripts/setup.sh (or apt install mosquitto), or pass --broker mqtt://HOST:PORT")?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let dir = tempfile::tempdir()?;
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+            ),
+        )?;
+        // Its log goes to a file: a pipe nobody reads would stall it once full.
+        let log_path = dir.path().join("mosquitto.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut child = Command::new(&exe)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait()? {
+                let err = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!(
+                    "mosquitto exited ({status}) before accepting connections: {}",
+                    err.trim()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("mosquitto did not accept connections on 127.0.0.1:{port} within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Mosquitto {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

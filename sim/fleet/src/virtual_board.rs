@@ -1,0 +1,367 @@
+//! A simulated ESP32-S3 behind a pseudo-terminal: the board a HIL run uses when there is no
+//! hardware, through exactly the code a real board gets (espflash, the console protocol, the
+//! broker and firmware server over TCP).
+//!
+//! - **Download mode**: the ESP32-S3 ROM serial loader ([`otarig_serial::rom`]) on the pty, over
+//!   the board's simulated flash. Entered at power-on when the flash holds no partition table,
+//!   or on the control socket's `download` (what GPIO0 held low at reset does on hardware).
+//!   `FLASH_END` with "reboot" leaves it, as on the chip.
+//! - **App mode**: the simulated bootloader boots what is in flash (partition table read from
+//!   0x8000) and runs the shared agent, printing ESP-IDF-like boot lines and console-protocol
+//!   events on the pty; it reads `@otarig-cmd` lines (provisioning, `report`, `reboot`).
+//!   Provisioning lives in memory and survives resets, as NVS would.
+//! - **Control socket** (a Unix socket; a pty has no DTR/RTS): `reset`, `download`,
+//!   `power-off`, `power-on`, each answered `ok`.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use otarig_agent::console::{self, HostCommand};
+use otarig_agent::{Config, TrustedKey};
+use otarig_serial::pty::Pty;
+use otarig_serial::rom::{slip_encode, After, FlashMemory, RomLoader, SlipFrames};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::fleet::{board_task, Ctl, Shared};
+use otarig_esp32s3::board::{Board, BootConfig};
+use otarig_esp32s3::flash::{Flash, SECTOR_SIZE};
+use otarig_scenario::runner::Dev;
+
+/// How the virtual board is built (what its firmware was compiled with).
+#[derive(Clone, Debug)]
+pub struct BoardOptions {
+    pub flash_size: u32,
+    pub device_type: String,
+    /// Keys the firmware trusts (compiled in on a real board).
+    pub trusted_keys: Vec<TrustedKey>,
+    pub boot_config: BootConfig,
+    /// The agent's configuration otherwise (chunk size, timeouts).
+    pub agent: Option<Config>,
+}
+
+/// A running virtual board.
+pub struct VirtualBoard {
+    pub pty: PathBuf,
+    pub control: PathBuf,
+    task: JoinHandle<()>,
+    _pty: Arc<Pty>,
+}
+
+impl VirtualBoard {
+    /// Stop the board (the process owning it would just exit).
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// The simulated flash as the ROM loader sees it.
+struct RomFlash<'a>(&'a mut Flash);
+
+impl FlashMemory for RomFlash<'_> {
+    fn size(&self) -> u32 {
+        self.0.size()
+    }
+    fn erase(&mut self, addr: u32, len: u32) -> Result<(), String> {
+        let start = addr - addr % SECTOR_SIZE;
+        self.0
+            .erase(
+                start,
+                (addr + len).div_ceil(SECTOR_SIZE) * SECTOR_SIZE - start,
+            )
+            .map_err(|e| e.to_string())
+    }
+    fn write(&mut self, addr: u32, data: &[u8]) -> Result<(), String> {
+        self.0.program(addr, data).map_err(|e| e.to_string())
+    }
+    fn read(&self, addr: u32, buf: &mut [u8]) {
+        self.0.peek(addr, buf);
+    }
+}
+
+enum Control {
+    Reset,
+    Download,
+    PowerOff,
+    PowerOn,
+}
+
+struct Provisioned {
+    device: String,
+    channel: String,
+    broker: (String, u16),
+    server: String,
+}
+
+enum Mode {
+    Download {
+        loader: RomLoader,
+        frames: SlipFrames,
+    },
+    Off,
+    App {
+        stop: watch::Sender<bool>,
+        ctl: mpsc::Sender<Ctl>,
+        task: JoinHandle<Dev>,
+    },
+}
+
+/// Start a virtual board on a new pty with its control socket at `control`.
+pub async fn start(opts: BoardOptions, control: &Path) -> anyhow::Result<VirtualBoard> {
+    let pty = Arc::new(Pty::open()?);
+    let mut reader = pty.master()?;
+    let writer = Arc::new(Mutex::new(pty.master()?));
+    let (bytes_tx, bytes_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || bytes_tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let _ = std::fs::remove_file(control);
+    let listener = tokio::net::UnixListener::bind(control)
+        .map_err(|e| anyhow::anyhow!("control socket {}: {e}", control.display()))?;
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel::<(Control, oneshot::Sender<String>)>();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = ctl_tx.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let c = match line.trim() {
+                        "reset" => Control::Reset,
+                        "download" => Control::Download,
+                        "power-off" => Control::PowerOff,
+                        "power-on" => Control::PowerOn,
+                        other => {
+                            let msg = format!(
+                                "unknown '{other}' (reset, download, power-off, power-on)\n"
+                            );
+                            let _ = w.write_all(msg.as_bytes()).await;
+                            continue;
+                        }
+                    };
+                    let (done, answer) = oneshot::channel();
+                    if tx.send((c, done)).is_err() {
+                        break;
+                    }
+                    let reply = answer.await.unwrap_or_else(|_| "board stopped".into());
+                    let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+                }
+            });
+        }
+    });
+    let (console_tx, console_rx) = mpsc::unbounded_channel::<String>();
+    let w2 = writer.clone();
+    tokio::spawn(async move {
+        let mut rx = console_rx;
+        while let Some(line) = rx.recv().await {
+            let mut w = w2.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = w.write_all(line.as_bytes());
+        }
+    });
+    let path = pty.path().to_path_buf();
+    let task = tokio::spawn(run(opts, bytes_rx, ctl_rx, writer, console_tx));
+    Ok(VirtualBoard {
+        pty: path,
+        control: control.to_path_buf(),
+        task,
+        _pty: pty,
+    })
+}
+
+async fn run(
+    opts: BoardOptions,
+    mut bytes: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut control: mpsc::UnboundedReceiver<(Control, oneshot::Sender<String>)>,
+    writer: Arc<Mutex<std::fs::File>>,
+    console: mpsc::UnboundedSender<String>,
+) {
+    let raw_write = |bytes: &[u8]| {
+        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = w.write_all(bytes);
+    };
+    let mut flash = Some(Flash::new(opts.flash_size));
+    let mut provisioned: Option<Provisioned> = None;
+    let mut line = Vec::<u8>::new();
+    // Power-on: a blank chip has nothing to boot, so it waits in the ROM loader.
+    let start_app = |flash: &mut Option<Flash>, prov: &Option<Provisioned>| -> Mode {
+        let Some(f) = flash.take() else {
+            return Mode::Off;
+        };
+        let board = match Board::from_flash(f, opts.boot_config, 0) {
+            Ok(b) => b,
+            Err(bad) => {
+                let (f, why) = *bad;
+                let _ = console.send(format!(
+                    "ESP-ROM:esp32s3-20210327\r\nE (0) boot: {why}\r\nE (0) boot: load partition table error!\r\n"
+                ));
+                *flash = Some(f);
+                return Mode::Off;
+            }
+        };
+        let (id, channel, network) = match prov {
+            Some(p) => (
+                p.device.clone(),
+                p.channel.clone(),
+                Some((p.broker.clone(), p.server.clone())),
+            ),
+            None => ("unprovisioned".to_string(), "stable".to_string(), None),
+        };
+        let mut cfg = opts
+            .agent
+            .clone()
+            .unwrap_or_else(|| Config::new(&id, &opts.device_type, opts.trusted_keys.clone()));
+        cfg.device_id = id.clone();
+        cfg.device_type = opts.device_type.clone();
+        cfg.trusted_keys = opts.trusted_keys.clone();
+        let sh = match Shared::for_virtual_board(cfg, network, console.clone()) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::error!("virtual board: {e:#}");
+                return Mode::Off;
+            }
+        };
+        let dev = Dev::for_board(&id, &channel, board);
+        let (stop, stop_rx) = watch::channel(false);
+        let (ctl, ctl_rx) = mpsc::channel(8);
+        let task = tokio::spawn(board_task(0, dev, sh, stop_rx, ctl_rx));
+        Mode::App { stop, ctl, task }
+    };
+    // Take the board back from a running app (a reset or power cut between flash operations).
+    async fn halt(mode: Mode, flash: &mut Option<Flash>) {
+        if let Mode::App { stop, task, .. } = mode {
+            let _ = stop.send(true);
+            if let Ok(dev) = task.await {
+                *flash = Some(dev.board.into_flash());
+            }
+        }
+    }
+    let blank = |flash: &Option<Flash>| {
+        flash.as_ref().is_none_or(|f| {
+            let mut b = [0u8; 2];
+            f.peek(0x8000, &mut b);
+            b == [0xFF, 0xFF]
+        })
+    };
+    let mut mode = if blank(&flash) {
+        raw_write(otarig_esp32s3::boot_log::DOWNLOAD_BANNER.as_bytes());
+        Mode::Download {
+            loader: RomLoader::new(opts.flash_size),
+            frames: SlipFrames::default(),
+        }
+    } else {
+        start_app(&mut flash, &provisioned)
+    };
+    loop {
+        tokio::select! {
+            Some(chunk) = bytes.recv() => match &mut mode {
+                Mode::Download { loader, frames } => {
+                    let mut run_app = false;
+                    for f in frames.push(&chunk) {
+                        let Some(fl) = flash.as_mut() else { break };
+                        let (replies, after) = loader.handle(&f, &mut RomFlash(fl));
+                        for r in replies {
+                            raw_write(&slip_encode(&r));
+                        }
+                        run_app |= after == After::RunApp;
+                    }
+                    if run_app {
+                        mode = start_app(&mut flash, &provisioned);
+                    }
+                }
+                Mode::Off => {}
+                Mode::App { .. } => {
+                    for b in chunk {
+                        if b != b'\n' {
+                            if line.len() < console::MAX_LINE + 16 {
+                                line.push(b);
+                            }
+                            continue;
+                        }
+                        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                        line.clear();
+                        let device = provisioned.as_ref().map_or("unprovisioned", |p| p.device.as_str()).to_string();
+                        match console::parse_command_line(&text) {
+                            None => {}
+                            Some(Err(e)) => {
+                                let _ = console.send(console::notice_line(&device, "console-error", &e.to_string()));
+                            }
+                            Some(Ok(HostCommand::Provision { device, broker, server, channel, .. })) => {
+                                match parse_mqtt_url(&broker) {
+                                    Ok(b) => {
+                                        let _ = console.send(console::notice_line(&device, "provisioned", "stored; restarting"));
+                                        let channel = channel.unwrap_or_else(|| "stable".into());
+                                        provisioned = Some(Provisioned { device, channel, broker: b, server });
+                                        halt(std::mem::replace(&mut mode, Mode::Off), &mut flash).await;
+                                        mode = start_app(&mut flash, &provisioned);
+                                    }
+                                    Err(e) => {
+                                        let _ = console.send(console::notice_line(&device, "console-error", &e));
+                                    }
+                                }
+                            }
+                            Some(Ok(HostCommand::Report)) => {
+                                if let Mode::App { ctl, .. } = &mode {
+                                    let _ = ctl.send(Ctl::Report).await;
+                                }
+                            }
+                            Some(Ok(HostCommand::Reboot)) => {
+                                halt(std::mem::replace(&mut mode, Mode::Off), &mut flash).await;
+                                mode = start_app(&mut flash, &provisioned);
+                            }
+                        }
+                    }
+                }
+            },
+            Some((c, done)) = control.recv() => {
+                halt(std::mem::replace(&mut mode, Mode::Off), &mut flash).await;
+                match c {
+                    Control::Reset | Control::PowerOn => mode = start_app(&mut flash, &provisioned),
+                    Control::PowerOff => {}
+                    Control::Download => {
+                        raw_write(otarig_esp32s3::boot_log::DOWNLOAD_BANNER.as_bytes());
+                        mode = Mode::Download { loader: RomLoader::new(opts.flash_size), frames: SlipFrames::default() };
+                    }
+                }
+                let _ = done.send("ok".into());
+            }
+            else => break,
+        }
+    }
+}
+
+/// `mqtt://host:port` (port 1883 when left out).
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .ok_or_else(|| format!("broker '{url}' is not mqtt://HOST:PORT"))?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "1883"));
+    let port = port
+        .parse()
+        .map_err(|_| format!("broker '{url}': port '{port}' is not a number"))?;
+    if host.is_empty() {
+        return Err(format!("broker '{url}' has no host"));
+    }
+    Ok((host.to_string(), port))
+}
+
+/// The virtual board a scenario's firmware makes: its device type, the keys and agent
+/// configuration the firmware is built with, its partition table's flash size, its
+/// bootloader configuration.
+pub fn options_for(s: &otarig_scenario::scenario::Scenario) -> anyhow::Result<BoardOptions> {
+    let agent = otarig_scenario::runner::agent_config(s)?;
+    Ok(BoardOptions {
+        flash_size: s.table.flash_size().max(4 << 20),
+        device_type: s.device_type.clone(),
+        trusted_keys: agent.trusted_keys.clone(),
+        boot_config: otarig_scenario::runner::boot_config(s),
+        agent: Some(agent),
+    })
+}

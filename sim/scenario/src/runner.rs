@@ -1,0 +1,1073 @@
+//! The deterministic in-process runner: simulated boards running the real agent against the
+//! release store's core, on a virtual clock, with no sockets and no threads.
+//!
+//! Everything that varies (tearing of cut operations, jitter) derives from the scenario's
+//! seed, and events are ordered by (virtual time, insertion order), so a run replays exactly.
+//! The network between board and server is a model here: each request costs a fixed latency
+//! and body bytes arrive at a fixed rate. The wire-level fleet puts real MQTT and HTTP around
+//! the same store and agent.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use anyhow::Context;
+use otarig_agent::manifest::Manifest;
+use otarig_agent::{
+    Ack, Action, Agent, Config, Event, Input, OtaImgState, Platform, SlotKind, TrustedKey,
+};
+use serde_json::json;
+
+use crate::scenario::{FaultKind, Firmware, Scenario, ServerFault, TamperDef};
+use otarig_esp32s3::appimage::{
+    self, AppSpec, Behaviour, BootBehaviour, NetworkBehaviour, SelfTest,
+};
+use otarig_esp32s3::board::{Board, BoardEvent, BootConfig, BootOutcome, CutPlan};
+use otarig_server::keys::NamedKey;
+use otarig_server::store::{Served, Store};
+
+/// Unix time (ms) at virtual time zero: 2026-01-01T00:00:00Z.
+pub const EPOCH_MS: u64 = 1_767_225_600_000;
+const LATENCY_MS: u64 = 20;
+const BYTES_PER_MS: u64 = 1_000; // 1 MB/s per board
+const BOOT_MS: u64 = 300;
+const SELF_TEST_MS: u64 = 200;
+const CONNECT_MS: u64 = 500;
+/// How long a board waits for an HTTP answer before it gives up on the request.
+pub const FETCH_TIMEOUT_MS: u64 = 30_000;
+
+/// One entry of the event stream all checks read.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub t_ms: u64,
+    pub device: u32,
+    pub what: What,
+}
+
+#[derive(Clone, Debug)]
+pub enum What {
+    Agent(Event),
+    Ack {
+        ack: Ack,
+        duplicate: bool,
+    },
+    Board(BoardEvent),
+    AppCrashed,
+    Release {
+        sequence: u64,
+        version: String,
+    },
+    /// A staged rollout moved on or halted.
+    Rollout {
+        sequence: u64,
+        message: String,
+    },
+}
+
+impl Record {
+    /// One JSON object per line in the event log.
+    pub fn to_json(&self) -> serde_json::Value {
+        let body = match &self.what {
+            What::Agent(e) => {
+                let mut v = otarig_agent::protocol::event_json("", self.t_ms, e);
+                if let Some(o) = v.as_object_mut() {
+                    for k in ["v", "device", "t_ms"] {
+                        o.remove(k);
+                    }
+                    o.insert("source".into(), json!("agent"));
+                }
+                v
+            }
+            What::Ack { ack, duplicate } => {
+                let mut v = otarig_agent::protocol::ack_json("", ack);
+                if let Some(o) = v.as_object_mut() {
+                    for k in ["v", "device"] {
+                        o.remove(k);
+                    }
+                    o.insert("source".into(), json!("server"));
+                    o.insert("kind".into(), json!("ack"));
+                    o.insert("duplicate".into(), json!(duplicate));
+                }
+                v
+            }
+            What::Board(b) => {
+                let mut v = serde_json::to_value(b).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("source".into(), json!("board"));
+                }
+                v
+            }
+            What::AppCrashed => json!({"source": "board", "kind": "app-crashed"}),
+            What::Release { sequence, version } => {
+                json!({"source": "server", "kind": "release", "sequence": sequence, "version": version})
+            }
+            What::Rollout { sequence, message } => {
+                json!({"source": "server", "kind": "rollout", "sequence": sequence, "message": message})
+            }
+        };
+        let mut v = json!({"t_ms": self.t_ms, "device": self.device});
+        if let (Some(o), Some(b)) = (v.as_object_mut(), body.as_object()) {
+            o.extend(b.clone());
+        }
+        v
+    }
+}
+
+/// What a board ended as.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceReport {
+    pub index: u32,
+    pub id: String,
+    /// Running app version, or `None` when bricked.
+    pub version: Option<String>,
+    pub running_slot: Option<String>,
+    pub running_state: String,
+    /// otadata state of the slot the last update was written into.
+    pub update_slot_state: Option<String>,
+    pub bricked: Option<String>,
+    /// The app crashed at each of its last boots and nothing rolled it back.
+    pub crash_loop: Option<String>,
+    pub fetched_bytes: u64,
+    pub image_size: u64,
+    pub power_cuts: u32,
+    /// SHA-256 of the running image, as read back from flash.
+    pub running_sha256: Option<[u8; 32]>,
+    pub efuse: u32,
+    pub flash_ops: u64,
+}
+
+/// The result of one run.
+pub struct Run {
+    pub scenario: Scenario,
+    pub records: Vec<Record>,
+    pub devices: Vec<DeviceReport>,
+    pub end_ms: u64,
+    pub served_bytes: u64,
+}
+
+enum Ev {
+    PowerOn,
+    SelfTestDone(bool),
+    Online,
+    Manifest(Arc<Vec<u8>>),
+    /// A payload on the release topic (retained announcement).
+    Announcement(Arc<Vec<u8>>),
+    /// A payload on the board's command topic.
+    Command(Arc<Vec<u8>>),
+    Body {
+        offset: u32,
+        data: Vec<u8>,
+    },
+    BodyEnd,
+    FetchFailed(String),
+    Timer,
+    Release(usize),
+    /// Judge the current wave of the rollout of release k.
+    WaveCheck(usize),
+    Force {
+        firmware: String,
+    },
+}
+
+/// One simulated device as a runner drives it: the board, the agent running on it (none while
+/// it is off or bricked) and what the checker needs to know about its life.
+pub struct Dev {
+    pub id: String,
+    pub board: Board,
+    pub agent: Option<Agent>,
+    pub epoch: u64,
+    pub behaviour: Behaviour,
+    pub fetched: u64,
+    pub image_size: u64,
+    pub cuts: u32,
+    pub off_for_ms: u64,
+    pub bricked: Option<String>,
+    pub update_slot: Option<String>,
+    /// Consecutive boots whose app crashed before the agent ran.
+    pub crash_streak: u32,
+    pub crashed_version: String,
+    /// The release channel this board follows.
+    pub channel: String,
+    /// How the server misbehaves towards this board, and how many more times (None: always).
+    pub server_faults: Vec<(ServerFault, Option<u32>)>,
+}
+
+impl Dev {
+    /// The server fault that applies to a blob request, if any; `applies` decides whether it
+    /// bites this request (a drop only bites a range that crosses its point). Counts it.
+    pub fn server_fault(&mut self, applies: impl Fn(ServerFault) -> bool) -> Option<ServerFault> {
+        let (fault, times) = self
+            .server_faults
+            .iter_mut()
+            .find(|(f, t)| t.is_none_or(|n| n > 0) && applies(*f))?;
+        if let Some(n) = times {
+            *n -= 1;
+        }
+        Some(*fault)
+    }
+}
+
+struct World {
+    now: u64,
+    seq: u64,
+    queue: BTreeMap<(u64, u64), (usize, u64, Ev)>,
+    devs: Vec<Dev>,
+    store: Store,
+    records: Vec<Record>,
+    keys: Vec<TrustedKey>,
+    cfg_template: Config,
+    releases: Vec<SignedRelease>,
+    /// Staged rollouts in progress, by release index.
+    rollouts: Vec<Option<otarig_server::rollout::Rollout>>,
+    scenario: Scenario,
+    images: BTreeMap<String, Arc<Vec<u8>>>,
+}
+
+/// Build the image of one scenario firmware.
+pub fn build_firmware(s: &Scenario, fw: &Firmware) -> Vec<u8> {
+    appimage::build(&AppSpec {
+        project: s.device_type.clone(),
+        version: fw.version.clone(),
+        secure_version: fw.secure_version,
+        size: fw.size,
+        behaviour: Behaviour {
+            self_test: fw.self_test,
+            boot: fw.boot,
+            network: fw.network,
+        },
+        chip_id: fw.chip_id,
+    })
+}
+
+/// Options that override the scenario file.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    pub devices: Option<u32>,
+    pub seed: Option<u64>,
+    /// Power cuts at these flash-operation indices on every board (the explorer's probes).
+    pub cut_at_ops: Vec<u64>,
+    /// Leave out the scenario's own `[[fault]]` power cuts.
+    pub without_power_faults: bool,
+}
+
+/// A scenario release, signed and ready to announce.
+#[derive(Clone, Debug)]
+pub struct SignedRelease {
+    pub device_type: String,
+    pub channel: String,
+    /// The signed manifest envelope, as the server answers and MQTT announces it.
+    pub manifest: Vec<u8>,
+    pub sequence: u64,
+    pub version: String,
+}
+
+/// Everything a run needs that does not depend on seed, fleet size or faults: images,
+/// patches, signed manifests, the factory-flashed board. Built once, shared by many runs (the
+/// power-loss explorer runs thousands).
+#[derive(Clone)]
+pub struct Prepared {
+    pub keys: Vec<TrustedKey>,
+    pub images: BTreeMap<String, Arc<Vec<u8>>>,
+    pub proto: Board,
+    pub cfg_template: Config,
+    pub store: Store,
+    /// The signed releases, in scenario order.
+    pub releases: Vec<SignedRelease>,
+    /// The slot the factory-flashed board holds its starting firmware in.
+    pub start_slot: SlotKind,
+}
+
+impl Prepared {
+    /// Every blob the scenario's releases use, by the SHA-256 it is served under (a tampered
+    /// blob's name is the hash its manifest claims, not of its bytes).
+    pub fn blobs(&self) -> impl Iterator<Item = (&[u8; 32], &Arc<Vec<u8>>)> {
+        self.store.blobs()
+    }
+
+    /// Put every blob into a release store (`otarig release stage`), so that an external
+    /// server over it serves this scenario; how many.
+    pub fn stage_into(
+        &self,
+        store: &otarig_server::release_store::ReleaseStore,
+    ) -> anyhow::Result<usize> {
+        let mut n = 0;
+        for (sha, bytes) in self.blobs() {
+            if otarig_server::store::sha256(bytes) == *sha {
+                store.put_blob(bytes)?;
+            } else {
+                store.put_blob_as(sha, bytes)?; // a scenario's deliberately tampered blob
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+/// Build images, patches and signed manifests for a scenario.
+pub fn prepare(s: &Scenario) -> anyhow::Result<Prepared> {
+    prepare_with(s, &|fw| Ok(build_firmware(s, fw)))
+}
+
+/// The agent configuration a scenario's firmware is built with (no device id yet): its
+/// trusted keys, device type, channel and timings.
+pub fn agent_config(s: &Scenario) -> anyhow::Result<Config> {
+    let key_dir = otarig_server::keys::fixture_dir();
+    let keys: Vec<TrustedKey> = s
+        .trusted_keys
+        .iter()
+        .map(|id| NamedKey::load(&key_dir, id)?.trusted())
+        .collect::<anyhow::Result<_>>()?;
+    let mut cfg = Config::new("", &s.device_type, keys);
+    cfg.channel = s.channel.clone();
+    cfg.poll_interval_ms = s.poll_interval_ms;
+    cfg.chunk_size = s.range_size;
+    cfg.confirm_timeout_ms = s.confirm_timeout_ms;
+    Ok(cfg)
+}
+
+/// The bootloader's sdkconfig for a scenario: rollback always, anti-rollback as it says.
+pub fn boot_config(s: &Scenario) -> BootConfig {
+    BootConfig {
+        rollback: true,
+        anti_rollback: s.anti_rollback,
+    }
+}
+
+/// [`prepare`] with the firmware images from elsewhere (a real board's builds, for HIL).
+pub fn prepare_with(
+    s: &Scenario,
+    image_of: &dyn Fn(&Firmware) -> anyhow::Result<Vec<u8>>,
+) -> anyhow::Result<Prepared> {
+    let key_dir = otarig_server::keys::fixture_dir();
+    let cfg_template = agent_config(s)?;
+    let keys = cfg_template.trusted_keys.clone();
+    let mut images = BTreeMap::new();
+    for (id, fw) in &s.firmware {
+        images.insert(id.clone(), Arc::new(image_of(fw)?));
+    }
+    let table = Arc::new(s.table.clone());
+    let start_slot = if table.factory().is_some() {
+        SlotKind::Factory
+    } else {
+        SlotKind::Ota(0)
+    };
+    let boot_config = boot_config(s);
+    let proto = Board::factory_flashed(
+        table,
+        boot_config,
+        start_slot,
+        &images[&s.start_firmware],
+        s.efuse_secure_version,
+    )
+    .with_context(|| format!("flashing firmware '{}'", s.start_firmware))?;
+
+    let mut store = Store::new();
+    let mut releases = Vec::new();
+    for r in &s.releases {
+        let fw = &s.firmware[&r.firmware];
+        let full = images[&r.firmware].as_ref().clone();
+        let signed_image = match r.tamper {
+            Some(TamperDef::TruncateSigned(n)) => full[..n as usize].to_vec(),
+            _ => full.clone(),
+        };
+        let sha = store.put_blob(signed_image.clone());
+        match r.tamper {
+            Some(TamperDef::Truncate(n)) => store.put_blob_as(sha, full[..n as usize].to_vec()),
+            Some(TamperDef::CorruptByte(n)) => {
+                let mut bad = full.clone();
+                bad[n as usize] ^= 0x40;
+                store.put_blob_as(sha, bad);
+            }
+            _ => {}
+        }
+        let mut deltas = Vec::new();
+        for from in &r.delta_from {
+            let old = &images[from];
+            let patch = otarig_server::delta::make(old, &signed_image);
+            let patch_sha = store.put_blob(patch.clone());
+            if let Some(TamperDef::CorruptPatch(n)) = r.tamper {
+                let mut bad = patch.clone();
+                let at = (n as usize).min(bad.len() - 1);
+                bad[at] ^= 0x40;
+                store.put_blob_as(patch_sha, bad);
+            }
+            deltas.push(otarig_agent::manifest::DeltaRef {
+                from_sha256: hex::encode(otarig_server::store::sha256(old)),
+                sha256: hex::encode(patch_sha),
+                size: patch.len() as u32,
+                url: None,
+            });
+        }
+        let issued_ms = EPOCH_MS + r.at_ms;
+        let expires_ms = issued_ms as i64 + r.expires_in_ms;
+        let m = Manifest {
+            format: otarig_agent::manifest::FORMAT,
+            device_type: r.device_type.clone(),
+            channel: r.channel.clone(),
+            version: fw.version.clone(),
+            secure_version: fw.secure_version,
+            sequence: r.sequence,
+            size: signed_image.len() as u32,
+            sha256: hex::encode(sha),
+            url: None,
+            cid: None,
+            deltas,
+            issued_at: issued_ms / 1000,
+            expires_at: (expires_ms.max(0) as u64) / 1000,
+        };
+        let key = NamedKey::load(&key_dir, &r.signed_by)?;
+        // Published where this fleet looks; the manifest's own device type may say otherwise.
+        releases.push(SignedRelease {
+            device_type: s.device_type.clone(),
+            channel: r.channel.clone(),
+            manifest: key.sign_manifest(&m),
+            sequence: r.sequence,
+            version: fw.version.clone(),
+        });
+    }
+
+    Ok(Prepared {
+        keys,
+        images,
+        proto,
+        cfg_template,
+        store,
+        releases,
+        start_slot,
+    })
+}
+
+/// Run a scenario to its end.
+pub fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Run> {
+    run_prepared(scenario, &prepare(scenario)?, opts)
+}
+
+/// Run a scenario with artefacts from [`prepare`].
+pub fn run_prepared(
+    scenario: &Scenario,
+    prep: &Prepared,
+    opts: &RunOptions,
+) -> anyhow::Result<Run> {
+    let mut s = scenario.clone();
+    if let Some(n) = opts.devices {
+        s.set_devices(n);
+    }
+    if let Some(seed) = opts.seed {
+        s.seed = seed;
+    }
+    let Prepared {
+        keys,
+        images,
+        proto,
+        cfg_template,
+        store,
+        releases,
+        ..
+    } = prep.clone();
+    let mut world = World {
+        now: 0,
+        seq: 0,
+        queue: BTreeMap::new(),
+        devs: Vec::with_capacity(s.devices as usize),
+        store,
+        records: Vec::new(),
+        keys,
+        cfg_template,
+        releases,
+        rollouts: vec![None; s.releases.len()],
+        scenario: s.clone(),
+        images,
+    };
+    let first_size = s
+        .releases
+        .first()
+        .map(|r| world.images[&r.firmware].len() as u64)
+        .unwrap_or(0);
+    for i in 0..s.devices {
+        world.devs.push(new_device(&s, &proto, opts, first_size, i));
+        // Stagger power-on a little so boards don't act in lockstep.
+        world.schedule(i as usize, (i as u64 * 7) % 250, Ev::PowerOn);
+    }
+    for (k, r) in s.releases.iter().enumerate() {
+        world.schedule(usize::MAX, r.at_ms, Ev::Release(k));
+    }
+    for (n, f) in s.faults.iter().enumerate() {
+        let targets = (0..s.devices).filter(|i| f.devices.contains(*i));
+        match &f.kind {
+            FaultKind::Command { cmd, at_ms, repeat } => {
+                let payload =
+                    Arc::new(otarig_agent::protocol::command(&format!("c-{n}"), *cmd).into_bytes());
+                for i in targets {
+                    for k in 0..*repeat as u64 {
+                        world.schedule(i as usize, at_ms + k * 10, Ev::Command(payload.clone()));
+                    }
+                }
+                continue;
+            }
+            FaultKind::Payload { topic, text, at_ms } => {
+                let payload = Arc::new(text.clone().into_bytes());
+                for i in targets {
+                    let ev = match topic {
+                        crate::scenario::PayloadTopic::Cmd => Ev::Command(payload.clone()),
+                        crate::scenario::PayloadTopic::Release => Ev::Announcement(payload.clone()),
+                    };
+                    world.schedule(i as usize, *at_ms, ev);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        if let FaultKind::ForceInstall { firmware, at_ms } = &f.kind {
+            for i in (0..s.devices).filter(|i| f.devices.contains(*i)) {
+                world.schedule(
+                    i as usize,
+                    *at_ms,
+                    Ev::Force {
+                        firmware: firmware.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    while let Some(((t, _), (d, epoch, ev))) = world.queue.pop_first() {
+        if t > s.duration_ms {
+            break;
+        }
+        world.now = t;
+        let broker_delivery = matches!(ev, Ev::Command(_));
+        if d != usize::MAX && world.devs[d].epoch != epoch && !broker_delivery {
+            continue; // addressed to a boot that has since ended
+        }
+        world.dispatch(d, ev);
+    }
+
+    let devices = world
+        .devs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| report(i as u32, d))
+        .collect();
+    Ok(Run {
+        scenario: s.clone(),
+        records: world.records,
+        devices,
+        end_ms: world.now.min(s.duration_ms),
+        served_bytes: world.store.served_bytes(),
+    })
+}
+
+/// Board `i` of the fleet, fresh from the programmer, with the scenario's power cuts planned.
+pub fn new_device(s: &Scenario, proto: &Board, opts: &RunOptions, first_size: u64, i: u32) -> Dev {
+    let mut board = proto.clone();
+    let mut off_for_ms = 1_000;
+    for (n, op) in opts.cut_at_ops.iter().enumerate() {
+        board.plan_cut(CutPlan::AtOp { op: *op }, s.seed.wrapping_add(n as u64));
+    }
+    for f in s
+        .faults
+        .iter()
+        .filter(|f| f.devices.contains(i) && !opts.without_power_faults)
+    {
+        if let FaultKind::PowerLoss(pl) = &f.kind {
+            let plan = if let Some(op) = pl.flash_op {
+                CutPlan::AtOp { op }
+            } else if let Some(p) = pl.progress {
+                CutPlan::DownloadReaches {
+                    bytes: ((first_size * p as u64).div_ceil(100)).max(1) as u32,
+                }
+            } else {
+                CutPlan::InPhase {
+                    phase: pl.phase,
+                    nth: pl.op.unwrap_or(0),
+                }
+            };
+            board.plan_cut(
+                plan,
+                s.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            off_for_ms = pl.off_for_ms;
+        }
+    }
+    Dev {
+        off_for_ms,
+        server_faults: s.server_faults_for(i),
+        ..Dev::for_board(&s.device_id(i), s.channel_for(i), board)
+    }
+}
+
+impl Dev {
+    /// A board on its own (the virtual board): no scenario faults, the given id and channel.
+    pub fn for_board(id: &str, channel: &str, board: Board) -> Dev {
+        Dev {
+            id: id.to_string(),
+            board,
+            agent: None,
+            epoch: 0,
+            behaviour: Behaviour::default(),
+            fetched: 0,
+            image_size: 0,
+            cuts: 0,
+            off_for_ms: 1_000,
+            bricked: None,
+            update_slot: None,
+            crash_streak: 0,
+            crashed_version: String::new(),
+            channel: channel.to_string(),
+            server_faults: Vec::new(),
+        }
+    }
+}
+
+pub fn report(index: u32, d: &Dev) -> DeviceReport {
+    let b = &d.board;
+    let running = b.running();
+    let update_state = d.update_slot.as_ref().and_then(|label| {
+        let slot = b
+            .table()
+            .app_slots()
+            .into_iter()
+            .find(|s| &s.kind.to_string() == label)?;
+        Some(
+            b.peek_slot_state(slot)
+                .map(|s| s.name())
+                .unwrap_or("none")
+                .to_string(),
+        )
+    });
+    let image = running.and_then(|s| b.peek_image(s));
+    DeviceReport {
+        index,
+        id: d.id.clone(),
+        version: image.as_ref().map(|i| i.desc.version.to_string()),
+        running_slot: running.map(|s| s.kind.to_string()),
+        running_state: running
+            .and_then(|s| b.peek_slot_state(s))
+            .map(|s| s.name())
+            .unwrap_or("none")
+            .to_string(),
+        update_slot_state: update_state,
+        bricked: d.bricked.clone(),
+        crash_loop: (d.crash_streak >= 3).then(|| {
+            format!(
+                "{} crashed at each of its last {} boots and nothing rolled it back",
+                d.crashed_version, d.crash_streak
+            )
+        }),
+        fetched_bytes: d.fetched,
+        image_size: d.image_size,
+        power_cuts: d.cuts,
+        running_sha256: image.map(|i| i.sha256),
+        efuse: b.efuse_secure_version(),
+        flash_ops: b.flash.ops(),
+    }
+}
+
+impl World {
+    fn schedule(&mut self, d: usize, t: u64, ev: Ev) {
+        let epoch = self.devs.get(d).map(|x| x.epoch).unwrap_or(0);
+        self.seq += 1;
+        self.queue.insert((t, self.seq), (d, epoch, ev));
+    }
+
+    fn record(&mut self, device: usize, what: What) {
+        self.records.push(Record {
+            t_ms: self.now,
+            device: device as u32,
+            what,
+        });
+    }
+
+    fn dispatch(&mut self, d: usize, ev: Ev) {
+        let now = self.now;
+        match ev {
+            Ev::PowerOn => self.power_on(d),
+            Ev::Release(k) if self.scenario.releases[k].rollout.is_some() => self.start_rollout(k),
+            Ev::WaveCheck(k) => self.wave_check(k),
+            Ev::Release(k) => {
+                let SignedRelease {
+                    device_type: dt,
+                    channel: ch,
+                    manifest: signed,
+                    sequence: seq,
+                    version,
+                } = self.releases[k].clone();
+                self.store.publish(&dt, &ch, signed.clone());
+                self.record(
+                    usize::MAX,
+                    What::Release {
+                        sequence: seq,
+                        version,
+                    },
+                );
+                // Retained announcement: every board that is up hears it.
+                let payload = match otarig_agent::protocol::announcement(&signed) {
+                    Ok(p) => Arc::new(p.into_bytes()),
+                    Err(_) => return,
+                };
+                for i in 0..self.devs.len() {
+                    if self.devs[i].agent.is_some()
+                        && dt == self.cfg_template.device_type
+                        && ch == self.devs[i].channel
+                    {
+                        self.schedule(i, now + LATENCY_MS, Ev::Announcement(payload.clone()));
+                    }
+                }
+            }
+            Ev::Force { firmware } => {
+                let img = self.images[&firmware].clone();
+                let dev = &mut self.devs[d];
+                let target = dev.board.next_update_slot().map(|s| s.kind);
+                if let Some(kind) = target {
+                    if dev.board.force_install(kind, &img).is_ok() {
+                        self.drain_board(d);
+                        self.restart(d, 100);
+                    }
+                }
+            }
+            Ev::SelfTestDone(passed) => {
+                let detail = if passed {
+                    "all checks passed"
+                } else {
+                    "self-test reported failure"
+                };
+                self.feed(d, Input::SelfTestDone { passed, detail })
+            }
+            Ev::Online => self.feed(d, Input::Online),
+            Ev::Manifest(bytes) => self.feed(d, Input::Manifest(&bytes)),
+            Ev::Announcement(bytes) => self.feed(d, Input::Announcement(&bytes)),
+            Ev::Command(bytes) => self.feed(d, Input::Command(&bytes)),
+            Ev::Body { offset, data } => self.feed(
+                d,
+                Input::Body {
+                    offset,
+                    data: &data,
+                },
+            ),
+            Ev::BodyEnd => self.feed(d, Input::BodyEnd),
+            Ev::FetchFailed(reason) => self.feed(d, Input::FetchFailed { reason: &reason }),
+            Ev::Timer => self.feed(d, Input::Timer),
+        }
+    }
+
+    /// Answer a range request; with `cut`, the connection drops at that blob position.
+    /// Answer a range request: the bytes arrive after the latency plus their transfer time at
+    /// the board's link speed, or at `throttle` bytes per second when the server paces them.
+    fn serve(
+        &mut self,
+        d: usize,
+        sha256: [u8; 32],
+        offset: u32,
+        len: u64,
+        cut: Option<u64>,
+        throttle: Option<u32>,
+    ) {
+        let now = self.now;
+        match self.store.serve(&sha256, offset as u64, len) {
+            Served::Bytes(mut data) => {
+                let dropped = cut
+                    .map(|c| c.saturating_sub(offset as u64) as usize)
+                    .filter(|n| *n < data.len());
+                if let Some(n) = dropped {
+                    data.truncate(n);
+                }
+                let n = data.len() as u64;
+                self.devs[d].fetched += n;
+                let transfer = match throttle {
+                    Some(bps) => (n * 1000).div_ceil(bps.max(1) as u64),
+                    None => n.div_ceil(BYTES_PER_MS),
+                };
+                let t = now + LATENCY_MS + transfer;
+                self.schedule(d, t, Ev::Body { offset, data });
+                match dropped {
+                    Some(n) => self.schedule(
+                        d,
+                        t,
+                        Ev::FetchFailed(format!("connection closed after {n} bytes")),
+                    ),
+                    None => self.schedule(d, t, Ev::BodyEnd),
+                }
+            }
+            Served::NotFound => self.schedule(
+                d,
+                now + LATENCY_MS,
+                Ev::FetchFailed("HTTP 404: no such blob".into()),
+            ),
+            Served::RangeNotSatisfiable { len } => self.schedule(
+                d,
+                now + LATENCY_MS,
+                Ev::FetchFailed(format!(
+                    "HTTP 416: range starts at {offset}, the blob has {len} bytes"
+                )),
+            ),
+        }
+    }
+
+    /// The manifest of a rollout whose waves include board `d`, newest release first.
+    fn rollout_offer(&self, d: usize) -> Option<Arc<Vec<u8>>> {
+        (0..self.rollouts.len()).rev().find_map(|k| {
+            let r = self.rollouts[k].as_ref()?;
+            r.contains(d as u32)
+                .then(|| Arc::new(self.releases[k].manifest.clone()))
+        })
+    }
+
+    fn start_rollout(&mut self, k: usize) {
+        let Some(plan) = self.scenario.releases[k].rollout.clone() else {
+            return;
+        };
+        let SignedRelease {
+            channel: ch,
+            sequence: seq,
+            version,
+            ..
+        } = self.releases[k].clone();
+        self.record(
+            usize::MAX,
+            What::Release {
+                sequence: seq,
+                version,
+            },
+        );
+        let eligible = (0..self.devs.len() as u32)
+            .filter(|i| self.devs[*i as usize].channel == ch)
+            .collect();
+        let mut r = otarig_server::rollout::Rollout::new(plan.clone(), eligible);
+        let first = r.start();
+        self.rollouts[k] = Some(r);
+        self.offer(k, &first, 0);
+        self.schedule(usize::MAX, self.now + plan.interval_ms, Ev::WaveCheck(k));
+    }
+
+    /// Tell these boards about release k (the server pushes it to them: an `update-now`).
+    fn offer(&mut self, k: usize, boards: &[u32], wave: usize) {
+        let now = self.now;
+        let seq = self.releases[k].sequence;
+        self.record(
+            usize::MAX,
+            What::Rollout {
+                sequence: seq,
+                message: format!("wave {} starts: {} board(s)", wave + 1, boards.len()),
+            },
+        );
+        let signed = Arc::new(self.releases[k].manifest.clone());
+        for b in boards {
+            self.schedule(*b as usize, now + LATENCY_MS, Ev::Manifest(signed.clone()));
+        }
+    }
+
+    fn wave_check(&mut self, k: usize) {
+        let seq = self.releases[k].sequence;
+        let failed: HashSet<String> = self
+            .store
+            .acks()
+            .iter()
+            .filter(|a| a.ack.sequence == seq && a.ack.outcome != otarig_agent::Outcome::Installed)
+            .map(|a| a.device.clone())
+            .collect();
+        let ids: Vec<String> = self.devs.iter().map(|d| d.id.clone()).collect();
+        let Some(r) = self.rollouts[k].as_mut() else {
+            return;
+        };
+        let interval = r.plan().interval_ms;
+        match r.check(|b| failed.contains(&ids[b as usize])) {
+            otarig_server::rollout::Step::Next(boards) => {
+                let wave = self.rollouts[k].as_ref().map_or(0, |r| r.wave());
+                self.offer(k, &boards, wave);
+                self.schedule(usize::MAX, self.now + interval, Ev::WaveCheck(k));
+            }
+            otarig_server::rollout::Step::Halted {
+                wave,
+                failed,
+                members,
+            } => self.record(
+                usize::MAX,
+                What::Rollout {
+                    sequence: seq,
+                    message: format!(
+                        "halted after wave {}: {failed} of {members} board(s) failed",
+                        wave + 1
+                    ),
+                },
+            ),
+            otarig_server::rollout::Step::Done => {
+                let SignedRelease {
+                    device_type: dt,
+                    channel: ch,
+                    manifest: signed,
+                    ..
+                } = self.releases[k].clone();
+                self.store.publish(&dt, &ch, signed);
+                self.record(
+                    usize::MAX,
+                    What::Rollout {
+                        sequence: seq,
+                        message: "complete".into(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn power_on(&mut self, d: usize) {
+        let now = self.now;
+        let outcome = self.devs[d].board.boot();
+        self.drain_board(d);
+        match outcome {
+            BootOutcome::App(booted) => {
+                let dev = &mut self.devs[d];
+                dev.behaviour = booted.behaviour;
+                if booted.behaviour.boot == BootBehaviour::Crash {
+                    dev.crash_streak += 1;
+                    dev.crashed_version = booted.info.desc.version.to_string();
+                    self.record(d, What::AppCrashed);
+                    return self.restart(d, 2_000);
+                }
+                dev.crash_streak = 0;
+                let mut cfg = self.cfg_template.clone();
+                cfg.device_id = dev.id.clone();
+                cfg.channel = dev.channel.clone();
+                cfg.trusted_keys = self.keys.clone();
+                dev.agent = Some(Agent::new(cfg));
+                self.feed(d, Input::Boot);
+                let dev = &self.devs[d];
+                if dev.agent.is_some() && dev.behaviour.network == NetworkBehaviour::Ok {
+                    self.schedule(d, now + CONNECT_MS, Ev::Online);
+                }
+            }
+            BootOutcome::Bricked(reason) => self.devs[d].bricked = Some(reason),
+            BootOutcome::PowerLost => self.power_lost(d),
+        }
+    }
+
+    /// Reset: RAM is gone, pending deliveries to this boot are dropped.
+    fn restart(&mut self, d: usize, after_ms: u64) {
+        let now = self.now;
+        let dev = &mut self.devs[d];
+        dev.agent = None;
+        dev.epoch += 1;
+        self.schedule(d, now + after_ms, Ev::PowerOn);
+    }
+
+    fn power_lost(&mut self, d: usize) {
+        self.devs[d].cuts += 1;
+        let off = self.devs[d].off_for_ms;
+        self.restart(d, off);
+    }
+
+    fn drain_board(&mut self, d: usize) {
+        for e in self.devs[d].board.take_events() {
+            if let BoardEvent::OtaBegin { slot, .. } = &e {
+                self.devs[d].update_slot = Some(slot.clone());
+            }
+            self.record(d, What::Board(e));
+        }
+    }
+
+    fn feed(&mut self, d: usize, input: Input<'_>) {
+        let now = self.now;
+        let dev = &mut self.devs[d];
+        let Some(agent) = dev.agent.as_mut() else {
+            return;
+        };
+        agent.handle(&mut dev.board, EPOCH_MS + now, input);
+        self.drain_board(d);
+        if !self.devs[d].board.is_powered() {
+            // The cut stopped the CPU: whatever the agent meant to do next never happens.
+            return self.power_lost(d);
+        }
+        let mut actions = Vec::new();
+        if let Some(agent) = self.devs[d].agent.as_mut() {
+            while let Some(a) = agent.poll_action() {
+                actions.push(a);
+            }
+        }
+        for a in actions {
+            self.act(d, a);
+        }
+    }
+
+    fn act(&mut self, d: usize, a: Action) {
+        let now = self.now;
+        match a {
+            Action::RunSelfTest => {
+                let passed = self.devs[d].behaviour.self_test == SelfTest::Pass;
+                self.schedule(d, now + SELF_TEST_MS, Ev::SelfTestDone(passed));
+            }
+            Action::PollManifest => {
+                let c = &self.cfg_template;
+                if let Some(m) = self
+                    .rollout_offer(d)
+                    .or_else(|| self.store.latest(&c.device_type, &self.devs[d].channel))
+                {
+                    self.schedule(d, now + LATENCY_MS, Ev::Manifest(m));
+                }
+            }
+            Action::Fetch {
+                sha256,
+                offset,
+                len,
+                ..
+            } => {
+                let total = self.store.blob(&sha256).map_or(0, |b| b.len() as u64);
+                let (start, end) = (offset as u64, offset as u64 + len as u64);
+                let cut_of = |p: u32| total * p as u64 / 100;
+                let fault = self.devs[d].server_fault(|f| match f {
+                    ServerFault::DropAfterPercent(p) => {
+                        start < cut_of(p) && cut_of(p) < end.min(total)
+                    }
+                    f => f.shapes_answer(),
+                });
+                let throttle = match self.devs[d].server_fault(|f| !f.shapes_answer()) {
+                    Some(ServerFault::Throttle(bps)) => Some(bps),
+                    _ => None,
+                };
+                match fault {
+                    Some(ServerFault::Status(st)) => {
+                        self.schedule(d, now + LATENCY_MS, Ev::FetchFailed(format!("HTTP {st}")))
+                    }
+                    Some(ServerFault::Stall) => self.schedule(
+                        d,
+                        now + FETCH_TIMEOUT_MS,
+                        Ev::FetchFailed(format!("no answer within {} s", FETCH_TIMEOUT_MS / 1000)),
+                    ),
+                    Some(ServerFault::NoRange) => {
+                        self.serve(d, sha256, 0, u64::MAX, None, throttle)
+                    }
+                    Some(ServerFault::DropAfterPercent(p)) => {
+                        self.serve(d, sha256, offset, len as u64, Some(cut_of(p)), throttle)
+                    }
+                    Some(ServerFault::Throttle(_)) | None => {
+                        self.serve(d, sha256, offset, len as u64, None, throttle)
+                    }
+                }
+            }
+            Action::Report(e) => {
+                if let Event::Downloading { size, .. } = &e {
+                    self.devs[d].image_size = *size as u64;
+                }
+                self.record(d, What::Agent(e));
+            }
+            Action::Ack(ack) => {
+                let id = self.devs[d].id.clone();
+                let fresh = self.store.ack(&id, ack.clone());
+                self.record(
+                    d,
+                    What::Ack {
+                        ack,
+                        duplicate: !fresh,
+                    },
+                );
+            }
+            Action::WakeAt(t) => {
+                let at = t.saturating_sub(EPOCH_MS).max(now);
+                self.schedule(d, at, Ev::Timer);
+            }
+            Action::Reboot => self.restart(d, BOOT_MS),
+        }
+    }
+}
+
+/// For reports: the otadata state name of a slot, "none" for no entry.
+pub fn state_name(s: Option<OtaImgState>) -> &'static str {
+    s.map(|s| s.name()).unwrap_or("none")
+}

@@ -1,0 +1,238 @@
+//! Peak heap of the agent during a 1 MiB full update, measured with a counting allocator.
+//!
+//! Only allocations made by the agent count: the simulated board's own allocations (flash
+//! sectors) happen with counting paused, through the [`Untracked`] adapter. The figure is
+//! printed (`cargo test --test agent_heap -- --nocapture`) and bounded, so a change that makes
+//! the agent buffer the image fails here.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::Arc;
+
+use otarig_agent::manifest::Manifest;
+use otarig_agent::{
+    Action, Agent, Config, EspResult, Input, OtaImgState, Platform, Slot, SlotKind,
+};
+use otarig_esp32s3::appimage::{self, AppSpec};
+use otarig_esp32s3::board::{Board, BootConfig, BootOutcome};
+use otarig_esp32s3::partition::PartitionTable;
+use otarig_server::keys::{fixture_dir, NamedKey};
+
+struct Counting;
+
+thread_local! {
+    static TRACK: Cell<bool> = const { Cell::new(false) };
+}
+static CURRENT: AtomicIsize = AtomicIsize::new(0);
+static PEAK: AtomicIsize = AtomicIsize::new(0);
+
+fn tracking() -> bool {
+    TRACK.try_with(|t| t.get()).unwrap_or(false)
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if tracking() {
+            let now = CURRENT.fetch_add(layout.size() as isize, Ordering::Relaxed)
+                + layout.size() as isize;
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if tracking() {
+            CURRENT.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        }
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn tracked<T>(f: impl FnOnce() -> T) -> T {
+    TRACK.with(|t| t.set(true));
+    let out = f();
+    TRACK.with(|t| t.set(false));
+    out
+}
+
+fn untracked<T>(f: impl FnOnce() -> T) -> T {
+    let was = TRACK.with(|t| t.replace(false));
+    let out = f();
+    TRACK.with(|t| t.set(was));
+    out
+}
+
+/// The board with counting paused for everything it does.
+struct Untracked<'a>(&'a mut Board);
+
+impl Platform for Untracked<'_> {
+    fn running_slot(&self) -> Slot {
+        untracked(|| self.0.running_slot())
+    }
+    fn next_update_slot(&self) -> Option<Slot> {
+        untracked(|| self.0.next_update_slot())
+    }
+    fn slot_state(&mut self, s: Slot) -> EspResult<Option<OtaImgState>> {
+        untracked(|| self.0.slot_state(s))
+    }
+    fn ota_begin(&mut self, s: Slot) -> EspResult<()> {
+        untracked(|| self.0.ota_begin(s))
+    }
+    fn ota_resume(&mut self, s: Slot, o: u32) -> EspResult<()> {
+        untracked(|| self.0.ota_resume(s, o))
+    }
+    fn ota_write(&mut self, d: &[u8]) -> EspResult<()> {
+        untracked(|| self.0.ota_write(d))
+    }
+    fn ota_end(&mut self) -> EspResult<()> {
+        untracked(|| self.0.ota_end())
+    }
+    fn ota_abort(&mut self) {
+        untracked(|| self.0.ota_abort())
+    }
+    fn set_boot_partition(&mut self, s: Slot) -> EspResult<()> {
+        untracked(|| self.0.set_boot_partition(s))
+    }
+    fn mark_app_valid_cancel_rollback(&mut self) -> EspResult<()> {
+        untracked(|| self.0.mark_app_valid_cancel_rollback())
+    }
+    fn mark_app_invalid_rollback(&mut self) -> EspResult<()> {
+        untracked(|| self.0.mark_app_invalid_rollback())
+    }
+    fn slot_read(&mut self, s: Slot, o: u32, b: &mut [u8]) -> EspResult<()> {
+        untracked(|| self.0.slot_read(s, o, b))
+    }
+    fn state_size(&self) -> u32 {
+        untracked(|| self.0.state_size())
+    }
+    fn state_read(&mut self, o: u32, b: &mut [u8]) -> EspResult<()> {
+        untracked(|| self.0.state_read(o, b))
+    }
+    fn state_erase_sector(&mut self, o: u32) -> EspResult<()> {
+        untracked(|| self.0.state_erase_sector(o))
+    }
+    fn state_write(&mut self, o: u32, d: &[u8]) -> EspResult<()> {
+        untracked(|| self.0.state_write(o, d))
+    }
+    fn efuse_secure_version(&mut self) -> u32 {
+        untracked(|| self.0.efuse_secure_version())
+    }
+}
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Run one 1 MiB update through the agent and return its peak heap in bytes.
+fn peak_heap_of_update(delta: bool) -> isize {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    CURRENT.store(0, Ordering::Relaxed);
+    PEAK.store(0, Ordering::Relaxed);
+    const NOW: u64 = 1_767_225_600_000;
+    let table = Arc::new(PartitionTable::default_two_ota());
+    let v1 = appimage::build(&AppSpec::new("heap", "1.0.0", 1024 * 1024 - 4096));
+    let v2 = appimage::build(&AppSpec::new("heap", "2.0.0", 1024 * 1024 - 64));
+    let patch = otarig_server::delta::make(&v1, &v2);
+    let mut board =
+        Board::factory_flashed(table, BootConfig::default(), SlotKind::Factory, &v1, 0).unwrap();
+    assert!(matches!(board.boot(), BootOutcome::App(_)));
+    let key = NamedKey::load(&fixture_dir(), "rsa-test").unwrap();
+    let trusted = vec![key.trusted().unwrap()];
+    let patch_sha = otarig_server::store::sha256(&patch);
+    let manifest = key.sign_manifest(&Manifest {
+        format: 1,
+        device_type: "heap".into(),
+        channel: "stable".into(),
+        version: "2.0.0".into(),
+        secure_version: 0,
+        sequence: 1,
+        size: v2.len() as u32,
+        sha256: hex::encode(otarig_server::store::sha256(&v2)),
+        url: None,
+        cid: None,
+        deltas: if delta {
+            vec![otarig_agent::manifest::DeltaRef {
+                from_sha256: hex::encode(otarig_server::store::sha256(&v1)),
+                sha256: hex::encode(patch_sha),
+                size: patch.len() as u32,
+                url: None,
+            }]
+        } else {
+            Vec::new()
+        },
+        issued_at: NOW / 1000,
+        expires_at: NOW / 1000 + 3600,
+    });
+
+    let mut actions: Vec<Action> = Vec::with_capacity(64);
+    let mut agent = tracked(|| Agent::new(Config::new("dev-0", "heap", trusted.clone())));
+    let mut inputs: Vec<Input> = vec![Input::Boot, Input::Online, Input::Manifest(&manifest)];
+    let mut fetched_patch = false;
+    let mut rebooted = false;
+    while !inputs.is_empty() && !rebooted {
+        let input = inputs.remove(0);
+        tracked(|| {
+            agent.handle(&mut Untracked(&mut board), NOW, input);
+            while let Some(a) = agent.poll_action() {
+                actions.push(a);
+            }
+        });
+        for a in actions.drain(..) {
+            if let Action::Fetch {
+                offset,
+                len,
+                sha256,
+                ..
+            } = &a
+            {
+                let blob: &[u8] = if *sha256 == patch_sha { &patch } else { &v2 };
+                fetched_patch |= *sha256 == patch_sha;
+                let (o, l) = (*offset as usize, *len as usize);
+                inputs.push(Input::Body {
+                    offset: *offset,
+                    data: &blob[o..o + l],
+                });
+                inputs.push(Input::BodyEnd);
+            }
+            rebooted |= a == Action::Reboot;
+            tracked(|| drop(a));
+        }
+    }
+    assert!(rebooted, "the update did not finish");
+    assert_eq!(fetched_patch, delta, "delta used: {fetched_patch}");
+    let slot = board.next_update_slot().unwrap();
+    assert!(board
+        .peek_image(slot)
+        .is_some_and(|i| i.desc.version.as_str() == "2.0.0"));
+    let peak = PEAK.load(Ordering::Relaxed);
+    assert!(
+        peak > 0,
+        "nothing was counted: the allocator hook is not working"
+    );
+    println!(
+        "agent peak heap during a {} byte {} update: {peak} bytes ({:.1} KiB)",
+        v2.len(),
+        if delta { "delta" } else { "full" },
+        peak as f64 / 1024.0
+    );
+    peak
+}
+
+#[test]
+fn peak_agent_heap_during_a_1_mib_full_update() {
+    let peak = peak_heap_of_update(false);
+    assert!(
+        peak < 32 * 1024,
+        "agent peak heap {peak} bytes exceeds 32 KiB"
+    );
+}
+
+#[test]
+fn peak_agent_heap_during_a_1_mib_delta_update() {
+    let peak = peak_heap_of_update(true);
+    assert!(
+        peak <= 32 * 1024,
+        "agent peak heap {peak} bytes exceeds 32 KiB"
+    );
+}

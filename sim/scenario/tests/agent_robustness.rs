@@ -1,0 +1,248 @@
+//! The agent against arbitrary input sequences: valid and garbage manifests, announcements
+//! and commands, image bytes at random offsets, early ends, failures and timers, in any order.
+//! Whatever arrives, it never panics, never programs flash that is not erased, and never
+//! switches the boot partition to anything but the image the signed manifest names.
+
+use std::sync::Arc;
+
+use otarig_agent::manifest::Manifest;
+use otarig_agent::{Agent, Config, Input, Platform, SlotKind};
+use otarig_esp32s3::appimage::{self, AppSpec};
+use otarig_esp32s3::board::{Board, BoardEvent, BootConfig, BootOutcome};
+use otarig_esp32s3::partition::PartitionTable;
+use otarig_server::keys::{fixture_dir, NamedKey};
+use proptest::prelude::*;
+
+#[derive(Clone, Debug)]
+enum Step {
+    Online,
+    Offline,
+    GoodManifest,
+    GarbageManifest(Vec<u8>),
+    Announcement(Vec<u8>),
+    Command(Vec<u8>),
+    /// Bytes of the real image at `offset` (`len`), possibly corrupted at one position.
+    Body {
+        offset: u32,
+        len: u32,
+        flip: Option<u32>,
+    },
+    /// Answer the agent's last range request (corrupting one byte if `flip`), then end it.
+    Serve {
+        flip: Option<u32>,
+    },
+    BodyEnd,
+    FetchFailed,
+    Timer(u64),
+    SelfTest(bool),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        1 => Just(Step::Online),
+        1 => Just(Step::Offline),
+        3 => Just(Step::GoodManifest),
+        1 => proptest::collection::vec(any::<u8>(), 0..300).prop_map(Step::GarbageManifest),
+        1 => proptest::collection::vec(any::<u8>(), 0..300).prop_map(Step::Announcement),
+        1 => prop_oneof![
+            Just(br#"{"v":1,"id":"a","cmd":"report"}"#.to_vec()),
+            Just(br#"{"v":1,"id":"b","cmd":"update-now"}"#.to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        ]
+        .prop_map(Step::Command),
+        8 => (0u32..40_000, 1u32..20_000, proptest::option::of(0u32..40_000))
+            .prop_map(|(offset, len, flip)| Step::Body { offset, len, flip }),
+        12 => proptest::option::weighted(0.1, 0u32..16_384).prop_map(|flip| Step::Serve { flip }),
+        4 => Just(Step::BodyEnd),
+        1 => Just(Step::FetchFailed),
+        1 => (0u64..200_000).prop_map(Step::Timer),
+        1 => any::<bool>().prop_map(Step::SelfTest),
+    ]
+}
+
+const NOW: u64 = 1_767_225_600_000;
+
+struct Rig {
+    board: Board,
+    agent: Agent,
+    manifest: Vec<u8>,
+    v2: Vec<u8>,
+    v2_sha: [u8; 32],
+    last_fetch: Option<(u32, u32)>,
+    now: u64,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let table = Arc::new(PartitionTable::default_two_ota());
+        let v1 = appimage::build(&AppSpec::new("robust", "1.0.0", 24 * 1024));
+        let v2 = appimage::build(&AppSpec::new("robust", "2.0.0", 36 * 1024));
+        let v2_sha = otarig_server::store::sha256(&v2);
+        let mut board =
+            Board::factory_flashed(table, BootConfig::default(), SlotKind::Factory, &v1, 0)
+                .unwrap();
+        assert!(matches!(board.boot(), BootOutcome::App(_)));
+        let key = NamedKey::load(&fixture_dir(), "ed25519-test").unwrap();
+        let manifest = key.sign_manifest(&Manifest {
+            format: 1,
+            device_type: "robust".into(),
+            channel: "stable".into(),
+            version: "2.0.0".into(),
+            secure_version: 0,
+            sequence: 1,
+            size: v2.len() as u32,
+            sha256: hex::encode(v2_sha),
+            url: None,
+            cid: None,
+            deltas: Vec::new(),
+            issued_at: NOW / 1000,
+            expires_at: NOW / 1000 + 86_400,
+        });
+        let mut agent = Agent::new(Config::new(
+            "robust-0",
+            "robust",
+            vec![key.trusted().unwrap()],
+        ));
+        agent.handle(&mut board, NOW, Input::Boot);
+        let mut rig = Rig {
+            board,
+            agent,
+            manifest,
+            v2,
+            v2_sha,
+            last_fetch: None,
+            now: NOW,
+        };
+        rig.drain();
+        rig
+    }
+
+    fn feed(&mut self, input: Input<'_>) {
+        self.agent.handle(&mut self.board, self.now, input);
+        self.drain();
+    }
+
+    fn drain(&mut self) {
+        while let Some(a) = self.agent.poll_action() {
+            if let otarig_agent::Action::Fetch { offset, len, .. } = a {
+                self.last_fetch = Some((offset, len));
+            }
+        }
+    }
+
+    fn step(&mut self, s: &Step) {
+        self.now += 100;
+        let mut data;
+        match s {
+            Step::Online => self.feed(Input::Online),
+            Step::Offline => self.feed(Input::Offline),
+            Step::GoodManifest => {
+                let m = self.manifest.clone();
+                self.feed(Input::Manifest(&m))
+            }
+            Step::GarbageManifest(b) => self.feed(Input::Manifest(b)),
+            Step::Announcement(b) => self.feed(Input::Announcement(b)),
+            Step::Command(b) => self.feed(Input::Command(b)),
+            Step::Body { offset, len, flip } => {
+                let start = (*offset as usize).min(self.v2.len());
+                let end = (start + *len as usize).min(self.v2.len());
+                data = self.v2[start..end].to_vec();
+                if let (Some(f), false) = (flip, data.is_empty()) {
+                    let n = data.len();
+                    data[*f as usize % n] ^= 0x10;
+                }
+                self.feed(Input::Body {
+                    offset: start as u32,
+                    data: &data,
+                })
+            }
+            Step::Serve { flip } => {
+                let Some((offset, len)) = self.last_fetch.take() else {
+                    return;
+                };
+                let (start, end) = (offset as usize, (offset + len) as usize);
+                data = self.v2[start.min(self.v2.len())..end.min(self.v2.len())].to_vec();
+                if let (Some(f), false) = (flip, data.is_empty()) {
+                    let n = data.len();
+                    data[*f as usize % n] ^= 0x10;
+                }
+                self.feed(Input::Body {
+                    offset,
+                    data: &data,
+                });
+                self.feed(Input::BodyEnd);
+            }
+            Step::BodyEnd => self.feed(Input::BodyEnd),
+            Step::FetchFailed => self.feed(Input::FetchFailed { reason: "test" }),
+            Step::Timer(dt) => {
+                self.now += dt;
+                self.feed(Input::Timer)
+            }
+            Step::SelfTest(p) => self.feed(Input::SelfTestDone {
+                passed: *p,
+                detail: "test",
+            }),
+        }
+    }
+
+    /// Check the board after the run; returns whether the boot partition was switched.
+    fn verdict(mut self) -> Result<bool, String> {
+        let events = self.board.take_events();
+        if events
+            .iter()
+            .any(|e| matches!(e, BoardEvent::FlashViolation { .. }))
+        {
+            return Err(format!("flash violation: {events:?}"));
+        }
+        let switched = events
+            .iter()
+            .any(|e| matches!(e, BoardEvent::BootPartitionSet { .. }));
+        if switched {
+            let slot = self.board.next_update_slot().ok_or("no update slot")?;
+            let info = self.board.peek_image(slot);
+            if info.as_ref().is_none_or(|i| i.sha256 != self.v2_sha) {
+                return Err(format!(
+                    "switched to an image that is not the signed one: {info:?}"
+                ));
+            }
+        }
+        match self.board.boot() {
+            BootOutcome::App(b)
+                if b.info.desc.version.as_str() == "1.0.0" || b.info.sha256 == self.v2_sha =>
+            {
+                Ok(switched)
+            }
+            other => Err(format!(
+                "board does not boot a known image after the sequence: {other:?}"
+            )),
+        }
+    }
+}
+
+#[test]
+fn the_harness_reaches_the_switch() {
+    let mut rig = Rig::new();
+    rig.step(&Step::Online);
+    rig.step(&Step::GoodManifest);
+    for _ in 0..10 {
+        rig.step(&Step::Serve { flip: None });
+    }
+    assert_eq!(rig.verdict(), Ok(true));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_inputs_never_corrupt_the_board(steps in proptest::collection::vec(step(), 1..120)) {
+        let mut rig = Rig::new();
+        for s in &steps {
+            rig.step(s);
+            if rig.agent.is_finished() {
+                break;
+            }
+        }
+        let verdict = rig.verdict();
+        prop_assert!(verdict.is_ok(), "{:?}", verdict);
+    }
+}

@@ -1,0 +1,55 @@
+//! What can be checked of the ESP32-S3 firmware shell on a host without the Xtensa toolchain:
+//! it flashes the simulator's partition table, and it trusts exactly the test keys' public
+//! halves. (Its Rust is compiled only on a bench: `just fw-build`.)
+
+use std::path::Path;
+
+use otarig_esp32s3::partition::PartitionTable;
+use otarig_server::keys::{fixture_dir, NamedKey};
+
+fn shell() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../firmware-under-test/esp32s3")
+}
+
+#[test]
+fn the_firmware_partition_table_is_the_simulators() {
+    let csv = std::fs::read_to_string(shell().join("partitions.csv")).unwrap();
+    let fw = PartitionTable::from_csv("partitions.csv", &csv).unwrap();
+    assert_eq!(
+        fw.to_binary(),
+        PartitionTable::default_two_ota().to_binary()
+    );
+}
+
+#[test]
+fn the_firmware_trusts_the_test_keys_public_halves() {
+    for id in ["ed25519-test", "rsa-test"] {
+        let key = NamedKey::load(&fixture_dir(), id)
+            .unwrap()
+            .trusted()
+            .unwrap();
+        let (file, want) = match &key.key {
+            otarig_agent::PublicKey::Ed25519(k) => (format!("{id}.ed25519"), k.to_bytes().to_vec()),
+            otarig_agent::PublicKey::Rsa(k) => {
+                use rsa::pkcs1::EncodeRsaPublicKey;
+                (
+                    format!("{id}.rsa.der"),
+                    k.to_pkcs1_der().unwrap().as_bytes().to_vec(),
+                )
+            }
+        };
+        let got = std::fs::read(shell().join("keys").join(&file)).unwrap();
+        assert_eq!(got, want, "{file} is `otarig keys export {id}`");
+    }
+}
+
+#[test]
+fn rollback_is_enabled_in_the_firmware_config() {
+    let cfg = std::fs::read_to_string(shell().join("sdkconfig.defaults")).unwrap();
+    assert!(cfg
+        .lines()
+        .any(|l| l.trim() == "CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE=y"));
+    assert!(cfg
+        .lines()
+        .any(|l| l.trim() == "CONFIG_PARTITION_TABLE_CUSTOM_FILENAME=\"partitions.csv\""));
+}

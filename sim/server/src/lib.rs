@@ -1,0 +1,22 @@
+//! # otarig-server
+//!
+//! The fleet operator's side of an OTA update, usable without any simulated board:
+//! - [`keys`]: signing keys (PKCS#8 PEM) and their public halves as firmware compiles them in;
+//! - [`store`]: the in-process core (blobs by SHA-256, latest signed manifest per device type
+//!   and channel, acks), called directly by the deterministic runner;
+//! - [`release_store`]: the same on disk, with the signed, hash-chained release log;
+//! - [`cid`]: IPFS-compatible CIDs of release blobs;
+//! - [`delta`]: making delta patches (the agent applies them);
+//! - [`rollout`]: staged rollouts that halt on failures;
+//! - [`server`]: the HTTP server around the store, with injectable faults.
+//!
+//! It must never depend on the simulated chip (`otarig-esp32s3`), scenario files, the fleet or
+//! the HIL layer: the server serves real boards exactly as it serves simulated ones.
+
+pub mod cid;
+pub mod delta;
+pub mod keys;
+pub mod release_store;
+pub mod rollout;
+pub mod server;
+pub mod store;

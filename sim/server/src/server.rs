@@ -1,0 +1,566 @@
+//! The firmware server: a thin HTTP shell around the [`ReleaseStore`].
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /firmware/latest?deviceType=T[&channel=C][&deviceId=D]` | the latest signed manifest for T/C (channel defaults to `stable`); 404 when there is none |
+//! | `GET /blobs/<sha256>[?deviceId=D]` | an image or patch, with single `Range` (206; 416 past the end), strong `ETag` (the blob's SHA-256), `If-None-Match` (304), `If-Match` (412) and `If-Range` (a changed blob comes whole): a resume never mixes two blobs |
+//! | `GET /ipfs/<cid>[?deviceId=D]` | the same blob by its IPFS CIDv1 (as `ipfs add --cid-version 1` names it), same headers and faults |
+//! | `POST /ack` | a board's ack (the MQTT `ack` payload); 204, or 400 saying what is wrong |
+//! | `GET /healthz` | 200 `ok` |
+//!
+//! Errors are JSON `{"error": "…"}` that say what was wrong and what to send instead.
+//!
+//! Fault injection ([`ServerFaults`]) lives here, so it works the same for simulated and real
+//! boards: per device id, a blob request can fail with an HTTP status, never be answered,
+//! ignore `Range`, have its connection dropped at a given point of the blob, or trickle at a
+//! given rate.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::release_store::{Blob, ReleaseStore};
+
+/// A fault and how many more requests it applies to (None: all of them).
+/// How the firmware server misbehaves on a blob request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerFault {
+    /// The connection drops once the response reaches this percentage of the blob.
+    DropAfterPercent(u32),
+    /// Range is ignored: every answer is 200 with the whole blob.
+    NoRange,
+    /// The request fails with this HTTP status.
+    Status(u16),
+    /// No answer at all; the board's request times out.
+    Stall,
+    /// Bodies trickle at this many bytes per second (virtual time). Unlike the others, a
+    /// throttle combines with another fault on the same request.
+    Throttle(u32),
+}
+
+impl ServerFault {
+    /// Whether this fault decides the answer to a request (all but [`ServerFault::Throttle`],
+    /// which only paces it).
+    pub fn shapes_answer(self) -> bool {
+        !matches!(self, ServerFault::Throttle(_))
+    }
+}
+
+pub type CountedFault = (ServerFault, Option<u32>);
+
+/// Faults the server applies to blob requests, per device id.
+#[derive(Default, Debug)]
+pub struct ServerFaults {
+    by_device: Mutex<HashMap<String, Vec<CountedFault>>>,
+    /// Virtual time runs this many times faster than real time for the boards (the wire
+    /// fleet's speedup; 0 means 1): a throttle of B/s virtual is B x speedup real.
+    speedup: std::sync::atomic::AtomicU32,
+    /// Blob bytes answered per device (by Content-Length: a response cut short counts whole).
+    served: Mutex<HashMap<String, u64>>,
+}
+
+impl ServerFaults {
+    /// Blob bytes the server answered to one device so far.
+    pub fn served(&self, device: &str) -> u64 {
+        let map = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(device).copied().unwrap_or(0)
+    }
+
+    /// Pace throttled bodies for boards whose clock runs `speedup` times real time.
+    pub fn set_speedup(&self, speedup: f64) {
+        self.speedup.store(
+            speedup.clamp(1.0, 1e6) as u32,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn real_rate(&self, bytes_per_s: u32) -> f64 {
+        let s = self
+            .speedup
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1);
+        bytes_per_s as f64 * s as f64
+    }
+
+    /// Faults for one device: each applies `times` times (None: always), first match first.
+    pub fn set(&self, device: &str, faults: Vec<CountedFault>) {
+        self.by_device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(device.to_string(), faults);
+    }
+
+    fn take(&self, device: &str, applies: impl Fn(ServerFault) -> bool) -> Option<ServerFault> {
+        let mut map = self.by_device.lock().unwrap_or_else(|p| p.into_inner());
+        let list = map.get_mut(device)?;
+        let (fault, times) = list
+            .iter_mut()
+            .find(|(f, t)| t.is_none_or(|n| n > 0) && applies(*f))?;
+        if let Some(n) = times {
+            *n -= 1;
+        }
+        Some(*fault)
+    }
+}
+
+/// Manifests offered to single devices ahead of everyone else: the waves of a staged rollout.
+#[derive(Default, Debug)]
+pub struct Offers {
+    by_device: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+impl Offers {
+    pub fn offer(&self, device: &str, signed_manifest: Vec<u8>) {
+        self.by_device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(device.to_string(), signed_manifest);
+    }
+
+    fn get(&self, device: &str) -> Option<Vec<u8>> {
+        self.by_device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(device)
+            .cloned()
+    }
+}
+
+#[derive(Clone)]
+struct App {
+    store: Arc<ReleaseStore>,
+    faults: Arc<ServerFaults>,
+    offers: Arc<Offers>,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+#[derive(Deserialize)]
+struct LatestQuery {
+    #[serde(rename = "deviceType")]
+    device_type: Option<String>,
+    channel: Option<String>,
+    #[serde(rename = "deviceId")]
+    device_id: Option<String>,
+}
+
+async fn latest(
+    State(App { store, offers, .. }): State<App>,
+    Query(q): Query<LatestQuery>,
+) -> Response {
+    if let Some(m) = q.device_id.as_deref().and_then(|d| offers.get(d)) {
+        return ([(header::CONTENT_TYPE, "application/json")], m).into_response();
+    }
+    let Some(device_type) = q.device_type else {
+        return error(StatusCode::BAD_REQUEST, "missing query parameter deviceType (e.g. /firmware/latest?deviceType=otarig-devkit-s3)");
+    };
+    let channel = q.channel.unwrap_or_else(|| "stable".into());
+    tracing::debug!(%device_type, %channel, device = q.device_id.as_deref().unwrap_or("-"), "latest manifest");
+    let store2 = store.clone();
+    let (dt, ch) = (device_type.clone(), channel.clone());
+    match tokio::task::spawn_blocking(move || store2.latest(&dt, &ch)).await {
+        Ok(Ok(Some(bytes))) => {
+            ([(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+        }
+        Ok(Ok(None)) => error(
+            StatusCode::NOT_FOUND,
+            format!("no release for device type '{device_type}' on channel '{channel}'"),
+        ),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckWire {
+    v: u32,
+    device: String,
+    sequence: u64,
+    version: String,
+    outcome: String,
+    #[serde(default)]
+    detail: String,
+}
+
+async fn ack(State(App { store, .. }): State<App>, body: axum::body::Bytes) -> Response {
+    let wire: AckWire = match serde_json::from_slice(&body) {
+        Ok(w) => w,
+        Err(e) => {
+            return error(StatusCode::BAD_REQUEST, format!(
+                "ack is not {{\"v\":1,\"device\":…,\"sequence\":…,\"version\":…,\"outcome\":…,\"detail\":…}}: {e}"
+            ))
+        }
+    };
+    if wire.v != otarig_agent::protocol::VERSION {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("ack format v{}; this server reads v1", wire.v),
+        );
+    }
+    if !["installed", "refused", "rolled-back"].contains(&wire.outcome.as_str()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "outcome '{}' is not installed, refused or rolled-back",
+                wire.outcome
+            ),
+        );
+    }
+    if wire.device.is_empty() || wire.device.len() > 128 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "device must be 1 to 128 characters",
+        );
+    }
+    let record = json!({"v": wire.v, "device": wire.device, "sequence": wire.sequence,
+        "version": wire.version, "outcome": wire.outcome, "detail": wire.detail});
+    match tokio::task::spawn_blocking(move || store.record_ack(&record)).await {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct BlobQuery {
+    #[serde(rename = "deviceId")]
+    device_id: Option<String>,
+}
+
+/// The byte range `[A, B+1)` of a single `Range: bytes=A-[B]` request (open end: `u64::MAX`).
+fn range_of(req: &Request) -> Option<(u64, u64)> {
+    let v = req.headers().get(header::RANGE)?.to_str().ok()?;
+    let (a, b) = v.strip_prefix("bytes=")?.split_once('-')?;
+    let start = a.trim().parse().ok()?;
+    let end = match b.trim() {
+        "" => u64::MAX,
+        b => b.parse::<u64>().ok()?.saturating_add(1),
+    };
+    Some((start, end))
+}
+
+async fn blob(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<BlobQuery>,
+    req: Request,
+) -> Response {
+    let mut key = [0u8; 32];
+    if hex::decode_to_slice(&name, &mut key).is_err() {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("'{name}' is not a SHA-256 (64 hex digits)"),
+        );
+    }
+    serve_blob(app, key, q, req).await
+}
+
+async fn ipfs(
+    State(app): State<App>,
+    Path(cid): Path<String>,
+    Query(q): Query<BlobQuery>,
+    req: Request,
+) -> Response {
+    let cid = match crate::cid::canonical(&cid) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let store = app.store.clone();
+    let key = cid.clone();
+    match tokio::task::spawn_blocking(move || store.sha_of_cid(&key)).await {
+        Ok(Some(sha)) => serve_blob(app, sha, q, req).await,
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no blob with CID {cid} in this store (publish it with `otarig release add`)"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Serve the blob stored under `key` (a SHA-256), applying the device's faults.
+async fn serve_blob(app: App, key: [u8; 32], q: BlobQuery, req: Request) -> Response {
+    // Kept in memory after the first read: a fleet asks for the same few blobs thousands of
+    // times, and each answer is then a slice of one shared buffer.
+    let blob = match app.store.cached_blob(&key) {
+        Some(b) => b,
+        None => {
+            let store = app.store.clone();
+            match tokio::task::spawn_blocking(move || store.blob(&key)).await {
+                Ok(Ok(Some(b))) => b,
+                Ok(Ok(None)) => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        format!(
+                            "no blob {} in this store (publish it with `otarig release add`)",
+                            hex::encode(key)
+                        ),
+                    )
+                }
+                Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+    };
+    let total = blob.bytes.len() as u64;
+    let (start, end) = range_of(&req).unwrap_or((0, u64::MAX));
+    let cut_of = |p: u32| total * p as u64 / 100;
+    let fault = q.device_id.as_deref().and_then(|d| {
+        app.faults.take(d, |f| match f {
+            // A drop bites the response that would carry the byte where it happens.
+            ServerFault::DropAfterPercent(p) => start < cut_of(p) && cut_of(p) < end.min(total),
+            f => f.shapes_answer(),
+        })
+    });
+    let throttle =
+        q.device_id
+            .as_deref()
+            .and_then(|d| match app.faults.take(d, |f| !f.shapes_answer()) {
+                Some(ServerFault::Throttle(bps)) => Some(app.faults.real_rate(bps)),
+                _ => None,
+            });
+    match fault {
+        Some(ServerFault::Status(st)) => {
+            let status = StatusCode::from_u16(st).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return error(status, "injected server fault");
+        }
+        Some(ServerFault::Stall) => {
+            // Never answer; the board's own timeout ends the request.
+            std::future::pending::<()>().await;
+        }
+        _ => {}
+    }
+    let honour_range = !matches!(fault, Some(ServerFault::NoRange));
+    let resp = ranged(&blob, req.headers(), honour_range);
+    let sent = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map(|len| match fault {
+            // The cut resets the connection with the head of the body still queued, so the
+            // board receives none of it (it re-requests the whole range).
+            Some(ServerFault::DropAfterPercent(_)) => 0,
+            _ => len,
+        });
+    if let (Some(d), Some(len)) = (q.device_id.as_deref(), sent) {
+        let mut served = app.faults.served.lock().unwrap_or_else(|p| p.into_inner());
+        *served.entry(d.to_string()).or_default() += len;
+    }
+    let resp = match throttle {
+        Some(rate) => resp.map(|body| paced(body, rate)),
+        None => resp,
+    };
+    let Some(ServerFault::DropAfterPercent(p)) = fault else {
+        return resp;
+    };
+    // Send the response only up to the cut, then fail the body: the connection drops.
+    let keep = cut_of(p).saturating_sub(start) as usize;
+    let (parts, body) = resp.into_parts();
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let head = bytes.slice(..keep.min(bytes.len()));
+    let chunks: Vec<Result<axum::body::Bytes, std::io::Error>> = vec![
+        Ok(head),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "injected: connection dropped",
+        )),
+    ];
+    Response::from_parts(
+        parts,
+        axum::body::Body::from_stream(futures_util::stream::iter(chunks)),
+    )
+}
+
+/// The answer to a GET of `blob` under conditional and range headers (RFC 9110): `If-Match`
+/// that fails → 412; `If-None-Match` that matches → 304; one satisfiable `Range` (honoured
+/// only while `If-Range` names this blob) → 206 with that slice; a range past the end → 416;
+/// otherwise (no range, several ranges, or a server told to ignore them) → 200 with it all.
+/// The ETag is the blob's SHA-256, strong: the same bytes always carry it, under any URL.
+fn ranged(blob: &Blob, headers: &axum::http::HeaderMap, honour_range: bool) -> Response {
+    use headers::{
+        AcceptRanges, ContentLength, ContentRange, ContentType, ETag, HeaderMapExt, IfMatch,
+        IfNoneMatch, IfRange, Range,
+    };
+    use std::ops::Bound;
+    let len = blob.bytes.len() as u64;
+    let Ok(etag) = format!("\"{}\"", hex::encode(blob.sha256)).parse::<ETag>() else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot form the ETag");
+    };
+    let mut head = axum::http::HeaderMap::new();
+    head.typed_insert(etag.clone());
+    head.typed_insert(AcceptRanges::bytes());
+    head.typed_insert(ContentType::octet_stream());
+    if headers
+        .typed_get::<IfMatch>()
+        .is_some_and(|m| !m.precondition_passes(&etag))
+    {
+        let msg = format!(
+            "If-Match names another blob; this one's ETag is {}: start the download again from byte 0",
+            hex::encode(blob.sha256)
+        );
+        let mut resp = error(StatusCode::PRECONDITION_FAILED, msg);
+        resp.headers_mut().typed_insert(etag);
+        return resp;
+    }
+    if headers
+        .typed_get::<IfNoneMatch>()
+        .is_some_and(|m| !m.precondition_passes(&etag))
+    {
+        return (StatusCode::NOT_MODIFIED, head).into_response();
+    }
+    let range = headers.typed_get::<Range>().filter(|_| {
+        honour_range
+            && headers
+                .typed_get::<IfRange>()
+                .is_none_or(|r| !r.is_modified(Some(&etag), None))
+    });
+    // A spec whose last byte comes before its first is invalid, and RFC 9110 says to ignore
+    // the whole header then.
+    let one = range
+        .map(|r| r.satisfiable_ranges(len).collect::<Vec<_>>())
+        .filter(|specs| {
+            !specs.iter().any(|spec| {
+                matches!(spec, (Bound::Included(first), Bound::Included(last)) if last < first)
+            })
+        });
+    let (start, end) = match one.as_deref() {
+        Some([(first, last)]) => {
+            let start = match *first {
+                Bound::Included(s) => s,
+                Bound::Excluded(s) => s.saturating_add(1),
+                Bound::Unbounded => 0,
+            };
+            let end = match *last {
+                Bound::Included(e) => e.saturating_add(1).min(len),
+                Bound::Excluded(e) => e.min(len),
+                Bound::Unbounded => len,
+            };
+            if start >= end {
+                head.typed_insert(ContentRange::unsatisfied_bytes(len));
+                return (StatusCode::RANGE_NOT_SATISFIABLE, head).into_response();
+            }
+            (start, end)
+        }
+        _ => (0, len),
+    };
+    let body = blob.bytes.slice(start as usize..end as usize);
+    head.typed_insert(ContentLength(end - start));
+    if (start, end) == (0, len) && one.as_ref().is_none_or(|r| r.len() != 1) {
+        return (StatusCode::OK, head, body).into_response();
+    }
+    match ContentRange::bytes(start..end, len) {
+        Ok(cr) => head.typed_insert(cr),
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot form Content-Range",
+            )
+        }
+    }
+    (StatusCode::PARTIAL_CONTENT, head, body).into_response()
+}
+
+/// A body that yields its bytes no faster than `bytes_per_s`, in slices of about 50 ms.
+fn paced(body: axum::body::Body, bytes_per_s: f64) -> axum::body::Body {
+    use futures_util::StreamExt;
+    let slice = ((bytes_per_s / 20.0) as usize).clamp(1, 64 * 1024);
+    let start = tokio::time::Instant::now();
+    let state = (body.into_data_stream(), 0u64, axum::body::Bytes::new());
+    let stream =
+        futures_util::stream::unfold(state, move |(mut inner, sent, mut pending)| async move {
+            if pending.is_empty() {
+                match inner.next().await? {
+                    Ok(b) => pending = b,
+                    Err(e) => return Some((Err(std::io::Error::other(e)), (inner, sent, pending))),
+                }
+            }
+            let piece = pending.split_to(slice.min(pending.len()));
+            let sent = sent + piece.len() as u64;
+            tokio::time::sleep_until(
+                start + std::time::Duration::from_secs_f64(sent as f64 / bytes_per_s),
+            )
+            .await;
+            Some((Ok(piece), (inner, sent, pending)))
+        });
+    axum::body::Body::from_stream(stream)
+}
+
+/// The server's routes over a store.
+pub fn router(store: Arc<ReleaseStore>, faults: Arc<ServerFaults>, offers: Arc<Offers>) -> Router {
+    Router::new()
+        .route("/firmware/latest", get(latest))
+        .route(
+            "/ack",
+            post(ack).layer(DefaultBodyLimit::max(otarig_agent::protocol::MAX_PAYLOAD)),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/blobs/{name}", get(blob))
+        .route("/ipfs/{cid}", get(ipfs))
+        .with_state(App {
+            store,
+            faults,
+            offers,
+        })
+}
+
+/// A running server; dropping it does not stop it, [`Server::shutdown`] does.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub faults: Arc<ServerFaults>,
+    pub offers: Arc<Offers>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Bind `addr` (port 0: a free port, reported in `addr`) and serve in the background.
+    pub async fn start(store: Arc<ReleaseStore>, addr: SocketAddr) -> anyhow::Result<Server> {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen on {addr}: {e} (is another server using the port?)")
+        })?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let faults = Arc::new(ServerFaults::default());
+        let offers = Arc::new(Offers::default());
+        let app = router(store, faults.clone(), offers.clone());
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+                let _ = stopped.await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!("firmware server stopped: {e}");
+            }
+        });
+        Ok(Server {
+            addr,
+            faults,
+            offers,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}

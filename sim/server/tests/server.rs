@@ -1,0 +1,284 @@
+//! The firmware server over real loopback sockets: manifests, blobs with Range/ETag/If-Match,
+//! acks, and the release log's tamper evidence.
+
+use std::sync::Arc;
+
+use otarig_agent::manifest::{self, Manifest};
+use otarig_esp32s3::appimage::{build, AppSpec};
+use otarig_server::keys::{fixture_dir, NamedKey};
+use otarig_server::release_store::ReleaseStore;
+use otarig_server::server::Server;
+use reqwest::header;
+use reqwest::StatusCode;
+
+/// `GET url` with `headers`.
+async fn get(
+    http: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    headers: &[(header::HeaderName, &str)],
+) -> reqwest::Response {
+    let mut req = http.get(url);
+    for (name, value) in headers {
+        req = req.header(name, *value);
+    }
+    req.send().await.unwrap()
+}
+
+fn manifest(version: &str, sequence: u64) -> Manifest {
+    Manifest {
+        format: manifest::FORMAT,
+        device_type: "srv-board".into(),
+        channel: "stable".into(),
+        version: version.into(),
+        secure_version: 0,
+        sequence,
+        size: 0,
+        sha256: String::new(),
+        url: None,
+        cid: None,
+        deltas: Vec::new(),
+        issued_at: 1_767_225_600,
+        expires_at: 1_767_225_600 + 86_400,
+    }
+}
+
+#[tokio::test]
+async fn manifests_blobs_and_acks_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(ReleaseStore::open(dir.path()).unwrap());
+    let key = NamedKey::load(&fixture_dir(), "ed25519-test").unwrap();
+    let v1 = build(&AppSpec::new("srv", "1.0.0", 40_000));
+    let v2 = build(&AppSpec::new("srv", "2.0.0", 50_000));
+    store
+        .publish(&key, manifest("1.0.0", 1), &v1, &[], 1)
+        .unwrap();
+    store
+        .publish(
+            &key,
+            manifest("2.0.0", 2),
+            &v2,
+            std::slice::from_ref(&v1),
+            2,
+        )
+        .unwrap();
+    let server = Server::start(store.clone(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let base = server.url();
+
+    // The latest manifest verifies with the trusted key and offers a patch from v1.
+    let r = http
+        .get(format!("{base}/firmware/latest?deviceType=srv-board"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let m = manifest::open(&r.bytes().await.unwrap(), &[key.trusted().unwrap()]).unwrap();
+    assert_eq!(
+        (m.version.as_str(), m.sequence, m.size as usize),
+        ("2.0.0", 2, v2.len())
+    );
+    assert_eq!(m.deltas.len(), 1);
+    let r = http
+        .get(format!("{base}/firmware/latest?deviceType=other-board"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = http
+        .get(format!("{base}/firmware/latest?deviceType=../../etc"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = http
+        .get(format!("{base}/firmware/latest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.text().await.unwrap().contains("deviceType"));
+
+    // A range of the blob, with a strong ETag; a resume with If-Match on that ETag works, with
+    // another ETag it is refused rather than mixing blobs.
+    let url = format!("{base}/blobs/{}", m.sha256);
+    let r = get(&http, &url, &[(header::RANGE, "bytes=1000-1999")]).await;
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    let etag_value = r.headers().get(header::ETAG).cloned().expect("an ETag");
+    let etag = etag_value.to_str().unwrap();
+    assert!(!etag.starts_with("W/"), "the ETag is strong");
+    assert_eq!(&r.bytes().await.unwrap()[..], &v2[1000..2000]);
+    let r = get(
+        &http,
+        &url,
+        &[(header::RANGE, "bytes=2000-"), (header::IF_MATCH, etag)],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(&r.bytes().await.unwrap()[..], &v2[2000..]);
+    // If-Range: the same blob resumes; a changed one gets all of it again, from byte 0.
+    let r = get(
+        &http,
+        &url,
+        &[(header::RANGE, "bytes=2000-"), (header::IF_RANGE, etag)],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(&r.bytes().await.unwrap()[..], &v2[2000..]);
+    let r = get(
+        &http,
+        &url,
+        &[
+            (header::RANGE, "bytes=2000-"),
+            (header::IF_RANGE, "\"an-older-blob\""),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(&r.bytes().await.unwrap()[..], &v2[..]);
+    // The last 100 bytes; a range past the end is refused with the blob's length.
+    let r = get(&http, &url, &[(header::RANGE, "bytes=-100")]).await;
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        r.headers().get(header::CONTENT_RANGE).unwrap(),
+        &format!("bytes {}-{}/{}", v2.len() - 100, v2.len() - 1, v2.len())
+    );
+    assert_eq!(&r.bytes().await.unwrap()[..], &v2[v2.len() - 100..]);
+    let r = get(
+        &http,
+        &url,
+        &[(header::RANGE, &format!("bytes={}-", v2.len()))],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(
+        r.headers().get(header::CONTENT_RANGE).unwrap(),
+        &format!("bytes */{}", v2.len())
+    );
+    let r = get(&http, &url, &[(header::IF_MATCH, "\"some-other-blob\"")]).await;
+    assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
+    assert!(
+        r.text().await.unwrap().contains("from byte 0"),
+        "412 says what to do"
+    );
+    // An invalid range (last before first) is ignored: the whole blob.
+    let r = get(&http, &url, &[(header::RANGE, "bytes=5-3")]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().len(), v2.len());
+    let r = get(&http, &url, &[(header::IF_NONE_MATCH, etag)]).await;
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    let r = http
+        .get(format!("{base}/blobs/{}", "0".repeat(64)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // The same blob by its IPFS CID: same bytes, same ETag, Range works; unknown or malformed
+    // CIDs say so.
+    let cid = otarig_server::cid::cid_v1(&v2);
+    assert!(
+        cid.starts_with("bafkrei"),
+        "a one-chunk image is a raw leaf: {cid}"
+    );
+    let r = get(
+        &http,
+        format!("{base}/ipfs/{cid}"),
+        &[(header::RANGE, "bytes=1000-1999")],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.headers().get(header::ETAG), Some(&etag_value));
+    assert_eq!(&r.bytes().await.unwrap()[..], &v2[1000..2000]);
+    let r = http
+        .get(format!(
+            "{base}/ipfs/{}",
+            otarig_server::cid::cid_v1(b"not released")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = http
+        .get(format!("{base}/ipfs/not-a-cid"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.text().await.unwrap().contains("not a CID"));
+
+    // Acks: a good one is recorded, a malformed one says what is wrong.
+    let ok = r#"{"v":1,"device":"d-1","sequence":2,"version":"2.0.0","outcome":"installed","detail":""}"#;
+    let r = http
+        .post(format!("{base}/ack"))
+        .body(ok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = http
+        .post(format!("{base}/ack"))
+        .body(r#"{"v":1,"device":"d-1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.text().await.unwrap().contains("missing field"));
+    let r = http
+        .post(format!("{base}/ack"))
+        .body(r#"{"v":1,"device":"d","sequence":2,"version":"x","outcome":"exploded","detail":""}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let acks = std::fs::read_to_string(dir.path().join("acks.jsonl")).unwrap();
+    assert_eq!(acks.lines().count(), 1);
+    server.shutdown().await;
+}
+
+#[test]
+fn the_release_log_is_signed_chained_and_tamper_evident() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReleaseStore::open(dir.path()).unwrap();
+    let key = NamedKey::load(&fixture_dir(), "rsa-test").unwrap();
+    let trusted = [key.trusted().unwrap()];
+    let img = |v: &str| build(&AppSpec::new("log", v, 8_000));
+    for (i, v) in ["1.0.0", "1.1.0", "1.2.0"].iter().enumerate() {
+        store
+            .publish(&key, manifest(v, i as u64 + 1), &img(v), &[], 10 + i as u64)
+            .unwrap();
+    }
+    let entries = store.verify_log(&trusted).unwrap();
+    assert_eq!(
+        entries
+            .iter()
+            .map(|e| e.version.as_str())
+            .collect::<Vec<_>>(),
+        ["1.0.0", "1.1.0", "1.2.0"]
+    );
+    // A replayed sequence number is refused at publication.
+    let err = store
+        .publish(&key, manifest("0.9.0", 2), &img("0.9.0"), &[], 20)
+        .unwrap_err();
+    assert!(err.to_string().contains("not above 3"), "{err}");
+    // Removing a line breaks the chain, and the error says where.
+    let log = dir.path().join("releases.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let without_second: String = text
+        .lines()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    std::fs::write(&log, without_second).unwrap();
+    let err = store.verify_log(&trusted).unwrap_err().to_string();
+    assert!(err.contains("line 2"), "{err}");
+    // A log signed by someone else does not verify against our key.
+    std::fs::write(&log, text).unwrap();
+    let rogue = NamedKey::load(&fixture_dir(), "ed25519-rogue")
+        .unwrap()
+        .trusted()
+        .unwrap();
+    assert!(store.verify_log(&[rogue]).is_err());
+}

@@ -1,0 +1,122 @@
+//! What a fleet run needs before its boards start: the firmware server (embedded, or an
+//! external one checked for the scenario's blobs) and the broker's address.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use otarig_scenario::runner;
+use otarig_scenario::scenario::{FaultKind, Scenario};
+use otarig_server::release_store::ReleaseStore;
+use otarig_server::server::Server;
+
+use super::FleetOptions;
+use crate::board_http::BoardHttp;
+use crate::broker::EmbeddedBroker;
+
+/// The firmware server boards talk to: the embedded one (with its store, for the timeline to
+/// publish into), or an external one by URL.
+pub(super) struct FirmwareServer {
+    pub(super) url: String,
+    pub(super) local: Option<(Server, Arc<ReleaseStore>)>,
+}
+
+impl FirmwareServer {
+    pub(super) async fn start(
+        s: &Scenario,
+        prep: &runner::Prepared,
+        opts: &FleetOptions,
+        dir: &std::path::Path,
+    ) -> anyhow::Result<FirmwareServer> {
+        if let Some(url) = &opts.server {
+            check_external_server(s, prep, url).await?;
+            return Ok(FirmwareServer {
+                url: url.trim_end_matches('/').to_string(),
+                local: None,
+            });
+        }
+        let store = Arc::new(ReleaseStore::open(dir)?);
+        prep.stage_into(&store)?;
+        let server = Server::start(store.clone(), "127.0.0.1:0".parse()?).await?;
+        server.faults.set_speedup(opts.speedup.max(1.0));
+        for i in 0..s.devices {
+            let faults = s.server_faults_for(i);
+            if !faults.is_empty() {
+                server.faults.set(&s.device_id(i), faults);
+            }
+        }
+        Ok(FirmwareServer {
+            url: server.url(),
+            local: Some((server, store)),
+        })
+    }
+}
+
+/// The broker's host and port: the external one's, or an embedded rumqttd's started with
+/// room for two connections per board.
+pub(super) async fn broker_address(
+    s: &Scenario,
+    opts: &FleetOptions,
+) -> anyhow::Result<(String, u16)> {
+    match &opts.broker {
+        Some(url) => parse_broker(url),
+        None => {
+            let devices = s.devices as usize;
+            let b =
+                tokio::task::spawn_blocking(move || EmbeddedBroker::start(devices * 2)).await??;
+            Ok((b.addr.ip().to_string(), b.addr.port()))
+        }
+    }
+}
+
+/// `mqtt://HOST:PORT` (or `tcp://`, or bare `HOST[:PORT]`) as host and port.
+pub(super) fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .unwrap_or(url);
+    let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "1883"));
+    let port: u16 = port
+        .trim_end_matches('/')
+        .parse()
+        .with_context(|| format!("broker URL '{url}': port is not a number"))?;
+    if host.is_empty() {
+        bail!("broker URL '{url}' has no host (expected mqtt://HOST:PORT)");
+    }
+    Ok((host.to_string(), port))
+}
+
+/// Before boards use an external firmware server: refuse what only the embedded server can
+/// do, and check the server holds every blob the scenario's releases need.
+pub(super) async fn check_external_server(
+    s: &Scenario,
+    prep: &runner::Prepared,
+    url: &str,
+) -> anyhow::Result<()> {
+    let file = s.path.display();
+    if s.releases.iter().any(|r| r.rollout.is_some()) {
+        bail!("{file}: staged rollouts are driven by the embedded firmware server; run without --server");
+    }
+    if s.faults
+        .iter()
+        .any(|f| matches!(f.kind, FaultKind::Server { .. }))
+    {
+        bail!("{file}: server faults are injected by the embedded firmware server; run without --server");
+    }
+    let http = BoardHttp::new();
+    for (sha, _) in prep.store.blobs() {
+        let blob = format!("{}/blobs/{}", url.trim_end_matches('/'), hex::encode(sha));
+        let r = tokio::time::timeout(Duration::from_secs(10), http.get(&blob, Some((0, 0))))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within 10 s"))
+            .and_then(|r| r)
+            .with_context(|| format!("the firmware server at {url} does not answer (is `otarig serve --store DIR` running there?)"))?;
+        if !r.status().is_success() {
+            bail!(
+                "the firmware server at {url} answers {} for {blob}: stage the scenario's releases first with `otarig release stage {file} --store DIR` on the server's store",
+                r.status()
+            );
+        }
+    }
+    Ok(())
+}

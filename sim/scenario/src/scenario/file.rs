@@ -1,0 +1,266 @@
+//! The scenario file's shape as serde reads it: unknown keys are errors, values are kept with
+//! their spans so that [`super::parse`] can point at the one at fault.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_spanned::Spanned;
+
+use otarig_esp32s3::appimage::{BootBehaviour, NetworkBehaviour, SelfTest};
+use otarig_esp32s3::board::Phase;
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileDef {
+    pub(super) scenario: MetaDef,
+    pub(super) fleet: FleetDef,
+    pub(super) firmware: BTreeMap<String, FirmwareDef>,
+    #[serde(default)]
+    pub(super) release: Vec<ReleaseDef>,
+    #[serde(default)]
+    pub(super) fault: Vec<FaultDef>,
+    #[serde(default)]
+    pub(super) expect: Vec<Spanned<ExpectDef>>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct MetaDef {
+    pub(super) name: String,
+    #[serde(default)]
+    pub(super) description: String,
+    #[serde(default)]
+    pub(super) seed: u64,
+    #[serde(default)]
+    pub(super) duration: Option<Spanned<String>>,
+    #[serde(default, rename = "plr-known-hazards")]
+    pub(super) plr_known_hazards: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct FleetDef {
+    pub(super) devices: Spanned<u32>,
+    pub(super) device_type: String,
+    #[serde(default)]
+    pub(super) channel: Option<String>,
+    /// Boards on other channels than `channel`: `{ beta = "0..5" }`.
+    #[serde(default)]
+    pub(super) channels: Option<BTreeMap<String, Spanned<String>>>,
+    #[serde(default)]
+    pub(super) partition_table: Option<Spanned<String>>,
+    pub(super) firmware: Spanned<String>,
+    #[serde(default)]
+    pub(super) anti_rollback: bool,
+    #[serde(default)]
+    pub(super) efuse_secure_version: u32,
+    #[serde(default)]
+    pub(super) trusted_keys: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(super) poll_interval: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) confirm_timeout: Option<Spanned<String>>,
+    /// Bytes a board asks for in one HTTP range request (the agent's `chunk_size`).
+    #[serde(default)]
+    pub(super) range_size: Option<Spanned<SizeDef>>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub(super) enum SizeDef {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct FirmwareDef {
+    pub(super) version: String,
+    #[serde(default)]
+    pub(super) secure_version: u32,
+    pub(super) size: Spanned<SizeDef>,
+    #[serde(default)]
+    pub(super) self_test: SelfTest,
+    #[serde(default)]
+    pub(super) boot: BootBehaviour,
+    #[serde(default)]
+    pub(super) network: NetworkBehaviour,
+    #[serde(default)]
+    pub(super) chip_id: Option<u16>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct ReleaseDef {
+    pub(super) firmware: Spanned<String>,
+    #[serde(default)]
+    pub(super) at: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) signed_by: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) device_type: Option<String>,
+    #[serde(default)]
+    pub(super) channel: Option<String>,
+    #[serde(default)]
+    pub(super) sequence: Option<u64>,
+    #[serde(default)]
+    pub(super) expires_in: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) tamper: Option<Spanned<TamperDef>>,
+    #[serde(default)]
+    pub(super) delta_from: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(super) rollout: Option<Spanned<RolloutDef>>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct RolloutDef {
+    pub(super) waves: Vec<u32>,
+    pub(super) interval: String,
+    #[serde(default = "default_halt")]
+    pub(super) halt_failure_rate: u32,
+}
+
+pub(super) fn default_halt() -> u32 {
+    100
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub enum TamperDef {
+    /// The server holds only the first N bytes of the image (the manifest is right).
+    Truncate(u32),
+    /// The manifest was signed over an image cut to N bytes (hash and size match the cut
+    /// image, which then fails `esp_ota_end`'s validation).
+    TruncateSigned(u32),
+    /// The server flips one byte at this offset (the manifest is right).
+    CorruptByte(u32),
+    /// The server flips one byte at this offset of every delta patch (the manifest is right).
+    CorruptPatch(u32),
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct FaultDef {
+    #[serde(default)]
+    pub(super) devices: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) power_loss: Option<Spanned<PowerLossDef>>,
+    #[serde(default)]
+    pub(super) force_install: Option<Spanned<ForceDef>>,
+    #[serde(default)]
+    pub(super) command: Option<Spanned<CommandDef>>,
+    #[serde(default)]
+    pub(super) payload: Option<Spanned<PayloadDef>>,
+    #[serde(default)]
+    pub(super) server: Option<Spanned<ServerFaultDef>>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct ServerFaultDef {
+    #[serde(default)]
+    pub(super) drop_after: Option<String>,
+    #[serde(default)]
+    pub(super) no_range: bool,
+    #[serde(default)]
+    pub(super) status: Option<u16>,
+    #[serde(default)]
+    pub(super) stall: bool,
+    /// Bytes per second, as a number or a string with a unit ("32 KiB/s", "1 MB/s").
+    #[serde(default)]
+    pub(super) throttle: Option<toml::Value>,
+    #[serde(default)]
+    pub(super) times: Option<u32>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct CommandDef {
+    pub(super) cmd: String,
+    pub(super) at: String,
+    #[serde(default)]
+    pub(super) repeat: Option<u32>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct PayloadDef {
+    pub(super) topic: String,
+    pub(super) text: String,
+    pub(super) at: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct PowerLossDef {
+    pub(super) phase: Phase,
+    #[serde(default)]
+    pub(super) progress: Option<u32>,
+    #[serde(default)]
+    pub(super) op: Option<u64>,
+    #[serde(default)]
+    pub(super) flash_op: Option<u64>,
+    #[serde(default)]
+    pub(super) off_for: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct ForceDef {
+    pub(super) firmware: String,
+    pub(super) at: String,
+}
+
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(untagged)]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct ExpectDef {
+    #[serde(default)]
+    pub(super) devices: Option<String>,
+    #[serde(default)]
+    pub(super) version: Option<String>,
+    #[serde(default)]
+    pub(super) running_state: Option<String>,
+    #[serde(default)]
+    pub(super) update_slot_state: Option<OneOrMany>,
+    #[serde(default)]
+    pub(super) acks: Option<u32>,
+    #[serde(default)]
+    pub(super) ack_outcome: Option<String>,
+    #[serde(default)]
+    pub(super) refused: Option<String>,
+    #[serde(default)]
+    pub(super) bootloader_rejected: Option<String>,
+    #[serde(default)]
+    pub(super) rolled_back: Option<bool>,
+    #[serde(default)]
+    pub(super) max_fetch_ratio: Option<f64>,
+    #[serde(default)]
+    pub(super) resumed: Option<bool>,
+    #[serde(default)]
+    pub(super) power_cuts: Option<u32>,
+    #[serde(default)]
+    pub(super) boot_partition_set: Option<u32>,
+    #[serde(default)]
+    pub(super) reported_failure: Option<String>,
+    #[serde(default)]
+    pub(super) delta: Option<String>,
+    #[serde(default)]
+    pub(super) bad_messages: Option<u32>,
+    #[serde(default)]
+    pub(super) boots: Option<u32>,
+    #[serde(default)]
+    pub(super) reports: Option<u32>,
+    #[serde(default)]
+    pub(super) fetch_retries: Option<u32>,
+    #[serde(default)]
+    pub(super) min_download_time: Option<String>,
+}

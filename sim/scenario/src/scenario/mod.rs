@@ -1,0 +1,397 @@
+//! Scenario files (`scenarios/*.toml`): the contract shared by `cargo test`, the fleet, the
+//! power-loss explorer and the HIL runner.
+//!
+//! Parsing happens in two steps: serde reads the TOML into the raw `*Def` types (unknown keys
+//! are errors), then [`Scenario::load`] resolves names, units and references into a checked
+//! [`Scenario`]. Every error carries `file:line:column` of the value at fault and says what
+//! would be accepted. The format is documented in the README ("Scenario format").
+
+mod file;
+mod parse;
+mod selector;
+mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use otarig_esp32s3::appimage::{BootBehaviour, NetworkBehaviour, SelfTest};
+use otarig_esp32s3::board::Phase;
+use otarig_esp32s3::partition::PartitionTable;
+
+pub use file::TamperDef;
+pub use otarig_server::server::ServerFault;
+pub use selector::Selector;
+pub use units::{parse_duration, parse_rate};
+
+/// A scenario error: where, what, and (in the message) what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScenarioError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ScenarioError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ScenarioError {}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Firmware {
+    pub id: String,
+    pub version: String,
+    pub secure_version: u32,
+    pub size: u32,
+    pub self_test: SelfTest,
+    pub boot: BootBehaviour,
+    pub network: NetworkBehaviour,
+    pub chip_id: u16,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Release {
+    pub firmware: String,
+    pub at_ms: u64,
+    pub signed_by: String,
+    pub device_type: String,
+    pub channel: String,
+    pub sequence: u64,
+    pub expires_in_ms: i64,
+    pub tamper: Option<TamperDef>,
+    /// Firmware ids this release offers delta patches from.
+    pub delta_from: Vec<String>,
+    /// Staged rollout; `None`: every board of the channel at once.
+    pub rollout: Option<otarig_server::rollout::RolloutPlan>,
+}
+
+/// Where a power cut lands. `op` (within a phase) and `flash_op` are simulator-only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PowerLoss {
+    pub phase: Phase,
+    pub progress: Option<u32>,
+    pub op: Option<u64>,
+    pub flash_op: Option<u64>,
+    pub off_for_ms: u64,
+}
+
+impl PowerLoss {
+    /// True when only a simulated board can realise this cut exactly.
+    pub fn sim_only(&self) -> bool {
+        self.flash_op.is_some() || self.op.is_some_and(|n| n > 0)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum FaultKind {
+    PowerLoss(PowerLoss),
+    ForceInstall {
+        firmware: String,
+        at_ms: u64,
+    },
+    /// A command sent `repeat` times with the same id (a duplicated or replayed command).
+    Command {
+        cmd: otarig_agent::protocol::CommandKind,
+        at_ms: u64,
+        repeat: u32,
+    },
+    /// Raw bytes on a board's `cmd` topic or the `release` topic.
+    Payload {
+        topic: PayloadTopic,
+        text: String,
+        at_ms: u64,
+    },
+    /// The firmware server misbehaves on this board's blob requests (`times` of them, or all).
+    Server {
+        fault: ServerFault,
+        times: Option<u32>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayloadTopic {
+    Cmd,
+    Release,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fault {
+    pub devices: Selector,
+    pub kind: FaultKind,
+}
+
+/// One expectation block: every key is a check applied to every selected board.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Expect {
+    pub devices: Selector,
+    pub checks: Vec<Check>,
+    /// `file:line` of the `[[expect]]` block, for failure messages.
+    pub at: String,
+}
+
+/// One check; see the README for what each one means.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Check {
+    Version(String),
+    RunningState(String),
+    UpdateSlotState(Vec<String>),
+    Acks(u32),
+    AckOutcome(String),
+    Refused(String),
+    BootloaderRejected(String),
+    RolledBack(bool),
+    MaxFetchRatio(f64),
+    Resumed(bool),
+    PowerCuts(u32),
+    BootPartitionSet(u32),
+    ReportedFailure(String),
+    Delta(String),
+    BadMessages(u32),
+    Boots(u32),
+    Reports(u32),
+    FetchRetries(u32),
+    /// The first download took at least this long (from its start to the image's hash check):
+    /// proves a throttle really paced the bytes.
+    MinDownloadMs(u64),
+}
+
+impl Check {
+    pub fn key(&self) -> &'static str {
+        match self {
+            Check::Version(_) => "version",
+            Check::RunningState(_) => "running-state",
+            Check::UpdateSlotState(_) => "update-slot-state",
+            Check::Acks(_) => "acks",
+            Check::AckOutcome(_) => "ack-outcome",
+            Check::Refused(_) => "refused",
+            Check::BootloaderRejected(_) => "bootloader-rejected",
+            Check::RolledBack(_) => "rolled-back",
+            Check::MaxFetchRatio(_) => "max-fetch-ratio",
+            Check::Resumed(_) => "resumed",
+            Check::PowerCuts(_) => "power-cuts",
+            Check::BootPartitionSet(_) => "boot-partition-set",
+            Check::ReportedFailure(_) => "reported-failure",
+            Check::Delta(_) => "delta",
+            Check::BadMessages(_) => "bad-messages",
+            Check::Boots(_) => "boots",
+            Check::Reports(_) => "reports",
+            Check::FetchRetries(_) => "fetch-retries",
+            Check::MinDownloadMs(_) => "min-download-time",
+        }
+    }
+}
+
+/// A moment of a scenario's timeline that a runner acts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// `releases[k]` is published.
+    Release(usize),
+    /// `faults[n]` (a command, a payload or a forced install) happens.
+    Fault(usize),
+}
+
+/// A loaded, checked scenario.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub path: PathBuf,
+    pub name: String,
+    pub description: String,
+    pub seed: u64,
+    pub duration_ms: u64,
+    pub devices: u32,
+    pub device_type: String,
+    /// The channel boards follow unless `channel_of` puts them on another.
+    pub channel: String,
+    pub channel_of: Vec<(String, Selector)>,
+    pub table: PartitionTable,
+    pub start_firmware: String,
+    pub anti_rollback: bool,
+    pub efuse_secure_version: u32,
+    pub trusted_keys: Vec<String>,
+    pub poll_interval_ms: u64,
+    pub confirm_timeout_ms: u64,
+    /// Bytes per HTTP range request (default 16 KiB).
+    pub range_size: u32,
+    pub firmware: BTreeMap<String, Firmware>,
+    pub releases: Vec<Release>,
+    pub faults: Vec<Fault>,
+    pub expects: Vec<Expect>,
+    /// Power-loss outcomes this scenario knowingly exposes (see [`KNOWN_HAZARDS`]): the
+    /// explorer still finds and prints them, with reproductions, but does not fail on them.
+    pub plr_known_hazards: Vec<String>,
+}
+
+/// Hazards a scenario may acknowledge with `plr-known-hazards`.
+pub const KNOWN_HAZARDS: [&str; 1] = [
+    // An image that crashes before any code of the app runs, plus a power cut while the
+    // bootloader rewrites its otadata entry in place: the torn entry can come back valid but
+    // UNDEFINED, and the bootloader then starts the crashing image forever. Only the
+    // bootloader could prevent it.
+    "crash-loop",
+];
+
+impl Scenario {
+    /// Run with `n` boards instead of the file's count; percentage selectors follow.
+    pub fn set_devices(&mut self, n: u32) {
+        self.devices = n;
+        for f in &mut self.faults {
+            f.devices.resolve(n);
+        }
+        for e in &mut self.expects {
+            e.devices.resolve(n);
+        }
+        for (_, sel) in &mut self.channel_of {
+            sel.resolve(n);
+        }
+    }
+
+    /// Releases and timed faults, in time order (releases first at equal times): what the
+    /// wire fleet and the HIL runner play.
+    pub fn timeline(&self) -> Vec<(u64, Step)> {
+        let mut t: Vec<(u64, Step)> = self
+            .releases
+            .iter()
+            .enumerate()
+            .map(|(k, r)| (r.at_ms, Step::Release(k)))
+            .collect();
+        for (n, f) in self.faults.iter().enumerate() {
+            match f.kind {
+                FaultKind::Command { at_ms, .. }
+                | FaultKind::Payload { at_ms, .. }
+                | FaultKind::ForceInstall { at_ms, .. } => t.push((at_ms, Step::Fault(n))),
+                FaultKind::PowerLoss(_) | FaultKind::Server { .. } => {}
+            }
+        }
+        t.sort_by_key(|(at, _)| *at);
+        t
+    }
+
+    /// The id board `i` uses on MQTT and HTTP.
+    pub fn device_id(&self, i: u32) -> String {
+        format!("{}-{i:05}", self.device_type)
+    }
+
+    /// How the server misbehaves towards board `i`: each fault with how many requests it hits.
+    pub fn server_faults_for(&self, i: u32) -> Vec<(ServerFault, Option<u32>)> {
+        self.faults
+            .iter()
+            .filter(|f| f.devices.contains(i))
+            .filter_map(|f| match f.kind {
+                FaultKind::Server { fault, times } => Some((fault, times)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The channel board `i` follows.
+    pub fn channel_for(&self, i: u32) -> &str {
+        self.channel_of
+            .iter()
+            .find(|(_, sel)| sel.contains(i))
+            .map_or(self.channel.as_str(), |(c, _)| c.as_str())
+    }
+
+    /// Read and check a scenario file.
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ScenarioError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read the scenario: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Check a scenario given as text; `path` names it in errors and anchors relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
+        parse::parse(path, text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+[scenario]
+name = "t"
+[fleet]
+devices = 2
+device-type = "dt"
+firmware = "v1"
+[firmware.v1]
+version = "1.0.0"
+size = "64KiB"
+[[expect]]
+version = "1.0.0"
+"#;
+
+    #[test]
+    fn a_good_file_loads() {
+        let s = Scenario::parse(Path::new("t.toml"), OK).unwrap();
+        assert_eq!(s.devices, 2);
+        assert_eq!(s.firmware["v1"].size, 65536);
+    }
+
+    #[test]
+    fn an_unknown_firmware_reference_points_at_its_line_and_column() {
+        let text = OK.replace("firmware = \"v1\"", "firmware = \"v9\"");
+        let e = Scenario::parse(Path::new("t.toml"), &text).unwrap_err();
+        assert_eq!((e.line, e.column), (7, 12), "{e}");
+        assert!(e.message.contains("no firmware 'v9'"), "{e}");
+    }
+
+    #[test]
+    fn a_typo_in_a_key_is_an_error_not_a_silent_default() {
+        let text = OK.replace("device-type", "device_typo");
+        let e = Scenario::parse(Path::new("t.toml"), &text).unwrap_err();
+        assert_eq!(e.line, 6, "{e}");
+        assert!(e.message.contains("device_typo"), "{e}");
+    }
+
+    #[test]
+    fn throttle_rates() {
+        let v = |s: &str| toml::Value::String(s.into());
+        assert_eq!(parse_rate(&v("32 KiB/s")), Ok(32 * 1024));
+        assert_eq!(parse_rate(&v("1.5MB/s")), Ok(1_500_000));
+        assert_eq!(parse_rate(&v("800 B/s")), Ok(800));
+        assert_eq!(parse_rate(&toml::Value::Integer(4096)), Ok(4096));
+        for bad in ["32 KiB", "fast/s", "3 GiB/s", "0 B/s"] {
+            assert!(parse_rate(&v(bad)).is_err(), "{bad}");
+        }
+        assert!(parse_rate(&toml::Value::Integer(-5)).is_err());
+    }
+
+    #[test]
+    fn bad_units_are_explained() {
+        let e =
+            Scenario::parse(Path::new("t.toml"), &OK.replace("64KiB", "64 parsecs")).unwrap_err();
+        assert!(e.message.contains("unit must be"), "{e}");
+        assert_eq!(parse_duration("5m"), Ok(300_000));
+        assert!(parse_duration("5 fortnights").is_err());
+    }
+
+    #[test]
+    fn selectors() {
+        let mut s = Selector::parse("0..3, 7").unwrap();
+        s.resolve(10);
+        assert!(s.contains(2) && s.contains(7) && !s.contains(3));
+        assert!(Selector::parse("3..3").is_err());
+        let mut p = Selector::parse("0%..10%").unwrap();
+        p.resolve(20);
+        assert!(p.contains(1) && !p.contains(2));
+        p.resolve(1000);
+        assert!(p.contains(99) && !p.contains(100));
+    }
+}

@@ -26,6 +26,10 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
+# Refactoring check: every scenario's event stream at REV and in the working tree must match.
+events-diff REV="HEAD":
+    scripts/events-diff.sh {{REV}}
+
 # Build the agent crate alone, as firmware would (no_std, no std features of dependencies).
 agent:
     cargo build -p otarig-agent

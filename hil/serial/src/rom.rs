@@ -76,6 +76,21 @@ const SPI_W0: u32 = SPI0_BASE + 0x58;
 const SPI_CMD_USR: u32 = 1 << 18;
 const RDID: u32 = 0x9F;
 
+/// Request opcodes (esptool's serial protocol reference).
+mod op {
+    pub const FLASH_BEGIN: u8 = 0x02;
+    pub const FLASH_DATA: u8 = 0x03;
+    pub const FLASH_END: u8 = 0x04;
+    pub const SYNC: u8 = 0x08;
+    pub const WRITE_REG: u8 = 0x09;
+    pub const READ_REG: u8 = 0x0A;
+    pub const SPI_SET_PARAMS: u8 = 0x0B;
+    pub const SPI_ATTACH: u8 = 0x0D;
+    pub const CHANGE_BAUDRATE: u8 = 0x0F;
+    pub const SPI_FLASH_MD5: u8 = 0x13;
+    pub const GET_SECURITY_INFO: u8 = 0x14;
+}
+
 /// ROM error codes (the `error` status byte).
 mod err {
     pub const INVALID_MESSAGE: u8 = 0x05;
@@ -125,133 +140,114 @@ impl RomLoader {
 
     /// Answer one request (a SLIP frame's payload). Returns the response frames' payloads.
     pub fn handle(&mut self, req: &[u8], flash: &mut dyn FlashMemory) -> (Vec<Vec<u8>>, After) {
-        if req.len() < 8 || req[0] != 0 {
+        let Some(r) = Request::parse(req) else {
             return (vec![], After::Nothing); // not a request: the ROM ignores it
-        }
-        let op = req[1];
-        let len = u16::from_le_bytes([req[2], req[3]]) as usize;
-        let checksum = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
-        let data = &req[8..];
-        if data.len() != len {
-            return (vec![fail(op, err::BAD_DATA_LEN)], After::Nothing);
-        }
-        let word = |i: usize| {
-            data.get(i * 4..i * 4 + 4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         };
-        match op {
-            0x08 => ((0..8).map(|_| ok(op, 0, &[])).collect(), After::Nothing),
-            0x0A => {
-                let Some(addr) = word(0) else {
-                    return (vec![fail(op, err::BAD_DATA_LEN)], After::Nothing);
-                };
-                let v = self.regs.get(&addr).copied().unwrap_or(0);
-                (vec![ok(op, v, &[])], After::Nothing)
-            }
-            0x09 => {
-                let (Some(addr), Some(value)) = (word(0), word(1)) else {
-                    return (vec![fail(op, err::BAD_DATA_LEN)], After::Nothing);
-                };
-                let mask = word(2).unwrap_or(0xFFFF_FFFF);
-                let old = self.regs.get(&addr).copied().unwrap_or(0);
-                self.regs.insert(addr, (old & !mask) | (value & mask));
-                if addr == SPI_CMD && value & SPI_CMD_USR != 0 {
-                    self.spi_user_command();
-                }
-                (vec![ok(op, 0, &[])], After::Nothing)
-            }
-            0x14 => {
-                let mut info = Vec::with_capacity(20);
-                info.extend_from_slice(&0u32.to_le_bytes()); // flags: nothing enabled
-                info.push(0); // flash_crypt_cnt
-                info.extend_from_slice(&[0; 7]); // key purposes
-                info.extend_from_slice(&CHIP_ID_ESP32S3.to_le_bytes());
-                info.extend_from_slice(&0u32.to_le_bytes()); // eco version
-                (vec![ok(op, 0, &info)], After::Nothing)
-            }
-            0x0D | 0x0B | 0x0F => (vec![ok(op, 0, &[])], After::Nothing),
-            0x02 => {
-                let (Some(size), Some(_blocks), Some(block_size), Some(offset)) =
-                    (word(0), word(1), word(2), word(3))
-                else {
-                    return (vec![fail(op, err::BAD_DATA_LEN)], After::Nothing);
-                };
-                if block_size == 0 || block_size > 0x4000 {
-                    return (vec![fail(op, err::BAD_BLOCKSIZE)], After::Nothing);
-                }
-                let start = offset - offset % SECTOR;
-                let end = (offset as u64 + size as u64).div_ceil(SECTOR as u64) * SECTOR as u64;
-                if end > flash.size() as u64 {
-                    return (vec![fail(op, err::FLASH_WRITE_ERR)], After::Nothing);
-                }
-                let end = end as u32;
-                if let Err(e) = flash.erase(start, end - start) {
-                    tracing::warn!("FLASH_BEGIN erase failed: {e}");
-                    return (vec![fail(op, err::FLASH_WRITE_ERR)], After::Nothing);
-                }
-                self.writing = Some(FlashWrite {
-                    offset,
-                    erase_size: size,
-                    block_size,
-                    next_seq: 0,
-                });
-                (vec![ok(op, 0, &[])], After::Nothing)
-            }
-            0x03 => {
-                let Some(w) = self.writing.as_mut() else {
-                    return (vec![fail(op, err::NOT_IN_FLASH_MODE)], After::Nothing);
-                };
-                let (Some(size), Some(seq)) = (word(0), word(1)) else {
-                    return (vec![fail(op, err::BAD_DATA_LEN)], After::Nothing);
-                };
-                let block = &data[16.min(data.len())..];
-                if block.len() != size as usize || size > w.block_size {
-                    return (vec![fail(op, err::BAD_DATA_LEN)], After::Nothing);
-                }
-                if block.iter().fold(0xEFu8, |c, b| c ^ b) as u32 != checksum {
-                    return (vec![fail(op, err::BAD_DATA_CHECKSUM)], After::Nothing);
-                }
-                if seq != w.next_seq {
-                    return (vec![fail(op, err::INVALID_MESSAGE)], After::Nothing);
-                }
-                let addr = w.offset + seq * w.block_size;
-                // Padding past the begun region is not written (the ROM clips to the erase).
-                let room = (w.offset + w.erase_size.div_ceil(SECTOR) * SECTOR).saturating_sub(addr);
-                let n = (block.len() as u32).min(room) as usize;
-                if let Err(e) = flash.write(addr, &block[..n]) {
-                    tracing::warn!("FLASH_DATA write at 0x{addr:x} failed: {e}");
-                    return (vec![fail(op, err::FLASH_WRITE_ERR)], After::Nothing);
-                }
-                w.next_seq += 1;
-                (vec![ok(op, 0, &[])], After::Nothing)
-            }
-            0x04 => {
-                self.writing = None;
-                let stay = word(0).unwrap_or(1) != 0;
-                let after = if stay { After::Nothing } else { After::RunApp };
-                (vec![ok(op, 0, &[])], after)
-            }
-            0x13 => {
-                let (Some(addr), Some(size)) = (word(0), word(1)) else {
-                    return (vec![fail(op, err::BAD_DATA_LEN)], After::Nothing);
-                };
-                if addr.checked_add(size).is_none_or(|e| e > flash.size()) {
-                    return (vec![fail(op, err::FLASH_WRITE_ERR)], After::Nothing);
-                }
-                let mut md5 = Md5::new();
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut done = 0;
-                while done < size {
-                    let n = (size - done).min(buf.len() as u32) as usize;
-                    flash.read(addr + done, &mut buf[..n]);
-                    md5.update(&buf[..n]);
-                    done += n as u32;
-                }
-                let hex: String = md5.finalize().iter().map(|b| format!("{b:02x}")).collect();
-                (vec![ok(op, 0, hex.as_bytes())], After::Nothing)
-            }
-            _ => (vec![fail(op, err::INVALID_MESSAGE)], After::Nothing),
+        if r.data.len() != r.len {
+            return (vec![fail(r.op, err::BAD_DATA_LEN)], After::Nothing);
         }
+        if r.op == op::SYNC {
+            return ((0..8).map(|_| ok(r.op, 0, &[])).collect(), After::Nothing);
+        }
+        let mut after = After::Nothing;
+        let answer = match r.op {
+            op::READ_REG => self.read_reg(&r),
+            op::WRITE_REG => self.write_reg(&r),
+            op::GET_SECURITY_INFO => Ok((0, security_info())),
+            op::SPI_ATTACH | op::SPI_SET_PARAMS | op::CHANGE_BAUDRATE => Ok((0, Vec::new())),
+            op::FLASH_BEGIN => self.flash_begin(&r, flash),
+            op::FLASH_DATA => self.flash_data(&r, flash),
+            op::FLASH_END => {
+                self.writing = None;
+                let stay = r.word(0).unwrap_or(1) != 0;
+                if !stay {
+                    after = After::RunApp;
+                }
+                Ok((0, Vec::new()))
+            }
+            op::SPI_FLASH_MD5 => spi_flash_md5(&r, flash),
+            _ => Err(err::INVALID_MESSAGE),
+        };
+        let reply = match answer {
+            Ok((value, data)) => ok(r.op, value, &data),
+            Err(e) => fail(r.op, e),
+        };
+        (vec![reply], after)
+    }
+
+    fn read_reg(&self, r: &Request) -> Answer {
+        let addr = r.word(0).ok_or(err::BAD_DATA_LEN)?;
+        Ok((self.regs.get(&addr).copied().unwrap_or(0), Vec::new()))
+    }
+
+    fn write_reg(&mut self, r: &Request) -> Answer {
+        let (Some(addr), Some(value)) = (r.word(0), r.word(1)) else {
+            return Err(err::BAD_DATA_LEN);
+        };
+        let mask = r.word(2).unwrap_or(0xFFFF_FFFF);
+        let old = self.regs.get(&addr).copied().unwrap_or(0);
+        self.regs.insert(addr, (old & !mask) | (value & mask));
+        if addr == SPI_CMD && value & SPI_CMD_USR != 0 {
+            self.spi_user_command();
+        }
+        Ok((0, Vec::new()))
+    }
+
+    /// `FLASH_BEGIN(size, blocks, block size, offset)`: the ROM erases what the write will
+    /// cover at once.
+    fn flash_begin(&mut self, r: &Request, flash: &mut dyn FlashMemory) -> Answer {
+        let (Some(size), Some(_blocks), Some(block_size), Some(offset)) =
+            (r.word(0), r.word(1), r.word(2), r.word(3))
+        else {
+            return Err(err::BAD_DATA_LEN);
+        };
+        if block_size == 0 || block_size > 0x4000 {
+            return Err(err::BAD_BLOCKSIZE);
+        }
+        let start = offset - offset % SECTOR;
+        let end = (offset as u64 + size as u64).div_ceil(SECTOR as u64) * SECTOR as u64;
+        if end > flash.size() as u64 {
+            return Err(err::FLASH_WRITE_ERR);
+        }
+        if let Err(e) = flash.erase(start, end as u32 - start) {
+            tracing::warn!("FLASH_BEGIN erase failed: {e}");
+            return Err(err::FLASH_WRITE_ERR);
+        }
+        self.writing = Some(FlashWrite {
+            offset,
+            erase_size: size,
+            block_size,
+            next_seq: 0,
+        });
+        Ok((0, Vec::new()))
+    }
+
+    /// `FLASH_DATA(size, seq, 0, 0, block)`: the next block, checked and programmed.
+    fn flash_data(&mut self, r: &Request, flash: &mut dyn FlashMemory) -> Answer {
+        let w = self.writing.as_mut().ok_or(err::NOT_IN_FLASH_MODE)?;
+        let (Some(size), Some(seq)) = (r.word(0), r.word(1)) else {
+            return Err(err::BAD_DATA_LEN);
+        };
+        let block = &r.data[16.min(r.data.len())..];
+        if block.len() != size as usize || size > w.block_size {
+            return Err(err::BAD_DATA_LEN);
+        }
+        if block.iter().fold(0xEFu8, |c, b| c ^ b) as u32 != r.checksum {
+            return Err(err::BAD_DATA_CHECKSUM);
+        }
+        if seq != w.next_seq {
+            return Err(err::INVALID_MESSAGE);
+        }
+        let addr = w.offset + seq * w.block_size;
+        // Padding past the begun region is not written (the ROM clips to the erase).
+        let room = (w.offset + w.erase_size.div_ceil(SECTOR) * SECTOR).saturating_sub(addr);
+        let n = (block.len() as u32).min(room) as usize;
+        if let Err(e) = flash.write(addr, &block[..n]) {
+            tracing::warn!("FLASH_DATA write at 0x{addr:x} failed: {e}");
+            return Err(err::FLASH_WRITE_ERR);
+        }
+        w.next_seq += 1;
+        Ok((0, Vec::new()))
     }
 
     /// `SPI_CMD_REG` got USR: run the command in `SPI_USER2_REG` (only RDID is answered).
@@ -263,6 +259,72 @@ impl RomLoader {
         let cmd = self.regs.get(&SPI_CMD).copied().unwrap_or(0);
         self.regs.insert(SPI_CMD, cmd & !SPI_CMD_USR);
     }
+}
+
+/// A request frame: `00 op len:u16 checksum:u32 data`.
+struct Request<'a> {
+    op: u8,
+    /// What the header says the data's length is.
+    len: usize,
+    checksum: u32,
+    data: &'a [u8],
+}
+
+impl Request<'_> {
+    fn parse(req: &[u8]) -> Option<Request<'_>> {
+        if req.len() < 8 || req[0] != 0 {
+            return None;
+        }
+        Some(Request {
+            op: req[1],
+            len: u16::from_le_bytes([req[2], req[3]]) as usize,
+            checksum: u32::from_le_bytes([req[4], req[5], req[6], req[7]]),
+            data: &req[8..],
+        })
+    }
+
+    /// The `i`th little-endian word of the data.
+    fn word(&self, i: usize) -> Option<u32> {
+        self.data
+            .get(i * 4..i * 4 + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+}
+
+/// A successful answer's value and data, or the error code of a failed one.
+type Answer = Result<(u32, Vec<u8>), u8>;
+
+/// `GET_SECURITY_INFO`: no security features, chip id 9 (ESP32-S3), ECO 0.
+fn security_info() -> Vec<u8> {
+    let mut info = Vec::with_capacity(20);
+    info.extend_from_slice(&0u32.to_le_bytes()); // flags: nothing enabled
+    info.push(0); // flash_crypt_cnt
+    info.extend_from_slice(&[0; 7]); // key purposes
+    info.extend_from_slice(&CHIP_ID_ESP32S3.to_le_bytes());
+    info.extend_from_slice(&0u32.to_le_bytes()); // eco version
+    info
+}
+
+/// `SPI_FLASH_MD5(addr, size, 0, 0)`: the region's MD5 as 32 ASCII hex digits, as the ROM
+/// answers it.
+fn spi_flash_md5(r: &Request, flash: &dyn FlashMemory) -> Answer {
+    let (Some(addr), Some(size)) = (r.word(0), r.word(1)) else {
+        return Err(err::BAD_DATA_LEN);
+    };
+    if addr.checked_add(size).is_none_or(|e| e > flash.size()) {
+        return Err(err::FLASH_WRITE_ERR);
+    }
+    let mut md5 = Md5::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut done = 0;
+    while done < size {
+        let n = (size - done).min(buf.len() as u32) as usize;
+        flash.read(addr + done, &mut buf[..n]);
+        md5.update(&buf[..n]);
+        done += n as u32;
+    }
+    let hex: String = md5.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok((0, hex.into_bytes()))
 }
 
 fn response(op: u8, value: u32, data: &[u8], status: u8, error: u8) -> Vec<u8> {

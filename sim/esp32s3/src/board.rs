@@ -588,85 +588,135 @@ impl Board {
         }
     }
 
+    /// The 2nd stage bootloader: read the partition table, pick the boot partition from
+    /// otadata, then load the first bootable image from there.
     fn bootloader(&mut self) -> Result<Option<Booted>, BootErr> {
         let mut raw = vec![0u8; TABLE_MAX_LEN];
         self.flash
             .read(TABLE_OFFSET, &mut raw)
             .map_err(|_| BootErr::PowerLost)?;
         let table = PartitionTable::from_binary(&raw).map_err(|e| BootErr::Table(e.to_string()))?;
-        let count = table.ota_count();
-        const FACTORY: i32 = -1;
-        let mut initial_contents = false;
-        let mut start: i32 = FACTORY;
-
-        if table.otadata().is_some() {
-            let mut two = self.read_otadata().map_err(|_| BootErr::PowerLost)?;
-            if self.boot_config.rollback {
-                #[allow(clippy::needless_range_loop)] // `i` is also the sector to rewrite
-                for i in 0..2 {
-                    if two[i].state() == OtaImgState::PendingVerify {
-                        two[i].ota_state = OtaImgState::Aborted.raw();
-                        let slot = two[i].slot(count).and_then(|n| table.ota(n));
-                        self.events.push(BoardEvent::BootloaderAborted {
-                            slot: slot
-                                .map(|s| s.kind.to_string())
-                                .unwrap_or_else(|| "?".into()),
-                        });
-                        self.write_otadata_sector(i, &two[i])
-                            .map_err(|_| BootErr::PowerLost)?;
-                    }
-                }
+        let selected = if table.otadata().is_some() {
+            self.select_boot_partition(&table)?
+        } else {
+            Selected {
+                start: FACTORY,
+                initial_contents: false,
             }
-            let initial = |e: &Entry| e.ota_seq == u32::MAX || e.crc != otadata::seq_crc(e.ota_seq);
-            let active = if !self.boot_config.anti_rollback {
-                if (two[0].is_invalid() && two[1].is_invalid()) || count == 0 {
-                    if table.factory().is_none() {
-                        start = 0;
-                        initial_contents = initial(&two[0]) && initial(&two[1]);
-                    }
-                    None
-                } else {
-                    otadata::active(&two)
+        };
+        self.load_boot_image(&table, selected)
+    }
+
+    /// `bootloader_utility_get_selected_boot_partition`: PENDING_VERIFY entries become
+    /// ABORTED (with rollback), then the active entry is chosen (with anti-rollback, among
+    /// those whose app's `secure_version` passes); a NEW one becomes PENDING_VERIFY.
+    fn select_boot_partition(&mut self, table: &PartitionTable) -> Result<Selected, BootErr> {
+        let count = table.ota_count();
+        let mut two = self.read_otadata().map_err(|_| BootErr::PowerLost)?;
+        if self.boot_config.rollback {
+            self.abort_pending_verify(table, &mut two)?;
+        }
+        let initial = |e: &Entry| e.ota_seq == u32::MAX || e.crc != otadata::seq_crc(e.ota_seq);
+        let mut selected = Selected {
+            start: FACTORY,
+            initial_contents: false,
+        };
+        let active = if !self.boot_config.anti_rollback {
+            if (two[0].is_invalid() && two[1].is_invalid()) || count == 0 {
+                if table.factory().is_none() {
+                    selected.start = 0;
+                    selected.initial_contents = initial(&two[0]) && initial(&two[1]);
                 }
-            } else if initial(&two[0]) && initial(&two[1]) {
-                initial_contents = true;
                 None
             } else {
-                let mut ok = [two[0].is_valid(), two[1].is_valid()];
-                for (i, valid) in ok.iter_mut().enumerate() {
-                    if let Some(slot) = two[i]
-                        .slot(count)
-                        .and_then(|n| table.ota(n))
-                        .filter(|_| *valid)
-                    {
-                        if !self.secure_version_ok(slot) {
-                            *valid = false;
-                            self.events.push(BoardEvent::BootRejected {
-                                slot: slot.kind.to_string(),
-                                reason: "secure-version".into(),
-                            });
-                        }
-                    }
-                }
-                otadata::select(&two, ok, true)
-            };
-            if let Some(a) = active {
-                let n = two[a].slot(count).unwrap_or(0);
-                start = n as i32;
-                if self.boot_config.rollback && two[a].state() == OtaImgState::New {
-                    two[a].ota_state = OtaImgState::PendingVerify.raw();
-                    self.write_otadata_sector(a, &two[a])
-                        .map_err(|_| BootErr::PowerLost)?;
-                }
-                if self.boot_config.anti_rollback && two[a].state() == OtaImgState::Valid {
-                    if let Some(slot) = table.ota(n) {
-                        self.raise_efuse(slot);
-                    }
-                }
+                otadata::active(&two)
+            }
+        } else if initial(&two[0]) && initial(&two[1]) {
+            selected.initial_contents = true;
+            None
+        } else {
+            let ok = self.selectable_by_secure_version(table, &two);
+            otadata::select(&two, ok, true)
+        };
+        let Some(a) = active else {
+            return Ok(selected);
+        };
+        let n = two[a].slot(count).unwrap_or(0);
+        selected.start = n as i32;
+        if self.boot_config.rollback && two[a].state() == OtaImgState::New {
+            two[a].ota_state = OtaImgState::PendingVerify.raw();
+            self.write_otadata_sector(a, &two[a])
+                .map_err(|_| BootErr::PowerLost)?;
+        }
+        if self.boot_config.anti_rollback && two[a].state() == OtaImgState::Valid {
+            if let Some(slot) = table.ota(n) {
+                self.raise_efuse(slot);
             }
         }
+        Ok(selected)
+    }
 
-        // bootloader_utility_load_boot_image: down to factory, then up.
+    /// An image still PENDING_VERIFY at boot never confirmed itself: mark it ABORTED.
+    fn abort_pending_verify(
+        &mut self,
+        table: &PartitionTable,
+        two: &mut [Entry; 2],
+    ) -> Result<(), BootErr> {
+        let count = table.ota_count();
+        for (i, e) in two.iter_mut().enumerate() {
+            if e.state() != OtaImgState::PendingVerify {
+                continue;
+            }
+            e.ota_state = OtaImgState::Aborted.raw();
+            let slot = e.slot(count).and_then(|n| table.ota(n));
+            self.events.push(BoardEvent::BootloaderAborted {
+                slot: slot
+                    .map(|s| s.kind.to_string())
+                    .unwrap_or_else(|| "?".into()),
+            });
+            self.write_otadata_sector(i, e)
+                .map_err(|_| BootErr::PowerLost)?;
+        }
+        Ok(())
+    }
+
+    /// With anti-rollback: which valid entries point at an app whose `secure_version` is at
+    /// least the eFuse counter.
+    fn selectable_by_secure_version(
+        &mut self,
+        table: &PartitionTable,
+        two: &[Entry; 2],
+    ) -> [bool; 2] {
+        let count = table.ota_count();
+        let mut ok = [two[0].is_valid(), two[1].is_valid()];
+        for (i, valid) in ok.iter_mut().enumerate() {
+            let Some(slot) = two[i]
+                .slot(count)
+                .and_then(|n| table.ota(n))
+                .filter(|_| *valid)
+            else {
+                continue;
+            };
+            if !self.secure_version_ok(slot) {
+                *valid = false;
+                self.events.push(BoardEvent::BootRejected {
+                    slot: slot.kind.to_string(),
+                    reason: "secure-version".into(),
+                });
+            }
+        }
+        ok
+    }
+
+    /// `bootloader_utility_load_boot_image`: try the selected partition, then down to
+    /// factory, then up; the test partition last. Each candidate passes the anti-rollback
+    /// check and `esp_image_verify` or is skipped.
+    fn load_boot_image(
+        &mut self,
+        table: &PartitionTable,
+        selected: Selected,
+    ) -> Result<Option<Booted>, BootErr> {
+        let start = selected.start;
         let slot_of = |i: i32| {
             if i == FACTORY {
                 table.factory()
@@ -676,7 +726,7 @@ impl Board {
         };
         let order: Vec<i32> = (FACTORY..=start)
             .rev()
-            .chain(start + 1..count as i32)
+            .chain(start + 1..table.ota_count() as i32)
             .collect();
         for index in order {
             let Some(slot) = slot_of(index) else { continue };
@@ -689,7 +739,7 @@ impl Board {
             }
             match self.verify_slot(slot) {
                 Ok(info) => {
-                    if index > FACTORY && initial_contents {
+                    if index > FACTORY && selected.initial_contents {
                         // set_actual_ota_seq: record what actually booted.
                         let e = Entry::new(index as u32 + 1, OtaImgState::Valid, [0xFF; 20]);
                         self.write_otadata_sector(0, &e)
@@ -698,14 +748,7 @@ impl Board {
                             self.raise_efuse(slot);
                         }
                     }
-                    let flash = &self.flash;
-                    let behaviour =
-                        appimage::behaviour(|off, buf| flash.read(slot.address + off, buf).is_ok());
-                    return Ok(Some(Booted {
-                        slot,
-                        info,
-                        behaviour,
-                    }));
+                    return Ok(Some(self.booted(slot, info)));
                 }
                 Err(image::ImageError::Read) => return Err(BootErr::PowerLost),
                 Err(e) => self.events.push(BoardEvent::BootRejected {
@@ -714,21 +757,27 @@ impl Board {
                 }),
             }
         }
-        if let Some(slot) = table.test_slot() {
-            if self.secure_version_ok(slot) {
-                if let Ok(info) = self.verify_slot(slot) {
-                    let flash = &self.flash;
-                    let behaviour =
-                        appimage::behaviour(|off, buf| flash.read(slot.address + off, buf).is_ok());
-                    return Ok(Some(Booted {
-                        slot,
-                        info,
-                        behaviour,
-                    }));
-                }
-            }
+        let Some(slot) = table.test_slot() else {
+            return Ok(None);
+        };
+        if !self.secure_version_ok(slot) {
+            return Ok(None);
         }
-        Ok(None)
+        Ok(self
+            .verify_slot(slot)
+            .ok()
+            .map(|info| self.booted(slot, info)))
+    }
+
+    /// The app in `slot` boots: what it will do is read from its image.
+    fn booted(&self, slot: Slot, info: ImageInfo) -> Booted {
+        let flash = &self.flash;
+        let behaviour = appimage::behaviour(|off, buf| flash.read(slot.address + off, buf).is_ok());
+        Booted {
+            slot,
+            info,
+            behaviour,
+        }
     }
 
     fn agent_partition(&self) -> (u32, u32) {
@@ -808,6 +857,17 @@ impl Board {
             }
         })
     }
+}
+
+/// The index the bootloader counts the factory app as (OTA slots are 0..).
+const FACTORY: i32 = -1;
+
+/// Where `bootloader_utility_load_boot_image` starts looking, and whether otadata held
+/// nothing yet (then what boots is recorded as `set_actual_ota_seq` does).
+#[derive(Clone, Copy)]
+struct Selected {
+    start: i32,
+    initial_contents: bool,
 }
 
 enum BootErr {

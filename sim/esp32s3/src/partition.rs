@@ -134,6 +134,81 @@ fn parse_subtype(ptype: u8, s: &str) -> Option<u8> {
     named.or_else(|| parse_int(s).and_then(|v| u8::try_from(v).ok()))
 }
 
+/// One row of a `partitions.csv`: `name, type, subtype, offset, size[, flags]`. `next` is
+/// where the previous partition ended (an empty offset is placed there, aligned).
+fn csv_row(cols: &[&str], next: u32) -> Result<Partition, String> {
+    if cols.len() < 5 {
+        return Err(format!(
+            "expected `name, type, subtype, offset, size[, flags]`, found {} column(s)",
+            cols.len()
+        ));
+    }
+    let label = cols[0];
+    if label.is_empty() || label.len() > 16 {
+        return Err(format!(
+            "partition name '{label}' must be 1 to 16 characters"
+        ));
+    }
+    let ptype = parse_type(cols[1]).ok_or_else(|| {
+        format!(
+            "unknown partition type '{}' (app, data or a number)",
+            cols[1]
+        )
+    })?;
+    let subtype = parse_subtype(ptype, cols[2])
+        .ok_or_else(|| format!("unknown subtype '{}' for type '{}'", cols[2], cols[1]))?;
+    let align = if ptype == TYPE_APP { 0x10000 } else { 0x1000 };
+    let offset = if cols[3].is_empty() {
+        next.div_ceil(align) * align
+    } else {
+        let o = parse_int(cols[3])
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| format!("offset '{}' is not a number", cols[3]))?;
+        if o % align != 0 {
+            return Err(format!(
+                "offset 0x{o:x} of '{label}' is not aligned to 0x{align:x}"
+            ));
+        }
+        o
+    };
+    if offset < next {
+        return Err(format!(
+            "partition '{label}' at 0x{offset:x} overlaps the previous one (ends at 0x{next:x})"
+        ));
+    }
+    let size = parse_int(cols[4])
+        .and_then(|v| u32::try_from(v).ok())
+        .filter(|s| *s > 0)
+        .ok_or_else(|| format!("size '{}' is not a positive number", cols[4]))?;
+    if ptype == TYPE_APP && size % 0x1000 != 0 {
+        return Err(format!(
+            "app partition '{label}' size 0x{size:x} is not a multiple of 4 KiB"
+        ));
+    }
+    Ok(Partition {
+        label: label.to_string(),
+        ptype,
+        subtype,
+        offset,
+        size,
+        flags: csv_flags(&cols[5..])?,
+    })
+}
+
+/// The flags column(s): `encrypted`, `readonly`, separated by `:`.
+fn csv_flags(cols: &[&str]) -> Result<u32, String> {
+    let mut flags = 0;
+    for f in cols.iter().flat_map(|c| c.split(':')).map(str::trim) {
+        match f {
+            "" => {}
+            "encrypted" => flags |= 1,
+            "readonly" => flags |= 2,
+            other => return Err(format!("unknown flag '{other}' (encrypted, readonly)")),
+        }
+    }
+    Ok(flags)
+}
+
 impl PartitionTable {
     /// Parse a `partitions.csv` as ESP-IDF's `gen_esp32part.py` does (offsets may be left
     /// empty: app partitions then align to 64 KiB, others to 4 KiB, starting at 0x9000).
@@ -146,124 +221,41 @@ impl PartitionTable {
         let mut entries: Vec<Partition> = Vec::new();
         let mut next = TABLE_OFFSET + 0x1000;
         for (i, raw) in text.lines().enumerate() {
-            let line = i + 1;
             let content = raw.split('#').next().unwrap_or("").trim();
             if content.is_empty() {
                 continue;
             }
             let cols: Vec<&str> = content.split(',').map(str::trim).collect();
-            if cols.len() < 5 {
+            let p = csv_row(&cols, next).map_err(|m| err(i + 1, m))?;
+            if entries.iter().any(|e| e.label == p.label) {
                 return Err(err(
-                    line,
-                    format!(
-                        "expected `name, type, subtype, offset, size[, flags]`, found {} column(s)",
-                        cols.len()
-                    ),
+                    i + 1,
+                    format!("partition name '{}' is used twice", p.label),
                 ));
             }
-            let label = cols[0];
-            if label.is_empty() || label.len() > 16 {
-                return Err(err(
-                    line,
-                    format!("partition name '{label}' must be 1 to 16 characters"),
-                ));
-            }
-            let ptype = parse_type(cols[1]).ok_or_else(|| {
-                err(
-                    line,
-                    format!(
-                        "unknown partition type '{}' (app, data or a number)",
-                        cols[1]
-                    ),
-                )
-            })?;
-            let subtype = parse_subtype(ptype, cols[2]).ok_or_else(|| {
-                err(
-                    line,
-                    format!("unknown subtype '{}' for type '{}'", cols[2], cols[1]),
-                )
-            })?;
-            let align = if ptype == TYPE_APP { 0x10000 } else { 0x1000 };
-            let offset = if cols[3].is_empty() {
-                next.div_ceil(align) * align
-            } else {
-                let o = parse_int(cols[3])
-                    .and_then(|v| u32::try_from(v).ok())
-                    .ok_or_else(|| err(line, format!("offset '{}' is not a number", cols[3])))?;
-                if o % align != 0 {
-                    return Err(err(
-                        line,
-                        format!("offset 0x{o:x} of '{label}' is not aligned to 0x{align:x}"),
-                    ));
-                }
-                o
-            };
-            if offset < next {
-                return Err(err(line, format!(
-                    "partition '{label}' at 0x{offset:x} overlaps the previous one (ends at 0x{next:x})"
-                )));
-            }
-            let size = parse_int(cols[4])
-                .and_then(|v| u32::try_from(v).ok())
-                .filter(|s| *s > 0)
-                .ok_or_else(|| err(line, format!("size '{}' is not a positive number", cols[4])))?;
-            if ptype == TYPE_APP && size % 0x1000 != 0 {
-                return Err(err(
-                    line,
-                    format!("app partition '{label}' size 0x{size:x} is not a multiple of 4 KiB"),
-                ));
-            }
-            let mut flags = 0;
-            for f in cols
-                .iter()
-                .skip(5)
-                .flat_map(|c| c.split(':'))
-                .map(str::trim)
-            {
-                match f {
-                    "" => {}
-                    "encrypted" => flags |= 1,
-                    "readonly" => flags |= 2,
-                    other => {
-                        return Err(err(
-                            line,
-                            format!("unknown flag '{other}' (encrypted, readonly)"),
-                        ))
-                    }
-                }
-            }
-            if entries.iter().any(|e| e.label == label) {
-                return Err(err(line, format!("partition name '{label}' is used twice")));
-            }
-            next = offset
-                .checked_add(size)
-                .ok_or_else(|| err(line, "partition ends past 4 GiB".into()))?;
-            entries.push(Partition {
-                label: label.to_string(),
-                ptype,
-                subtype,
-                offset,
-                size,
-                flags,
-            });
+            next = p
+                .offset
+                .checked_add(p.size)
+                .ok_or_else(|| err(i + 1, "partition ends past 4 GiB".into()))?;
+            entries.push(p);
         }
         let table = PartitionTable { entries };
-        if table.app_slots().is_empty() {
-            return Err(err(0, "no app partition: nothing could boot".into()));
-        }
-        if table.ota_count() > 0 && table.otadata().is_none() {
-            return Err(err(
-                0,
-                "OTA app partitions need an `otadata` (data, ota) partition".into(),
-            ));
-        }
-        if table.otadata().is_some_and(|p| p.size != 0x2000) {
-            return Err(err(
-                0,
-                "the otadata partition must be 0x2000 bytes (two sectors)".into(),
-            ));
-        }
+        table.check_csv_layout().map_err(|m| err(0, m.into()))?;
         Ok(table)
+    }
+
+    /// What `gen_esp32part.py` requires of a table as a whole.
+    fn check_csv_layout(&self) -> Result<(), &'static str> {
+        if self.app_slots().is_empty() {
+            return Err("no app partition: nothing could boot");
+        }
+        if self.ota_count() > 0 && self.otadata().is_none() {
+            return Err("OTA app partitions need an `otadata` (data, ota) partition");
+        }
+        if self.otadata().is_some_and(|p| p.size != 0x2000) {
+            return Err("the otadata partition must be 0x2000 bytes (two sectors)");
+        }
+        Ok(())
     }
 
     /// The binary table written at 0x8000, with its MD5 entry.

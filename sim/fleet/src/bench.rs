@@ -3,8 +3,9 @@
 //! under load), telemetry on.
 //!
 //! Up to [`EMBEDDED_MAX`] boards run in this one process with the embedded broker and server.
-//! More run in shards of [`BOARDS_PER_PROCESS`] (`otarig bench fleet-shard`, one process each,
-//! see [`otarig_fleet::fleet::Shard`]) on one shared timeline, against the firmware server in this
+//! More run in shards of [`BOARDS_PER_PROCESS`] (one process each, started by the command the
+//! caller makes from a [`ShardLaunch`], which runs [`fleet_shard`]; see
+//! [`crate::fleet::Shard`]) on one shared timeline, against the firmware server in this
 //! process and a broker in its own: a process holds one descriptor per connection end and the
 //! hard `ulimit -n` is finite, and the embedded rumqttd does not scale that far (its topic
 //! matching is quadratic in per-device topics; README, "Scale"), so the broker is Mosquitto

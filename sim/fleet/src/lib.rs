@@ -5,7 +5,7 @@
 //! - [`board_http`]: each board's own HTTP connection, bounded like `esp_http_client`;
 //! - [`fleet`]: a scenario with every board on the wire (its own MQTT and HTTP connections),
 //!   sharded across processes for large fleets;
-//! - [`bench`]: the scale benchmark (`otarig bench fleet`);
+//! - [`bench`](mod@bench): the scale benchmark (`otarig bench fleet`);
 //! - [`virtual_board`]: one board behind a pty, answering the ROM serial loader and running
 //!   the fleet's board task, for the HIL runner without hardware.
 //!

@@ -175,6 +175,8 @@ pub async fn start(opts: BoardOptions, control: &Path) -> anyhow::Result<Virtual
     })
 }
 
+/// The board's life: serial bytes go to the ROM loader or the app's console, control
+/// commands reset it, power it or put it in download mode.
 async fn run(
     opts: BoardOptions,
     mut bytes: mpsc::UnboundedReceiver<Vec<u8>>,
@@ -182,30 +184,89 @@ async fn run(
     writer: Arc<Mutex<std::fs::File>>,
     console: mpsc::UnboundedSender<String>,
 ) {
-    let raw_write = |bytes: &[u8]| {
-        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = w.write_all(bytes);
+    let mut chip = Chip {
+        flash: Some(Flash::new(opts.flash_size)),
+        opts,
+        provisioned: None,
+        line: Vec::new(),
+        mode: Mode::Off,
+        writer,
+        console,
     };
-    let mut flash = Some(Flash::new(opts.flash_size));
-    let mut provisioned: Option<Provisioned> = None;
-    let mut line = Vec::<u8>::new();
     // Power-on: a blank chip has nothing to boot, so it waits in the ROM loader.
-    let start_app = |flash: &mut Option<Flash>, prov: &Option<Provisioned>| -> Mode {
-        let Some(f) = flash.take() else {
-            return Mode::Off;
+    if chip.blank() {
+        chip.download_mode();
+    } else {
+        chip.start_app();
+    }
+    loop {
+        tokio::select! {
+            Some(chunk) = bytes.recv() => chip.on_serial(&chunk).await,
+            Some((c, done)) = control.recv() => {
+                chip.on_control(c).await;
+                let _ = done.send("ok".into());
+            }
+            else => break,
+        }
+    }
+}
+
+/// The virtual chip: its flash (held here while no app runs), what it was provisioned with,
+/// and what runs on it.
+struct Chip {
+    opts: BoardOptions,
+    flash: Option<Flash>,
+    provisioned: Option<Provisioned>,
+    /// The console line being received.
+    line: Vec<u8>,
+    mode: Mode,
+    writer: Arc<Mutex<std::fs::File>>,
+    console: mpsc::UnboundedSender<String>,
+}
+
+impl Chip {
+    fn raw_write(&self, bytes: &[u8]) {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = w.write_all(bytes);
+    }
+
+    /// No partition table at 0x8000: nothing to boot.
+    fn blank(&self) -> bool {
+        self.flash.as_ref().is_none_or(|f| {
+            let mut b = [0u8; 2];
+            f.peek(0x8000, &mut b);
+            b == [0xFF, 0xFF]
+        })
+    }
+
+    fn download_mode(&mut self) {
+        self.raw_write(otarig_esp32s3::boot_log::DOWNLOAD_BANNER.as_bytes());
+        self.mode = Mode::Download {
+            loader: RomLoader::new(self.opts.flash_size),
+            frames: SlipFrames::default(),
         };
-        let board = match Board::from_flash(f, opts.boot_config, 0) {
+    }
+
+    /// Boot what is in flash and run the agent on it with the provisioned network (none:
+    /// offline). A partition table the bootloader cannot load leaves the chip off.
+    fn start_app(&mut self) {
+        self.mode = self.app().unwrap_or(Mode::Off);
+    }
+
+    fn app(&mut self) -> Option<Mode> {
+        let f = self.flash.take()?;
+        let board = match Board::from_flash(f, self.opts.boot_config, 0) {
             Ok(b) => b,
             Err(bad) => {
                 let (f, why) = *bad;
-                let _ = console.send(format!(
+                let _ = self.console.send(format!(
                     "ESP-ROM:esp32s3-20210327\r\nE (0) boot: {why}\r\nE (0) boot: load partition table error!\r\n"
                 ));
-                *flash = Some(f);
-                return Mode::Off;
+                self.flash = Some(f);
+                return None;
             }
         };
-        let (id, channel, network) = match prov {
+        let (id, channel, network) = match &self.provisioned {
             Some(p) => (
                 p.device.clone(),
                 p.channel.clone(),
@@ -213,6 +274,7 @@ async fn run(
             ),
             None => ("unprovisioned".to_string(), "stable".to_string(), None),
         };
+        let opts = &self.opts;
         let mut cfg = opts
             .agent
             .clone()
@@ -220,118 +282,129 @@ async fn run(
         cfg.device_id = id.clone();
         cfg.device_type = opts.device_type.clone();
         cfg.trusted_keys = opts.trusted_keys.clone();
-        let sh = match Shared::for_virtual_board(cfg, network, console.clone()) {
+        let sh = match Shared::for_virtual_board(cfg, network, self.console.clone()) {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 tracing::error!("virtual board: {e:#}");
-                return Mode::Off;
+                return None;
             }
         };
         let dev = Dev::for_board(&id, &channel, board);
         let (stop, stop_rx) = watch::channel(false);
         let (ctl, ctl_rx) = mpsc::channel(8);
         let task = tokio::spawn(board_task(0, dev, sh, stop_rx, ctl_rx));
-        Mode::App { stop, ctl, task }
-    };
-    // Take the board back from a running app (a reset or power cut between flash operations).
-    async fn halt(mode: Mode, flash: &mut Option<Flash>) {
-        if let Mode::App { stop, task, .. } = mode {
+        Some(Mode::App { stop, ctl, task })
+    }
+
+    /// Take the flash back from a running app (a reset or power cut between flash
+    /// operations); the chip is off.
+    async fn halt(&mut self) {
+        if let Mode::App { stop, task, .. } = std::mem::replace(&mut self.mode, Mode::Off) {
             let _ = stop.send(true);
             if let Ok(dev) = task.await {
-                *flash = Some(dev.board.into_flash());
+                self.flash = Some(dev.board.into_flash());
             }
         }
     }
-    let blank = |flash: &Option<Flash>| {
-        flash.as_ref().is_none_or(|f| {
-            let mut b = [0u8; 2];
-            f.peek(0x8000, &mut b);
-            b == [0xFF, 0xFF]
-        })
-    };
-    let mut mode = if blank(&flash) {
-        raw_write(otarig_esp32s3::boot_log::DOWNLOAD_BANNER.as_bytes());
-        Mode::Download {
-            loader: RomLoader::new(opts.flash_size),
-            frames: SlipFrames::default(),
+
+    async fn on_control(&mut self, c: Control) {
+        self.halt().await;
+        match c {
+            Control::Reset | Control::PowerOn => self.start_app(),
+            Control::PowerOff => {}
+            Control::Download => self.download_mode(),
         }
-    } else {
-        start_app(&mut flash, &provisioned)
-    };
-    loop {
-        tokio::select! {
-            Some(chunk) = bytes.recv() => match &mut mode {
-                Mode::Download { loader, frames } => {
-                    let mut run_app = false;
-                    for f in frames.push(&chunk) {
-                        let Some(fl) = flash.as_mut() else { break };
-                        let (replies, after) = loader.handle(&f, &mut RomFlash(fl));
-                        for r in replies {
-                            raw_write(&slip_encode(&r));
-                        }
-                        run_app |= after == After::RunApp;
-                    }
-                    if run_app {
-                        mode = start_app(&mut flash, &provisioned);
-                    }
+    }
+
+    async fn on_serial(&mut self, chunk: &[u8]) {
+        match &mut self.mode {
+            Mode::Download { loader, frames } => {
+                let mut run_app = false;
+                let mut out = Vec::new();
+                for f in frames.push(chunk) {
+                    let Some(fl) = self.flash.as_mut() else { break };
+                    let (replies, after) = loader.handle(&f, &mut RomFlash(fl));
+                    out.extend(replies.iter().map(|r| slip_encode(r)));
+                    run_app |= after == After::RunApp;
                 }
-                Mode::Off => {}
-                Mode::App { .. } => {
-                    for b in chunk {
-                        if b != b'\n' {
-                            if line.len() < console::MAX_LINE + 16 {
-                                line.push(b);
-                            }
-                            continue;
+                for r in out {
+                    self.raw_write(&r);
+                }
+                if run_app {
+                    self.start_app();
+                }
+            }
+            Mode::Off => {}
+            Mode::App { .. } => {
+                for &b in chunk {
+                    if b != b'\n' {
+                        if self.line.len() < console::MAX_LINE + 16 {
+                            self.line.push(b);
                         }
-                        let text = String::from_utf8_lossy(&line).trim_end().to_string();
-                        line.clear();
-                        let device = provisioned.as_ref().map_or("unprovisioned", |p| p.device.as_str()).to_string();
-                        match console::parse_command_line(&text) {
-                            None => {}
-                            Some(Err(e)) => {
-                                let _ = console.send(console::notice_line(&device, "console-error", &e.to_string()));
-                            }
-                            Some(Ok(HostCommand::Provision { device, broker, server, channel, .. })) => {
-                                match parse_mqtt_url(&broker) {
-                                    Ok(b) => {
-                                        let _ = console.send(console::notice_line(&device, "provisioned", "stored; restarting"));
-                                        let channel = channel.unwrap_or_else(|| "stable".into());
-                                        provisioned = Some(Provisioned { device, channel, broker: b, server });
-                                        halt(std::mem::replace(&mut mode, Mode::Off), &mut flash).await;
-                                        mode = start_app(&mut flash, &provisioned);
-                                    }
-                                    Err(e) => {
-                                        let _ = console.send(console::notice_line(&device, "console-error", &e));
-                                    }
-                                }
-                            }
-                            Some(Ok(HostCommand::Report)) => {
-                                if let Mode::App { ctl, .. } = &mode {
-                                    let _ = ctl.send(Ctl::Report).await;
-                                }
-                            }
-                            Some(Ok(HostCommand::Reboot)) => {
-                                halt(std::mem::replace(&mut mode, Mode::Off), &mut flash).await;
-                                mode = start_app(&mut flash, &provisioned);
-                            }
-                        }
+                        continue;
                     }
+                    let text = String::from_utf8_lossy(&self.line).trim_end().to_string();
+                    self.line.clear();
+                    self.on_console_line(&text).await;
+                }
+            }
+        }
+    }
+
+    /// A console-protocol command from the bench.
+    async fn on_console_line(&mut self, text: &str) {
+        let device = self
+            .provisioned
+            .as_ref()
+            .map_or("unprovisioned", |p| p.device.as_str())
+            .to_string();
+        match console::parse_command_line(text) {
+            None => {}
+            Some(Err(e)) => {
+                let _ = self.console.send(console::notice_line(
+                    &device,
+                    "console-error",
+                    &e.to_string(),
+                ));
+            }
+            Some(Ok(HostCommand::Provision {
+                device,
+                broker,
+                server,
+                channel,
+                ..
+            })) => match parse_mqtt_url(&broker) {
+                Ok(b) => {
+                    let _ = self.console.send(console::notice_line(
+                        &device,
+                        "provisioned",
+                        "stored; restarting",
+                    ));
+                    let channel = channel.unwrap_or_else(|| "stable".into());
+                    self.provisioned = Some(Provisioned {
+                        device,
+                        channel,
+                        broker: b,
+                        server,
+                    });
+                    self.halt().await;
+                    self.start_app();
+                }
+                Err(e) => {
+                    let _ = self
+                        .console
+                        .send(console::notice_line(&device, "console-error", &e));
                 }
             },
-            Some((c, done)) = control.recv() => {
-                halt(std::mem::replace(&mut mode, Mode::Off), &mut flash).await;
-                match c {
-                    Control::Reset | Control::PowerOn => mode = start_app(&mut flash, &provisioned),
-                    Control::PowerOff => {}
-                    Control::Download => {
-                        raw_write(otarig_esp32s3::boot_log::DOWNLOAD_BANNER.as_bytes());
-                        mode = Mode::Download { loader: RomLoader::new(opts.flash_size), frames: SlipFrames::default() };
-                    }
+            Some(Ok(HostCommand::Report)) => {
+                if let Mode::App { ctl, .. } = &self.mode {
+                    let _ = ctl.send(Ctl::Report).await;
                 }
-                let _ = done.send("ok".into());
             }
-            else => break,
+            Some(Ok(HostCommand::Reboot)) => {
+                self.halt().await;
+                self.start_app();
+            }
         }
     }
 }

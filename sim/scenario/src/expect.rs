@@ -106,158 +106,114 @@ fn distil<'a>(records: impl IntoIterator<Item = &'a Record>) -> Seen {
     s
 }
 
-fn check_one(c: &Check, d: &DeviceReport, s: &Seen) -> Result<(), (String, String)> {
-    let fail = |expected: String, seen: String| Err((expected, seen));
+/// What a failed check expected, and what it saw.
+type Verdict = Result<(), (String, String)>;
+
+/// `Ok` when `ok`; otherwise what was expected and what was seen, rendered only then.
+fn verdict(ok: bool, expected: impl FnOnce() -> String, seen: impl FnOnce() -> String) -> Verdict {
+    if ok {
+        Ok(())
+    } else {
+        Err((expected(), seen()))
+    }
+}
+
+/// A count that must be exactly `want`: "`want` `what`" expected, the count seen.
+fn count(want: u32, got: u32, what: &str) -> Verdict {
+    verdict(got == want, || format!("{want} {what}"), || got.to_string())
+}
+
+/// Items joined by "; ", or `none` when there are none.
+fn list_or(items: Vec<String>, none: &str) -> String {
+    if items.is_empty() {
+        none.into()
+    } else {
+        items.join("; ")
+    }
+}
+
+fn check_one(c: &Check, d: &DeviceReport, s: &Seen) -> Verdict {
     match c {
-        Check::Version(v) => {
-            let got = d
-                .version
-                .clone()
-                .unwrap_or_else(|| "nothing (bricked)".into());
-            if d.version.as_deref() == Some(v) {
-                Ok(())
-            } else {
-                fail(format!("running {v}"), format!("running {got}"))
-            }
-        }
-        Check::RunningState(st) => {
-            if &d.running_state == st {
-                Ok(())
-            } else {
-                fail(
-                    format!("running slot in state {st}"),
-                    format!(
-                        "{} in state {}",
-                        d.running_slot.clone().unwrap_or_default(),
-                        d.running_state
-                    ),
+        Check::Version(v) => verdict(
+            d.version.as_deref() == Some(v),
+            || format!("running {v}"),
+            || {
+                format!(
+                    "running {}",
+                    d.version.as_deref().unwrap_or("nothing (bricked)")
                 )
-            }
-        }
+            },
+        ),
+        Check::RunningState(st) => verdict(
+            &d.running_state == st,
+            || format!("running slot in state {st}"),
+            || {
+                format!(
+                    "{} in state {}",
+                    d.running_slot.clone().unwrap_or_default(),
+                    d.running_state
+                )
+            },
+        ),
         Check::UpdateSlotState(list) => {
             let got = d
                 .update_slot_state
                 .clone()
                 .unwrap_or_else(|| "no update slot written".into());
-            if list.contains(&got) {
-                Ok(())
-            } else {
-                fail(format!("update slot in state {}", list.join(" or ")), got)
-            }
+            verdict(
+                list.contains(&got),
+                || format!("update slot in state {}", list.join(" or ")),
+                || got.clone(),
+            )
         }
-        Check::Acks(n) => {
-            if s.acks.len() as u32 == *n {
-                Ok(())
-            } else {
+        Check::Acks(n) => verdict(
+            s.acks.len() as u32 == *n,
+            || format!("{n} ack(s)"),
+            || {
                 let list: Vec<&str> = s.acks.iter().map(|a| a.0.as_str()).collect();
-                fail(
-                    format!("{n} ack(s)"),
-                    format!("{} ({})", s.acks.len(), list.join(", ")),
+                format!("{} ({})", s.acks.len(), list.join(", "))
+            },
+        ),
+        Check::AckOutcome(o) => verdict(
+            !s.acks.is_empty() && s.acks.iter().all(|a| &a.0 == o),
+            || format!("every ack {o}"),
+            || {
+                list_or(
+                    s.acks.iter().map(|a| format!("{} {}", a.0, a.1)).collect(),
+                    "no ack",
                 )
-            }
-        }
-        Check::AckOutcome(o) => {
-            if !s.acks.is_empty() && s.acks.iter().all(|a| &a.0 == o) {
-                Ok(())
-            } else {
-                let list: Vec<String> = s.acks.iter().map(|a| format!("{} {}", a.0, a.1)).collect();
-                fail(
-                    format!("every ack {o}"),
-                    if list.is_empty() {
-                        "no ack".into()
-                    } else {
-                        list.join("; ")
-                    },
-                )
-            }
-        }
-        Check::Refused(check) => {
-            if s.refusals.iter().any(|r| &r.0 == check) {
-                Ok(())
-            } else {
-                let list: Vec<String> = s
-                    .refusals
-                    .iter()
-                    .map(|r| format!("{} ({})", r.0, r.1))
-                    .collect();
-                fail(
-                    format!("a refusal by check '{check}'"),
-                    if list.is_empty() {
-                        "no refusal".into()
-                    } else {
-                        list.join("; ")
-                    },
-                )
-            }
-        }
-        Check::BootloaderRejected(reason) => {
-            if s.rejected.iter().any(|r| r.contains(reason.as_str())) {
-                Ok(())
-            } else {
-                fail(
-                    format!("the bootloader to reject an image for '{reason}'"),
-                    if s.rejected.is_empty() {
-                        "no rejection".into()
-                    } else {
-                        s.rejected.join("; ")
-                    },
-                )
-            }
-        }
-        Check::RolledBack(b) => {
-            if s.rolled_back == *b {
-                Ok(())
-            } else {
-                fail(
-                    format!("rolled back: {b}"),
-                    format!("rolled back: {}", s.rolled_back),
-                )
-            }
-        }
-        Check::MaxFetchRatio(r) => {
-            if d.image_size == 0 {
-                return fail(
-                    format!("fetched < {r} x image size"),
-                    "no download started".into(),
-                );
-            }
-            let ratio = d.fetched_bytes as f64 / d.image_size as f64;
-            if ratio < *r {
-                Ok(())
-            } else {
-                fail(
-                    format!("fetched < {r} x image size"),
-                    format!(
-                        "{} of {} bytes = {ratio:.3}x",
-                        d.fetched_bytes, d.image_size
-                    ),
-                )
-            }
-        }
-        Check::Resumed(b) => {
-            if s.resumed == *b {
-                Ok(())
-            } else {
-                fail(format!("resumed: {b}"), format!("resumed: {}", s.resumed))
-            }
-        }
-        Check::PowerCuts(n) => {
-            if d.power_cuts == *n {
-                Ok(())
-            } else {
-                fail(format!("{n} power cut(s)"), d.power_cuts.to_string())
-            }
-        }
-        Check::BootPartitionSet(n) => {
-            if s.boot_sets == *n {
-                Ok(())
-            } else {
-                fail(
-                    format!("boot partition set {n} time(s)"),
-                    s.boot_sets.to_string(),
-                )
-            }
-        }
+            },
+        ),
+        Check::Refused(check) => verdict(
+            s.refusals.iter().any(|r| &r.0 == check),
+            || format!("a refusal by check '{check}'"),
+            || {
+                let list = s.refusals.iter().map(|r| format!("{} ({})", r.0, r.1));
+                list_or(list.collect(), "no refusal")
+            },
+        ),
+        Check::BootloaderRejected(reason) => verdict(
+            s.rejected.iter().any(|r| r.contains(reason.as_str())),
+            || format!("the bootloader to reject an image for '{reason}'"),
+            || list_or(s.rejected.clone(), "no rejection"),
+        ),
+        Check::RolledBack(b) => verdict(
+            s.rolled_back == *b,
+            || format!("rolled back: {b}"),
+            || format!("rolled back: {}", s.rolled_back),
+        ),
+        Check::MaxFetchRatio(r) => max_fetch_ratio(*r, d),
+        Check::Resumed(b) => verdict(
+            s.resumed == *b,
+            || format!("resumed: {b}"),
+            || format!("resumed: {}", s.resumed),
+        ),
+        Check::PowerCuts(n) => count(*n, d.power_cuts, "power cut(s)"),
+        Check::BootPartitionSet(n) => verdict(
+            s.boot_sets == *n,
+            || format!("boot partition set {n} time(s)"),
+            || s.boot_sets.to_string(),
+        ),
         Check::Delta(want) => {
             let got = if s.delta_failed {
                 "fell-back"
@@ -266,71 +222,45 @@ fn check_one(c: &Check, d: &DeviceReport, s: &Seen) -> Result<(), (String, Strin
             } else {
                 "none"
             };
-            if got == want {
-                Ok(())
-            } else {
-                fail(format!("delta {want}"), format!("delta {got}"))
-            }
+            verdict(
+                got == want,
+                || format!("delta {want}"),
+                || format!("delta {got}"),
+            )
         }
-        Check::BadMessages(n) => {
-            if s.bad_messages == *n {
-                Ok(())
-            } else {
-                fail(
-                    format!("{n} bad-message status event(s)"),
-                    s.bad_messages.to_string(),
-                )
-            }
-        }
-        Check::MinDownloadMs(ms) => match (s.download_started, s.download_verified) {
-            (Some(a), Some(b)) if b - a >= *ms => Ok(()),
-            (Some(a), Some(b)) => fail(
-                format!("a download taking at least {} ms", ms),
-                format!("{} ms", b - a),
-            ),
-            _ => fail(
-                format!("a download taking at least {} ms", ms),
-                "no completed download".into(),
-            ),
-        },
-        Check::FetchRetries(n) => {
-            if s.fetch_retries == *n {
-                Ok(())
-            } else {
-                fail(
-                    format!("{n} failed request(s) retried"),
-                    s.fetch_retries.to_string(),
-                )
-            }
-        }
-        Check::Reports(n) => {
-            if s.reports == *n {
-                Ok(())
-            } else {
-                fail(format!("{n} report(s)"), s.reports.to_string())
-            }
-        }
-        Check::Boots(n) => {
-            if s.boots == *n {
-                Ok(())
-            } else {
-                fail(format!("{n} boot(s)"), s.boots.to_string())
-            }
-        }
-        Check::ReportedFailure(text) => {
-            if s.failures.iter().any(|f| f.contains(text.as_str())) {
-                Ok(())
-            } else {
-                fail(
-                    format!("a reported failure containing '{text}'"),
-                    if s.failures.is_empty() {
-                        "none".into()
-                    } else {
-                        s.failures.join("; ")
-                    },
-                )
-            }
-        }
+        Check::BadMessages(n) => count(*n, s.bad_messages, "bad-message status event(s)"),
+        Check::MinDownloadMs(ms) => min_download(*ms, s),
+        Check::FetchRetries(n) => count(*n, s.fetch_retries, "failed request(s) retried"),
+        Check::Reports(n) => count(*n, s.reports, "report(s)"),
+        Check::Boots(n) => count(*n, s.boots, "boot(s)"),
+        Check::ReportedFailure(text) => verdict(
+            s.failures.iter().any(|f| f.contains(text.as_str())),
+            || format!("a reported failure containing '{text}'"),
+            || list_or(s.failures.clone(), "none"),
+        ),
+    }
+}
+
+fn max_fetch_ratio(r: f64, d: &DeviceReport) -> Verdict {
+    let expected = || format!("fetched < {r} x image size");
+    if d.image_size == 0 {
+        return Err((expected(), "no download started".into()));
+    }
+    let ratio = d.fetched_bytes as f64 / d.image_size as f64;
+    verdict(ratio < r, expected, || {
+        format!(
+            "{} of {} bytes = {ratio:.3}x",
+            d.fetched_bytes, d.image_size
+        )
+    })
+}
+
+fn min_download(ms: u64, s: &Seen) -> Verdict {
+    let expected = format!("a download taking at least {ms} ms");
+    match (s.download_started, s.download_verified) {
+        (Some(a), Some(b)) if b - a >= ms => Ok(()),
+        (Some(a), Some(b)) => Err((expected, format!("{} ms", b - a))),
+        _ => Err((expected, "no completed download".into())),
     }
 }
 

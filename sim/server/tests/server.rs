@@ -42,31 +42,81 @@ fn manifest(version: &str, sequence: u64) -> Manifest {
     }
 }
 
-#[tokio::test]
-async fn manifests_blobs_and_acks_over_http() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(ReleaseStore::open(dir.path()).unwrap());
-    let key = NamedKey::load(&fixture_dir(), "ed25519-test").unwrap();
-    let v1 = build(&AppSpec::new("srv", "1.0.0", 40_000));
-    let v2 = build(&AppSpec::new("srv", "2.0.0", 50_000));
-    store
-        .publish(&key, manifest("1.0.0", 1), &v1, &[], 1)
-        .unwrap();
-    store
-        .publish(
-            &key,
-            manifest("2.0.0", 2),
-            &v2,
-            std::slice::from_ref(&v1),
-            2,
-        )
-        .unwrap();
-    let server = Server::start(store.clone(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let http = reqwest::Client::new();
-    let base = server.url();
+/// A server over a store holding v1 (sequence 1) and v2 (sequence 2, with a patch from v1),
+/// both for `srv-board` on `stable`.
+struct Served {
+    /// The store's files: dropping it deletes them (bind it for the whole test).
+    dir: tempfile::TempDir,
+    server: Server,
+    http: reqwest::Client,
+    base: String,
+    key: NamedKey,
+    v2: Vec<u8>,
+}
 
+impl Served {
+    async fn start() -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ReleaseStore::open(dir.path()).unwrap());
+        let key = NamedKey::load(&fixture_dir(), "ed25519-test").unwrap();
+        let v1 = build(&AppSpec::new("srv", "1.0.0", 40_000));
+        let v2 = build(&AppSpec::new("srv", "2.0.0", 50_000));
+        store
+            .publish(&key, manifest("1.0.0", 1), &v1, &[], 1)
+            .unwrap();
+        store
+            .publish(
+                &key,
+                manifest("2.0.0", 2),
+                &v2,
+                std::slice::from_ref(&v1),
+                2,
+            )
+            .unwrap();
+        let server = Server::start(store, "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let base = server.url();
+        Served {
+            dir,
+            server,
+            http: reqwest::Client::new(),
+            base,
+            key,
+            v2,
+        }
+    }
+
+    /// v2's blob URL and its ETag.
+    async fn blob(&self) -> (String, String) {
+        let url = format!(
+            "{}/blobs/{}",
+            self.base,
+            hex::encode(otarig_server::store::sha256(&self.v2))
+        );
+        let r = get(&self.http, &url, &[]).await;
+        let etag = r
+            .headers()
+            .get(header::ETAG)
+            .expect("an ETag")
+            .to_str()
+            .unwrap()
+            .to_string();
+        (url, etag)
+    }
+}
+
+#[tokio::test]
+async fn the_latest_manifest_is_signed_and_offers_a_patch() {
+    let Served {
+        dir: _dir,
+        server,
+        http,
+        base,
+        key,
+        v2,
+        ..
+    } = Served::start().await;
     // The latest manifest verifies with the trusted key and offers a patch from v1.
     let r = http
         .get(format!("{base}/firmware/latest?deviceType=srv-board"))
@@ -100,9 +150,23 @@ async fn manifests_blobs_and_acks_over_http() {
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert!(r.text().await.unwrap().contains("deviceType"));
 
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn blob_ranges_carry_a_strong_etag_and_if_match_refuses_another_blob() {
+    let Served {
+        dir: _dir,
+        server,
+        http,
+        base,
+        v2,
+        ..
+    } = Served::start().await;
+    let m_sha256 = hex::encode(otarig_server::store::sha256(&v2));
     // A range of the blob, with a strong ETag; a resume with If-Match on that ETag works, with
     // another ETag it is refused rather than mixing blobs.
-    let url = format!("{base}/blobs/{}", m.sha256);
+    let url = format!("{base}/blobs/{m_sha256}");
     let r = get(&http, &url, &[(header::RANGE, "bytes=1000-1999")]).await;
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     let etag_value = r.headers().get(header::ETAG).cloned().expect("an ETag");
@@ -117,9 +181,23 @@ async fn manifests_blobs_and_acks_over_http() {
     .await;
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(&r.bytes().await.unwrap()[..], &v2[2000..]);
+    let r = get(&http, &url, &[(header::IF_MATCH, "\"some-other-blob\"")]).await;
+    assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
+    assert!(
+        r.text().await.unwrap().contains("from byte 0"),
+        "412 says what to do"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn if_range_resumes_the_same_blob_and_restarts_a_changed_one() {
+    let s = Served::start().await;
+    let (url, etag) = s.blob().await;
+    let (http, v2, etag) = (&s.http, &s.v2, etag.as_str());
     // If-Range: the same blob resumes; a changed one gets all of it again, from byte 0.
     let r = get(
-        &http,
+        http,
         &url,
         &[(header::RANGE, "bytes=2000-"), (header::IF_RANGE, etag)],
     )
@@ -127,7 +205,7 @@ async fn manifests_blobs_and_acks_over_http() {
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(&r.bytes().await.unwrap()[..], &v2[2000..]);
     let r = get(
-        &http,
+        http,
         &url,
         &[
             (header::RANGE, "bytes=2000-"),
@@ -137,8 +215,16 @@ async fn manifests_blobs_and_acks_over_http() {
     .await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(&r.bytes().await.unwrap()[..], &v2[..]);
+    s.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn suffix_ranges_and_ranges_past_the_end() {
+    let s = Served::start().await;
+    let (url, _) = s.blob().await;
+    let (http, v2) = (&s.http, &s.v2);
     // The last 100 bytes; a range past the end is refused with the blob's length.
-    let r = get(&http, &url, &[(header::RANGE, "bytes=-100")]).await;
+    let r = get(http, &url, &[(header::RANGE, "bytes=-100")]).await;
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(
         r.headers().get(header::CONTENT_RANGE).unwrap(),
@@ -146,7 +232,7 @@ async fn manifests_blobs_and_acks_over_http() {
     );
     assert_eq!(&r.bytes().await.unwrap()[..], &v2[v2.len() - 100..]);
     let r = get(
-        &http,
+        http,
         &url,
         &[(header::RANGE, &format!("bytes={}-", v2.len()))],
     )
@@ -156,17 +242,19 @@ async fn manifests_blobs_and_acks_over_http() {
         r.headers().get(header::CONTENT_RANGE).unwrap(),
         &format!("bytes */{}", v2.len())
     );
-    let r = get(&http, &url, &[(header::IF_MATCH, "\"some-other-blob\"")]).await;
-    assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
-    assert!(
-        r.text().await.unwrap().contains("from byte 0"),
-        "412 says what to do"
-    );
+    s.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_range_is_ignored_and_if_none_match_says_not_modified() {
+    let s = Served::start().await;
+    let (url, etag) = s.blob().await;
+    let (http, v2, base, etag) = (&s.http, &s.v2, &s.base, etag.as_str());
     // An invalid range (last before first) is ignored: the whole blob.
-    let r = get(&http, &url, &[(header::RANGE, "bytes=5-3")]).await;
+    let r = get(http, &url, &[(header::RANGE, "bytes=5-3")]).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.unwrap().len(), v2.len());
-    let r = get(&http, &url, &[(header::IF_NONE_MATCH, etag)]).await;
+    let r = get(http, &url, &[(header::IF_NONE_MATCH, etag)]).await;
     assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
     let r = http
         .get(format!("{base}/blobs/{}", "0".repeat(64)))
@@ -175,21 +263,29 @@ async fn manifests_blobs_and_acks_over_http() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 
+    s.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn blobs_by_ipfs_cid() {
+    let s = Served::start().await;
+    let (_, etag) = s.blob().await;
+    let (http, v2, base) = (&s.http, &s.v2, &s.base);
     // The same blob by its IPFS CID: same bytes, same ETag, Range works; unknown or malformed
     // CIDs say so.
-    let cid = otarig_server::cid::cid_v1(&v2);
+    let cid = otarig_server::cid::cid_v1(v2);
     assert!(
         cid.starts_with("bafkrei"),
         "a one-chunk image is a raw leaf: {cid}"
     );
     let r = get(
-        &http,
+        http,
         format!("{base}/ipfs/{cid}"),
         &[(header::RANGE, "bytes=1000-1999")],
     )
     .await;
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
-    assert_eq!(r.headers().get(header::ETAG), Some(&etag_value));
+    assert_eq!(r.headers().get(header::ETAG).unwrap(), etag.as_str());
     assert_eq!(&r.bytes().await.unwrap()[..], &v2[1000..2000]);
     let r = http
         .get(format!(
@@ -208,6 +304,18 @@ async fn manifests_blobs_and_acks_over_http() {
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert!(r.text().await.unwrap().contains("not a CID"));
 
+    s.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn acks_are_recorded_and_malformed_ones_explained() {
+    let Served {
+        dir,
+        server,
+        http,
+        base,
+        ..
+    } = Served::start().await;
     // Acks: a good one is recorded, a malformed one says what is wrong.
     let ok = r#"{"v":1,"device":"d-1","sequence":2,"version":"2.0.0","outcome":"installed","detail":""}"#;
     let r = http

@@ -14,10 +14,10 @@ trap 'git worktree remove --force "$out/base" >/dev/null 2>&1 || true' EXIT
 # One target directory for both builds: dependencies compile once.
 export CARGO_TARGET_DIR="$PWD/target"
 # A revision from before the crate split still names its binary package `otarig`.
-(cd "$out/base" && cargo build --release -p otarig --quiet)
-cp target/release/otarig "$out/otarig-base"
-cargo build --release -p otarig --quiet
-cp target/release/otarig "$out/otarig-here"
+(cd "$out/base" && cargo build -p otarig --quiet)
+cp target/debug/otarig "$out/otarig-base"
+cargo build -p otarig --quiet
+cp target/debug/otarig "$out/otarig-here"
 "$out/otarig-base" run --events "$out/base-events" scenarios/*.toml >/dev/null || true
 "$out/otarig-here" run --events "$out/here-events" scenarios/*.toml >/dev/null || true
 if diff -r "$out/base-events" "$out/here-events"; then

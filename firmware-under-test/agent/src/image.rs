@@ -33,6 +33,36 @@ pub const APP_DESC_OFFSET: usize = HEADER_LEN + SEGMENT_HEADER_LEN;
 pub const CHIP_ID_ESP32S3: u16 = 9;
 /// `ESP_IMAGE_MAX_SEGMENTS`.
 pub const MAX_SEGMENTS: u8 = 16;
+/// `SPI_FLASH_MMU_PAGE_SIZE` on the ESP32-S3: the cache maps flash in 64 KiB pages.
+pub const MMU_PAGE_SIZE: u32 = 0x1_0000;
+/// `SOC_IROM_LOW..SOC_IROM_HIGH` and `SOC_DROM_LOW..SOC_DROM_HIGH` on the ESP32-S3: load
+/// addresses the cache maps from flash instead of loading into RAM.
+pub const IROM: core::ops::Range<u32> = 0x4200_0000..0x4400_0000;
+pub const DROM: core::ops::Range<u32> = 0x3C00_0000..0x3E00_0000;
+/// Offsets in `esp_app_desc_t` of `min_efuse_blk_rev_full` and `max_efuse_blk_rev_full`.
+const DESC_MIN_EFUSE_BLK_REV: usize = 176;
+const DESC_MAX_EFUSE_BLK_REV: usize = 178;
+
+/// A chip's revisions as ESP-IDF's loader checks images against them, each in the "full"
+/// format `major * 100 + minor` (`efuse_hal_chip_revision`, `efuse_hal_blk_version`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChipRevision {
+    pub chip: u16,
+    pub efuse_block: u16,
+}
+
+impl ChipRevision {
+    /// An ESP32-S3 v0.2 with eFuse block version v1.3, as on current modules.
+    pub const ESP32S3_V0_2: ChipRevision = ChipRevision {
+        chip: 2,
+        efuse_block: 103,
+    };
+}
+
+/// `IS_FIELD_SET` of bootloader_common_loader.c: 0 and 0xFFFF mean "no limit".
+fn is_field_set(rev_full: u16) -> bool {
+    rev_full != 0xFFFF && rev_full != 0
+}
 /// Seed of the XOR checksum (`ESP_ROM_CHECKSUM_INITIAL`).
 pub const CHECKSUM_SEED: u8 = 0xEF;
 
@@ -52,9 +82,25 @@ pub struct ImageInfo {
     pub entry_addr: u32,
     /// Total length in bytes, appended hash included: the length of the file that was flashed.
     pub len: u32,
-    pub desc: AppDesc,
+    /// The app descriptor at the start of the first segment, when its magic is right. ESP-IDF
+    /// boots an image without one; `esp_ota_get_partition_description` then fails
+    /// (`ESP_ERR_NOT_SUPPORTED`), and anti-rollback cannot accept it.
+    pub desc: Option<AppDesc>,
     /// SHA-256 of all `len` bytes: the content address under which a release store keeps it.
     pub sha256: [u8; 32],
+}
+
+impl ImageInfo {
+    /// The app version from its descriptor; empty without one.
+    pub fn version(&self) -> &str {
+        self.desc.as_ref().map_or("", |d| d.version.as_str())
+    }
+
+    /// The descriptor's `secure_version`; `None` without a descriptor, which anti-rollback
+    /// refuses (`bootloader_common_get_partition_description` fails).
+    pub fn secure_version(&self) -> Option<u32> {
+        self.desc.as_ref().map(|d| d.secure_version)
+    }
 }
 
 /// Why an image is not bootable. Each variant names the check ESP-IDF's loader would fail.
@@ -74,6 +120,25 @@ pub enum ImageError {
     SegmentNotAligned {
         index: u8,
         len: u32,
+    },
+    /// `verify_segment_header`: a segment the cache maps must sit at a flash offset
+    /// congruent to its load address modulo the 64 KiB MMU page.
+    MappedSegmentMisplaced {
+        index: u8,
+        load_addr: u32,
+        offset: u32,
+    },
+    /// `bootloader_common_check_chip_revision_validity`.
+    ChipRevision {
+        min: u16,
+        max: u16,
+        chip: u16,
+    },
+    /// `bootloader_common_check_efuse_blk_validity` on the first segment's app descriptor.
+    EfuseBlockRevision {
+        min: u16,
+        max: u16,
+        chip: u16,
     },
     BadAppDescMagic(u32),
     Checksum {
@@ -103,6 +168,34 @@ impl fmt::Display for ImageError {
             ImageError::SegmentNotAligned { index, len } => {
                 write!(f, "segment {index} length {len} is not 4-byte aligned")
             }
+            ImageError::MappedSegmentMisplaced {
+                index,
+                load_addr,
+                offset,
+            } => write!(
+                f,
+                "segment {index} load address 0x{load_addr:08x} doesn't match data 0x{offset:08x} (a mapped segment's offset must equal its load address modulo 64 KiB)"
+            ),
+            ImageError::ChipRevision { min, max, chip } => write!(
+                f,
+                "image requires chip rev v{}.{} to v{}.{}, but chip is v{}.{}",
+                min / 100,
+                min % 100,
+                max / 100,
+                max % 100,
+                chip / 100,
+                chip % 100
+            ),
+            ImageError::EfuseBlockRevision { min, max, chip } => write!(
+                f,
+                "image requires efuse blk rev v{}.{} to v{}.{}, but chip is v{}.{}",
+                min / 100,
+                min % 100,
+                max / 100,
+                max % 100,
+                chip / 100,
+                chip % 100
+            ),
             ImageError::BadAppDescMagic(m) => write!(
                 f,
                 "app descriptor magic is 0x{m:08x}, expected 0x{APP_DESC_MAGIC:08x} (not an app image)"
@@ -136,31 +229,49 @@ pub fn sha256_of<E>(
 }
 
 /// Verify an app image the way `esp_image_verify(ESP_IMAGE_VERIFY, …)` does, reading through
-/// `read(offset, buf)` within a partition of `part_size` bytes.
+/// `read(offset, buf)` within a partition of `part_size` bytes, without the checks that
+/// depend on the chip's revisions (see [`verify_on`]).
+pub fn verify<R>(part_size: u32, read: R) -> Result<ImageInfo, ImageError>
+where
+    R: FnMut(u32, &mut [u8]) -> Result<(), ()>,
+{
+    verify_image(None, part_size, read)
+}
+
+/// [`verify`] on a chip of the given revisions, as its bootloader and `esp_ota_end` do:
+/// the image's chip revision range (`bootloader_common_check_chip_validity`) and its app
+/// descriptor's eFuse block revision range (`bootloader_common_check_efuse_blk_validity`)
+/// must admit the chip.
+pub fn verify_on<R>(chip: ChipRevision, part_size: u32, read: R) -> Result<ImageInfo, ImageError>
+where
+    R: FnMut(u32, &mut [u8]) -> Result<(), ()>,
+{
+    verify_image(Some(chip), part_size, read)
+}
+
+/// Checks, in `esp_image_verify`'s order (esp_image_format.c): header magic, chip id and
+/// revision (`verify_image_header`); each segment inside the partition, 4-byte aligned and,
+/// when mapped, at a flash offset congruent to its load address (`verify_segment_header`);
+/// the first segment's app descriptor eFuse block range (`process_segment`); XOR checksum;
+/// appended SHA-256 when `hash_appended` is non-zero. Also computes the SHA-256 of the whole
+/// image (the release store's content address).
 ///
-/// Checks, in ESP-IDF's order: header magic, chip id, segment count, each segment inside the
-/// partition and 4-byte aligned, app descriptor magic, XOR checksum, appended SHA-256.
-/// Also computes the SHA-256 of the whole image (the release store's content address).
-pub fn verify<R>(part_size: u32, mut read: R) -> Result<ImageInfo, ImageError>
+/// Offsets are relative to the image start: app partitions are 64 KiB-aligned
+/// (`gen_esp32part.py`), so the congruence is the same as ESP-IDF's on absolute addresses.
+fn verify_image<R>(
+    chip: Option<ChipRevision>,
+    part_size: u32,
+    mut read: R,
+) -> Result<ImageInfo, ImageError>
 where
     R: FnMut(u32, &mut [u8]) -> Result<(), ()>,
 {
     let mut header = [0u8; HEADER_LEN];
     read(0, &mut header).map_err(|_| ImageError::Read)?;
-    if header[0] != IMAGE_MAGIC {
-        return Err(ImageError::BadMagic(header[0]));
+    let h = Header::parse(&header)?;
+    if let Some(c) = chip {
+        h.check_chip_revision(c.chip)?;
     }
-    let segment_count = header[1];
-    let entry_addr = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    let chip_id = u16::from_le_bytes([header[12], header[13]]);
-    let hash_appended = header[23] == 1;
-    if chip_id != CHIP_ID_ESP32S3 {
-        return Err(ImageError::WrongChip { found: chip_id });
-    }
-    if segment_count == 0 || segment_count > MAX_SEGMENTS {
-        return Err(ImageError::TooManySegments(segment_count));
-    }
-
     // One pass of SHA-256: the whole image's hash (the store's content address) is the image
     // hash's state continued over the appended digest, forked off just before finalizing.
     let mut image_hash = Sha256::new();
@@ -170,30 +281,21 @@ where
     let mut buf = [0u8; 512];
     let mut desc = None;
 
-    for index in 0..segment_count {
-        let mut seg = [0u8; SEGMENT_HEADER_LEN];
-        if pos
-            .checked_add(SEGMENT_HEADER_LEN as u32)
-            .is_none_or(|end| end > part_size)
-        {
-            return Err(ImageError::SegmentOutOfBounds { index, offset: pos });
-        }
-        read(pos, &mut seg).map_err(|_| ImageError::Read)?;
-        image_hash.update(seg);
-        let len = u32::from_le_bytes([seg[4], seg[5], seg[6], seg[7]]);
+    for index in 0..h.segment_count {
+        let (load_addr, len) = read_segment_header(&mut read, index, pos, part_size)?;
+        image_hash.update(load_addr.to_le_bytes());
+        image_hash.update(len.to_le_bytes());
         pos += SEGMENT_HEADER_LEN as u32;
-        if len % 4 != 0 {
-            return Err(ImageError::SegmentNotAligned { index, len });
-        }
-        if pos.checked_add(len).is_none_or(|end| end > part_size) {
-            return Err(ImageError::SegmentOutOfBounds { index, offset: pos });
-        }
+        check_segment(index, load_addr, len, pos, part_size)?;
         let mut done = 0u32;
         while done < len {
             let n = core::cmp::min(buf.len() as u32, len - done) as usize;
             read(pos + done, &mut buf[..n]).map_err(|_| ImageError::Read)?;
             if index == 0 && done == 0 {
-                desc = Some(parse_app_desc(&buf[..n])?);
+                if let Some(c) = chip {
+                    check_efuse_block_revision(&buf[..n], c.efuse_block)?;
+                }
+                desc = parse_app_desc(&buf[..n]).ok();
             }
             for b in &buf[..n] {
                 checksum ^= *b;
@@ -203,7 +305,6 @@ where
         }
         pos += len;
     }
-    let desc = desc.ok_or(ImageError::BadAppDescMagic(0))?;
 
     // Padding to the byte before a 16-byte boundary, then the checksum byte.
     let pad = 15 - (pos % 16);
@@ -211,7 +312,7 @@ where
     let tail_len = pad as usize + 1;
     if pos + tail_len as u32 > part_size {
         return Err(ImageError::SegmentOutOfBounds {
-            index: segment_count,
+            index: h.segment_count,
             offset: pos,
         });
     }
@@ -225,7 +326,7 @@ where
             computed: checksum,
         });
     }
-    if !hash_appended {
+    if !h.hash_appended {
         // ESP-IDF accepts images without an appended hash when secure boot is off; we insist,
         // because the appended hash is what catches a torn write in the middle of a segment.
         return Err(ImageError::HashNotAppended);
@@ -233,7 +334,7 @@ where
     let mut appended = [0u8; 32];
     if pos + 32 > part_size {
         return Err(ImageError::SegmentOutOfBounds {
-            index: segment_count,
+            index: h.segment_count,
             offset: pos,
         });
     }
@@ -246,13 +347,123 @@ where
     whole_hash.update(appended);
     pos += 32;
     Ok(ImageInfo {
-        chip_id,
-        segment_count,
-        entry_addr,
+        chip_id: h.chip_id,
+        segment_count: h.segment_count,
+        entry_addr: h.entry_addr,
         len: pos,
         desc,
         sha256: whole_hash.finalize().into(),
     })
+}
+
+/// The fields of `esp_image_header_t` the checks use.
+struct Header {
+    segment_count: u8,
+    entry_addr: u32,
+    chip_id: u16,
+    min_chip_rev_full: u16,
+    max_chip_rev_full: u16,
+    hash_appended: bool,
+}
+
+impl Header {
+    /// `verify_image_header`: magic, chip id, segment count.
+    fn parse(b: &[u8; HEADER_LEN]) -> Result<Header, ImageError> {
+        if b[0] != IMAGE_MAGIC {
+            return Err(ImageError::BadMagic(b[0]));
+        }
+        let h = Header {
+            segment_count: b[1],
+            entry_addr: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            chip_id: u16::from_le_bytes([b[12], b[13]]),
+            min_chip_rev_full: u16::from_le_bytes([b[15], b[16]]),
+            max_chip_rev_full: u16::from_le_bytes([b[17], b[18]]),
+            // A C `bool` in ESP-IDF: any non-zero value means appended.
+            hash_appended: b[23] != 0,
+        };
+        if h.chip_id != CHIP_ID_ESP32S3 {
+            return Err(ImageError::WrongChip { found: h.chip_id });
+        }
+        if h.segment_count > MAX_SEGMENTS {
+            return Err(ImageError::TooManySegments(h.segment_count));
+        }
+        Ok(h)
+    }
+
+    /// `bootloader_common_check_chip_revision_validity(img_hdr, true)`.
+    fn check_chip_revision(&self, chip: u16) -> Result<(), ImageError> {
+        let (min, max) = (self.min_chip_rev_full, self.max_chip_rev_full);
+        if chip < min || (is_field_set(max) && chip > max) {
+            return Err(ImageError::ChipRevision { min, max, chip });
+        }
+        Ok(())
+    }
+}
+
+fn read_segment_header<R>(
+    read: &mut R,
+    index: u8,
+    pos: u32,
+    part_size: u32,
+) -> Result<(u32, u32), ImageError>
+where
+    R: FnMut(u32, &mut [u8]) -> Result<(), ()>,
+{
+    if pos
+        .checked_add(SEGMENT_HEADER_LEN as u32)
+        .is_none_or(|end| end > part_size)
+    {
+        return Err(ImageError::SegmentOutOfBounds { index, offset: pos });
+    }
+    let mut seg = [0u8; SEGMENT_HEADER_LEN];
+    read(pos, &mut seg).map_err(|_| ImageError::Read)?;
+    Ok((
+        u32::from_le_bytes([seg[0], seg[1], seg[2], seg[3]]),
+        u32::from_le_bytes([seg[4], seg[5], seg[6], seg[7]]),
+    ))
+}
+
+/// `verify_segment_header` for the segment whose data starts at image offset `data_at`.
+fn check_segment(
+    index: u8,
+    load_addr: u32,
+    len: u32,
+    data_at: u32,
+    part_size: u32,
+) -> Result<(), ImageError> {
+    if !len.is_multiple_of(4) {
+        return Err(ImageError::SegmentNotAligned { index, len });
+    }
+    if data_at.checked_add(len).is_none_or(|end| end > part_size) {
+        return Err(ImageError::SegmentOutOfBounds {
+            index,
+            offset: data_at,
+        });
+    }
+    let mapped = IROM.contains(&load_addr) || DROM.contains(&load_addr);
+    if mapped && data_at % MMU_PAGE_SIZE != load_addr % MMU_PAGE_SIZE {
+        return Err(ImageError::MappedSegmentMisplaced {
+            index,
+            load_addr,
+            offset: data_at,
+        });
+    }
+    Ok(())
+}
+
+/// `process_segment` on segment 0 (not on the original ESP32): its first bytes are read as
+/// `esp_app_desc_t`, magic or not, and its eFuse block range must admit the chip.
+fn check_efuse_block_revision(first: &[u8], chip: u16) -> Result<(), ImageError> {
+    let field = |at: usize| {
+        first
+            .get(at..at + 2)
+            .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let (min, max) = (field(DESC_MIN_EFUSE_BLK_REV), field(DESC_MAX_EFUSE_BLK_REV));
+    if (is_field_set(min) && chip < min) || (is_field_set(max) && chip > max) {
+        return Err(ImageError::EfuseBlockRevision { min, max, chip });
+    }
+    Ok(())
 }
 
 /// Parse `esp_app_desc_t` from the start of the first segment.

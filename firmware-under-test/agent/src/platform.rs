@@ -104,6 +104,12 @@ pub enum EspError {
     RollbackInvalidState,
     /// `ESP_ERR_FLASH_OP_FAIL` (and on the simulator: the power went away mid-operation).
     FlashOpFail,
+    /// `ESP_FAIL`: e.g. marking the running app valid or invalid while the factory app runs.
+    Fail,
+    /// `ESP_ERR_INVALID_SIZE`: a write past the end of the partition.
+    InvalidSize,
+    /// `ESP_ERR_NOT_SUPPORTED`: e.g. the otadata state of a partition that is not an OTA slot.
+    NotSupported,
 }
 
 impl fmt::Display for EspError {
@@ -118,6 +124,9 @@ impl fmt::Display for EspError {
             EspError::RollbackFailed => "ESP_ERR_OTA_ROLLBACK_FAILED",
             EspError::RollbackInvalidState => "ESP_ERR_OTA_ROLLBACK_INVALID_STATE",
             EspError::FlashOpFail => "ESP_ERR_FLASH_OP_FAIL",
+            EspError::Fail => "ESP_FAIL",
+            EspError::InvalidSize => "ESP_ERR_INVALID_SIZE",
+            EspError::NotSupported => "ESP_ERR_NOT_SUPPORTED",
         })
     }
 }
@@ -133,7 +142,8 @@ pub trait Platform {
     fn next_update_slot(&self) -> Option<Slot>;
 
     /// `esp_ota_get_state_partition(slot)`; `Ok(None)` for `ESP_ERR_NOT_FOUND` (no otadata
-    /// entry names this slot, or it is the factory slot).
+    /// entry names this slot), `Err(NotSupported)` for a slot that is not an OTA slot
+    /// (factory, test).
     fn slot_state(&mut self, slot: Slot) -> EspResult<Option<OtaImgState>>;
 
     /// `esp_ota_begin(slot, OTA_WITH_SEQUENTIAL_WRITES, &handle)`: sectors are erased as

@@ -8,9 +8,14 @@ use core::ptr;
 use esp_idf_svc::sys::*;
 use otarig_agent::{EspError, EspResult, OtaImgState, Platform, Slot, SlotKind};
 
-/// ESP-IDF's `esp_err_t` as the agent names it.
+/// ESP-IDF's `esp_err_t` as the agent names it. esp-idf-sys generates the `ESP_*` constants
+/// as `i32`, the type of `esp_err_t` (its bindgen callback forces `IntKind::I32`), so they
+/// are matched as they are, without a cast.
 fn err(code: esp_err_t) -> EspError {
-    match code as u32 {
+    match code {
+        ESP_FAIL => EspError::Fail,
+        ESP_ERR_INVALID_SIZE => EspError::InvalidSize,
+        ESP_ERR_NOT_SUPPORTED => EspError::NotSupported,
         ESP_ERR_INVALID_ARG => EspError::InvalidArg,
         ESP_ERR_NOT_FOUND => EspError::NotFound,
         ESP_ERR_INVALID_STATE => EspError::InvalidState,
@@ -24,7 +29,7 @@ fn err(code: esp_err_t) -> EspError {
 }
 
 fn ok(code: esp_err_t) -> EspResult<()> {
-    if code == ESP_OK as esp_err_t {
+    if code == ESP_OK {
         Ok(())
     } else {
         Err(err(code))
@@ -110,10 +115,10 @@ impl Platform for EspPlatform {
         let p = partition(slot)?;
         let mut st: esp_ota_img_states_t = 0;
         // SAFETY: p is a table entry, st a valid out pointer.
-        match unsafe { esp_ota_get_state_partition(p, &mut st) } as u32 {
+        match unsafe { esp_ota_get_state_partition(p, &mut st) } {
             ESP_OK => Ok(Some(OtaImgState::from_raw(st))),
             ESP_ERR_NOT_FOUND => Ok(None),
-            e => Err(err(e as esp_err_t)),
+            e => Err(err(e)),
         }
     }
 

@@ -83,7 +83,7 @@ fn starting_images(s: &Scenario, prep: &Prepared, opts: &HilOptions) -> anyhow::
     images.push(Image {
         name: "partition table".into(),
         addr: otarig_esp32s3::partition::TABLE_OFFSET,
-        data: table.to_binary(),
+        data: table.to_binary()?,
     });
     // A fresh board per scenario: otadata (espflash never writes it), the agent's journal
     // (it remembers the last release sequence, which would refuse this scenario's releases as

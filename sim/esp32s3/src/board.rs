@@ -27,6 +27,14 @@ use crate::flash::{Cut, CutReport, Flash, FlashError, SECTOR_SIZE};
 use crate::otadata::{self, Entry, ENTRY_LEN};
 use crate::partition::{PartitionTable, AGENT_LABEL, TABLE_MAX_LEN, TABLE_OFFSET};
 
+/// Bits of the ESP32-S3's `SECURE_VERSION` eFuse field (BLOCK0 bits 142–157): the highest
+/// secure version anti-rollback can record.
+pub const EFUSE_SECURE_VERSION_BITS: u32 = 16;
+
+/// The simulated chip's revisions (`efuse_hal_chip_revision`, `efuse_hal_blk_version`):
+/// every simulated board is an ESP32-S3 v0.2 with eFuse block version v1.3.
+pub const CHIP_REVISION: image::ChipRevision = image::ChipRevision::ESP32S3_V0_2;
+
 /// The memo name of `esp_image_verify` over a slot (see [`Flash::memo_region`]).
 const VERIFY: &str = "esp_image_verify";
 
@@ -107,6 +115,11 @@ pub enum BoardEvent {
     EfuseRaised {
         from: u32,
         to: u32,
+    },
+    /// `esp_efuse_update_secure_version` refused a version the 16-bit field cannot hold;
+    /// nothing was burned.
+    EfuseRaiseRefused {
+        requested: u32,
     },
     OtaBegin {
         slot: String,
@@ -191,6 +204,8 @@ pub enum SetupError {
     NoSlot(SlotKind),
     #[error("flash: {0}")]
     Flash(#[from] FlashError),
+    #[error("partition table: {0}")]
+    Table(crate::partition::TableError),
 }
 
 fn fl(e: FlashError) -> EspError {
@@ -211,7 +226,8 @@ impl Board {
         efuse_secure_version: u32,
     ) -> Result<Board, SetupError> {
         let mut flash = Flash::new(table.flash_size());
-        flash.program(TABLE_OFFSET, &table.to_binary())?;
+        let binary = table.to_binary().map_err(SetupError::Table)?;
+        flash.program(TABLE_OFFSET, &binary)?;
         let target = table
             .app_slots()
             .into_iter()
@@ -244,7 +260,7 @@ impl Board {
     ) -> Result<Board, Box<(Flash, String)>> {
         let mut raw = vec![0u8; TABLE_MAX_LEN];
         flash.peek(TABLE_OFFSET, &mut raw);
-        let table = match PartitionTable::from_binary(&raw) {
+        let table = match PartitionTable::from_binary_on(&raw, flash.size()) {
             Ok(t) => t,
             Err(e) => return Err(Box::new((flash, format!("partition table at 0x8000: {e}")))),
         };
@@ -340,8 +356,8 @@ impl Board {
                     .map_or(0, |two| two.iter().filter(|e| e.is_valid()).count() as u8);
                 self.events.push(BoardEvent::BootloaderStarted {
                     slot: booted.slot.kind.to_string(),
-                    version: booted.info.desc.version.to_string(),
-                    secure_version: booted.info.desc.secure_version,
+                    version: booted.info.version().to_string(),
+                    secure_version: booted.info.secure_version().unwrap_or(0),
                     sha256: hex::encode(booted.info.sha256),
                     otadata_valid,
                 });
@@ -417,7 +433,7 @@ impl Board {
         // shares that memo.
         self.flash
             .memo_peek(VERIFY, slot.address, slot.size, |flash| {
-                image::verify(slot.size, |off, buf| {
+                image::verify_on(CHIP_REVISION, slot.size, |off, buf| {
                     flash.peek(slot.address + off, buf);
                     Ok(())
                 })
@@ -547,7 +563,7 @@ impl Board {
     fn verify_slot(&mut self, slot: Slot) -> Result<ImageInfo, image::ImageError> {
         self.flash
             .memo_region(VERIFY, slot.address, slot.size, |flash| {
-                image::verify(slot.size, |off, buf| {
+                image::verify_on(CHIP_REVISION, slot.size, |off, buf| {
                     flash.read(slot.address + off, buf).map_err(|_| ())
                 })
             })
@@ -568,24 +584,37 @@ impl Board {
         image::parse_app_desc(&desc).is_ok_and(|d| d.secure_version >= self.efuse_secure_version)
     }
 
-    fn raise_efuse(&mut self, slot: Slot) {
+    /// Raise the eFuse secure version to that of the app in `slot`, as
+    /// `esp_efuse_update_secure_version` (esp_efuse_fields.c) does: the field is a 16-bit
+    /// thermometer on the ESP32-S3 (`CONFIG_BOOTLOADER_APP_SEC_VER_SIZE_EFUSE_FIELD` = 16, its
+    /// value the number of bits burned), so a version above 16 is `ESP_ERR_INVALID_ARG` and
+    /// burns nothing; a lower or equal one changes nothing.
+    fn raise_efuse(&mut self, slot: Slot) -> EspResult<()> {
         let mut desc = [0u8; 80];
         if self
             .flash
             .read(slot.address + image::APP_DESC_OFFSET as u32, &mut desc)
             .is_err()
         {
-            return;
+            return Ok(());
         }
-        if let Ok(d) = image::parse_app_desc(&desc) {
-            if d.secure_version > self.efuse_secure_version {
-                self.events.push(BoardEvent::EfuseRaised {
-                    from: self.efuse_secure_version,
-                    to: d.secure_version,
-                });
-                self.efuse_secure_version = d.secure_version;
-            }
+        let Ok(d) = image::parse_app_desc(&desc) else {
+            return Ok(());
+        };
+        if d.secure_version > EFUSE_SECURE_VERSION_BITS {
+            self.events.push(BoardEvent::EfuseRaiseRefused {
+                requested: d.secure_version,
+            });
+            return Err(EspError::InvalidArg);
         }
+        if d.secure_version > self.efuse_secure_version {
+            self.events.push(BoardEvent::EfuseRaised {
+                from: self.efuse_secure_version,
+                to: d.secure_version,
+            });
+            self.efuse_secure_version = d.secure_version;
+        }
+        Ok(())
     }
 
     /// The 2nd stage bootloader: read the partition table, pick the boot partition from
@@ -595,7 +624,8 @@ impl Board {
         self.flash
             .read(TABLE_OFFSET, &mut raw)
             .map_err(|_| BootErr::PowerLost)?;
-        let table = PartitionTable::from_binary(&raw).map_err(|e| BootErr::Table(e.to_string()))?;
+        let table = PartitionTable::from_binary_on(&raw, self.flash.size())
+            .map_err(|e| BootErr::Table(e.to_string()))?;
         let selected = if table.otadata().is_some() {
             self.select_boot_partition(&table)?
         } else {
@@ -611,7 +641,7 @@ impl Board {
     /// ABORTED (with rollback), then the active entry is chosen (with anti-rollback, among
     /// those whose app's `secure_version` passes); a NEW one becomes PENDING_VERIFY.
     fn select_boot_partition(&mut self, table: &PartitionTable) -> Result<Selected, BootErr> {
-        let count = table.ota_count();
+        let count = table.bootloader_ota_count();
         let mut two = self.read_otadata().map_err(|_| BootErr::PowerLost)?;
         if self.boot_config.rollback {
             self.abort_pending_verify(table, &mut two)?;
@@ -650,7 +680,8 @@ impl Board {
         }
         if self.boot_config.anti_rollback && two[a].state() == OtaImgState::Valid {
             if let Some(slot) = table.ota(n) {
-                self.raise_efuse(slot);
+                // The bootloader logs a refused update and boots anyway.
+                let _ = self.raise_efuse(slot);
             }
         }
         Ok(selected)
@@ -662,7 +693,7 @@ impl Board {
         table: &PartitionTable,
         two: &mut [Entry; 2],
     ) -> Result<(), BootErr> {
-        let count = table.ota_count();
+        let count = table.bootloader_ota_count();
         for (i, e) in two.iter_mut().enumerate() {
             if e.state() != OtaImgState::PendingVerify {
                 continue;
@@ -687,7 +718,7 @@ impl Board {
         table: &PartitionTable,
         two: &[Entry; 2],
     ) -> [bool; 2] {
-        let count = table.ota_count();
+        let count = table.bootloader_ota_count();
         let mut ok = [two[0].is_valid(), two[1].is_valid()];
         for (i, valid) in ok.iter_mut().enumerate() {
             let Some(slot) = two[i]
@@ -726,7 +757,7 @@ impl Board {
         };
         let order: Vec<i32> = (FACTORY..=start)
             .rev()
-            .chain(start + 1..table.ota_count() as i32)
+            .chain(start + 1..table.bootloader_ota_count() as i32)
             .collect();
         for index in order {
             let Some(slot) = slot_of(index) else { continue };
@@ -745,7 +776,7 @@ impl Board {
                         self.write_otadata_sector(0, &e)
                             .map_err(|_| BootErr::PowerLost)?;
                         if self.boot_config.anti_rollback {
-                            self.raise_efuse(slot);
+                            let _ = self.raise_efuse(slot);
                         }
                     }
                     return Ok(Some(self.booted(slot, info)));
@@ -824,13 +855,48 @@ impl Board {
         false
     }
 
+    /// `esp_ota_set_boot_partition` for an app partition other than factory: the
+    /// anti-rollback check on `slot`'s app (a too-low one is erased), then
+    /// `esp_rewrite_ota_data` selecting OTA slot `n` in the inactive otadata sector.
+    fn select_ota_slot(&mut self, slot: Slot, n: u8) -> EspResult<()> {
+        if self.boot_config.anti_rollback && !self.secure_version_ok(slot) {
+            // "Partition will be erased."
+            self.flash.erase(slot.address, slot.size).map_err(fl)?;
+            return Err(EspError::SmallSecVer);
+        }
+        let count = self.table.ota_count();
+        if n >= count {
+            return Err(EspError::InvalidArg);
+        }
+        let new_state = if self.boot_config.rollback {
+            OtaImgState::New
+        } else {
+            OtaImgState::Undefined
+        };
+        self.otadata_rw(|b, two| {
+            let (sector, seq) = match otadata::active(two) {
+                Some(a) => ((!a) & 1, otadata::next_seq(two[a].ota_seq, n, count)),
+                None => (0, n as u32 + 1),
+            };
+            let mut e = two[sector];
+            e.ota_state = new_state.raw();
+            e.ota_seq = seq;
+            e.crc = otadata::seq_crc(seq);
+            b.write_otadata_sector(sector, &e).map_err(fl)?;
+            b.events.push(BoardEvent::BootPartitionSet {
+                slot: slot.kind.to_string(),
+            });
+            Ok(())
+        })
+    }
+
     /// `esp_ota_current_ota_is_workable(valid)`.
     fn set_running_state(&mut self, valid: bool) -> EspResult<()> {
         let count = self.table.ota_count();
         let running = self.running.ok_or(EspError::InvalidState)?;
         self.otadata_rw(|b, two| {
             let Some(active) = otadata::active(two).filter(|_| count != 0) else {
-                return Err(EspError::InvalidState); // "Running firmware is factory"
+                return Err(EspError::Fail); // "Running firmware is factory"
             };
             if valid {
                 if two[active].state() != OtaImgState::Valid {
@@ -839,8 +905,10 @@ impl Board {
                     b.events.push(BoardEvent::MarkedValid {
                         slot: running.kind.to_string(),
                     });
+                    // esp_ota_current_ota_is_workable: VALID is written first; then the eFuse
+                    // update's error, if any, is what the call returns.
                     if b.boot_config.anti_rollback {
-                        b.raise_efuse(running);
+                        return b.raise_efuse(running);
                     }
                 }
                 Ok(())
@@ -900,9 +968,11 @@ impl Platform for Board {
         default
     }
 
+    /// `esp_ota_get_state_partition`: `ESP_ERR_NOT_SUPPORTED` for a partition that is not
+    /// an OTA slot.
     fn slot_state(&mut self, slot: Slot) -> EspResult<Option<OtaImgState>> {
         if !Self::is_ota(slot) {
-            return Ok(None);
+            return Err(EspError::NotSupported);
         }
         let two = self.read_otadata().map_err(fl)?;
         Ok(self.state_in(&two, slot))
@@ -911,14 +981,19 @@ impl Platform for Board {
     fn ota_begin(&mut self, slot: Slot) -> EspResult<()> {
         self.with_phase(Phase::Begin, |b| {
             let running = b.running.ok_or(EspError::InvalidState)?;
-            if !Self::is_ota(slot) || b.table.slot_at(slot.address) != Some(slot) {
+            // esp_ota_begin: esp_partition_verify, then is_ota_partition.
+            if b.table.slot_at(slot.address) != Some(slot) {
+                return Err(EspError::NotFound);
+            }
+            if !Self::is_ota(slot) {
                 return Err(EspError::InvalidArg);
             }
             if slot == running {
                 return Err(EspError::PartitionConflict);
             }
             if b.boot_config.rollback {
-                if b.slot_state(running)? == Some(OtaImgState::PendingVerify) {
+                // Only an answer of ESP_OK counts (a factory app has no state).
+                if b.slot_state(running) == Ok(Some(OtaImgState::PendingVerify)) {
                     return Err(EspError::RollbackInvalidState);
                 }
                 // esp_ota_invalidate_inactive_ota_data_slot (its result is ignored by ESP-IDF,
@@ -1000,7 +1075,8 @@ impl Platform for Board {
         self.with_phase(Phase::Download, |b| {
             let size = data.len() as u32;
             if reach > s.slot.size {
-                return Err(EspError::InvalidArg); // ESP_ERR_INVALID_SIZE
+                // esp_partition_write past the partition's end.
+                return Err(EspError::InvalidSize);
             }
             if s.need_erase {
                 let first = s.wrote / SECTOR_SIZE;
@@ -1063,38 +1139,10 @@ impl Platform for Board {
                     });
                     Ok(())
                 }
-                SlotKind::Ota(n) => {
-                    if b.boot_config.anti_rollback && !b.secure_version_ok(slot) {
-                        // "Partition will be erased."
-                        b.flash.erase(slot.address, slot.size).map_err(fl)?;
-                        return Err(EspError::SmallSecVer);
-                    }
-                    let count = b.table.ota_count();
-                    if n >= count {
-                        return Err(EspError::InvalidArg);
-                    }
-                    let new_state = if b.boot_config.rollback {
-                        OtaImgState::New
-                    } else {
-                        OtaImgState::Undefined
-                    };
-                    b.otadata_rw(|b, two| {
-                        let (sector, seq) = match otadata::active(two) {
-                            Some(a) => ((!a) & 1, otadata::next_seq(two[a].ota_seq, n, count)),
-                            None => (0, n as u32 + 1),
-                        };
-                        let mut e = two[sector];
-                        e.ota_state = new_state.raw();
-                        e.ota_seq = seq;
-                        e.crc = otadata::seq_crc(seq);
-                        b.write_otadata_sector(sector, &e).map_err(fl)?;
-                        b.events.push(BoardEvent::BootPartitionSet {
-                            slot: slot.kind.to_string(),
-                        });
-                        Ok(())
-                    })
-                }
-                SlotKind::Test => Err(EspError::InvalidArg),
+                SlotKind::Ota(n) => b.select_ota_slot(slot, n),
+                // esp_rewrite_ota_data(ESP_PARTITION_SUBTYPE_APP_TEST): OTA_SLOT(0x20) is 0, so
+                // ESP-IDF selects ota_0 for the next boot, not the test app.
+                SlotKind::Test => b.select_ota_slot(slot, 0),
             }
         })
     }

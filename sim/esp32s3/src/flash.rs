@@ -1,12 +1,16 @@
 //! Simulated SPI NOR flash, as on an ESP32-S3 module.
 //!
-//! - Erase works on 4 KiB sectors and sets every bit to 1 (0xFF).
-//! - Program can only clear bits (new = old & data) and is split at 256-byte page boundaries,
-//!   like `esp_flash_write` splits writes into page programs. In strict mode, programming a
-//!   byte that is not erased is recorded as a [`Violation`]: ESP-IDF requires erase before
-//!   write, and an agent that relies on AND-ing over old data is buggy on real chips.
-//! - Every sector erase and every page program is one *flash operation* with an index that
-//!   counts from 0 for the board's lifetime. [`Flash::arm_cut`] makes operation k the one
+//! - Erase sets every bit to 1 (0xFF), the way `esp_flash_erase_region` (esp_flash_api.c)
+//!   issues it: one 64 KiB block erase where the address is 64 KiB-aligned and at least 64 KiB
+//!   remain, one 4 KiB sector erase otherwise.
+//! - Program can only clear bits (new = old & data). `esp_flash_write` hands the chip at most
+//!   64 bytes per program (`SPI_FLASH_HAL_MAX_WRITE_BYTES`), never across a 256-byte page:
+//!   `memspi_host_write_data_slicer` (memspi_host_driver.c) cuts every write that way. In
+//!   strict mode, programming a byte that is not erased is recorded as a [`Violation`]:
+//!   ESP-IDF requires erase before write, and an agent that relies on AND-ing over old data is
+//!   buggy on real chips.
+//! - Every block erase, sector erase and program slice is one *flash operation* with an index
+//!   that counts from 0 for the board's lifetime. [`Flash::arm_cut`] makes operation k the one
 //!   interrupted by a power cut: it is torn (an erase leaves a mix of old bytes and 0xFF, a
 //!   program clears only a random subset of its bits, chosen from the seed) and every
 //!   operation after it fails until [`Flash::power_on`].
@@ -24,6 +28,10 @@ use rand_chacha::ChaCha8Rng;
 
 pub const SECTOR_SIZE: u32 = 4096;
 pub const PAGE_SIZE: u32 = 256;
+/// The erase block of the chips ESP-IDF's generic driver runs (`block_erase_size`).
+pub const BLOCK_SIZE: u32 = 64 * 1024;
+/// The most bytes one program operation writes (`SPI_FLASH_HAL_MAX_WRITE_BYTES`).
+pub const MAX_PROGRAM: u32 = 64;
 
 type Sector = [u8; SECTOR_SIZE as usize];
 
@@ -31,7 +39,10 @@ type Sector = [u8; SECTOR_SIZE as usize];
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OpKind {
+    /// A 4 KiB sector erase.
     Erase,
+    /// A 64 KiB block erase.
+    BlockErase,
     Program,
 }
 
@@ -344,30 +355,42 @@ impl Flash {
         }
     }
 
-    /// Erase `len` bytes from `addr` (both sector aligned): one operation per sector.
+    /// Erase `len` bytes from `addr` (both sector aligned), as `esp_flash_erase_region` does:
+    /// a 64 KiB block per operation where `addr` is block-aligned and a whole block remains,
+    /// a 4 KiB sector per operation otherwise.
     pub fn erase(&mut self, addr: u32, len: u32) -> Result<(), FlashError> {
         if !addr.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
             return Err(FlashError::Unaligned { addr });
         }
         self.check_bounds(addr, len)?;
-        for s in (addr / SECTOR_SIZE)..((addr + len) / SECTOR_SIZE) {
+        let (mut at, end) = (addr, addr + len);
+        while at < end {
+            let (kind, n) = if at.is_multiple_of(BLOCK_SIZE) && end - at >= BLOCK_SIZE {
+                (OpKind::BlockErase, BLOCK_SIZE)
+            } else {
+                (OpKind::Erase, SECTOR_SIZE)
+            };
+            let sectors = (at / SECTOR_SIZE) as usize..((at + n) / SECTOR_SIZE) as usize;
             let op = self.begin_op()?;
             if let Some(seed) = self.tears(op) {
-                self.tear_erase(s as usize, op, seed);
-                return Err(self.cut_now(op, OpKind::Erase, s * SECTOR_SIZE));
+                sectors.for_each(|s| self.tear_erase(s, op, seed));
+                return Err(self.cut_now(op, kind, at));
             }
-            self.sectors[s as usize] = None;
+            self.sectors[sectors].fill(None);
+            at += n;
         }
         Ok(())
     }
 
-    /// Program `data` at `addr`: one operation per 256-byte page touched.
+    /// Program `data` at `addr`: one operation per slice of at most 64 bytes that does not
+    /// cross a 256-byte page (`memspi_host_write_data_slicer`).
     pub fn program(&mut self, addr: u32, data: &[u8]) -> Result<(), FlashError> {
         self.check_bounds(addr, data.len() as u32)?;
         let mut done = 0usize;
         while done < data.len() {
             let a = addr + done as u32;
-            let n = ((PAGE_SIZE - a % PAGE_SIZE) as usize).min(data.len() - done);
+            let to_page_end = PAGE_SIZE - a % PAGE_SIZE;
+            let n = (to_page_end.min(MAX_PROGRAM) as usize).min(data.len() - done);
             let op = self.begin_op()?;
             let chunk = &data[done..done + n];
             if let Some(seed) = self.tears(op) {
@@ -462,8 +485,9 @@ impl Flash {
     }
 
     /// A torn erase: the chip got partway; each 32-bit word is either erased or still old.
+    /// Each sector of a torn block gets its own draw.
     fn tear_erase(&mut self, s: usize, op: u64, seed: u64) {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ op.rotate_left(17));
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ op.rotate_left(17) ^ ((s as u64) << 40));
         if self.sectors[s].is_none() {
             return;
         }
@@ -502,12 +526,70 @@ mod tests {
     }
 
     #[test]
-    fn programs_split_at_page_boundaries_and_count_operations() {
+    fn programs_split_at_64_bytes_and_page_boundaries() {
         let mut f = Flash::new(64 * 1024);
-        f.program(250, &[0u8; 300]).unwrap(); // pages 0, 1, 2
-        assert_eq!(f.ops(), 3);
-        f.erase(0, 2 * SECTOR_SIZE).unwrap();
-        assert_eq!(f.ops(), 5);
+        // 250..256, then 256..550 in 64-byte slices: 6, 64, 64, 64, 64, 38 bytes.
+        f.program(250, &[0u8; 300]).unwrap();
+        assert_eq!(f.ops(), 6);
+        f.program(4096, &[0u8; 256]).unwrap(); // one page, four slices
+        assert_eq!(f.ops(), 10);
+    }
+
+    #[test]
+    fn a_cut_inside_a_page_leaves_the_slices_before_it_written() {
+        let mut f = Flash::new(64 * 1024);
+        f.arm_cut(Cut { at_op: 2, seed: 3 }); // the third 64-byte slice of the page
+        assert!(f.program(0, &[0u8; 256]).is_err());
+        let mut b = [0xAAu8; 256];
+        f.peek(0, &mut b);
+        assert!(
+            b[..128].iter().all(|x| *x == 0),
+            "slices 0 and 1 are written"
+        );
+        assert!(b[192..].iter().all(|x| *x == 0xFF), "slice 3 never started");
+        assert!(
+            b[128..192].iter().any(|x| *x != 0),
+            "slice 2 is torn, not complete"
+        );
+    }
+
+    #[test]
+    fn erases_use_a_64_kib_block_where_aligned_and_whole() {
+        let mut f = Flash::new(256 * 1024);
+        f.erase(0, 2 * SECTOR_SIZE).unwrap(); // aligned, but less than a block: two sectors
+        assert_eq!(f.ops(), 2);
+        f.erase(0, 2 * BLOCK_SIZE).unwrap(); // two blocks
+        assert_eq!(f.ops(), 4);
+        f.erase(SECTOR_SIZE, BLOCK_SIZE).unwrap(); // not aligned: sixteen sectors
+        assert_eq!(f.ops(), 20);
+        f.erase(BLOCK_SIZE, BLOCK_SIZE + SECTOR_SIZE).unwrap(); // a block, then a sector
+        assert_eq!(f.ops(), 22);
+    }
+
+    #[test]
+    fn a_torn_block_erase_leaves_old_bytes_across_the_block() {
+        let mut f = Flash::new(256 * 1024);
+        f.program(0, &[0u8; 64 * 1024]).unwrap();
+        let ops = f.ops();
+        f.arm_cut(Cut {
+            at_op: ops,
+            seed: 9,
+        });
+        assert!(f.erase(0, BLOCK_SIZE).is_err());
+        assert_eq!(
+            f.take_cut_report().map(|r| r.kind),
+            Some(OpKind::BlockErase)
+        );
+        for sector in [0, 7, 15] {
+            let mut b = [0u8; SECTOR_SIZE as usize];
+            f.peek(sector * SECTOR_SIZE, &mut b);
+            let erased = b.iter().filter(|x| **x == 0xFF).count();
+            assert!(
+                erased > 0 && erased < b.len(),
+                "sector {sector} of the torn block: {erased} of {} bytes erased",
+                b.len()
+            );
+        }
     }
 
     #[test]
@@ -522,10 +604,10 @@ mod tests {
     #[test]
     fn a_cut_tears_its_operation_and_stops_everything_after_it() {
         let mut f = Flash::new(8192);
-        f.program(0, &[0u8; 256]).unwrap(); // op 0
-        f.arm_cut(Cut { at_op: 1, seed: 7 });
-        let err = f.erase(0, SECTOR_SIZE).unwrap_err(); // op 1, torn
-        assert_eq!(err, FlashError::PowerLost { op: 1 });
+        f.program(0, &[0u8; 256]).unwrap(); // ops 0..=3
+        f.arm_cut(Cut { at_op: 4, seed: 7 });
+        let err = f.erase(0, SECTOR_SIZE).unwrap_err(); // op 4, torn
+        assert_eq!(err, FlashError::PowerLost { op: 4 });
         let mut b = [0u8; 256];
         f.peek(0, &mut b);
         let erased = b.iter().filter(|x| **x == 0xFF).count();

@@ -83,12 +83,14 @@ impl Entry {
         !self.is_invalid() && self.crc == seq_crc(self.ota_seq)
     }
 
-    /// The OTA slot this entry selects.
+    /// The OTA slot this entry selects: `(ota_seq - 1) % count` in `uint32_t` arithmetic, as
+    /// `bootloader_utility_get_selected_boot_partition` computes it. A sequence of 0 (valid:
+    /// its CRC is 0xFFFFFFFF) wraps to `0xFFFFFFFF % count`, ota_1 of two slots.
     pub fn slot(&self, ota_count: u8) -> Option<u8> {
-        if ota_count == 0 || self.ota_seq == 0 || self.ota_seq == u32::MAX {
+        if ota_count == 0 || self.ota_seq == u32::MAX {
             return None;
         }
-        Some(((self.ota_seq - 1) % ota_count as u32) as u8)
+        Some((self.ota_seq.wrapping_sub(1) % ota_count as u32) as u8)
     }
 }
 
@@ -129,6 +131,15 @@ pub fn next_seq(active_seq: u32, target: u8, count: u8) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequence_zero_is_valid_and_wraps_like_the_bootloader() {
+        assert_eq!(seq_crc(0), 0xFFFF_FFFF);
+        let e = Entry::new(0, OtaImgState::Valid, [0xFF; 20]);
+        assert!(e.is_valid());
+        assert_eq!(e.slot(2), Some(1), "0xFFFFFFFF % 2");
+        assert_eq!(e.slot(3), Some(0), "0xFFFFFFFF % 3");
+    }
 
     #[test]
     fn crc_matches_esp_idf_otatool() {

@@ -82,7 +82,29 @@ pub enum TableError {
     Md5,
     #[error("partition table entry {0} has an unknown magic")]
     BadEntry(usize),
+    #[error(
+        "partition table has a second MD5 entry (entry {0}): only one MD5 checksum is allowed"
+    )]
+    SecondMd5(usize),
+    #[error("partition table has no terminating entry within {MAX_ENTRIES} entries")]
+    NoEnd,
+    #[error("partition {index} invalid: offset 0x{offset:x} size 0x{size:x} exceeds flash chip size 0x{chip:x}")]
+    PastChipEnd {
+        index: usize,
+        offset: u32,
+        size: u32,
+        chip: u32,
+    },
+    #[error("{0} partitions do not fit the 0xC00-byte table with its MD5 entry (at most {MAX_PARTITIONS})")]
+    TooLong(usize),
 }
+
+/// `ESP_PARTITION_TABLE_MAX_ENTRIES`: 0xC00 bytes of 32-byte entries, the terminating
+/// entry included.
+pub const MAX_ENTRIES: usize = TABLE_MAX_LEN / 32;
+/// The most partitions a table holds: `gen_esp32part.py` needs the entries and the MD5
+/// entry below 0xC00 bytes, which leaves room for the terminating entry.
+pub const MAX_PARTITIONS: usize = MAX_ENTRIES - 2;
 
 fn parse_int(s: &str) -> Option<u64> {
     let s = s.trim();
@@ -258,8 +280,12 @@ impl PartitionTable {
         Ok(())
     }
 
-    /// The binary table written at 0x8000, with its MD5 entry.
-    pub fn to_binary(&self) -> Vec<u8> {
+    /// The binary table written at 0x8000, with its MD5 entry; more entries than fit the
+    /// 0xC00 bytes are an error, as in `gen_esp32part.py`.
+    pub fn to_binary(&self) -> Result<Vec<u8>, TableError> {
+        if self.entries.len() > MAX_PARTITIONS {
+            return Err(TableError::TooLong(self.entries.len()));
+        }
         let mut out = Vec::with_capacity(TABLE_MAX_LEN);
         for e in &self.entries {
             out.extend_from_slice(&ENTRY_MAGIC);
@@ -277,13 +303,37 @@ impl PartitionTable {
         out.extend_from_slice(&[0xFF; 14]);
         out.extend_from_slice(&md5);
         out.resize(TABLE_MAX_LEN, 0xFF);
-        out
+        Ok(out)
     }
 
-    /// Read the binary table, checking its MD5 like the bootloader does.
+    /// Read the binary table as `esp_partition_table_verify` (flash_partitions.c) does on a
+    /// chip of `chip_size` bytes: every entry inside the chip, at most one MD5 entry (which
+    /// must match the entries before it), entries up to the 0xFF end marker.
+    pub fn from_binary_on(bytes: &[u8], chip_size: u32) -> Result<PartitionTable, TableError> {
+        let table = Self::from_binary(bytes)?;
+        for (index, e) in table.entries.iter().enumerate() {
+            if e.offset
+                .checked_add(e.size)
+                .is_none_or(|end| end > chip_size)
+            {
+                return Err(TableError::PastChipEnd {
+                    index,
+                    offset: e.offset,
+                    size: e.size,
+                    chip: chip_size,
+                });
+            }
+        }
+        Ok(table)
+    }
+
+    /// Read the binary table, checking its MD5 like the bootloader does (but not the chip
+    /// size: see [`PartitionTable::from_binary_on`]).
     pub fn from_binary(bytes: &[u8]) -> Result<PartitionTable, TableError> {
         let mut entries = Vec::new();
-        for (i, e) in bytes.chunks_exact(32).enumerate() {
+        let mut md5_seen = false;
+        let mut ended = false;
+        for (i, e) in bytes.chunks_exact(32).take(MAX_ENTRIES).enumerate() {
             if e[0..2] == ENTRY_MAGIC {
                 let label_len = e[12..28].iter().position(|b| *b == 0).unwrap_or(16);
                 entries.push(Partition {
@@ -295,15 +345,22 @@ impl PartitionTable {
                     flags: u32::from_le_bytes([e[28], e[29], e[30], e[31]]),
                 });
             } else if e[0..2] == MD5_MAGIC {
+                if md5_seen {
+                    return Err(TableError::SecondMd5(i));
+                }
                 if Md5::digest(&bytes[..i * 32])[..] != e[16..32] {
                     return Err(TableError::Md5);
                 }
-                break;
+                md5_seen = true;
             } else if e.iter().all(|b| *b == 0xFF) {
+                ended = true;
                 break;
             } else {
                 return Err(TableError::BadEntry(i));
             }
+        }
+        if !ended && bytes.len() >= TABLE_MAX_LEN {
+            return Err(TableError::NoEnd);
         }
         if entries.is_empty() {
             return Err(TableError::Empty([
@@ -356,9 +413,17 @@ impl PartitionTable {
             .find(|s| s.kind == SlotKind::Ota(n))
     }
 
-    /// Number of OTA slots counted as ESP-IDF does: ota_0, ota_1, … up to the first gap.
+    /// Number of OTA slots as the app counts them (`esp_ota_get_app_partition_count`):
+    /// ota_0, ota_1, … up to the first gap.
     pub fn ota_count(&self) -> u8 {
         (0..16).take_while(|n| self.ota(*n).is_some()).count() as u8
+    }
+
+    /// Number of OTA slots as the bootloader counts them
+    /// (`bootloader_utility_load_partition_table`: every OTA app partition, gaps or not;
+    /// ota_0 and ota_2 are two, and an entry selecting index 1 finds no partition there).
+    pub fn bootloader_ota_count(&self) -> u8 {
+        (0..16).filter(|n| self.ota(*n).is_some()).count() as u8
     }
 
     pub fn app_slots(&self) -> Vec<Slot> {
@@ -391,7 +456,7 @@ mod tests {
         assert_eq!(t.ota_count(), 2);
         assert_eq!(t.factory().map(|s| s.address), Some(0x10000));
         assert_eq!(t.find(AGENT_LABEL).map(|p| p.size), Some(0x2000));
-        let bin = t.to_binary();
+        let bin = t.to_binary().unwrap();
         assert_eq!(bin.len(), TABLE_MAX_LEN);
         assert_eq!(&bin[0..2], &[0xAA, 0x50]);
         assert_eq!(PartitionTable::from_binary(&bin), Ok(t));
@@ -399,9 +464,80 @@ mod tests {
 
     #[test]
     fn a_flipped_bit_fails_the_md5() {
-        let mut bin = PartitionTable::default_two_ota().to_binary();
+        let mut bin = PartitionTable::default_two_ota().to_binary().unwrap();
         bin[40] ^= 1;
         assert_eq!(PartitionTable::from_binary(&bin), Err(TableError::Md5));
+    }
+
+    /// `n` data partitions of one sector each after the default app layout.
+    fn table_with(n: usize) -> PartitionTable {
+        let mut csv = String::from("nvs, data, nvs, , 0x6000\nfactory, app, factory, , 1M\n");
+        for i in 0..n.saturating_sub(2) {
+            csv.push_str(&format!("d{i}, data, 0x40, , 4K\n"));
+        }
+        PartitionTable::from_csv("p.csv", &csv).unwrap()
+    }
+
+    #[test]
+    fn a_table_too_long_for_0xc00_bytes_is_an_error_not_a_truncation() {
+        assert_eq!(
+            table_with(MAX_PARTITIONS).to_binary().map(|b| b.len()),
+            Ok(TABLE_MAX_LEN)
+        );
+        assert_eq!(
+            table_with(MAX_PARTITIONS + 1).to_binary(),
+            Err(TableError::TooLong(MAX_PARTITIONS + 1))
+        );
+    }
+
+    #[test]
+    fn only_one_md5_entry_is_allowed_and_entries_may_follow_it() {
+        let mut bin = PartitionTable::default_two_ota().to_binary().unwrap();
+        let n = PartitionTable::default_two_ota().entries.len();
+        let (md5_at, after) = (n * 32, (n + 1) * 32);
+        // Entries after the MD5 entry are read (esp_partition_table_verify goes on to the end
+        // marker): move the last partition behind it.
+        let last = bin[(n - 1) * 32..n * 32].to_vec();
+        let md5 = bin[md5_at..after].to_vec();
+        let mut moved = bin[..(n - 1) * 32].to_vec();
+        let digest = Md5::digest(&moved);
+        moved.extend_from_slice(&MD5_MAGIC);
+        moved.extend_from_slice(&[0xFF; 14]);
+        moved.extend_from_slice(&digest);
+        moved.extend_from_slice(&last);
+        moved.resize(TABLE_MAX_LEN, 0xFF);
+        assert_eq!(
+            PartitionTable::from_binary(&moved).map(|t| t.entries.len()),
+            Ok(n)
+        );
+        // A second MD5 entry is refused.
+        bin[after..after + 32].copy_from_slice(&md5);
+        assert_eq!(
+            PartitionTable::from_binary(&bin),
+            Err(TableError::SecondMd5(n + 1))
+        );
+    }
+
+    #[test]
+    fn a_partition_past_the_chip_end_is_refused_at_boot() {
+        let bin = PartitionTable::default_two_ota().to_binary().unwrap();
+        let t = PartitionTable::from_binary(&bin).unwrap();
+        let end = t.entries.iter().map(|e| e.offset + e.size).max().unwrap();
+        assert!(PartitionTable::from_binary_on(&bin, end).is_ok());
+        assert!(matches!(
+            PartitionTable::from_binary_on(&bin, end - 0x1000),
+            Err(TableError::PastChipEnd { .. })
+        ));
+    }
+
+    #[test]
+    fn the_bootloader_counts_every_ota_partition_the_app_stops_at_a_gap() {
+        let t = PartitionTable::from_csv(
+            "gap.csv",
+            "nvs, data, nvs, , 0x6000\notadata, data, ota, , 0x2000\not_0, app, ota_0, , 1M\not_2, app, ota_2, , 1M\n",
+        )
+        .unwrap();
+        assert_eq!((t.ota_count(), t.bootloader_ota_count()), (1, 2));
     }
 
     #[test]

@@ -638,7 +638,7 @@ pub fn report(index: u32, d: &Dev) -> DeviceReport {
     DeviceReport {
         index,
         id: d.id.clone(),
-        version: image.as_ref().map(|i| i.desc.version.to_string()),
+        version: image.as_ref().map(|i| i.version().to_string()),
         running_slot: running.map(|s| s.kind.to_string()),
         running_state: running
             .and_then(|s| b.peek_slot_state(s))
@@ -918,7 +918,7 @@ impl World {
                 dev.behaviour = booted.behaviour;
                 if booted.behaviour.boot == BootBehaviour::Crash {
                     dev.crash_streak += 1;
-                    dev.crashed_version = booted.info.desc.version.to_string();
+                    dev.crashed_version = booted.info.version().to_string();
                     self.record(d, What::AppCrashed);
                     return self.restart(d, 2_000);
                 }

@@ -204,7 +204,7 @@ fn peak_heap_of_update(delta: bool) -> isize {
     let slot = board.next_update_slot().unwrap();
     assert!(board
         .peek_image(slot)
-        .is_some_and(|i| i.desc.version.as_str() == "2.0.0"));
+        .is_some_and(|i| i.version() == "2.0.0"));
     let peak = PEAK.load(Ordering::Relaxed);
     assert!(
         peak > 0,

@@ -207,9 +207,7 @@ impl Rig {
             }
         }
         match self.board.boot() {
-            BootOutcome::App(b)
-                if b.info.desc.version.as_str() == "1.0.0" || b.info.sha256 == self.v2_sha =>
-            {
+            BootOutcome::App(b) if b.info.version() == "1.0.0" || b.info.sha256 == self.v2_sha => {
                 Ok(switched)
             }
             other => Err(format!(

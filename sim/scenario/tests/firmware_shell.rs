@@ -16,8 +16,8 @@ fn the_firmware_partition_table_is_the_simulators() {
     let csv = std::fs::read_to_string(shell().join("partitions.csv")).unwrap();
     let fw = PartitionTable::from_csv("partitions.csv", &csv).unwrap();
     assert_eq!(
-        fw.to_binary(),
-        PartitionTable::default_two_ota().to_binary()
+        fw.to_binary().unwrap(),
+        PartitionTable::default_two_ota().to_binary().unwrap()
     );
 }
 

@@ -17,7 +17,7 @@ impl Agent {
         self.journal = Some(journal);
         let slot = p.running_slot();
         let (version, sha256) = match p.slot_image(slot) {
-            Ok(info) => (info.desc.version.as_str().to_string(), info.sha256),
+            Ok(info) => (info.version().to_string(), info.sha256),
             // The bootloader verified this image a moment ago; failing here means flash reads
             // are failing, which a later step reports.
             Err(_) => ("unknown".to_string(), [0; 32]),

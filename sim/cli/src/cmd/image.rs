@@ -19,7 +19,8 @@ pub enum Cmd {
         project: String,
         #[arg(long, default_value_t = 0)]
         secure_version: u32,
-        /// Size in bytes (approximate to 16 bytes).
+        /// Size in bytes (within 16 bytes), from 1024 to 16 MiB. Images of about 70,000 bytes
+        /// and more have an IROM segment, laid out at the second 64 KiB page as elf2image does.
         #[arg(long, default_value_t = 256 * 1024)]
         size: u32,
         #[arg(long, value_enum, default_value = "pass")]
@@ -69,6 +70,9 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     NetworkBehaviour::Ok
                 },
             };
+            appimage::check_size(size).map_err(|e| {
+                anyhow::anyhow!("--size {size}: {e}; an app image needs room for its header, descriptor and segments")
+            })?;
             let bytes = appimage::build(&AppSpec {
                 project,
                 version,
@@ -90,9 +94,14 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let info = super::verify_image(&bytes).with_context(|| {
                 format!("{} is not a bootable ESP32-S3 app image", file.display())
             })?;
-            println!("version         {}", info.desc.version);
-            println!("project         {}", info.desc.project_name);
-            println!("secure_version  {}", info.desc.secure_version);
+            match &info.desc {
+                Some(d) => {
+                    println!("version         {}", d.version);
+                    println!("project         {}", d.project_name);
+                    println!("secure_version  {}", d.secure_version);
+                }
+                None => println!("app descriptor  none (no magic 0xABCD5432 at offset 32)"),
+            }
             println!("segments        {}", info.segment_count);
             println!("length          {} bytes", info.len);
             println!("sha256          {}", hex::encode(info.sha256));

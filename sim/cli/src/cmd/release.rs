@@ -72,6 +72,12 @@ impl ReleaseArgs {
                 self.image.display()
             )
         })?;
+        let desc = info.desc.as_ref().with_context(|| {
+            format!(
+                "{} has no app descriptor (magic 0xABCD5432 at offset 32): a release needs its version and secure_version",
+                self.image.display()
+            )
+        })?;
         let key = NamedKey::load(&self.keys_dir, &self.key)?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
@@ -84,8 +90,8 @@ impl ReleaseArgs {
             format: manifest::FORMAT,
             device_type: self.device_type.clone(),
             channel: self.channel.clone(),
-            version: info.desc.version.to_string(),
-            secure_version: info.desc.secure_version,
+            version: desc.version.to_string(),
+            secure_version: desc.secure_version,
             sequence: self.sequence,
             size: bytes.len() as u32,
             sha256: hex::encode(info.sha256),

@@ -156,7 +156,7 @@ pub(crate) async fn board_task(
                 dev.behaviour = booted.behaviour;
                 if booted.behaviour.boot == BootBehaviour::Crash {
                     dev.crash_streak += 1;
-                    dev.crashed_version = booted.info.desc.version.to_string();
+                    dev.crashed_version = booted.info.version().to_string();
                     sh.record(i, What::AppCrashed);
                     2_000
                 } else {

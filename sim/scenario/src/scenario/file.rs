@@ -53,7 +53,7 @@ pub(super) struct FleetDef {
     #[serde(default)]
     pub(super) anti_rollback: bool,
     #[serde(default)]
-    pub(super) efuse_secure_version: u32,
+    pub(super) efuse_secure_version: Option<Spanned<u32>>,
     #[serde(default)]
     pub(super) trusted_keys: Option<Vec<Spanned<String>>>,
     #[serde(default)]
@@ -77,7 +77,7 @@ pub(super) enum SizeDef {
 pub(super) struct FirmwareDef {
     pub(super) version: String,
     #[serde(default)]
-    pub(super) secure_version: u32,
+    pub(super) secure_version: Option<Spanned<u32>>,
     pub(super) size: Spanned<SizeDef>,
     #[serde(default)]
     pub(super) self_test: SelfTest,

@@ -361,6 +361,33 @@ version = "1.0.0"
     }
 
     #[test]
+    fn secure_versions_past_the_16_bit_efuse_field_are_refused_where_written() {
+        let text = OK.replace(
+            "version = \"1.0.0\"\nsize",
+            "version = \"1.0.0\"\nsecure-version = 17\nsize",
+        );
+        let e = Scenario::parse(Path::new("t.toml"), &text).unwrap_err();
+        assert_eq!(e.line, 10, "{e}");
+        assert!(e.message.contains("16 bits"), "{e}");
+        let text = OK.replace(
+            "firmware = \"v1\"",
+            "firmware = \"v1\"\nefuse-secure-version = 17",
+        );
+        let e = Scenario::parse(Path::new("t.toml"), &text).unwrap_err();
+        assert_eq!(e.line, 8, "{e}");
+        let text = OK.replace(
+            "firmware = \"v1\"",
+            "firmware = \"v1\"\nefuse-secure-version = 16",
+        );
+        assert_eq!(
+            Scenario::parse(Path::new("t.toml"), &text)
+                .unwrap()
+                .efuse_secure_version,
+            16
+        );
+    }
+
+    #[test]
     fn throttle_rates() {
         let v = |s: &str| toml::Value::String(s.into());
         assert_eq!(parse_rate(&v("32 KiB/s")), Ok(32 * 1024));

@@ -157,7 +157,7 @@ impl Parser<'_> {
             table,
             start_firmware,
             anti_rollback: raw.fleet.anti_rollback,
-            efuse_secure_version: raw.fleet.efuse_secure_version,
+            efuse_secure_version: self.secure_version(&raw.fleet.efuse_secure_version)?,
             trusted_keys,
             poll_interval_ms: cx.optional_duration(&raw.fleet.poll_interval, 60_000)?,
             confirm_timeout_ms: cx.optional_duration(&raw.fleet.confirm_timeout, 120_000)?,
@@ -168,6 +168,20 @@ impl Parser<'_> {
             expects,
             plr_known_hazards: self.known_hazards()?,
         })
+    }
+
+    /// A secure version the ESP32-S3's 16-bit `SECURE_VERSION` eFuse field can record
+    /// (`esp_efuse_update_secure_version` refuses more).
+    fn secure_version(&self, v: &Option<Spanned<u32>>) -> Result<u32> {
+        let Some(v) = v else { return Ok(0) };
+        let max = otarig_esp32s3::board::EFUSE_SECURE_VERSION_BITS;
+        if *v.get_ref() > max {
+            return Err(self.cx.span(v, format!(
+                "secure version {} is above {max}: the ESP32-S3's SECURE_VERSION eFuse field has {max} bits, so anti-rollback cannot record it",
+                v.get_ref()
+            )));
+        }
+        Ok(*v.get_ref())
     }
 
     /// A firmware id this file defines.
@@ -264,7 +278,7 @@ impl Parser<'_> {
                 Firmware {
                     id: id.clone(),
                     version: f.version.clone(),
-                    secure_version: f.secure_version,
+                    secure_version: self.secure_version(&f.secure_version)?,
                     size: size as u32,
                     self_test: f.self_test,
                     boot: f.boot,

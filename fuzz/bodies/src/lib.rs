@@ -126,7 +126,7 @@ pub fn serial(data: &[u8]) {
         let _ = otarig_agent::console::parse_command_line(line);
     }
     let mut flash = otarig_serial::rom::VecFlash(vec![0xFF; 64 * 1024]);
-    let mut loader = otarig_serial::rom::RomLoader::new(64 * 1024);
+    let mut loader = otarig_serial::rom::RomLoader::new(64 * 1024, [0x7C, 0xDF, 0xA1, 0, 0, 1]);
     let mut frames = otarig_serial::rom::SlipFrames::default();
     for f in frames.push(data) {
         let _ = loader.handle(&f, &mut flash);

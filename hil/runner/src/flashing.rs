@@ -63,6 +63,8 @@ pub(crate) async fn flash_starting_state(
         flasher::flash(&port, target, &images, &mut bars)
     })
     .await??;
+    // espflash's stub leaves a board in the loader; a real one it resets itself.
+    opts.reset.reset_into_app()?;
     Ok(())
 }
 

@@ -5,8 +5,10 @@
 //!   bridges, its own sequence for the USB-Serial-JTAG port, VID 0x303a PID 0x1001), the RAM
 //!   stub, and a hard reset into the app afterwards.
 //! - The virtual board (a pty, no modem lines): the runner has already put it in download mode
-//!   through its control socket, so espflash connects without a reset, talks to the ROM loader
-//!   (no stub), and `FLASH_END` boots the app.
+//!   through its control socket, so espflash connects without a reset. With the stub (the
+//!   default, as on a real board) espflash uploads it, writes compressed, and the board stays
+//!   in the loader until it is reset; without it (`flash_with(.., false, ..)`) espflash talks
+//!   to the ROM loader and `FLASH_END` boots the app.
 //!
 //! Either way every image is verified afterwards with `SPI_FLASH_MD5`. `otadata` is never
 //! written by espflash, so the runner passes it as an image of 0xFF bytes: erased, which makes
@@ -64,6 +66,19 @@ pub fn flash(
     images: &[Image],
     progress: &mut dyn ProgressCallbacks,
 ) -> Result<(), FlashError> {
+    flash_with(port, target, true, images, progress)
+}
+
+/// [`flash`], saying whether espflash uploads and uses its flasher stub (`use_stub`, its
+/// default and the faster way) or talks to the ROM loader only (`--no-stub`). With the stub,
+/// a virtual board stays in the loader after flashing until it is reset.
+pub fn flash_with(
+    port: &str,
+    target: Target,
+    use_stub: bool,
+    images: &[Image],
+    progress: &mut dyn ProgressCallbacks,
+) -> Result<(), FlashError> {
     let serial = serialport::new(port, 115_200)
         .timeout(std::time::Duration::from_secs(3))
         .open_native()
@@ -72,22 +87,20 @@ pub fn flash(
             source,
         })?;
     let info = port_info(port);
-    let (before, after, stub, hint) = match target {
+    let (before, after, hint) = match target {
         Target::Hardware => (
             ResetBeforeOperation::DefaultReset,
             ResetAfterOperation::HardReset,
-            true,
             "Check the cable and that the port is the board's; hold BOOT while pressing RESET to force download mode.",
         ),
         Target::Virtual => (
             ResetBeforeOperation::NoReset,
             ResetAfterOperation::NoResetNoStub,
-            false,
             "Is the virtual board in download mode (the runner asks it through --control)?",
         ),
     };
     let conn = Connection::new(serial, info, after, before, 115_200);
-    let mut flasher = Flasher::connect(conn, stub, true, false, Some(Chip::Esp32s3), None)
+    let mut flasher = Flasher::connect(conn, use_stub, true, false, Some(Chip::Esp32s3), None)
         .map_err(|source| FlashError::Connect {
             port: port.to_string(),
             source: Box::new(source),

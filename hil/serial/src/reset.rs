@@ -93,6 +93,15 @@ impl ResetMethod {
         }
     }
 
+    /// Reset the virtual board out of the loader into its app, as a real board's hard reset
+    /// after flashing does (espflash does that one itself).
+    pub fn reset_into_app(&self) -> Result<(), ResetError> {
+        match self {
+            ResetMethod::Control(_) => self.control("reset"),
+            _ => Ok(()),
+        }
+    }
+
     /// Put the board in ROM download mode (the virtual board only; real boards get there
     /// through espflash's reset sequence).
     pub fn download_mode(&self) -> Result<(), ResetError> {

@@ -5,20 +5,29 @@
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
-use otarig_serial::flasher::{flash, Bars, Image, Target};
+use otarig_serial::flasher::{flash, flash_with, Bars, Image, Target};
 use otarig_serial::pty::Pty;
 use otarig_serial::rom::{slip_encode, After, RomLoader, SlipFrames, VecFlash};
 
-#[test]
-fn espflash_flashes_through_the_rom_loader_on_a_pty() {
+/// A loader behind a pty, over 4 MiB of flash filled with 0x5A; whether it was asked to run
+/// the app, and whether the stub ran.
+struct Board {
+    pty: Pty,
+    mem: Arc<Mutex<VecFlash>>,
+    ran_app: Arc<Mutex<bool>>,
+    stub: Arc<Mutex<bool>>,
+}
+
+fn board() -> Board {
     let pty = Pty::open().unwrap();
     let mem = Arc::new(Mutex::new(VecFlash(vec![0x5A; 4 << 20])));
     let ran_app = Arc::new(Mutex::new(false));
-    let (m, ran) = (mem.clone(), ran_app.clone());
+    let stub = Arc::new(Mutex::new(false));
+    let (m, ran, st) = (mem.clone(), ran_app.clone(), stub.clone());
     let mut rx = pty.master().unwrap();
     let mut tx = pty.master().unwrap();
     std::thread::spawn(move || {
-        let mut loader = RomLoader::new(4 << 20);
+        let mut loader = RomLoader::new(4 << 20, [0x7C, 0xDF, 0xA1, 0x12, 0x34, 0x56]);
         let mut frames = SlipFrames::default();
         let mut buf = [0u8; 4096];
         while let Ok(n) = rx.read(&mut buf) {
@@ -30,12 +39,26 @@ fn espflash_flashes_through_the_rom_loader_on_a_pty() {
                 for r in replies {
                     tx.write_all(&slip_encode(&r)).unwrap();
                 }
+                *st.lock().unwrap() = loader.stub_running();
                 if after == After::RunApp {
                     *ran.lock().unwrap() = true;
                 }
             }
         }
     });
+    Board {
+        pty,
+        mem,
+        ran_app,
+        stub,
+    }
+}
+
+#[test]
+fn espflash_flashes_through_the_rom_loader_on_a_pty() {
+    let Board {
+        pty, mem, ran_app, ..
+    } = board();
 
     let table: Vec<u8> = (0..3072u32).map(|i| (i % 251) as u8).collect();
     let app: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 256) as u8).collect();
@@ -57,7 +80,8 @@ fn espflash_flashes_through_the_rom_loader_on_a_pty() {
         },
     ];
     let path = pty.path().to_str().unwrap().to_string();
-    flash(&path, Target::Virtual, &images, &mut Bars::quiet()).expect("espflash writes the images");
+    flash_with(&path, Target::Virtual, false, &images, &mut Bars::quiet())
+        .expect("espflash writes the images");
 
     let mem = mem.lock().unwrap();
     assert_eq!(&mem.0[0x8000..0x8000 + table.len()], &table[..]);
@@ -75,6 +99,37 @@ fn espflash_flashes_through_the_rom_loader_on_a_pty() {
     assert!(
         *ran_app.lock().unwrap(),
         "FLASH_END asked the board to run the app"
+    );
+}
+
+/// espflash's default: it uploads its flasher stub (MEM_BEGIN/DATA/END), waits for `OHAI`,
+/// then writes compressed (FLASH_DEFL_*) and checks each image with the stub's binary MD5.
+#[test]
+fn espflash_uploads_its_stub_and_writes_compressed() {
+    let Board {
+        pty,
+        mem,
+        ran_app,
+        stub,
+    } = board();
+    // Compressible and not: a run of zeros, then noise.
+    let mut app = vec![0u8; 100_000];
+    app.extend((0..150_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+    let images = [Image {
+        name: "app".into(),
+        addr: 0x20000,
+        data: app.clone(),
+    }];
+    let path = pty.path().to_str().unwrap().to_string();
+    flash(&path, Target::Virtual, &images, &mut Bars::quiet())
+        .expect("espflash writes via its stub");
+    assert!(*stub.lock().unwrap(), "the stub was uploaded and ran");
+    let mem = mem.lock().unwrap();
+    assert_eq!(&mem.0[0x20000..0x20000 + app.len()], &app[..]);
+    assert_eq!(mem.0[0x1ffff], 0x5A, "nothing before the image was touched");
+    assert!(
+        !*ran_app.lock().unwrap(),
+        "after a stub write the board waits in the loader until it is reset"
     );
 }
 

@@ -166,7 +166,8 @@ pub async fn start(opts: BoardOptions, control: &Path) -> anyhow::Result<Virtual
         }
     });
     let path = pty.path().to_path_buf();
-    let task = tokio::spawn(run(opts, bytes_rx, ctl_rx, writer, console_tx));
+    let mac = factory_mac(control);
+    let task = tokio::spawn(run(opts, mac, bytes_rx, ctl_rx, writer, console_tx));
     Ok(VirtualBoard {
         pty: path,
         control: control.to_path_buf(),
@@ -179,6 +180,7 @@ pub async fn start(opts: BoardOptions, control: &Path) -> anyhow::Result<Virtual
 /// commands reset it, power it or put it in download mode.
 async fn run(
     opts: BoardOptions,
+    mac: [u8; 6],
     mut bytes: mpsc::UnboundedReceiver<Vec<u8>>,
     mut control: mpsc::UnboundedReceiver<(Control, oneshot::Sender<String>)>,
     writer: Arc<Mutex<std::fs::File>>,
@@ -187,6 +189,7 @@ async fn run(
     let mut chip = Chip {
         flash: Some(Flash::new(opts.flash_size)),
         opts,
+        mac,
         provisioned: None,
         line: Vec::new(),
         mode: Mode::Off,
@@ -215,6 +218,8 @@ async fn run(
 /// and what runs on it.
 struct Chip {
     opts: BoardOptions,
+    /// The factory MAC in its eFuses.
+    mac: [u8; 6],
     flash: Option<Flash>,
     provisioned: Option<Provisioned>,
     /// The console line being received.
@@ -242,7 +247,7 @@ impl Chip {
     fn download_mode(&mut self) {
         self.raw_write(otarig_esp32s3::boot_log::DOWNLOAD_BANNER.as_bytes());
         self.mode = Mode::Download {
-            loader: RomLoader::new(self.opts.flash_size),
+            loader: RomLoader::new(self.opts.flash_size, self.mac),
             frames: SlipFrames::default(),
         };
     }
@@ -407,6 +412,14 @@ impl Chip {
             }
         }
     }
+}
+
+/// A virtual board's factory MAC: Espressif's OUI 7C:DF:A1 and three bytes from its control
+/// socket's path, so the same board keeps its MAC across runs.
+fn factory_mac(control: &Path) -> [u8; 6] {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(control.as_os_str().as_encoded_bytes());
+    [0x7C, 0xDF, 0xA1, h[0], h[1], h[2]]
 }
 
 /// `mqtt://host:port` (port 1883 when left out).

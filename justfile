@@ -25,6 +25,8 @@ heap:
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
+    cargo fmt --manifest-path firmware-under-test/esp32s3/Cargo.toml -- --check
+    cargo clippy --manifest-path firmware-under-test/esp32s3/Cargo.toml --target-dir target/fw-host-check --all-targets -- -D warnings
 
 # Refactoring check: every scenario's event stream at REV and in the working tree must match.
 events-diff REV="HEAD":

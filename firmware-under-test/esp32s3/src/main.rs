@@ -8,30 +8,45 @@
 //!   the bench's CA (built in from `OTARIG_BENCH_CA`) when the server runs TLS;
 //! - the agent's platform calls ([`platform`]) and timers.
 //!
-//! Not compiled in this repository's CI (no Xtensa toolchain there); built on a bench with
-//! `just fw-build`.
+//! Built on a bench with `just fw-build` (Xtensa toolchain). On the host, `cargo test`
+//! type-checks it against [`host_idf`], declarations with esp-idf-svc's and esp-idf-sys's
+//! paths and signatures; the host binary does nothing.
+
+// On the host only `main` below is built to run; the shell is there to be type-checked.
+#![cfg_attr(not(target_os = "espidf"), allow(dead_code))]
 
 mod platform;
 
-use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
+#[cfg(target_os = "espidf")]
+use esp_idf_svc as idf;
+#[cfg(not(target_os = "espidf"))]
+#[allow(dead_code)]
+mod host_idf;
+#[cfg(not(target_os = "espidf"))]
+use host_idf as idf;
+
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use esp_idf_svc::eventloop::EspSystemEventLoop;
-use esp_idf_svc::hal::prelude::Peripherals;
-use esp_idf_svc::http::client::{Configuration as HttpConfig, EspHttpConnection};
-use esp_idf_svc::http::Method;
-use esp_idf_svc::mqtt::client::{EspMqttClient, EventPayload, MqttClientConfiguration, QoS};
-use esp_idf_svc::nvs::{EspDefaultNvsPartition, EspNvs, NvsDefault};
-use esp_idf_svc::sntp::EspSntp;
-use esp_idf_svc::wifi::{BlockingWifi, ClientConfiguration, Configuration, EspWifi};
+use idf::eventloop::EspSystemEventLoop;
+use idf::hal::prelude::Peripherals;
+use idf::http::client::{Configuration as HttpConfig, EspHttpConnection};
+use idf::http::Method;
+use idf::mqtt::client::{Details, EspMqttClient, EventPayload, MqttClientConfiguration, QoS};
+use idf::nvs::{EspDefaultNvsPartition, EspNvs, NvsDefault};
+use idf::sntp::EspSntp;
+use idf::wifi::{BlockingWifi, ClientConfiguration, Configuration, EspWifi};
 use otarig_agent::console::{self, HostCommand};
 use otarig_agent::manifest::{PublicKey, TrustedKey};
 use otarig_agent::protocol::{self, Leaf};
 use otarig_agent::{Action, Agent, Config, Input};
+use otarig_esp32s3::{body_window, read_line_capped, Piece, Reassembly};
 
 const DEVICE_TYPE: &str = "otarig-devkit-s3";
 const PREFIX: &str = protocol::DEFAULT_PREFIX;
 const TELEMETRY_MS: u64 = 1_000;
+/// Messages in flight to the main loop at most: a fast network waits for the agent.
+const QUEUE: usize = 16;
 /// The bench CA (PEM) from `OTARIG_BENCH_CA` at build time; empty without TLS.
 const BENCH_CA: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bench_ca.pem"));
 
@@ -44,8 +59,8 @@ fn install_bench_ca() -> Result<(), Box<dyn std::error::Error>> {
     pem.push(0); // mbedTLS wants the PEM NUL-terminated, length included
                  // SAFETY: ESP-TLS copies the certificate; `pem` outlives the call.
     unsafe {
-        esp_idf_svc::sys::esp!(esp_idf_svc::sys::esp_tls_init_global_ca_store())?;
-        esp_idf_svc::sys::esp!(esp_idf_svc::sys::esp_tls_set_global_ca_store(
+        idf::sys::esp!(idf::sys::esp_tls_init_global_ca_store())?;
+        idf::sys::esp!(idf::sys::esp_tls_set_global_ca_store(
             pem.as_ptr(),
             pem.len() as u32
         ))?;
@@ -113,9 +128,15 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+#[cfg(not(target_os = "espidf"))]
 fn main() {
-    esp_idf_svc::sys::link_patches();
-    esp_idf_svc::log::EspLogger::initialize_default();
+    eprintln!("the otarig firmware runs on an ESP32-S3: build it with `just fw-build`");
+}
+
+#[cfg(target_os = "espidf")]
+fn main() {
+    idf::sys::link_patches();
+    idf::log::EspLogger::initialize_default();
     if cfg!(feature = "crash-on-boot") {
         // The variant that dies before any app code runs: the bootloader must roll it back.
         panic!("crash-on-boot variant");
@@ -124,7 +145,7 @@ fn main() {
         log::error!("otarig: {e}");
         std::thread::sleep(Duration::from_secs(5));
         // SAFETY: no arguments; does not return.
-        unsafe { esp_idf_svc::sys::esp_restart() };
+        unsafe { idf::sys::esp_restart() };
     }
 }
 
@@ -133,21 +154,24 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let peripherals = Peripherals::take()?;
     let sysloop = EspSystemEventLoop::take()?;
     let nvs_part = EspDefaultNvsPartition::take()?;
-    let mut nvs = EspNvs::new(nvs_part.clone(), "otarig", true)?;
+    let nvs = EspNvs::new(nvs_part.clone(), "otarig", true)?;
     let prov = load(&nvs);
     let device = prov
         .as_ref()
         .map_or("unprovisioned".to_string(), |p| p.device.clone());
 
-    let (tx, rx) = channel::<Msg>();
+    let (tx, rx) = sync_channel::<Msg>(QUEUE);
     let console_tx = tx.clone();
     std::thread::Builder::new()
         .stack_size(8192)
         .spawn(move || {
-            let stdin = std::io::stdin();
-            let mut line = String::new();
-            while stdin.read_line(&mut line).is_ok() {
-                let _ = console_tx.send(Msg::Console(std::mem::take(&mut line)));
+            let mut stdin = std::io::stdin().lock();
+            let mut line = Vec::new();
+            while let Ok(true) = read_line_capped(&mut stdin, &mut line) {
+                let text = String::from_utf8_lossy(&line).into_owned();
+                if console_tx.send(Msg::Console(text)).is_err() {
+                    break;
+                }
             }
         })?;
 
@@ -194,6 +218,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             use_global_ca_store: !BENCH_CA.is_empty(),
             ..Default::default()
         };
+        let mut pieces = Reassembly::default();
         mqtt = Some(EspMqttClient::new_cb(
             &p.broker,
             &conf,
@@ -202,25 +227,42 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                     let _ = mqtt_tx.send(Msg::Connected);
                 }
                 EventPayload::Received {
-                    topic: Some(t),
+                    topic,
                     data,
+                    details,
                     ..
                 } => {
-                    let _ = mqtt_tx.send(Msg::Publish(t.to_string(), data.to_vec()));
+                    let piece = match details {
+                        Details::Complete => Piece::Whole,
+                        Details::InitialChunk(c) => Piece::First {
+                            total: c.total_data_size,
+                        },
+                        Details::SubsequentChunk(c) => Piece::Next {
+                            offset: c.current_data_offset,
+                            total: c.total_data_size,
+                        },
+                    };
+                    if let Some((t, whole)) = pieces.take(topic, data, piece) {
+                        let _ = mqtt_tx.send(Msg::Publish(t, whole));
+                    }
                 }
                 _ => {}
             },
         )?);
     }
-    let server = prov.as_ref().map(|p| p.server.clone()).unwrap_or_default();
+    let net = Net {
+        device: device.clone(),
+        server: prov.as_ref().map(|p| p.server.clone()).unwrap_or_default(),
+        channel: prov
+            .as_ref()
+            .map_or("stable".to_string(), |p| p.channel.clone()),
+    };
 
     let mut wake: Option<u64> = None;
     let mut next_telemetry = now() + TELEMETRY_MS;
     loop {
         while let Some(action) = agent.poll_action() {
-            act(
-                action, &mut agent, &mut board, &mut mqtt, &device, &server, &tx,
-            )?;
+            act(action, &mut agent, &mut board, &mut mqtt, &net, &tx)?;
         }
         // `act` hands the agent's latest WakeAt over (it replaces any earlier one).
         if let Some(w) = WAKE.with(|c| c.take()) {
@@ -284,14 +326,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                         console::notice_line(&d, "provisioned", "stored; restarting")
                     );
                     // SAFETY: no arguments; does not return.
-                    unsafe { esp_idf_svc::sys::esp_restart() };
+                    unsafe { idf::sys::esp_restart() };
                 }
                 Some(Ok(HostCommand::Report)) => {
                     let cmd = protocol::command("console", protocol::CommandKind::Report);
                     agent.handle(&mut board, t, Input::Command(cmd.as_bytes()));
                 }
                 // SAFETY: no arguments; does not return.
-                Some(Ok(HostCommand::Reboot)) => unsafe { esp_idf_svc::sys::esp_restart() },
+                Some(Ok(HostCommand::Reboot)) => unsafe { idf::sys::esp_restart() },
             },
             Some(Msg::Connected) => {
                 if let Some(c) = mqtt.as_mut() {
@@ -332,6 +374,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
+/// Where the board talks: its id, the firmware server, the channel it follows.
+struct Net {
+    device: String,
+    server: String,
+    channel: String,
+}
+
 thread_local! {
     /// The agent's last `WakeAt`, handed from `act` to the loop.
     static WAKE: core::cell::Cell<Option<u64>> = const { core::cell::Cell::new(None) };
@@ -342,11 +391,11 @@ fn act(
     agent: &mut Agent,
     board: &mut platform::EspPlatform,
     mqtt: &mut Option<EspMqttClient<'static>>,
-    device: &str,
-    server: &str,
-    tx: &Sender<Msg>,
+    net: &Net,
+    tx: &SyncSender<Msg>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let t = unix_ms();
+    let (device, server) = (net.device.as_str(), net.server.as_str());
     match action {
         Action::RunSelfTest => {
             // The application's own checks would go here; the variant fails on purpose.
@@ -361,7 +410,7 @@ fn act(
         Action::WakeAt(w) => WAKE.with(|c| c.set(Some(w))),
         Action::Reboot => {
             // SAFETY: no arguments; does not return.
-            unsafe { esp_idf_svc::sys::esp_restart() };
+            unsafe { idf::sys::esp_restart() };
         }
         Action::Report(e) => {
             print!("{}", console::event_line(device, t, &e));
@@ -396,22 +445,25 @@ fn act(
                         &url,
                         &headers,
                         Some(body.as_bytes()),
-                        &mut |_| true,
+                        &mut |_, _| true,
                     );
                 })?;
         }
         Action::PollManifest => {
-            let url =
-                format!("{server}/firmware/latest?deviceType={DEVICE_TYPE}&deviceId={device}");
+            let url = format!(
+                "{server}/firmware/latest?deviceType={DEVICE_TYPE}&channel={}&deviceId={device}",
+                net.channel
+            );
             let tx = tx.clone();
             std::thread::Builder::new()
                 .stack_size(12 * 1024)
                 .spawn(move || {
                     let mut body = Vec::new();
-                    if http(Method::Get, &url, &[], None, &mut |chunk| {
+                    if http(Method::Get, &url, &[], None, &mut |_, chunk| {
                         body.extend_from_slice(chunk);
                         body.len() <= protocol::MAX_PAYLOAD
                     }) == Ok(200)
+                        && body.len() <= protocol::MAX_PAYLOAD
                     {
                         let _ = tx.send(Msg::Manifest(body));
                     }
@@ -422,6 +474,7 @@ fn act(
             url,
             offset,
             len,
+            total,
         } => {
             let hex: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
             let url = url.unwrap_or_else(|| format!("{server}/blobs/{hex}?deviceId={device}"));
@@ -429,39 +482,53 @@ fn act(
             let tx = tx.clone();
             std::thread::Builder::new()
                 .stack_size(12 * 1024)
-                .spawn(move || {
-                    let mut pos = offset;
-                    let status = http(
-                        Method::Get,
-                        &url,
-                        &[("Range", &range)],
-                        None,
-                        &mut |chunk| {
-                            let ok = tx.send(Msg::Body(pos, chunk.to_vec())).is_ok();
-                            pos += chunk.len() as u32;
-                            ok
-                        },
-                    );
-                    let _ = tx.send(match status {
-                        Ok(200 | 206) => Msg::BodyEnd,
-                        Ok(s) => Msg::FetchFailed(format!("HTTP {s}")),
-                        Err(e) => Msg::FetchFailed(e),
-                    });
-                })?;
+                .spawn(move || fetch(&url, &range, offset, len, total, &tx))?;
         }
     }
     Ok(())
 }
 
-/// One HTTP exchange with esp_http_client; `sink` gets the body in 4 KiB pieces and may stop
-/// it. Returns the status. A 200 to a range request means the server ignored Range: the
-/// agent restarts from byte 0 (it checks offsets).
+/// One range of a blob into the agent. A `206` body is the range; a `200` means the server
+/// ignored `Range`, so the body is the whole blob from byte 0 and is fed from there (the agent
+/// takes what it needs by offset). A body that runs past what it can hold (the range, or the
+/// blob's `total` size) is endless data: it is cut off and the request counts as failed.
+fn fetch(url: &str, range: &str, offset: u32, len: u32, total: u32, tx: &SyncSender<Msg>) {
+    let mut pos = None;
+    let mut overran = None;
+    let status = http(
+        Method::Get,
+        url,
+        &[("Range", range)],
+        None,
+        &mut |status, chunk| {
+            let (start, end) = body_window(status, offset, len, total);
+            let at = *pos.get_or_insert(start);
+            if at + chunk.len() as u64 > end {
+                overran = Some(end);
+                return false;
+            }
+            pos = Some(at + chunk.len() as u64);
+            tx.send(Msg::Body(at as u32, chunk.to_vec())).is_ok()
+        },
+    );
+    let _ = tx.send(match (status, overran) {
+        (Ok(_), Some(end)) => Msg::FetchFailed(format!(
+            "the answer ran past byte {end} of the blob (endless data): cut off"
+        )),
+        (Ok(200 | 206), None) => Msg::BodyEnd,
+        (Ok(s), None) => Msg::FetchFailed(format!("HTTP {s}")),
+        (Err(e), _) => Msg::FetchFailed(e),
+    });
+}
+
+/// One HTTP exchange with esp_http_client; `sink` gets the status and the body in 4 KiB
+/// pieces and may stop it. Returns the status.
 fn http(
     method: Method,
     url: &str,
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
-    sink: &mut dyn FnMut(&[u8]) -> bool,
+    sink: &mut dyn FnMut(u16, &[u8]) -> bool,
 ) -> Result<u16, String> {
     let mut conn = EspHttpConnection::new(&HttpConfig {
         timeout: Some(Duration::from_secs(30)),
@@ -473,7 +540,7 @@ fn http(
     conn.initiate_request(method, url, headers)
         .map_err(|e| e.to_string())?;
     if let Some(b) = body {
-        use esp_idf_svc::io::Write;
+        use idf::io::Write;
         conn.write_all(b).map_err(|e| e.to_string())?;
     }
     conn.initiate_response().map_err(|e| e.to_string())?;
@@ -483,7 +550,7 @@ fn http(
         match conn.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                if !sink(&buf[..n]) {
+                if !sink(status, &buf[..n]) {
                     break;
                 }
             }

@@ -5,7 +5,7 @@
 use core::ffi::c_void;
 use core::ptr;
 
-use esp_idf_svc::sys::*;
+use crate::idf::sys::*;
 use otarig_agent::{EspError, EspResult, OtaImgState, Platform, Slot, SlotKind};
 
 /// ESP-IDF's `esp_err_t` as the agent names it. esp-idf-sys generates the `ESP_*` constants
@@ -39,7 +39,7 @@ fn ok(code: esp_err_t) -> EspResult<()> {
 fn slot_of(p: *const esp_partition_t) -> Slot {
     // SAFETY: ESP-IDF's partition table entries live for the program's lifetime.
     let p = unsafe { &*p };
-    let sub = p.subtype as u32;
+    let sub = p.subtype;
     let kind = match sub {
         0x00 => SlotKind::Factory,
         0x20 => SlotKind::Test,

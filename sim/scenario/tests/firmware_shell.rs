@@ -1,6 +1,7 @@
 //! What can be checked of the ESP32-S3 firmware shell on a host without the Xtensa toolchain:
-//! it flashes the simulator's partition table, and it trusts exactly the test keys' public
-//! halves. (Its Rust is compiled only on a bench: `just fw-build`.)
+//! its Rust type-checks against declarations of the esp-idf-svc 0.52 / esp-idf-sys 0.37 API
+//! it uses (`src/host_idf`), it flashes the simulator's partition table, and it trusts
+//! exactly the test keys' public halves. (It is built for the chip on a bench: `just fw-build`.)
 
 use std::path::Path;
 
@@ -9,6 +10,31 @@ use otarig_server::keys::{fixture_dir, NamedKey};
 
 fn shell() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../firmware-under-test/esp32s3")
+}
+
+/// `cargo test` of the shell for the host, warnings denied: the binary type-checks against
+/// `src/host_idf`, and the library's unit tests (the shell's bounds on what it reads) run. From
+/// the repository root, so neither the shell's `rust-toolchain.toml` (the Xtensa toolchain)
+/// nor its `.cargo/config.toml` (the chip target) applies; in a target directory of its own.
+#[test]
+fn the_firmware_shell_type_checks_against_the_esp_idf_api_it_uses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = std::process::Command::new(env!("CARGO"))
+        .current_dir(&root)
+        .args(["test", "--quiet", "--manifest-path"])
+        .arg(shell().join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(root.join("target/fw-host-check"))
+        .env("RUSTFLAGS", "-D warnings")
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .expect("running cargo");
+    assert!(
+        out.status.success(),
+        "the firmware shell does not type-check or its tests fail:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

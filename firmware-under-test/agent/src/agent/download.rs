@@ -234,6 +234,7 @@ impl Agent {
             url,
             offset: at,
             len,
+            total,
         });
     }
 

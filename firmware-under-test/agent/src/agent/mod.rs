@@ -131,6 +131,9 @@ pub enum Action {
         url: Option<String>,
         offset: u32,
         len: u32,
+        /// The whole blob's size (from the signed manifest): no answer may run past it, and
+        /// a server that ignores `Range` sends all of it from byte 0.
+        total: u32,
     },
     /// Publish a status event.
     Report(Event),

@@ -1,0 +1,151 @@
+//! The firmware shell's logic that needs no ESP-IDF, kept here so that it is unit-tested on
+//! the host (the binary is built for the chip): the bounds on what the shell reads.
+
+use std::io::BufRead;
+
+/// Which piece of an MQTT message an `MQTT_EVENT_DATA` carries (esp-mqtt's
+/// `current_data_offset` / `total_data_len`, as embedded-svc's `Details` reports them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Piece {
+    Whole,
+    First { total: usize },
+    Next { offset: usize, total: usize },
+}
+
+/// Where a range's body goes and where it must end: a `206` is the range asked for; a `200`
+/// means the server ignored `Range` and sends the whole blob from byte 0 (fed from there, as
+/// the fleet's board does); nothing may run past the end (endless data).
+pub fn body_window(status: u16, offset: u32, len: u32, total: u32) -> (u64, u64) {
+    match status {
+        200 => (0, total as u64),
+        _ => (offset as u64, offset as u64 + len as u64),
+    }
+}
+
+/// One console line into `line`, at most `otarig_agent::console::MAX_LINE` bytes of it (the rest of a longer
+/// line is read and dropped); `false` at the end of input.
+pub fn read_line_capped(input: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<bool> {
+    line.clear();
+    let mut read_any = false;
+    loop {
+        let buf = input.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(read_any);
+        }
+        read_any = true;
+        let (chunk, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (&buf[..=i], true),
+            None => (buf, false),
+        };
+        let room = otarig_agent::console::MAX_LINE.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let n = chunk.len();
+        input.consume(n);
+        if done {
+            return Ok(true);
+        }
+    }
+}
+
+/// esp-mqtt hands a message larger than its buffer over in pieces (`MQTT_EVENT_DATA` with
+/// `current_data_offset` and `total_data_len`; only the first names the topic): put them
+/// back together. A message over `otarig_agent::protocol::MAX_PAYLOAD`, or pieces out of order, are dropped.
+#[derive(Default)]
+pub struct Reassembly {
+    partial: Option<(String, Vec<u8>, usize)>,
+}
+
+impl Reassembly {
+    pub fn take(
+        &mut self,
+        topic: Option<&str>,
+        data: &[u8],
+        piece: Piece,
+    ) -> Option<(String, Vec<u8>)> {
+        match piece {
+            Piece::Whole => topic.map(|t| (t.to_string(), data.to_vec())),
+            Piece::First { total } => {
+                self.partial = None;
+                let topic = topic?;
+                if total > otarig_agent::protocol::MAX_PAYLOAD {
+                    log::warn!(
+                        "MQTT message of {total} bytes on {topic} dropped: over {}",
+                        otarig_agent::protocol::MAX_PAYLOAD
+                    );
+                    return None;
+                }
+                let mut buf = Vec::with_capacity(total);
+                buf.extend_from_slice(data);
+                self.partial = Some((topic.to_string(), buf, total));
+                None
+            }
+            Piece::Next { offset, .. } => {
+                let (topic, mut buf, total) = self.partial.take()?;
+                if offset != buf.len() || buf.len() + data.len() > total {
+                    return None;
+                }
+                buf.extend_from_slice(data);
+                if buf.len() == total {
+                    return Some((topic, buf));
+                }
+                self.partial = Some((topic, buf, total));
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_pieces_are_put_back_together_in_order_only() {
+        let mut r = Reassembly::default();
+        let first = Piece::First { total: 6 };
+        let next = |offset| Piece::Next { offset, total: 6 };
+        assert_eq!(r.take(Some("t/cmd"), b"abc", first), None);
+        assert_eq!(
+            r.take(None, b"def", next(3)),
+            Some(("t/cmd".to_string(), b"abcdef".to_vec()))
+        );
+        assert_eq!(r.take(Some("t/cmd"), b"abc", first), None);
+        assert_eq!(
+            r.take(None, b"def", next(4)),
+            None,
+            "a gap drops the message"
+        );
+        let huge = Piece::First {
+            total: otarig_agent::protocol::MAX_PAYLOAD + 1,
+        };
+        assert_eq!(r.take(Some("t/cmd"), b"abc", huge), None);
+        assert_eq!(
+            r.take(None, b"def", next(3)),
+            None,
+            "an oversized message is dropped"
+        );
+        assert_eq!(
+            r.take(Some("t"), b"x", Piece::Whole),
+            Some(("t".to_string(), b"x".to_vec()))
+        );
+    }
+
+    #[test]
+    fn console_lines_are_capped_and_the_rest_dropped() {
+        let long = "x".repeat(otarig_agent::console::MAX_LINE * 3);
+        let text = format!("{long}\nshort\n");
+        let mut input = std::io::BufReader::with_capacity(64, text.as_bytes());
+        let mut line = Vec::new();
+        assert!(read_line_capped(&mut input, &mut line).unwrap());
+        assert_eq!(line.len(), otarig_agent::console::MAX_LINE);
+        assert!(read_line_capped(&mut input, &mut line).unwrap());
+        assert_eq!(line, b"short\n");
+        assert!(!read_line_capped(&mut input, &mut line).unwrap());
+    }
+
+    #[test]
+    fn a_200_to_a_range_is_the_whole_blob_from_byte_0() {
+        assert_eq!(body_window(206, 4096, 1024, 65536), (4096, 5120));
+        assert_eq!(body_window(200, 4096, 1024, 65536), (0, 65536));
+    }
+}

@@ -19,7 +19,8 @@
 //! - `FLASH_BEGIN`/`FLASH_DEFL_BEGIN` erase the sectors the write covers, `*_DATA` checks each
 //!   block's sequence number and XOR checksum (seed 0xEF), inflates a compressed (zlib)
 //!   stream, and programs it; `FLASH_END`/`FLASH_DEFL_END` leave the ROM loader for the app
-//!   (0 reboots, 1 runs user code) and leave the stub only with 0.
+//!   (0 reboots, 1 runs user code); the stub stays with 1 and with 0 reboots into the ROM
+//!   loader (the "stay in bootloader" soft reset of esptool and espflash).
 //! - `MEM_BEGIN/DATA/END` upload into internal SRAM; `MEM_END` with an entry point starts
 //!   what was uploaded, which is taken to be the flasher stub: it greets with `OHAI` and
 //!   answers from then on in its format, with its commands `ERASE_FLASH`, `ERASE_REGION`,
@@ -406,15 +407,20 @@ impl RomLoader {
         Ok((0, Vec::new()))
     }
 
-    /// `FLASH_(DEFL_)END(flag)`: 0 reboots, 1 runs user code. The ROM leaves the loader
-    /// either way; the stub stays unless asked to reboot.
+    /// `FLASH_(DEFL_)END(flag)`: 0 reboots, 1 runs user code. The ROM leaves the loader either
+    /// way (the app boots). The stub stays with 1; with 0 it reboots the chip into the ROM
+    /// loader (esptool's and espflash's "stay in bootloader" soft reset), so the stub is gone.
     fn flash_end(&mut self, r: &Request) -> After {
         self.writing = None;
         let run_user_code = r.word(0).unwrap_or(1) != 0;
-        if self.stub && run_user_code {
-            After::Nothing
-        } else {
-            After::RunApp
+        match (self.stub, run_user_code) {
+            (false, _) => After::RunApp,
+            (true, true) => After::Nothing,
+            (true, false) => {
+                self.stub = false;
+                self.mem = None;
+                After::Nothing
+            }
         }
     }
 

@@ -176,26 +176,12 @@ impl fmt::Display for ImageError {
                 f,
                 "segment {index} load address 0x{load_addr:08x} doesn't match data 0x{offset:08x} (a mapped segment's offset must equal its load address modulo 64 KiB)"
             ),
-            ImageError::ChipRevision { min, max, chip } => write!(
-                f,
-                "image requires chip rev v{}.{} to v{}.{}, but chip is v{}.{}",
-                min / 100,
-                min % 100,
-                max / 100,
-                max % 100,
-                chip / 100,
-                chip % 100
-            ),
-            ImageError::EfuseBlockRevision { min, max, chip } => write!(
-                f,
-                "image requires efuse blk rev v{}.{} to v{}.{}, but chip is v{}.{}",
-                min / 100,
-                min % 100,
-                max / 100,
-                max % 100,
-                chip / 100,
-                chip % 100
-            ),
+            ImageError::ChipRevision { min, max, chip } => {
+                revision_range(f, "chip rev", *min, *max, *chip)
+            }
+            ImageError::EfuseBlockRevision { min, max, chip } => {
+                revision_range(f, "efuse blk rev", *min, *max, *chip)
+            }
             ImageError::BadAppDescMagic(m) => write!(
                 f,
                 "app descriptor magic is 0x{m:08x}, expected 0x{APP_DESC_MAGIC:08x} (not an app image)"
@@ -208,6 +194,23 @@ impl fmt::Display for ImageError {
             ImageError::HashMismatch => write!(f, "appended SHA-256 does not match the image"),
         }
     }
+}
+
+/// "image requires WHAT vA.B to vC.D, but chip is vE.F", revisions in the `major * 100 + minor`
+/// format.
+fn revision_range(
+    f: &mut fmt::Formatter<'_>,
+    what: &str,
+    min: u16,
+    max: u16,
+    chip: u16,
+) -> fmt::Result {
+    let v = |r: u16| (r / 100, r % 100);
+    let ((a, b), (c, d), (e, g)) = (v(min), v(max), v(chip));
+    write!(
+        f,
+        "image requires {what} v{a}.{b} to v{c}.{d}, but chip is v{e}.{g}"
+    )
 }
 
 /// SHA-256 of the first `len` bytes read through `read(offset, buf)`, 1 KiB at a time (a

@@ -228,18 +228,7 @@ impl Board {
         let mut flash = Flash::new(table.flash_size());
         let binary = table.to_binary().map_err(SetupError::Table)?;
         flash.program(TABLE_OFFSET, &binary)?;
-        let target = table
-            .app_slots()
-            .into_iter()
-            .find(|s| s.kind == slot)
-            .ok_or(SetupError::NoSlot(slot))?;
-        if image.len() as u32 > target.size {
-            return Err(SetupError::TooLarge {
-                len: image.len(),
-                slot,
-                size: target.size,
-            });
-        }
+        let target = slot_for(&table, slot, image)?;
         flash.program(target.address, image)?;
         // The board's life, and its operation count, starts when it leaves the programmer.
         flash.reset_op_count();
@@ -384,19 +373,7 @@ impl Board {
     /// Write `image` straight into `slot` and select it in otadata, bypassing every check, the
     /// way a host tool with flash access (or an attacker) could.
     pub fn force_install(&mut self, slot: SlotKind, image: &[u8]) -> Result<(), SetupError> {
-        let target = self
-            .table
-            .app_slots()
-            .into_iter()
-            .find(|s| s.kind == slot)
-            .ok_or(SetupError::NoSlot(slot))?;
-        if image.len() as u32 > target.size {
-            return Err(SetupError::TooLarge {
-                len: image.len(),
-                slot,
-                size: target.size,
-            });
-        }
+        let target = slot_for(&self.table, slot, image)?;
         let erase = (image.len() as u32).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
         self.flash.erase(target.address, erase)?;
         self.flash.program(target.address, image)?;
@@ -925,6 +902,23 @@ impl Board {
             }
         })
     }
+}
+
+/// Slot `kind` of `table`, if `image` fits it.
+fn slot_for(table: &PartitionTable, kind: SlotKind, image: &[u8]) -> Result<Slot, SetupError> {
+    let target = table
+        .app_slots()
+        .into_iter()
+        .find(|s| s.kind == kind)
+        .ok_or(SetupError::NoSlot(kind))?;
+    if image.len() as u32 > target.size {
+        return Err(SetupError::TooLarge {
+            len: image.len(),
+            slot: kind,
+            size: target.size,
+        });
+    }
+    Ok(target)
 }
 
 /// The index the bootloader counts the factory app as (OTA slots are 0..).

@@ -339,20 +339,12 @@ pub fn falsified(c: &Check) -> Check {
             "valid".into()
         }),
         Check::UpdateSlotState(l) => Check::UpdateSlotState(
-            [
-                "new",
-                "pending-verify",
-                "valid",
-                "invalid",
-                "aborted",
-                "undefined",
-                "none",
-            ]
-            .iter()
-            .filter(|s| !l.iter().any(|x| x == *s))
-            .take(1)
-            .map(|s| s.to_string())
-            .collect(),
+            crate::scenario::SLOT_STATES
+                .iter()
+                .filter(|s| !l.iter().any(|x| x == *s))
+                .take(1)
+                .map(|s| s.to_string())
+                .collect(),
         ),
         Check::Acks(n) => Check::Acks(n + 1),
         Check::AckOutcome(o) => Check::AckOutcome(if o == "installed" {

@@ -30,12 +30,8 @@ pub struct Args {
     /// Virtual time runs this many times faster than the wall clock.
     #[arg(long, default_value_t = 50.0)]
     speedup: f64,
-    /// Write the event stream as JSON lines (NAME.jsonl in this dir).
-    #[arg(long, value_name = "DIR")]
-    events: Option<PathBuf>,
-    /// Write a JUnit XML report (one test case per scenario).
-    #[arg(long, value_name = "PATH")]
-    junit: Option<PathBuf>,
+    #[command(flatten)]
+    out: super::Outputs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
@@ -71,9 +67,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         bar.finish_and_clear();
         let run = run?;
         let failures = expect::judge(&run, None);
-        if let Some(dir) = &a.events {
-            summary::write_events_file(dir, f, &run)?;
-        }
+        a.out.events(f, &run)?;
         print!("{}", summary::render(&run, &failures));
         println!(
             "wall      {:.2} s (real sockets, {}x virtual time)\n",
@@ -88,11 +82,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             skipped: None,
         });
     }
-    if let Some(path) = &a.junit {
-        summary::write_junit_file(path, "otarig fleet", &verdicts)?;
-    }
-    let failed = verdicts.iter().filter(|v| !v.failures.is_empty()).count();
-    Ok(super::exit_code(0, failed))
+    a.out.finish("otarig fleet", &verdicts, 0)
 }
 
 /// A live bar for a fleet run: boards heard from (by telemetry through the broker), and how

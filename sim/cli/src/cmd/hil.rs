@@ -24,12 +24,8 @@ pub struct Args {
     /// The bench file (Wi-Fi, host address, reset method, firmware directory).
     #[arg(long, default_value = "bench/bench.toml")]
     bench: PathBuf,
-    /// Write the event stream as JSON lines (NAME.jsonl in this dir).
-    #[arg(long, value_name = "DIR")]
-    events: Option<PathBuf>,
-    /// Write a JUnit XML report (one test case per scenario).
-    #[arg(long, value_name = "PATH")]
-    junit: Option<PathBuf>,
+    #[command(flatten)]
+    out: super::Outputs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
@@ -67,9 +63,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 for skip in &h.skipped {
                     println!("skipped   {skip}");
                 }
-                if let Some(dir) = &a.events {
-                    summary::write_events_file(dir, f, &h.run)?;
-                }
+                a.out.events(f, &h.run)?;
                 let failures = expect::judge(&h.run, None);
                 print!("{}", summary::render(&h.run, &failures));
                 (failures, None)
@@ -96,11 +90,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             skipped,
         });
     }
-    if let Some(path) = &a.junit {
-        summary::write_junit_file(path, "otarig hil", &verdicts)?;
-    }
-    let failed = verdicts.iter().filter(|v| !v.failures.is_empty()).count();
-    Ok(super::exit_code(0, failed))
+    a.out.finish("otarig hil", &verdicts, 0)
 }
 
 /// Every `scenarios/*.toml` under the current directory, sorted.

@@ -18,12 +18,8 @@ pub struct Args {
     /// Override the seed.
     #[arg(long)]
     seed: Option<u64>,
-    /// Write the event stream as JSON lines (one file per scenario: NAME.jsonl in this dir).
-    #[arg(long, value_name = "DIR")]
-    events: Option<PathBuf>,
-    /// Write a JUnit XML report (one test case per scenario).
-    #[arg(long, value_name = "PATH")]
-    junit: Option<PathBuf>,
+    #[command(flatten)]
+    out: super::Outputs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
@@ -58,9 +54,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         let started = std::time::Instant::now();
         let result = runner::run(&scenario, &opts)?;
         let failures = expect::judge(&result, None);
-        if let Some(dir) = &a.events {
-            summary::write_events_file(dir, f, &result)?;
-        }
+        a.out.events(f, &result)?;
         bar.suspend(|| {
             print!("{}", summary::render(&result, &failures));
             println!("wall      {:.2} s\n", started.elapsed().as_secs_f64());
@@ -75,9 +69,5 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    if let Some(path) = &a.junit {
-        summary::write_junit_file(path, "otarig run", &verdicts)?;
-    }
-    let failed = verdicts.iter().filter(|v| !v.failures.is_empty()).count();
-    Ok(super::exit_code(invalid, failed))
+    a.out.finish("otarig run", &verdicts, invalid)
 }

@@ -232,6 +232,17 @@ pub struct Scenario {
     pub plr_known_hazards: Vec<String>,
 }
 
+/// The otadata states a slot-state check may name (`none`: no otadata entry for the slot).
+pub const SLOT_STATES: [&str; 7] = [
+    "new",
+    "pending-verify",
+    "valid",
+    "invalid",
+    "aborted",
+    "undefined",
+    "none",
+];
+
 /// Hazards a scenario may acknowledge with `plr-known-hazards`.
 pub const KNOWN_HAZARDS: [&str; 1] = [
     // An image that crashes before any code of the app runs, plus a power cut while the

@@ -14,19 +14,8 @@ use super::file::{ExpectDef, FaultDef, FileDef, OneOrMany, ReleaseDef, ServerFau
 use super::units::{parse_duration, parse_rate, parse_size};
 use super::{
     Check, Expect, Fault, FaultKind, Firmware, PayloadTopic, PowerLoss, Release, Scenario,
-    ScenarioError, Selector, ServerFault, KNOWN_HAZARDS,
+    ScenarioError, Selector, ServerFault, KNOWN_HAZARDS, SLOT_STATES as STATES,
 };
-
-/// The states a slot-state check may name.
-const STATES: [&str; 7] = [
-    "new",
-    "pending-verify",
-    "valid",
-    "invalid",
-    "aborted",
-    "undefined",
-    "none",
-];
 
 /// Where errors point: the file and its text (for line and column of a span).
 struct Ctx<'a> {

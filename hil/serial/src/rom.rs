@@ -387,16 +387,13 @@ impl RomLoader {
     fn flash_data(&mut self, r: &Request, flash: &mut dyn FlashMemory) -> Answer {
         let w = self.writing.as_mut().ok_or(Failure::NotInFlashMode)?;
         let block = check_block(r, w.block_size, w.next_seq)?;
-        let plain = match w.inflate.as_mut() {
-            None => block.to_vec(),
-            Some(z) => inflate(z, block)?,
-        };
-        let addr = w.offset + w.written;
         // Padding past the begun region is not written (the ROM clips to the erase).
         let room = w.erase_size.saturating_sub(w.written);
-        if plain.len() as u32 > room && w.inflate.is_some() {
-            return Err(Failure::TooMuchData);
-        }
+        let plain = match w.inflate.as_mut() {
+            None => block.to_vec(),
+            Some(z) => inflate(z, block, room as usize)?,
+        };
+        let addr = w.offset + w.written;
         let n = (plain.len() as u32).min(room) as usize;
         if let Err(e) = flash.write(addr, &plain[..n]) {
             tracing::warn!("FLASH_DATA write at 0x{addr:x} failed: {e}");
@@ -541,27 +538,32 @@ fn check_block<'a>(r: &Request<'a>, block_size: u32, next_seq: u32) -> Result<&'
     Ok(block)
 }
 
-/// Inflate one block of a zlib stream (bounded: a block can inflate to at most 64 KiB more
-/// than the stream's total output so far allows; the caller checks the region).
-fn inflate(z: &mut flate2::Decompress, mut input: &[u8]) -> Result<Vec<u8>, Failure> {
-    let mut out = Vec::with_capacity(input.len() * 4);
+/// Inflate one block of a zlib stream, refusing more than `limit` bytes of output (what the
+/// begun region still holds): a block that inflates past it is `TooMuchData`, whatever its
+/// ratio.
+fn inflate(z: &mut flate2::Decompress, mut input: &[u8], limit: usize) -> Result<Vec<u8>, Failure> {
+    let mut out = Vec::with_capacity(input.len().saturating_mul(4).min(limit));
     loop {
-        if out.len() > 16 << 20 {
+        if out.len() > limit {
             return Err(Failure::TooMuchData);
         }
-        out.reserve(64 * 1024);
-        let (before_in, before_out) = (z.total_in(), z.total_out());
+        out.reserve(16 * 1024);
+        let before_in = z.total_in();
         let status = z
             .decompress_vec(input, &mut out, flate2::FlushDecompress::None)
             .map_err(|_| Failure::Inflate)?;
-        let used = (z.total_in() - before_in) as usize;
-        input = &input[used..];
-        let produced = z.total_out() - before_out;
-        if status == flate2::Status::StreamEnd || (input.is_empty() && out.len() < out.capacity()) {
-            return Ok(out);
+        input = &input[(z.total_in() - before_in) as usize..];
+        let room_left = out.len() < out.capacity();
+        // Done at the stream's end, or when the input is used up without filling the buffer.
+        if status == flate2::Status::StreamEnd || (input.is_empty() && room_left) {
+            return if out.len() > limit {
+                Err(Failure::TooMuchData)
+            } else {
+                Ok(out)
+            };
         }
-        if used == 0 && produced == 0 && out.len() < out.capacity() {
-            return Ok(out);
+        if room_left && status == flate2::Status::BufError {
+            return Ok(out); // needs more input than this block holds
         }
     }
 }
@@ -880,6 +882,27 @@ mod tests {
         assert_eq!(r[0].len(), 26, "8 + 16 raw MD5 bytes + 2 status bytes");
         let (r, _) = l.handle(&req(0xD1, &words(&[0x1001, 0x1000]), 0), &mut m);
         assert_eq!(&r[0][r[0].len() - 2..], &[0xC3, 0], "stub error codes");
+    }
+
+    #[test]
+    fn a_compressed_block_that_inflates_past_the_begun_region_is_refused() {
+        use std::io::Write;
+        let mut m = VecFlash(vec![0x5A; 1 << 20]);
+        let mut l = RomLoader::new(1 << 20, MAC);
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+        z.write_all(&vec![0u8; 512 * 1024]).unwrap();
+        let bomb = z.finish().unwrap();
+        assert!(bomb.len() < 0x400, "{} bytes", bomb.len());
+        let (r, _) = l.handle(&req(0x10, &words(&[4096, 1, 0x400, 0x2000, 0]), 0), &mut m);
+        assert_eq!(status(&r), (0, 0));
+        let (d, sum) = block(0, &bomb);
+        let (r, _) = l.handle(&req(0x11, &d, sum), &mut m);
+        assert_eq!(status(&r), (1, 0x05), "the ROM's 'too much data'");
+        assert!(
+            m.0[0x2000..0x3000].iter().all(|b| *b == 0xFF),
+            "nothing written"
+        );
+        assert_eq!(m.0[0x3000], 0x5A, "nothing past the region touched");
     }
 
     #[test]

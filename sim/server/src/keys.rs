@@ -33,9 +33,11 @@ impl std::fmt::Debug for NamedKey {
     }
 }
 
-/// The fixture key directory shipped with the repository.
+/// The fixture key directory shipped with the repository (as a plain path for messages:
+/// `fixtures/keys`, not `sim/server/../../fixtures/keys`).
 pub fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/keys")
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/keys");
+    dir.canonicalize().unwrap_or(dir)
 }
 
 impl NamedKey {

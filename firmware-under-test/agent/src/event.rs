@@ -21,6 +21,9 @@ pub enum Check {
     DeviceType,
     /// `expires_at` is in the past.
     Expired,
+    /// The board's clock is not set (before SNTP, an ESP32 counts from 1970), so expiry cannot
+    /// be checked: the release waits until it is. Not acked: the condition passes by itself.
+    Clock,
     /// Sequence number below the highest installed: a replayed or stale manifest.
     Sequence,
     /// `secure_version` below the eFuse anti-rollback counter.
@@ -48,6 +51,7 @@ impl Check {
             Check::Signature => "signature",
             Check::DeviceType => "device-type",
             Check::Expired => "expired",
+            Check::Clock => "clock",
             Check::Sequence => "sequence",
             Check::SecureVersion => "secure-version",
             Check::AlreadyInstalled => "already-installed",
@@ -60,11 +64,12 @@ impl Check {
         }
     }
 
-    pub const ALL: [Check; 13] = [
+    pub const ALL: [Check; 14] = [
         Check::Malformed,
         Check::Signature,
         Check::DeviceType,
         Check::Expired,
+        Check::Clock,
         Check::Sequence,
         Check::SecureVersion,
         Check::AlreadyInstalled,

@@ -153,6 +153,13 @@ fn one_board(scenario: &Scenario) -> (Scenario, Vec<String>) {
 /// The server faults for the board, and the download progress (percent) at which a power cut
 /// lands; a fault only the simulator can realise is [`SimOnly`].
 fn bench_faults(s: &Scenario, prep: &Prepared) -> anyhow::Result<(Vec<CountedFault>, Option<u32>)> {
+    if s.wall.set_at_ms > 0 {
+        return Err(SimOnly(
+            "clock-set-after holds a board's clock back; on a bench SNTP sets it: simulator only"
+                .into(),
+        )
+        .into());
+    }
     let mut faults = s.server_faults_for(DEVICE);
     let first_size = s
         .releases

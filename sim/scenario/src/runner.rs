@@ -969,7 +969,7 @@ impl World {
         let Some(agent) = dev.agent.as_mut() else {
             return;
         };
-        agent.handle(&mut dev.board, EPOCH_MS + now, input);
+        agent.handle(&mut dev.board, self.scenario.wall.read(now), input);
         self.drain_board(d);
         if !self.devs[d].board.is_powered() {
             // The cut stopped the CPU: whatever the agent meant to do next never happens.
@@ -1059,7 +1059,7 @@ impl World {
                 );
             }
             Action::WakeAt(t) => {
-                let at = t.saturating_sub(EPOCH_MS).max(now);
+                let at = self.scenario.wall.virtual_time(t).max(now);
                 self.schedule(d, at, Ev::Timer);
             }
             Action::Reboot => self.restart(d, BOOT_MS),

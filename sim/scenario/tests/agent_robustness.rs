@@ -70,6 +70,7 @@ struct Rig {
     v2_sha: [u8; 32],
     last_fetch: Option<(u32, u32)>,
     now: u64,
+    cfg: Config,
 }
 
 impl Rig {
@@ -98,11 +99,8 @@ impl Rig {
             issued_at: NOW / 1000,
             expires_at: NOW / 1000 + 86_400,
         });
-        let mut agent = Agent::new(Config::new(
-            "robust-0",
-            "robust",
-            vec![key.trusted().unwrap()],
-        ));
+        let cfg = Config::new("robust-0", "robust", vec![key.trusted().unwrap()]);
+        let mut agent = Agent::new(cfg.clone());
         agent.handle(&mut board, NOW, Input::Boot);
         let mut rig = Rig {
             board,
@@ -112,6 +110,7 @@ impl Rig {
             v2_sha,
             last_fetch: None,
             now: NOW,
+            cfg,
         };
         rig.drain();
         rig
@@ -185,6 +184,26 @@ impl Rig {
         }
     }
 
+    /// A rig whose agent took the good manifest and served every range it asked for.
+    fn installed() -> Rig {
+        let mut rig = Rig::new();
+        rig.step(&Step::Online);
+        rig.step(&Step::GoodManifest);
+        for _ in 0..10 {
+            rig.step(&Step::Serve { flip: None });
+        }
+        rig
+    }
+
+    /// Reset the board and start a fresh agent on it, its clock reading `now`.
+    fn restart_at(&mut self, now: u64) {
+        self.board.take_events();
+        assert!(matches!(self.board.boot(), BootOutcome::App(_)));
+        self.agent = Agent::new(self.cfg.clone());
+        self.now = now;
+        self.feed(Input::Boot);
+    }
+
     /// Check the board after the run; returns whether the boot partition was switched.
     fn verdict(mut self) -> Result<bool, String> {
         let events = self.board.take_events();
@@ -219,13 +238,40 @@ impl Rig {
 
 #[test]
 fn the_harness_reaches_the_switch() {
-    let mut rig = Rig::new();
-    rig.step(&Step::Online);
-    rig.step(&Step::GoodManifest);
-    for _ in 0..10 {
-        rig.step(&Step::Serve { flip: None });
-    }
+    let rig = Rig::installed();
     assert_eq!(rig.verdict(), Ok(true));
+}
+
+/// An update is installed, and the board restarts with its clock back at 1970 (SNTP has not
+/// run yet). The confirmation deadline is set on that clock; when SNTP sets it the clock jumps
+/// 56 years: the deadline must move with it, not pass at once and roll the good image back.
+#[test]
+fn setting_the_clock_does_not_pass_the_confirmation_deadline() {
+    let mut rig = Rig::installed();
+    rig.restart_at(1_000);
+    rig.feed(Input::SelfTestDone {
+        passed: true,
+        detail: "test",
+    });
+    rig.now = NOW + 2_000;
+    rig.feed(Input::Timer);
+    let events = rig.board.take_events();
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, BoardEvent::BootPartitionSet { .. })),
+        "the clock jump rolled the new image back: {events:?}"
+    );
+    rig.feed(Input::Online);
+    let running = rig.board.running_slot();
+    assert_eq!(
+        rig.board.slot_state(running),
+        Ok(Some(otarig_agent::OtaImgState::Valid))
+    );
+    assert_eq!(
+        rig.board.peek_image(running).map(|i| i.sha256),
+        Some(rig.v2_sha)
+    );
 }
 
 proptest! {

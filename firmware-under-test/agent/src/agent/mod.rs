@@ -60,7 +60,16 @@ pub struct Config {
     pub poll_interval_ms: u64,
     /// Use a delta patch when the manifest offers one for the running image.
     pub use_deltas: bool,
+    /// A wall-clock time (ms since 1970) below this means the clock is not set: an ESP32
+    /// counts from 1970 after power-on until SNTP sets the time. Without a set clock the agent
+    /// does not install (it cannot check a manifest's expiry), and when the clock gets set its
+    /// timers move with the jump instead of firing at once. The firmware's build date is the
+    /// best value; 0 trusts any clock.
+    pub time_floor_ms: u64,
 }
+
+/// 2025-01-01T00:00:00Z: no firmware built with this agent runs earlier.
+pub const TIME_FLOOR_MS: u64 = 1_735_689_600_000;
 
 impl Config {
     pub fn new(device_id: &str, device_type: &str, trusted_keys: Vec<TrustedKey>) -> Config {
@@ -79,6 +88,7 @@ impl Config {
             max_fetch_failures: 10,
             poll_interval_ms: 60_000,
             use_deltas: true,
+            time_floor_ms: TIME_FLOOR_MS,
         }
     }
 }
@@ -241,6 +251,8 @@ pub struct Agent {
     /// Ids of recent commands, so a duplicated or replayed command acts once.
     seen_commands: VecDeque<String>,
     out: VecDeque<Action>,
+    /// The wall-clock time of the last input, to see the clock get set.
+    last_now: Option<u64>,
 }
 
 impl Agent {
@@ -256,6 +268,7 @@ impl Agent {
             reported: Vec::new(),
             seen_commands: VecDeque::new(),
             out: VecDeque::new(),
+            last_now: None,
         }
     }
 
@@ -312,6 +325,7 @@ impl Agent {
         if self.is_finished() {
             return;
         }
+        self.observe_clock(now_ms);
         match input {
             Input::Boot => self.on_boot(p, now_ms),
             Input::SelfTestDone { passed, detail } => self.on_self_test(p, now_ms, passed, detail),
@@ -338,6 +352,31 @@ impl Agent {
     }
 
     // ---- helpers -----------------------------------------------------------------------
+
+    /// Whether `now` is a set clock's time (see [`Config::time_floor_ms`]).
+    pub(super) fn clock_is_set(&self, now: u64) -> bool {
+        now >= self.cfg.time_floor_ms
+    }
+
+    /// When the clock gets set it jumps decades ahead; timers set on the unset clock move by
+    /// the jump, so a confirmation deadline or a backoff does not pass at once. The jump is
+    /// measured from the last input, so a timer may run late by up to the gap between two
+    /// inputs; late is safe, early would roll a good image back.
+    fn observe_clock(&mut self, now: u64) {
+        if let Some(last) = self.last_now {
+            if !self.clock_is_set(last) && self.clock_is_set(now) {
+                let jump = now.saturating_sub(last);
+                let t = &mut self.timers;
+                for timer in [&mut t.confirm, &mut t.retry, &mut t.poll]
+                    .into_iter()
+                    .flatten()
+                {
+                    *timer = timer.saturating_add(jump);
+                }
+            }
+        }
+        self.last_now = Some(now);
+    }
 
     pub(super) fn record(&self) -> &Record {
         match &self.journal {

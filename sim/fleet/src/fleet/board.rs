@@ -10,7 +10,8 @@ use otarig_agent::protocol::{self, Leaf};
 use otarig_agent::{Action, Agent, Config, Event, Input};
 use otarig_esp32s3::appimage::{BootBehaviour, NetworkBehaviour, SelfTest};
 use otarig_esp32s3::board::{BoardEvent, BootOutcome};
-use otarig_scenario::runner::{self, Dev, Record, What, EPOCH_MS};
+use otarig_scenario::runner::{self, Dev, Record, What};
+use otarig_scenario::scenario::WallClock;
 use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -51,6 +52,8 @@ pub(crate) struct Shared {
     pub(super) cfg: Config,
     pub(super) acked: Mutex<HashSet<(String, u64, &'static str)>>,
     pub(super) telemetry_ms: u64,
+    /// When the boards' wall clocks get set.
+    pub(super) wall: WallClock,
     /// No network at all (a virtual board not provisioned yet).
     pub(super) offline: bool,
     /// Where a virtual board prints its console (events as console-protocol lines).
@@ -79,6 +82,7 @@ impl Shared {
             cfg,
             acked: Mutex::new(HashSet::new()),
             telemetry_ms: 1_000,
+            wall: WallClock::default(),
             offline,
             console: Some(console),
         })
@@ -325,7 +329,7 @@ impl<'a> Boot<'a> {
     /// Give the agent one input at the current virtual time; a power cut during it ends the
     /// boot.
     fn feed(&mut self, input: Input<'_>) -> Step {
-        let now = EPOCH_MS + self.sh.clock.now();
+        let now = self.sh.wall.read(self.sh.clock.now());
         self.agent.handle(&mut self.dev.board, now, input);
         drain_board(self.sh, self.i, self.dev);
         if !self.dev.board.is_powered() {
@@ -348,7 +352,7 @@ impl<'a> Boot<'a> {
         let sh = self.sh;
         match a {
             Action::RunSelfTest => self.self_test_at = Some(sh.clock.now() + 200),
-            Action::WakeAt(t) => self.wake = Some(t.saturating_sub(EPOCH_MS)),
+            Action::WakeAt(t) => self.wake = Some(self.sh.wall.virtual_time(t)),
             Action::Reboot => {
                 if let Some(c) = &self.client {
                     let _ = c.try_disconnect();

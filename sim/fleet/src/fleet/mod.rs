@@ -146,6 +146,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         cfg: prep.cfg_template.clone(),
         acked: Mutex::new(HashSet::new()),
         telemetry_ms: opts.telemetry_ms,
+        wall: s.wall,
         offline: false,
         console: None,
     });
@@ -511,7 +512,8 @@ async fn inject(
 }
 
 /// Until the scenario's duration, or until no board did anything for `quiet_ms` and no
-/// rollout is between waves.
+/// rollout is between waves. The boards' clocks getting set is an event too: a board waiting
+/// for the time is quiet, but not done.
 async fn wait_for_quiet(
     s: &Scenario,
     shared: &Shared,
@@ -521,8 +523,8 @@ async fn wait_for_quiet(
     loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let now = shared.clock.now();
-        let quiet =
-            now.saturating_sub(shared.last_activity.load(Ordering::Relaxed)) >= opts.quiet_ms;
+        let last = shared.last_activity.load(Ordering::Relaxed);
+        let quiet = now.saturating_sub(last.max(s.wall.set_at_ms)) >= opts.quiet_ms;
         // A rollout between waves is quiet too, but not over.
         if now >= s.duration_ms || (quiet && rollouts.iter().all(|r| r.is_finished())) {
             break;

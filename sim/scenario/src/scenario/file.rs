@@ -52,6 +52,9 @@ pub(super) struct FleetDef {
     pub(super) firmware: Spanned<String>,
     #[serde(default)]
     pub(super) anti_rollback: bool,
+    /// The boards' clocks read from 1970 until this much time has passed (SNTP not yet run).
+    #[serde(default)]
+    pub(super) clock_set_after: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) efuse_secure_version: Option<Spanned<u32>>,
     #[serde(default)]

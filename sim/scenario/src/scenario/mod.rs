@@ -201,6 +201,32 @@ pub enum Step {
     Fault(usize),
 }
 
+/// A board's wall clock. Until `set_at_ms` (virtual time) it is not set and reads the time
+/// since the run started, counted from 1970, as an ESP32's does before SNTP has run
+/// (`gettimeofday` after power-on); from then on it reads the scenario's calendar time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WallClock {
+    /// 0: set throughout.
+    pub set_at_ms: u64,
+}
+
+impl WallClock {
+    /// What the clock reads (ms since 1970) at virtual time `t`.
+    pub fn read(self, t: u64) -> u64 {
+        if t < self.set_at_ms {
+            t
+        } else {
+            crate::runner::EPOCH_MS + t
+        }
+    }
+
+    /// The virtual time of a wall-clock time the agent asked for ([`WallClock::read`]'s
+    /// inverse; a time on the unset clock is already virtual).
+    pub fn virtual_time(self, wall: u64) -> u64 {
+        wall.checked_sub(crate::runner::EPOCH_MS).unwrap_or(wall)
+    }
+}
+
 /// A loaded, checked scenario.
 #[derive(Clone, Debug)]
 pub struct Scenario {
@@ -217,6 +243,8 @@ pub struct Scenario {
     pub table: PartitionTable,
     pub start_firmware: String,
     pub anti_rollback: bool,
+    /// When the boards' wall clocks get set (`clock-set-after`).
+    pub wall: WallClock,
     pub efuse_secure_version: u32,
     pub trusted_keys: Vec<String>,
     pub poll_interval_ms: u64,

@@ -14,7 +14,7 @@ use super::file::{ExpectDef, FaultDef, FileDef, OneOrMany, ReleaseDef, ServerFau
 use super::units::{parse_duration, parse_rate, parse_size};
 use super::{
     Check, Expect, Fault, FaultKind, Firmware, PayloadTopic, PowerLoss, Release, Scenario,
-    ScenarioError, Selector, ServerFault, KNOWN_HAZARDS, SLOT_STATES as STATES,
+    ScenarioError, Selector, ServerFault, WallClock, KNOWN_HAZARDS, SLOT_STATES as STATES,
 };
 
 /// Where errors point: the file and its text (for line and column of a span).
@@ -146,6 +146,9 @@ impl Parser<'_> {
             table,
             start_firmware,
             anti_rollback: raw.fleet.anti_rollback,
+            wall: WallClock {
+                set_at_ms: cx.optional_duration(&raw.fleet.clock_set_after, 0)?,
+            },
             efuse_secure_version: self.secure_version(&raw.fleet.efuse_secure_version)?,
             trusted_keys,
             poll_interval_ms: cx.optional_duration(&raw.fleet.poll_interval, 60_000)?,

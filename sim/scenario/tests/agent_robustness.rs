@@ -75,6 +75,11 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
+        Rig::configured(|_| {})
+    }
+
+    /// A rig whose agent configuration `tweak` changed.
+    fn configured(tweak: impl FnOnce(&mut Config)) -> Rig {
         let table = Arc::new(PartitionTable::default_two_ota());
         let v1 = appimage::build(&AppSpec::new("robust", "1.0.0", 24 * 1024));
         let v2 = appimage::build(&AppSpec::new("robust", "2.0.0", 36 * 1024));
@@ -99,7 +104,8 @@ impl Rig {
             issued_at: NOW / 1000,
             expires_at: NOW / 1000 + 86_400,
         });
-        let cfg = Config::new("robust-0", "robust", vec![key.trusted().unwrap()]);
+        let mut cfg = Config::new("robust-0", "robust", vec![key.trusted().unwrap()]);
+        tweak(&mut cfg);
         let mut agent = Agent::new(cfg.clone());
         agent.handle(&mut board, NOW, Input::Boot);
         let mut rig = Rig {
@@ -186,7 +192,10 @@ impl Rig {
 
     /// A rig whose agent took the good manifest and served every range it asked for.
     fn installed() -> Rig {
-        let mut rig = Rig::new();
+        Rig::install(Rig::new())
+    }
+
+    fn install(mut rig: Rig) -> Rig {
         rig.step(&Step::Online);
         rig.step(&Step::GoodManifest);
         for _ in 0..10 {
@@ -271,6 +280,29 @@ fn setting_the_clock_does_not_pass_the_confirmation_deadline() {
     assert_eq!(
         rig.board.peek_image(running).map(|i| i.sha256),
         Some(rig.v2_sha)
+    );
+}
+
+/// Timers are set as `now` plus a configured interval: the largest intervals must not
+/// overflow (a panic with overflow checks on) but mean "not in this board's lifetime".
+#[test]
+fn the_longest_intervals_do_not_overflow_the_timers() {
+    let mut rig = Rig::install(Rig::configured(|c| {
+        c.confirm_timeout_ms = u64::MAX;
+        c.poll_interval_ms = u64::MAX;
+        c.retry_base_ms = u64::MAX;
+        c.retry_max_ms = u64::MAX;
+    }));
+    rig.restart_at(NOW + 1_000);
+    rig.feed(Input::FetchFailed { reason: "test" });
+    rig.now = u64::MAX - 1;
+    rig.feed(Input::Timer);
+    rig.feed(Input::Online);
+    let running = rig.board.running_slot();
+    assert_eq!(
+        rig.board.slot_state(running),
+        Ok(Some(otarig_agent::OtaImgState::PendingVerify)),
+        "no self-test result came, and the confirmation deadline has not passed"
     );
 }
 

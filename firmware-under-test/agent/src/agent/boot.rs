@@ -50,7 +50,7 @@ impl Agent {
             && matches!(state, Some(OtaImgState::Undefined | OtaImgState::New));
         if state == Some(OtaImgState::PendingVerify) || just_installed {
             self.state = State::SelfTest;
-            self.timers.confirm = Some(now + self.cfg.confirm_timeout_ms);
+            self.timers.confirm = Some(now.saturating_add(self.cfg.confirm_timeout_ms));
             self.out.push_back(Action::RunSelfTest);
         } else {
             self.reconcile(p, now);

@@ -399,14 +399,14 @@ impl Agent {
         // Spread retries of a fleet that failed together (same server hiccup) over time,
         // deterministically per device so a run replays exactly.
         let jitter = device_hash(&self.cfg.device_id, dl.consecutive_failures) % (base / 4 + 1);
-        let delay = core::cmp::min(base + jitter, self.cfg.retry_max_ms);
+        let delay = core::cmp::min(base.saturating_add(jitter), self.cfg.retry_max_ms);
         self.emit(Event::FetchFailed {
             sequence: dl.manifest.sequence,
             offset: dl.written,
             reason: reason.to_string(),
             retry_in_ms: delay,
         });
-        self.timers.retry = Some(now + delay);
+        self.timers.retry = Some(now.saturating_add(delay));
         self.state = State::Backoff(dl);
     }
 

@@ -9,7 +9,7 @@ impl Agent {
     pub(super) fn poll(&mut self, now: u64) {
         self.out.push_back(Action::PollManifest);
         if self.cfg.poll_interval_ms > 0 {
-            self.timers.poll = Some(now + self.cfg.poll_interval_ms);
+            self.timers.poll = Some(now.saturating_add(self.cfg.poll_interval_ms));
         }
     }
 

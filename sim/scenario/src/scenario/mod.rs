@@ -448,6 +448,27 @@ version = "1.0.0"
         assert!(parse_duration("5 fortnights").is_err());
     }
 
+    /// Values that overflowed (a panic with overflow checks on) are errors that say the bound.
+    #[test]
+    fn the_largest_values_are_errors_not_overflows() {
+        let e = Scenario::parse(
+            Path::new("t.toml"),
+            &OK.replace("\"64KiB\"", "\"18446744073709551615MiB\""),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("is too large"), "{e}");
+        assert_eq!(parse_duration("36500d"), Ok(units::MAX_DURATION_MS));
+        let e = parse_duration("36501d").unwrap_err();
+        assert!(e.contains("longer than 100 years"), "{e}");
+        assert!(parse_duration("213503982334d").is_err());
+        let long = OK.replace(
+            "firmware = \"v1\"\n",
+            "firmware = \"v1\"\nconfirm-timeout = \"36501d\"\n",
+        );
+        let e = Scenario::parse(Path::new("t.toml"), &long).unwrap_err();
+        assert_eq!(e.line, 8, "{e}");
+    }
+
     #[test]
     fn selectors() {
         let mut s = Selector::parse("0..3, 7").unwrap();

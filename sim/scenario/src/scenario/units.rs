@@ -2,7 +2,12 @@
 
 use super::file::SizeDef;
 
-/// Parse `"250ms"`, `"10s"`, `"5m"`, `"2h"`, `"30d"` into milliseconds.
+/// The longest duration a scenario may give: 100 years. Scenario times are added to each
+/// other and to a calendar date; with this bound no sum can overflow.
+pub const MAX_DURATION_MS: u64 = 100 * 365 * 86_400_000;
+
+/// Parse `"250ms"`, `"10s"`, `"5m"`, `"2h"`, `"30d"` into milliseconds, at most
+/// [`MAX_DURATION_MS`].
 pub fn parse_duration(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -19,7 +24,10 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         _ => return Err(format!("'{s}': unit must be ms, s, m, h or d")),
     };
     n.checked_mul(mult)
-        .ok_or_else(|| format!("'{s}' is too long"))
+        .filter(|&ms| ms <= MAX_DURATION_MS)
+        .ok_or_else(|| {
+            format!("'{s}' is longer than 100 years (36500d), the most a scenario may give")
+        })
 }
 
 /// Parse `4096`, `"256KiB"`, `"1MiB"`, `"64KB"` (KB = 1000) into bytes.
@@ -41,7 +49,8 @@ pub(super) fn parse_size(v: &SizeDef) -> Result<u64, String> {
                 "MB" => 1_000_000,
                 _ => return Err(format!("'{s}': unit must be B, KiB, MiB, KB or MB")),
             };
-            Ok(n * mult)
+            n.checked_mul(mult)
+                .ok_or_else(|| format!("'{s}' is too large"))
         }
     }
 }

@@ -3,19 +3,20 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::ValueEnum;
 use otarig_agent::TrustedKey;
 use otarig_server::keys::{fixture_dir, NamedKey};
 
 #[derive(clap::Subcommand)]
 pub enum Cmd {
-    /// Generate a PKCS#8 PEM signing key in DIR/NAME.pem.
+    /// Generate a PKCS#8 PEM signing key in DIR/NAME.pem, readable by its owner only (0600).
+    /// DIR has no default: a private key must not land in the repository by accident.
     Gen {
         name: String,
         #[arg(long, value_enum, default_value = "ed25519")]
         alg: KeyAlg,
-        #[arg(long, default_value_os_t = fixture_dir())]
+        #[arg(long)]
         dir: PathBuf,
         /// Replace an existing key.
         #[arg(long)]
@@ -36,6 +37,30 @@ pub enum Cmd {
 pub enum KeyAlg {
     Ed25519,
     Rsa,
+}
+
+/// Write a private key so that only its owner can read it: created with mode 0600 (not
+/// created 0644 and narrowed after, which leaves a window), and narrowed when `--force`
+/// replaces a key that had wider permissions.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        opts.mode(0o600);
+        if path.exists() {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("narrowing {} to mode 0600", path.display()))?;
+        }
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The public halves of the named keys in `dir`, as a board trusts them.
@@ -61,8 +86,8 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 KeyAlg::Ed25519 => NamedKey::generate_ed25519(&name),
                 KeyAlg::Rsa => NamedKey::generate_rsa(&name)?,
             };
-            std::fs::create_dir_all(&dir)?;
-            super::write(&path, key.to_pem()?.as_bytes())?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            write_private(&path, key.to_pem()?.as_bytes())?;
             println!("wrote {}", path.display());
         }
         Cmd::Export { name, dir, out } => {
@@ -86,4 +111,39 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generated_key_is_readable_by_its_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let gen = |force| Cmd::Gen {
+            name: "k".into(),
+            alg: KeyAlg::Ed25519,
+            dir: dir.path().to_path_buf(),
+            force,
+        };
+        run(gen(false)).unwrap();
+        let path = dir.path().join("k.pem");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let e = run(gen(false)).unwrap_err().to_string();
+        assert!(e.contains("--force"), "{e}");
+        run(gen(true)).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "after --force: mode {mode:o}");
+        }
+        assert!(NamedKey::load(dir.path(), "k").is_ok());
+    }
 }

@@ -25,6 +25,9 @@ use crate::manifest::SignedManifest;
 pub const VERSION: u32 = 1;
 /// Payloads larger than this are refused before parsing.
 pub const MAX_PAYLOAD: usize = 16 * 1024;
+/// Longest command id a board keeps: it remembers recent ids to act once per command, and
+/// anyone who can publish must not make that memory grow with what they send.
+pub const MAX_COMMAND_ID: usize = 64;
 pub const DEFAULT_PREFIX: &str = "otarig";
 
 pub fn release_topic(prefix: &str, device_type: &str, channel: &str) -> String {
@@ -62,6 +65,8 @@ pub enum PayloadError {
     NotJson(String),
     Version(u32),
     UnknownCommand(String),
+    /// A command id longer than [`MAX_COMMAND_ID`] bytes (its length).
+    IdTooLong(usize),
 }
 
 impl core::fmt::Display for PayloadError {
@@ -74,6 +79,9 @@ impl core::fmt::Display for PayloadError {
             }
             PayloadError::UnknownCommand(c) => {
                 write!(f, "unknown command '{c}' (update-now, reboot, report)")
+            }
+            PayloadError::IdTooLong(n) => {
+                write!(f, "command id of {n} bytes exceeds {MAX_COMMAND_ID}")
             }
         }
     }
@@ -149,11 +157,18 @@ pub fn parse_command(bytes: &[u8]) -> Result<Command, PayloadError> {
     if w.v != VERSION {
         return Err(PayloadError::Version(w.v));
     }
+    if w.id.len() > MAX_COMMAND_ID {
+        return Err(PayloadError::IdTooLong(w.id.len()));
+    }
     let kind = match w.cmd.as_str() {
         "update-now" => CommandKind::UpdateNow,
         "reboot" => CommandKind::Reboot,
         "report" => CommandKind::Report,
-        other => return Err(PayloadError::UnknownCommand(other.to_string())),
+        // The name goes into an event: a long one is cut, not echoed whole.
+        other => {
+            let cut = other.char_indices().nth(32).map_or(other.len(), |(i, _)| i);
+            return Err(PayloadError::UnknownCommand(other[..cut].to_string()));
+        }
     };
     Ok(Command { id: w.id, kind })
 }
@@ -298,6 +313,19 @@ mod tests {
         assert_eq!(
             parse_command(br#"{"v":1,"id":"a","cmd":"format-flash"}"#),
             Err(PayloadError::UnknownCommand("format-flash".into()))
+        );
+        let long_id = alloc::format!(r#"{{"v":1,"id":"{}","cmd":"reboot"}}"#, "i".repeat(15_000));
+        assert_eq!(
+            parse_command(long_id.as_bytes()),
+            Err(PayloadError::IdTooLong(15_000))
+        );
+        let id = "i".repeat(MAX_COMMAND_ID);
+        let ok = alloc::format!(r#"{{"v":1,"id":"{id}","cmd":"reboot"}}"#);
+        assert_eq!(parse_command(ok.as_bytes()).map(|c| c.id), Ok(id));
+        let long_cmd = alloc::format!(r#"{{"v":1,"id":"a","cmd":"{}"}}"#, "é".repeat(5_000));
+        assert_eq!(
+            parse_command(long_cmd.as_bytes()),
+            Err(PayloadError::UnknownCommand("é".repeat(32)))
         );
         let big = alloc::vec![b' '; MAX_PAYLOAD + 1];
         assert_eq!(

@@ -443,11 +443,19 @@ impl Applier {
         n.min(PAGE - self.new_written % PAGE)
     }
 
+    /// Move the old position by the record's seek. The seek comes from the patch: the sum is
+    /// taken in `i128` (no overflow for any `u64` + `i64`) and must stay within the old image.
     fn end_record(&mut self) -> Result<(), DeltaError> {
-        let pos = self.old_pos as i64 + self.seek;
+        let pos = i128::from(self.old_pos) + i128::from(self.seek);
+        let old_size = self.header.as_ref().map_or(0, |h| h.old_size);
         if pos < 0 {
             return Err(DeltaError::BadControl {
                 reason: "seek before the start of the old image",
+            });
+        }
+        if pos > i128::from(old_size) {
+            return Err(DeltaError::BadControl {
+                reason: "seek past the end of the old image",
             });
         }
         self.old_pos = pos as u64;

@@ -244,6 +244,24 @@ mod tests {
         }
     }
 
+    /// A control record whose seek, added to the old position, passes `i64::MAX` or the end
+    /// of the old image is refused (it overflowed, a panic with overflow checks on).
+    #[test]
+    fn a_seek_past_the_old_image_is_refused_not_an_overflow() {
+        let (old, new) = (vec![7u8; 4096], vec![7u8; 4096]);
+        let control = |mix: u64, copy: u64, seek: u64| {
+            [mix.to_le_bytes(), copy.to_le_bytes(), seek.to_le_bytes()].concat()
+        };
+        for seek in [i64::MAX as u64, old.len() as u64] {
+            let mut raw = control(1, 0, seek);
+            raw.push(0);
+            raw.extend(control(1, 0, 0));
+            raw.push(0);
+            let e = apply(&old, &container(&old, &new, &raw)).unwrap_err();
+            assert!(e.to_string().contains("past the end"), "seek {seek}: {e}");
+        }
+    }
+
     #[test]
     fn a_patch_for_another_base_or_a_flipped_byte_is_rejected() {
         let (a, b) = pair(100_000);

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use otarig_agent::manifest::Manifest;
+use otarig_agent::manifest::{DeltaRef, Manifest};
 use otarig_agent::{Agent, Config, Input, Platform, SlotKind};
 use otarig_esp32s3::appimage::{self, AppSpec};
 use otarig_esp32s3::board::{Board, BoardEvent, BootConfig, BootOutcome};
@@ -62,6 +62,25 @@ fn step() -> impl Strategy<Value = Step> {
 
 const NOW: u64 = 1_767_225_600_000;
 
+/// The signed release of `v2`, offering `deltas`.
+fn release(v2: &[u8], deltas: Vec<DeltaRef>) -> Manifest {
+    Manifest {
+        format: 1,
+        device_type: "robust".into(),
+        channel: "stable".into(),
+        version: "2.0.0".into(),
+        secure_version: 0,
+        sequence: 1,
+        size: v2.len() as u32,
+        sha256: hex::encode(otarig_server::store::sha256(v2)),
+        url: None,
+        cid: None,
+        deltas,
+        issued_at: NOW / 1000,
+        expires_at: NOW / 1000 + 86_400,
+    }
+}
+
 struct Rig {
     board: Board,
     agent: Agent,
@@ -69,6 +88,9 @@ struct Rig {
     v2: Vec<u8>,
     v2_sha: [u8; 32],
     last_fetch: Option<(u32, u32)>,
+    /// A delta patch the manifest offers (empty: none), and whether the last fetch asked for it.
+    patch: Vec<u8>,
+    fetching_patch: bool,
     now: u64,
     cfg: Config,
 }
@@ -89,21 +111,7 @@ impl Rig {
                 .unwrap();
         assert!(matches!(board.boot(), BootOutcome::App(_)));
         let key = NamedKey::load(&fixture_dir(), "ed25519-test").unwrap();
-        let manifest = key.sign_manifest(&Manifest {
-            format: 1,
-            device_type: "robust".into(),
-            channel: "stable".into(),
-            version: "2.0.0".into(),
-            secure_version: 0,
-            sequence: 1,
-            size: v2.len() as u32,
-            sha256: hex::encode(v2_sha),
-            url: None,
-            cid: None,
-            deltas: Vec::new(),
-            issued_at: NOW / 1000,
-            expires_at: NOW / 1000 + 86_400,
-        });
+        let manifest = key.sign_manifest(&release(&v2, Vec::new()));
         let mut cfg = Config::new("robust-0", "robust", vec![key.trusted().unwrap()]);
         tweak(&mut cfg);
         let mut agent = Agent::new(cfg.clone());
@@ -115,6 +123,8 @@ impl Rig {
             v2,
             v2_sha,
             last_fetch: None,
+            patch: Vec::new(),
+            fetching_patch: false,
             now: NOW,
             cfg,
         };
@@ -129,8 +139,15 @@ impl Rig {
 
     fn drain(&mut self) {
         while let Some(a) = self.agent.poll_action() {
-            if let otarig_agent::Action::Fetch { offset, len, .. } = a {
+            if let otarig_agent::Action::Fetch {
+                offset,
+                len,
+                sha256,
+                ..
+            } = a
+            {
                 self.last_fetch = Some((offset, len));
+                self.fetching_patch = sha256 == otarig_server::store::sha256(&self.patch);
             }
         }
     }
@@ -166,7 +183,12 @@ impl Rig {
                     return;
                 };
                 let (start, end) = (offset as usize, (offset + len) as usize);
-                data = self.v2[start.min(self.v2.len())..end.min(self.v2.len())].to_vec();
+                let src = if self.fetching_patch {
+                    &self.patch
+                } else {
+                    &self.v2
+                };
+                data = src[start.min(src.len())..end.min(src.len())].to_vec();
                 if let (Some(f), false) = (flip, data.is_empty()) {
                     let n = data.len();
                     data[*f as usize % n] ^= 0x10;
@@ -175,7 +197,11 @@ impl Rig {
                     offset,
                     data: &data,
                 });
-                self.feed(Input::BodyEnd);
+                // The agent may have dropped this response and asked for another (a patch
+                // that failed falls back to the image): the old one's end is not the new one's.
+                if self.last_fetch.is_none() {
+                    self.feed(Input::BodyEnd);
+                }
             }
             Step::BodyEnd => self.feed(Input::BodyEnd),
             Step::FetchFailed => self.feed(Input::FetchFailed { reason: "test" }),
@@ -202,6 +228,25 @@ impl Rig {
             rig.step(&Step::Serve { flip: None });
         }
         rig
+    }
+
+    /// Offer `patch` from the running image in the manifest, signed like the release.
+    fn offer_patch(&mut self, patch: Vec<u8>) {
+        let running = self.board.running_slot();
+        let from = self
+            .board
+            .peek_image(running)
+            .expect("a running image")
+            .sha256;
+        let delta = DeltaRef {
+            from_sha256: hex::encode(from),
+            sha256: hex::encode(otarig_server::store::sha256(&patch)),
+            size: patch.len() as u32,
+            url: None,
+        };
+        let key = NamedKey::load(&fixture_dir(), "ed25519-test").unwrap();
+        self.manifest = key.sign_manifest(&release(&self.v2, vec![delta]));
+        self.patch = patch;
     }
 
     /// Reset the board and start a fresh agent on it, its clock reading `now`.
@@ -281,6 +326,25 @@ fn setting_the_clock_does_not_pass_the_confirmation_deadline() {
         rig.board.peek_image(running).map(|i| i.sha256),
         Some(rig.v2_sha)
     );
+}
+
+/// A signed patch whose header claims an old image larger than the slot, and whose seek
+/// then reads past the slot's end: the read fails, and the agent falls back to the full image
+/// (it halted before, and a halted agent updates no more).
+#[test]
+fn a_patch_that_reads_past_the_running_slot_falls_back_to_the_full_image() {
+    let mut rig = Rig::new();
+    let claimed_old = vec![0u8; 4 * 1024 * 1024];
+    let control = |mix: u64, copy: u64, seek: u64| {
+        [mix.to_le_bytes(), copy.to_le_bytes(), seek.to_le_bytes()].concat()
+    };
+    let mut raw = control(0, 0, 3 * 1024 * 1024);
+    raw.extend(control(16, 0, 0));
+    raw.extend([0u8; 16]);
+    let patch = otarig_server::delta::container(&claimed_old, &rig.v2.clone(), &raw);
+    rig.offer_patch(patch);
+    let rig = Rig::install(rig);
+    assert_eq!(rig.verdict(), Ok(true));
 }
 
 /// Timers are set as `now` plus a configured interval: the largest intervals must not

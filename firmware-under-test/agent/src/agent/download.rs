@@ -55,21 +55,21 @@ pub(super) struct PatchSink<'a, P: Platform> {
     pub(super) p: &'a mut P,
     pub(super) journal: &'a mut Option<Journal>,
     pub(super) old: Slot,
+    /// A journal write failed: the board's own storage, not the patch, is at fault.
     pub(super) error: Option<(&'static str, EspError)>,
 }
 
+/// A failed read of the running image or write of the new one ends the patch (the applier
+/// says `DeltaError::Io`), and the agent falls back to the full image: a patch whose header
+/// or seeks point outside the slot must not stop the board from updating.
 impl<P: Platform> delta::Sink for PatchSink<'_, P> {
     fn read_old(&mut self, offset: u32, buf: &mut [u8]) -> Result<(), delta::SinkError> {
-        self.p.slot_read(self.old, offset, buf).map_err(|e| {
-            self.error = Some(("reading the running image", e));
-            delta::SinkError
-        })
+        self.p
+            .slot_read(self.old, offset, buf)
+            .map_err(|_| delta::SinkError)
     }
     fn write_new(&mut self, data: &[u8]) -> Result<(), delta::SinkError> {
-        self.p.ota_write(data).map_err(|e| {
-            self.error = Some(("esp_ota_write", e));
-            delta::SinkError
-        })
+        self.p.ota_write(data).map_err(|_| delta::SinkError)
     }
     fn checkpoint(&mut self, at: Resume) {
         if self.error.is_some() {

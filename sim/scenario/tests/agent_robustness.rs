@@ -10,6 +10,7 @@ use otarig_agent::{Agent, Config, Input, Platform, SlotKind};
 use otarig_esp32s3::appimage::{self, AppSpec};
 use otarig_esp32s3::board::{Board, BoardEvent, BootConfig, BootOutcome};
 use otarig_esp32s3::partition::PartitionTable;
+use otarig_server::delta::control_record;
 use otarig_server::keys::{fixture_dir, NamedKey};
 use proptest::prelude::*;
 
@@ -335,11 +336,8 @@ fn setting_the_clock_does_not_pass_the_confirmation_deadline() {
 fn a_patch_that_reads_past_the_running_slot_falls_back_to_the_full_image() {
     let mut rig = Rig::new();
     let claimed_old = vec![0u8; 4 * 1024 * 1024];
-    let control = |mix: u64, copy: u64, seek: u64| {
-        [mix.to_le_bytes(), copy.to_le_bytes(), seek.to_le_bytes()].concat()
-    };
-    let mut raw = control(0, 0, 3 * 1024 * 1024);
-    raw.extend(control(16, 0, 0));
+    let mut raw = control_record(0, 0, 3 * 1024 * 1024).to_vec();
+    raw.extend(control_record(16, 0, 0));
     raw.extend([0u8; 16]);
     let patch = otarig_server::delta::container(&claimed_old, &rig.v2.clone(), &raw);
     rig.offer_patch(patch);

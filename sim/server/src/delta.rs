@@ -121,6 +121,21 @@ pub fn apply_from(
     Ok((sink.new, sink.checkpoints))
 }
 
+/// One 24-byte bsdiff control record of the raw stream: `mix_len`, `copy_len`, and `seek` in
+/// sign-magnitude, each little-endian.
+pub fn control_record(mix: u64, copy: u64, seek: i64) -> [u8; 24] {
+    let seek = if seek < 0 {
+        seek.unsigned_abs() | (1 << 63)
+    } else {
+        seek as u64
+    };
+    let mut rec = [0u8; 24];
+    rec[..8].copy_from_slice(&mix.to_le_bytes());
+    rec[8..16].copy_from_slice(&copy.to_le_bytes());
+    rec[16..].copy_from_slice(&seek.to_le_bytes());
+    rec
+}
+
 fn offtin(b: &[u8]) -> i64 {
     let mut w = [0u8; 8];
     w.copy_from_slice(&b[..8]);
@@ -176,14 +191,7 @@ pub fn import_bsdiff40(old: &[u8], patch: &[u8]) -> anyhow::Result<Vec<u8>> {
         {
             bail!("BSDIFF40 control record ({mix}, {copy}, {seek}) runs past its blocks");
         }
-        raw.extend_from_slice(&(mix as u64).to_le_bytes());
-        raw.extend_from_slice(&(copy as u64).to_le_bytes());
-        let s = if seek < 0 {
-            (seek.unsigned_abs()) | (1 << 63)
-        } else {
-            seek as u64
-        };
-        raw.extend_from_slice(&s.to_le_bytes());
+        raw.extend_from_slice(&control_record(mix as u64, copy as u64, seek));
         raw.extend_from_slice(&diff[di..di + mix as usize]);
         raw.extend_from_slice(&extra[ei..ei + copy as usize]);
         di += mix as usize;
@@ -249,13 +257,10 @@ mod tests {
     #[test]
     fn a_seek_past_the_old_image_is_refused_not_an_overflow() {
         let (old, new) = (vec![7u8; 4096], vec![7u8; 4096]);
-        let control = |mix: u64, copy: u64, seek: u64| {
-            [mix.to_le_bytes(), copy.to_le_bytes(), seek.to_le_bytes()].concat()
-        };
-        for seek in [i64::MAX as u64, old.len() as u64] {
-            let mut raw = control(1, 0, seek);
+        for seek in [i64::MAX, old.len() as i64] {
+            let mut raw = control_record(1, 0, seek).to_vec();
             raw.push(0);
-            raw.extend(control(1, 0, 0));
+            raw.extend(control_record(1, 0, 0));
             raw.push(0);
             let e = apply(&old, &container(&old, &new, &raw)).unwrap_err();
             assert!(e.to_string().contains("past the end"), "seek {seek}: {e}");

@@ -56,7 +56,7 @@ pub(super) struct PatchSink<'a, P: Platform> {
     pub(super) journal: &'a mut Option<Journal>,
     pub(super) old: Slot,
     /// A journal write failed: the board's own storage, not the patch, is at fault.
-    pub(super) error: Option<(&'static str, EspError)>,
+    pub(super) journal_error: Option<EspError>,
 }
 
 /// A failed read of the running image or write of the new one ends the patch (the applier
@@ -72,7 +72,7 @@ impl<P: Platform> delta::Sink for PatchSink<'_, P> {
         self.p.ota_write(data).map_err(|_| delta::SinkError)
     }
     fn checkpoint(&mut self, at: Resume) {
-        if self.error.is_some() {
+        if self.journal_error.is_some() {
             return;
         }
         let Some(j) = self.journal.as_mut() else {
@@ -84,7 +84,7 @@ impl<P: Platform> delta::Sink for PatchSink<'_, P> {
             ..*j.record()
         };
         if let Err(e) = j.store(self.p, rec) {
-            self.error = Some(("writing the journal", e));
+            self.journal_error = Some(e);
         }
     }
 }
@@ -261,15 +261,15 @@ impl Agent {
                 p: &mut *p,
                 journal: &mut self.journal,
                 old: d.old,
-                error: None,
+                journal_error: None,
             };
             let res = d.applier.feed(piece, &mut sink);
-            let err = sink.error;
+            let err = sink.journal_error;
             dl.written = d.applier.new_written() as u32;
             match (res, err) {
-                (_, Some((during, e))) => {
+                (_, Some(e)) => {
                     p.ota_abort();
-                    return self.halt(during, e);
+                    return self.halt("writing the journal", e);
                 }
                 (Ok(_), None) => {}
                 (Err(e), None) => return self.delta_failed(p, e),

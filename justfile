@@ -5,7 +5,7 @@ test:
     cargo test --workspace
 
 # Run scenarios on the simulator and print a summary (default: all of them).
-run *FILES="scenarios/*.toml":
+run *FILES="scenarios/*.toml scenarios/attacks/*.toml":
     cargo run --release -p otarig -- run {{FILES}}
 
 # Example: just fleet scenarios/rollout-halt.toml --devices 1000
@@ -14,7 +14,7 @@ fleet *ARGS:
     cargo run --release -p otarig -- fleet {{ARGS}}
 
 # Check scenario files without running them.
-check *FILES="scenarios/*.toml":
+check *FILES="scenarios/*.toml scenarios/attacks/*.toml":
     cargo run --release -p otarig -- check {{FILES}}
 
 # Print the agent's peak heap during a 1 MiB update.
@@ -73,7 +73,7 @@ board *ARGS:
     cargo run --release -p otarig -- board --pty {{ARGS}}
 
 # A real board needs bench/bench.toml (see bench/bench.example.toml); a /dev/pts/N port of
-# `just board` is found by its control socket. Without scenarios: every scenarios/*.toml.
+# `just board` is found by its control socket. Without scenarios: every scenarios/*.toml and scenarios/attacks/*.toml.
 # Run scenarios on one board over its serial port: just hil --port COM9 [SCENARIO...]
 hil *ARGS:
     cargo run --release -p otarig -- hil {{ARGS}}

@@ -18,8 +18,8 @@ export CARGO_TARGET_DIR="$PWD/target"
 cp target/debug/otarig "$out/otarig-base"
 cargo build -p otarig --quiet
 cp target/debug/otarig "$out/otarig-here"
-"$out/otarig-base" run --events "$out/base-events" scenarios/*.toml >/dev/null || true
-"$out/otarig-here" run --events "$out/here-events" scenarios/*.toml >/dev/null || true
+"$out/otarig-base" run --events "$out/base-events" scenarios/*.toml scenarios/attacks/*.toml >/dev/null || true
+"$out/otarig-here" run --events "$out/here-events" scenarios/*.toml scenarios/attacks/*.toml >/dev/null || true
 if diff -r "$out/base-events" "$out/here-events"; then
   echo "event streams identical: $(ls "$out/here-events" | wc -l) scenarios, $rev vs the working tree"
 else

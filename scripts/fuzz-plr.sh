@@ -15,7 +15,7 @@ case "$budget" in
   *) echo "budget must look like 90s, 10m or 2h" >&2; exit 2;;
 esac
 cargo build --release -q -p otarig
-mapfile -t files < <(ls scenarios/*.toml)
+mapfile -t files < <(ls scenarios/*.toml scenarios/attacks/*.toml)
 share=$(( total / ${#files[@]} ))
 [ "$share" -ge 1 ] || share=1
 out=out/plr-failures

@@ -291,6 +291,11 @@ fn event_from_json(kind: &str, v: &Value) -> Option<Event> {
             resumed_from: n32("resumed_from")?,
             delta: v["delta"].as_bool()?,
         },
+        "retrying" => Event::Retrying {
+            sequence: n("sequence")?,
+            version: s("version")?,
+            detail: s("detail")?,
+        },
         "delta-failed" => Event::DeltaFailed {
             sequence: n("sequence")?,
             reason: s("reason")?,
@@ -366,6 +371,11 @@ mod tests {
                 size: 1000,
                 resumed_from: 64,
                 delta: true,
+            },
+            Event::Retrying {
+                sequence: 2,
+                version: "2.0.0".into(),
+                detail: "no network".into(),
             },
             Event::DeltaFailed {
                 sequence: 2,

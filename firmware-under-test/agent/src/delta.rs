@@ -137,6 +137,47 @@ pub struct Resume {
     pub seek: i64,
 }
 
+impl Resume {
+    /// Bytes of [`Resume::encode`]'s output.
+    pub const ENCODED_LEN: usize = 40;
+
+    /// Little-endian, in field order (`phase` widened to four bytes), for the journal.
+    pub fn encode(&self, out: &mut [u8]) {
+        let words = [
+            self.block_offset,
+            self.block_index,
+            self.raw_skip,
+            self.new_written,
+            self.old_pos,
+            u32::from(self.phase),
+            self.remaining,
+            self.pending_copy,
+        ];
+        for (chunk, w) in out[..32].chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&w.to_le_bytes());
+        }
+        out[32..40].copy_from_slice(&self.seek.to_le_bytes());
+    }
+
+    /// The inverse of [`Resume::encode`]; `b` holds at least [`Resume::ENCODED_LEN`] bytes.
+    pub fn decode(b: &[u8]) -> Resume {
+        let w = |i: usize| u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+        let mut seek = [0u8; 8];
+        seek.copy_from_slice(&b[32..40]);
+        Resume {
+            block_offset: w(0),
+            block_index: w(1),
+            raw_skip: w(2),
+            new_written: w(3),
+            old_pos: w(4),
+            phase: b[20],
+            remaining: w(6),
+            pending_copy: w(7),
+            seek: i64::from_le_bytes(seek),
+        }
+    }
+}
+
 /// A sink could not read or write (it keeps the details itself).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SinkError;

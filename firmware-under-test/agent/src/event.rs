@@ -151,6 +151,14 @@ pub enum Event {
         check: Check,
         detail: String,
     },
+    /// Release `sequence` rolled back because its image could not reach the network; it is
+    /// not known-bad and installs again at the next poll that reaches the server. Its ack
+    /// waits for the final outcome.
+    Retrying {
+        sequence: u64,
+        version: String,
+        detail: String,
+    },
     /// A download started (or continued from `resumed_from` after a reboot).
     Downloading {
         sequence: u64,

@@ -241,6 +241,12 @@ pub fn event_json(device: &str, t_ms: u64, e: &Event) -> Value {
             delta,
         } => json!({"kind": "downloading",
             "sequence": sequence, "version": version, "size": size, "resumed_from": resumed_from, "delta": delta}),
+        Event::Retrying {
+            sequence,
+            version,
+            detail,
+        } => json!({"kind": "retrying", "sequence": sequence, "version": version,
+            "detail": detail}),
         Event::DeltaFailed { sequence, reason } => {
             json!({"kind": "delta-failed", "sequence": sequence, "reason": reason})
         }

@@ -188,6 +188,12 @@ fn bench_faults(s: &Scenario, prep: &Prepared) -> anyhow::Result<(Vec<CountedFau
                 )
                 .into())
             }
+            FaultKind::Outage { .. } => {
+                return Err(SimOnly(
+                    "an outage takes a board's network down at a boot: simulator only".into(),
+                )
+                .into())
+            }
             _ => {}
         }
     }

@@ -1,4 +1,4 @@
-//! Every `scenarios/*.toml` becomes three named tests:
+//! Every `scenarios/*.toml` and `scenarios/attacks/*.toml` becomes four named tests:
 //! - `<name>`: run it on the deterministic simulator; every expectation and invariant holds;
 //! - `<name>::can_fail`: each expectation, replaced by a false one, is reported as failing on
 //!   the same run (a scenario whose checks cannot fail proves nothing);
@@ -18,14 +18,20 @@ use otarig_scenario::scenario::{Expect, Scenario};
 use otarig_scenario::summary;
 
 fn scenario_files() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+    let dir = scenario_dir();
+    otarig_scenario::scenario::files_in(&dir)
         .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    files.sort();
-    files
+}
+
+fn scenario_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios")
+}
+
+/// `full-update`, or `attacks/forged-commands` for a file in a subdirectory.
+fn test_name(path: &Path) -> String {
+    let dir = scenario_dir();
+    let rel = path.strip_prefix(&dir).unwrap_or(path).with_extension("");
+    rel.to_string_lossy().replace('\\', "/")
 }
 
 fn load(path: &Path) -> Result<Scenario, Failed> {
@@ -164,11 +170,7 @@ fn main() {
     let args = Arguments::from_args();
     let mut trials = Vec::new();
     for path in scenario_files() {
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("scenario")
-            .to_string();
+        let name = test_name(&path);
         let (p1, p2, p3, p4) = (path.clone(), path.clone(), path.clone(), path.clone());
         trials.push(Trial::test(name.clone(), move || passes(&p1)));
         trials.push(Trial::test(format!("{name}::can_fail"), move || {

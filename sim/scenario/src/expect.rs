@@ -82,6 +82,8 @@ fn distil<'a>(records: impl IntoIterator<Item = &'a Record>) -> Seen {
                 s.rolled_back = true;
                 s.failures.push(reason.clone());
             }
+            // Not final (the ack comes later), but reported: a rollback for want of network.
+            What::Agent(Event::Retrying { detail, .. }) => s.failures.push(detail.clone()),
             What::Agent(Event::Downloading { resumed_from, .. }) => {
                 s.resumed |= *resumed_from > 0;
                 s.download_started.get_or_insert(r.t_ms);

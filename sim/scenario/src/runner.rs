@@ -189,6 +189,9 @@ pub struct Dev {
     pub channel: String,
     /// How the server misbehaves towards this board, and how many more times (None: always).
     pub server_faults: Vec<(ServerFault, Option<u32>)>,
+    /// Network outages planned for this board, and when the current one ends (virtual ms).
+    pub outages: Vec<crate::scenario::Outage>,
+    pub network_down_until: u64,
 }
 
 impl Dev {
@@ -203,6 +206,18 @@ impl Dev {
             *n -= 1;
         }
         Some(*fault)
+    }
+
+    /// The board just booted `version` at `now`: begin the outage planned for that version's
+    /// first boot, if any. Returns when the network can be reached (`now` if it is up).
+    pub fn network_up_at(&mut self, version: &str, now: u64) -> u64 {
+        for o in &mut self.outages {
+            if !o.begun && o.version == version {
+                o.begun = true;
+                self.network_down_until = self.network_down_until.max(now.saturating_add(o.for_ms));
+            }
+        }
+        self.network_down_until.max(now)
     }
 }
 
@@ -591,6 +606,7 @@ pub fn new_device(s: &Scenario, proto: &Board, opts: &RunOptions, first_size: u6
     Dev {
         off_for_ms,
         server_faults: s.server_faults_for(i),
+        outages: s.outages_for(i),
         ..Dev::for_board(&s.device_id(i), s.channel_for(i), board)
     }
 }
@@ -614,6 +630,8 @@ impl Dev {
             crashed_version: String::new(),
             channel: channel.to_string(),
             server_faults: Vec::new(),
+            outages: Vec::new(),
+            network_down_until: 0,
         }
     }
 }
@@ -929,9 +947,10 @@ impl World {
                 cfg.trusted_keys = self.keys.clone();
                 dev.agent = Some(Agent::new(cfg));
                 self.feed(d, Input::Boot);
-                let dev = &self.devs[d];
+                let dev = &mut self.devs[d];
+                let up = dev.network_up_at(booted.info.version(), now);
                 if dev.agent.is_some() && dev.behaviour.network == NetworkBehaviour::Ok {
-                    self.schedule(d, now + CONNECT_MS, Ev::Online);
+                    self.schedule(d, up + CONNECT_MS, Ev::Online);
                 }
             }
             BootOutcome::Bricked(reason) => self.devs[d].bricked = Some(reason),

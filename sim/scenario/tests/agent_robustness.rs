@@ -6,7 +6,9 @@
 use std::sync::Arc;
 
 use otarig_agent::manifest::{DeltaRef, Manifest};
-use otarig_agent::{Agent, Config, Input, Platform, SlotKind};
+use otarig_agent::{
+    Action, Agent, Config, EspError, EspResult, Input, OtaImgState, Platform, Slot, SlotKind,
+};
 use otarig_esp32s3::appimage::{self, AppSpec};
 use otarig_esp32s3::board::{Board, BoardEvent, BootConfig, BootOutcome};
 use otarig_esp32s3::partition::PartitionTable;
@@ -366,6 +368,91 @@ fn the_longest_intervals_do_not_overflow_the_timers() {
         Ok(Some(otarig_agent::OtaImgState::PendingVerify)),
         "no self-test result came, and the confirmation deadline has not passed"
     );
+}
+
+/// The board with its agent data partition refusing every write, as a worn-out sector does
+/// (`ESP_ERR_FLASH_OP_FAIL`); everything else goes to the board.
+struct WornState<'a>(&'a mut Board);
+
+impl Platform for WornState<'_> {
+    fn running_slot(&self) -> Slot {
+        self.0.running_slot()
+    }
+    fn next_update_slot(&self) -> Option<Slot> {
+        self.0.next_update_slot()
+    }
+    fn slot_state(&mut self, s: Slot) -> EspResult<Option<OtaImgState>> {
+        self.0.slot_state(s)
+    }
+    fn ota_begin(&mut self, s: Slot) -> EspResult<()> {
+        self.0.ota_begin(s)
+    }
+    fn ota_resume(&mut self, s: Slot, o: u32) -> EspResult<()> {
+        self.0.ota_resume(s, o)
+    }
+    fn ota_write(&mut self, d: &[u8]) -> EspResult<()> {
+        self.0.ota_write(d)
+    }
+    fn ota_end(&mut self) -> EspResult<()> {
+        self.0.ota_end()
+    }
+    fn ota_abort(&mut self) {
+        self.0.ota_abort()
+    }
+    fn set_boot_partition(&mut self, s: Slot) -> EspResult<()> {
+        self.0.set_boot_partition(s)
+    }
+    fn mark_app_valid_cancel_rollback(&mut self) -> EspResult<()> {
+        self.0.mark_app_valid_cancel_rollback()
+    }
+    fn mark_app_invalid_rollback(&mut self) -> EspResult<()> {
+        self.0.mark_app_invalid_rollback()
+    }
+    fn slot_read(&mut self, s: Slot, o: u32, b: &mut [u8]) -> EspResult<()> {
+        self.0.slot_read(s, o, b)
+    }
+    fn state_size(&self) -> u32 {
+        self.0.state_size()
+    }
+    fn state_read(&mut self, o: u32, b: &mut [u8]) -> EspResult<()> {
+        self.0.state_read(o, b)
+    }
+    fn state_erase_sector(&mut self, _: u32) -> EspResult<()> {
+        Err(EspError::FlashOpFail)
+    }
+    fn state_write(&mut self, _: u32, _: &[u8]) -> EspResult<()> {
+        Err(EspError::FlashOpFail)
+    }
+    fn efuse_secure_version(&mut self) -> u32 {
+        self.0.efuse_secure_version()
+    }
+}
+
+/// A storage error halts updating; the agent must still obey `reboot` (it ignored every
+/// input once halted, so only a power cycle could bring such a board back).
+#[test]
+fn a_halted_agent_still_reboots_on_command() {
+    let mut rig = Rig::new();
+    let m = rig.manifest.clone();
+    let mut worn = WornState(&mut rig.board);
+    rig.agent.handle(&mut worn, NOW + 100, Input::Online);
+    rig.agent.handle(&mut worn, NOW + 200, Input::Manifest(&m));
+    let mut actions = Vec::new();
+    while let Some(a) = rig.agent.poll_action() {
+        actions.push(a);
+    }
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Report(otarig_agent::Event::StorageError { .. }))),
+        "the journal write failed, so the agent halts: {actions:?}"
+    );
+    let reboot =
+        otarig_agent::protocol::command("op-1", otarig_agent::protocol::CommandKind::Reboot);
+    rig.agent
+        .handle(&mut worn, NOW + 300, Input::Command(reboot.as_bytes()));
+    let after: Vec<Action> = std::iter::from_fn(|| rig.agent.poll_action()).collect();
+    assert_eq!(after, vec![Action::Reboot]);
 }
 
 proptest! {

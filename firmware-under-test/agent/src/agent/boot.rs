@@ -49,6 +49,19 @@ impl Agent {
             && rec.sha256 == sha256
             && matches!(state, Some(OtaImgState::Undefined | OtaImgState::New));
         if state == Some(OtaImgState::PendingVerify) || just_installed {
+            if rec.unreachable {
+                // A power cut between noting an outage and rolling back: this boot judges
+                // the image afresh.
+                if let Err(e) = self.store(
+                    p,
+                    Record {
+                        unreachable: false,
+                        ..rec
+                    },
+                ) {
+                    return self.halt("writing the journal", e);
+                }
+            }
             self.state = State::SelfTest;
             self.timers.confirm = Some(now.saturating_add(self.cfg.confirm_timeout_ms));
             self.out.push_back(Action::RunSelfTest);
@@ -113,6 +126,25 @@ impl Agent {
             }
             // ESP_ERR_OTA_ROLLBACK_FAILED: no other bootable app; keep running this one.
             Err(e) => self.halt("rolling back", e),
+        }
+    }
+
+    /// The running image passed its self-test but never reached the network: say so in the
+    /// journal before rolling back, so the previous image retries the release rather than
+    /// marking it known-bad (an outage of Wi-Fi or the broker is not the image's fault, as
+    /// far as one board can tell). Best effort: if the write fails, the rollback still happens
+    /// and the release counts as failed.
+    pub(super) fn note_unreachable<P: Platform>(&mut self, p: &mut P) {
+        let rec = *self.record();
+        let running = self.running.as_ref().map(|r| r.sha256);
+        if rec.phase == Phase::Installed && Some(rec.sha256) == running {
+            let _ = self.store(
+                p,
+                Record {
+                    unreachable: true,
+                    ..rec
+                },
+            );
         }
     }
 
@@ -189,6 +221,9 @@ impl Agent {
             Some(OtaImgState::Aborted | OtaImgState::PendingVerify)
         );
         let retry_unconfirmed = unconfirmed && rec.installs < UNCONFIRMED_RETRIES;
+        if state == Some(OtaImgState::Invalid) && rec.unreachable {
+            return self.rolled_back_offline(p, rec, &version);
+        }
         match (target, state) {
             (
                 _,
@@ -208,7 +243,7 @@ impl Agent {
                 };
                 let idle = Record {
                     phase: Phase::Idle,
-                    known_bad: rec.sha256,
+                    known_bad: rec.known_bad.with(&rec.sha256),
                     ..rec
                 };
                 self.ack(rec.target_seq, &version, Outcome::RolledBack { detail });
@@ -248,7 +283,7 @@ impl Agent {
                     "the boot partition could not be switched after 3 attempts".to_string();
                 let idle = Record {
                     phase: Phase::Idle,
-                    known_bad: rec.sha256,
+                    known_bad: rec.known_bad.with(&rec.sha256),
                     ..rec
                 };
                 self.refuse(rec.target_seq, &version, Check::BootPartition, detail);
@@ -258,5 +293,49 @@ impl Agent {
                 self.state = State::Ready;
             }
         }
+    }
+
+    /// The image of `rec` rolled itself back because it never reached the network. Unless
+    /// that happened [`OFFLINE_ROLLBACKS`] times (then the image's own network stack is the
+    /// likelier culprit: it is acked rolled-back and known-bad), the release is neither
+    /// known-bad nor acked yet: the journal goes idle with the outage counted, and the next
+    /// poll that reaches the server installs it again.
+    fn rolled_back_offline<P: Platform>(&mut self, p: &mut P, rec: Record, version: &str) {
+        let outages = rec.outages.saturating_add(1);
+        let give_up = outages >= OFFLINE_ROLLBACKS;
+        let detail = if give_up {
+            format!(
+                "{version} never reached the network after {outages} installs; marked known-bad"
+            )
+        } else {
+            format!(
+                "{version} could not reach the network before its confirmation deadline \
+                 ({outages} of {OFFLINE_ROLLBACKS}); retried when the network is back"
+            )
+        };
+        let idle = Record {
+            phase: Phase::Idle,
+            outages,
+            unreachable: false,
+            known_bad: if give_up {
+                rec.known_bad.with(&rec.sha256)
+            } else {
+                rec.known_bad
+            },
+            ..rec
+        };
+        if give_up {
+            self.ack(rec.target_seq, version, Outcome::RolledBack { detail });
+        } else {
+            self.emit(Event::Retrying {
+                sequence: rec.target_seq,
+                version: version.to_string(),
+                detail,
+            });
+        }
+        if let Err(e) = self.store(p, idle) {
+            return self.halt("writing the journal", e);
+        }
+        self.state = State::Ready;
     }
 }

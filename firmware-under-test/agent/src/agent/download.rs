@@ -95,16 +95,19 @@ impl Agent {
             return;
         };
         let rec = *self.record();
-        let attempts = if rec.target_seq == m.sequence {
-            rec.attempts
+        let same = rec.target_seq == m.sequence;
+        let (attempts, outages) = if same {
+            (rec.attempts, rec.outages)
         } else {
-            0
+            (0, 0)
         };
         let patch = self.pick_delta(&m).filter(|_| attempts == 0);
         let next = Record {
             phase: Phase::Downloading,
             attempts,
             installs: 0,
+            outages,
+            unreachable: false,
             target_seq: m.sequence,
             size: m.size,
             checkpoint: 0,
@@ -423,6 +426,9 @@ impl Agent {
                     "not confirmed within {} s (waiting for {what})",
                     self.cfg.confirm_timeout_ms / 1000
                 );
+                if matches!(self.state, State::AwaitNetwork) {
+                    self.note_unreachable(p);
+                }
                 return self.roll_back_self(p, reason);
             }
         }
@@ -558,7 +564,7 @@ impl Agent {
     ) {
         let idle = Record {
             phase: Phase::Idle,
-            known_bad: rec.sha256,
+            known_bad: rec.known_bad.with(&rec.sha256),
             ..rec
         };
         if let Err(e) = self.store(p, idle) {

@@ -109,7 +109,7 @@ impl Agent {
                 ),
             ));
         }
-        if &rec.known_bad == sha {
+        if rec.known_bad.contains(sha) {
             return Err((
                 Check::KnownBad,
                 format!(

@@ -34,6 +34,9 @@ use download::Download;
 /// Extra boots given to a new image that the bootloader found unconfirmed.
 const UNCONFIRMED_RETRIES: u8 = 2;
 
+/// Installs of one release that may roll back for want of a network before it is known-bad.
+const OFFLINE_ROLLBACKS: u8 = 3;
+
 /// Build-time configuration of the firmware.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -281,7 +284,8 @@ impl Agent {
         self.out.pop_front()
     }
 
-    /// True once the agent asked for a reboot or halted: further inputs are ignored.
+    /// True once the agent asked for a reboot or halted: further inputs are ignored (a halted
+    /// agent still answers commands).
     pub fn is_finished(&self) -> bool {
         matches!(self.state, State::Rebooting | State::Halted)
     }
@@ -322,8 +326,17 @@ impl Agent {
 
     /// Feed one input. `now_ms` is Unix time in milliseconds.
     pub fn handle<P: Platform>(&mut self, p: &mut P, now_ms: u64, input: Input<'_>) {
-        if self.is_finished() {
-            return;
+        match self.state {
+            State::Rebooting => return,
+            // A storage error stopped updating, not the board: a command (`reboot`, `report`)
+            // is still the operator's way to reach it.
+            State::Halted => {
+                if let Input::Command(bytes) = input {
+                    self.on_command(now_ms, bytes);
+                }
+                return;
+            }
+            _ => {}
         }
         self.observe_clock(now_ms);
         match input {

@@ -12,7 +12,7 @@ use otarig_serial::flasher::Target;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Scenario files (default: every scenarios/*.toml).
+    /// Scenario files (default: every scenarios/*.toml and scenarios/attacks/*.toml).
     files: Vec<PathBuf>,
     /// The board's serial port: COM9, /dev/ttyACM0, /dev/ttyUSB0, /dev/pts/N.
     #[arg(long)]
@@ -93,15 +93,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     a.out.finish("otarig hil", &verdicts, 0)
 }
 
-/// Every `scenarios/*.toml` under the current directory, sorted.
+/// Every `scenarios/*.toml` and `scenarios/attacks/*.toml` under the current directory.
 fn every_scenario() -> anyhow::Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir("scenarios")
-        .context("no scenario files given and no scenarios/ directory here")?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    v.sort();
-    Ok(v)
+    otarig_scenario::scenario::files_in(std::path::Path::new("scenarios"))
+        .context("no scenario files given and no scenarios/ directory here")
 }
 
 /// A scenario that could not run on the board is a failure, with why.

@@ -165,7 +165,11 @@ pub(crate) async fn board_task(
                     2_000
                 } else {
                     dev.crash_streak = 0;
-                    match run_boot(i, &mut dev, &sh, &mut stop, &mut ctl).await {
+                    let up = dev.network_up_at(booted.info.version(), sh.clock.now());
+                    // The network coming back is activity to come: the run is not quiet
+                    // before it.
+                    sh.last_activity.fetch_max(up, Ordering::Relaxed);
+                    match run_boot(i, &mut dev, &sh, up, &mut stop, &mut ctl).await {
                         BootEnd::Stop => break,
                         BootEnd::Reboot(after) => after,
                         BootEnd::PowerCut => {
@@ -195,18 +199,20 @@ pub(crate) async fn board_task(
 
 /// One boot of one board: the agent, its MQTT connection and its HTTP requests. Each input
 /// the agent takes and each action it asks for is one step of [`Boot`]; a step that ends the
-/// boot (power cut, reboot, stop) says how.
+/// boot (power cut, reboot, stop) says how. The network is out of reach until `network_up`
+/// (virtual ms).
 async fn run_boot(
     i: u32,
     dev: &mut Dev,
     sh: &Arc<Shared>,
+    network_up: u64,
     stop: &mut watch::Receiver<bool>,
     ctl: &mut mpsc::Receiver<Ctl>,
 ) -> BootEnd {
     let (io_tx, mut io_rx) = mpsc::channel::<Io>(2);
     let (net_tx, mut net_rx) = mpsc::channel::<Net>(64);
     let mut boot = Boot::new(i, dev, sh, io_tx);
-    boot.connect_mqtt(net_tx);
+    boot.connect_mqtt(net_tx, network_up);
     let end = 'boot: {
         if let Err(end) = boot.feed(Input::Boot) {
             break 'boot end;
@@ -294,18 +300,22 @@ impl<'a> Boot<'a> {
         }
     }
 
-    /// The board's MQTT connection, unless its app never reaches the network or the board
-    /// is not provisioned; its events go to `net_tx`.
-    fn connect_mqtt(&mut self, net_tx: mpsc::Sender<Net>) {
+    /// The board's MQTT connection from `up` on (virtual ms; later than now during an
+    /// outage), unless its app never reaches the network or the board is not provisioned;
+    /// its events go to `net_tx`.
+    fn connect_mqtt(&mut self, net_tx: mpsc::Sender<Net>, up: u64) {
         if self.dev.behaviour.network != NetworkBehaviour::Ok || self.sh.offline {
             return;
         }
+        let clock = self.sh.clock;
         let (host, port) = self.sh.broker.clone();
         let mut o = MqttOptions::new(self.dev.id.clone(), host, port);
         o.set_keep_alive(Duration::from_secs(60));
         o.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
         let (client, mut events) = AsyncClient::new(o, 64);
         self.tasks.push(tokio::spawn(async move {
+            // rumqttc connects on the first poll.
+            clock.sleep_until(up).await;
             loop {
                 let net = match events.poll().await {
                     Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => Net::ConnAck,

@@ -506,7 +506,7 @@ async fn inject(
                 }
             }
         }
-        FaultKind::PowerLoss(_) | FaultKind::Server { .. } => {}
+        FaultKind::PowerLoss(_) | FaultKind::Server { .. } | FaultKind::Outage { .. } => {}
     }
     Ok(())
 }

@@ -158,6 +158,18 @@ pub(super) struct FaultDef {
     pub(super) payload: Option<Spanned<PayloadDef>>,
     #[serde(default)]
     pub(super) server: Option<Spanned<ServerFaultDef>>,
+    #[serde(default)]
+    pub(super) outage: Option<Spanned<OutageDef>>,
+}
+
+/// `outage = { on-boot-of = "v2", for = "10m" }`: the board's network (Wi-Fi, broker and
+/// server alike) is down from the first boot of that firmware, for that long.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct OutageDef {
+    pub(super) on_boot_of: String,
+    #[serde(rename = "for")]
+    pub(super) lasts: String,
 }
 
 #[derive(Deserialize, Debug)]

@@ -117,6 +117,19 @@ pub enum FaultKind {
         fault: ServerFault,
         times: Option<u32>,
     },
+    /// The board's network is down for `for_ms` from the first boot of firmware `version`.
+    Outage {
+        version: String,
+        for_ms: u64,
+    },
+}
+
+/// A network outage that begins at the first boot of an image with `version`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outage {
+    pub version: String,
+    pub for_ms: u64,
+    pub begun: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,6 +293,31 @@ pub const KNOWN_HAZARDS: [&str; 1] = [
     "crash-loop",
 ];
 
+/// Subdirectories of a scenario directory that hold more scenarios (`attacks/`: one file per
+/// attack of the README's attack table).
+pub const SUBDIRS: &[&str] = &["attacks"];
+
+/// Every scenario file of a scenario directory: `dir/*.toml`, then each of [`SUBDIRS`]'s,
+/// each group sorted.
+pub fn files_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let list = |d: &Path| -> std::io::Result<Vec<PathBuf>> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(d)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let mut files = list(dir)?;
+    for sub in SUBDIRS {
+        let d = dir.join(sub);
+        if d.is_dir() {
+            files.extend(list(&d)?);
+        }
+    }
+    Ok(files)
+}
+
 impl Scenario {
     /// Run with `n` boards instead of the file's count; percentage selectors follow.
     pub fn set_devices(&mut self, n: u32) {
@@ -309,7 +347,7 @@ impl Scenario {
                 FaultKind::Command { at_ms, .. }
                 | FaultKind::Payload { at_ms, .. }
                 | FaultKind::ForceInstall { at_ms, .. } => t.push((at_ms, Step::Fault(n))),
-                FaultKind::PowerLoss(_) | FaultKind::Server { .. } => {}
+                FaultKind::PowerLoss(_) | FaultKind::Server { .. } | FaultKind::Outage { .. } => {}
             }
         }
         t.sort_by_key(|(at, _)| *at);
@@ -328,6 +366,22 @@ impl Scenario {
             .filter(|f| f.devices.contains(i))
             .filter_map(|f| match f.kind {
                 FaultKind::Server { fault, times } => Some((fault, times)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The network outages planned for board `i`, none begun.
+    pub fn outages_for(&self, i: u32) -> Vec<Outage> {
+        self.faults
+            .iter()
+            .filter(|f| f.devices.contains(i))
+            .filter_map(|f| match &f.kind {
+                FaultKind::Outage { version, for_ms } => Some(Outage {
+                    version: version.clone(),
+                    for_ms: *for_ms,
+                    begun: false,
+                }),
                 _ => None,
             })
             .collect()

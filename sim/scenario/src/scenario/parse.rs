@@ -386,27 +386,39 @@ impl Parser<'_> {
             f.command.is_some(),
             f.payload.is_some(),
             f.server.is_some(),
+            f.outage.is_some(),
         ];
         if given.iter().filter(|g| **g).count() != 1 {
-            return Err(self.cx.file("each [[fault]] needs exactly one of `power-loss`, `force-install`, `command`, `payload` or `server`"));
+            return Err(self.cx.file("each [[fault]] needs exactly one of `power-loss`, `force-install`, `command`, `payload`, `server` or `outage`"));
         }
-        let kind = match (
-            &f.server,
-            &f.command,
-            &f.payload,
-            &f.power_loss,
-            &f.force_install,
-        ) {
-            (Some(sv), ..) => self.server_fault(sv)?,
-            (_, Some(c), ..) => self.command(c)?,
-            (_, _, Some(pd), ..) => self.payload(pd)?,
-            (.., Some(pl), _) => self.power_loss(pl)?,
-            (.., Some(fi)) => self.force_install(fi)?,
-            (None, None, None, None, None) => {
-                return Err(self.cx.file("each [[fault]] needs one kind"))
-            }
+        let kind = if let Some(sv) = &f.server {
+            self.server_fault(sv)?
+        } else if let Some(c) = &f.command {
+            self.command(c)?
+        } else if let Some(pd) = &f.payload {
+            self.payload(pd)?
+        } else if let Some(pl) = &f.power_loss {
+            self.power_loss(pl)?
+        } else if let Some(fi) = &f.force_install {
+            self.force_install(fi)?
+        } else if let Some(o) = &f.outage {
+            self.outage(o)?
+        } else {
+            return Err(self.cx.file("each [[fault]] needs one kind"));
         };
         Ok(Fault { devices, kind })
+    }
+
+    fn outage(&self, o: &Spanned<super::file::OutageDef>) -> Result<FaultKind> {
+        let d = o.get_ref();
+        let fw = self.raw.firmware.get(&d.on_boot_of).ok_or_else(|| {
+            self.cx
+                .span(o, format!("no firmware '{}' in this file", d.on_boot_of))
+        })?;
+        Ok(FaultKind::Outage {
+            version: fw.version.clone(),
+            for_ms: parse_duration(&d.lasts).map_err(|m| self.cx.span(o, m))?,
+        })
     }
 
     fn server_fault(&self, sv: &Spanned<ServerFaultDef>) -> Result<FaultKind> {

@@ -291,6 +291,11 @@ fn event_from_json(kind: &str, v: &Value) -> Option<Event> {
             resumed_from: n32("resumed_from")?,
             delta: v["delta"].as_bool()?,
         },
+        "command-refused" => Event::CommandRefused {
+            id: n("id")?,
+            check: Check::from_name(&s("check")?)?,
+            detail: s("detail")?,
+        },
         "retrying" => Event::Retrying {
             sequence: n("sequence")?,
             version: s("version")?,
@@ -371,6 +376,11 @@ mod tests {
                 size: 1000,
                 resumed_from: 64,
                 delta: true,
+            },
+            Event::CommandRefused {
+                id: 7,
+                check: Check::Replayed,
+                detail: "id 7 is not above 9".into(),
             },
             Event::Retrying {
                 sequence: 2,

@@ -42,6 +42,12 @@ pub enum Check {
     BootPartition,
     /// The image could not be fetched: too many consecutive failed requests.
     Download,
+    /// A command addressed to another device.
+    Device,
+    /// A command whose id is not above the last one acted on (replayed or duplicated).
+    Replayed,
+    /// A retained message on a command topic: commands are never retained.
+    Retained,
 }
 
 impl Check {
@@ -61,10 +67,13 @@ impl Check {
             Check::ImageValidation => "image-validation",
             Check::BootPartition => "boot-partition",
             Check::Download => "download",
+            Check::Device => "device",
+            Check::Replayed => "replayed",
+            Check::Retained => "retained",
         }
     }
 
-    pub const ALL: [Check; 14] = [
+    pub const ALL: [Check; 17] = [
         Check::Malformed,
         Check::Signature,
         Check::DeviceType,
@@ -79,6 +88,9 @@ impl Check {
         Check::ImageValidation,
         Check::BootPartition,
         Check::Download,
+        Check::Device,
+        Check::Replayed,
+        Check::Retained,
     ];
 
     pub fn from_name(name: &str) -> Option<Check> {
@@ -193,6 +205,13 @@ pub enum Event {
     BootSet {
         sequence: u64,
         slot: SlotKind,
+    },
+    /// A command was not acted on: `check` says why (`signature`, `device`, `expired`,
+    /// `replayed`, `retained`). `id` is 0 when the command's body was not trusted.
+    CommandRefused {
+        id: u64,
+        check: Check,
+        detail: String,
     },
     /// An MQTT payload could not be read; it was ignored.
     BadMessage {

@@ -1,8 +1,9 @@
 //! Signed release manifests: the format, and the signature check the board runs on them.
 //!
 //! A manifest travels as a [`SignedManifest`] envelope: the manifest's JSON bytes (base64) plus
-//! a detached signature over exactly those bytes. Signing the bytes rather than a re-serialised
-//! structure means the board never has to canonicalise JSON to check a signature.
+//! a detached signature over exactly those bytes, behind a [`Context`] label. Signing the bytes
+//! rather than a re-serialised structure means the board never has to canonicalise JSON to
+//! check a signature; the label keeps a signature made for one purpose from serving another.
 //!
 //! Two signature schemes are accepted, as ESP32 fleets use both: Ed25519, and RSA-2048
 //! PKCS#1 v1.5 with SHA-256 (the scheme of ESP-IDF's secure boot v2 tooling keys).
@@ -211,18 +212,54 @@ impl EnvelopeError {
     }
 }
 
-/// Parse an envelope and verify its signature against the trusted keys; return the signed
-/// bytes. Used for manifests and for entries of the release log.
-pub fn verify_envelope(bytes: &[u8], keys: &[TrustedKey]) -> Result<Vec<u8>, EnvelopeError> {
+/// What a signature is for. The signed message is the context's label, a NUL byte, then the
+/// body, so a signature made for one purpose never verifies as another under the same key: a
+/// release-log entry cannot pass for a manifest, nor a command for either.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Context {
+    Manifest,
+    LogEntry,
+    Command,
+}
+
+impl Context {
+    pub const fn label(self) -> &'static [u8] {
+        match self {
+            Context::Manifest => b"otarig/manifest/v1",
+            Context::LogEntry => b"otarig/release-log-entry/v1",
+            Context::Command => b"otarig/command/v1",
+        }
+    }
+
+    /// The bytes a signature under this context covers.
+    pub fn message(self, body: &[u8]) -> Vec<u8> {
+        let label = self.label();
+        let mut m = Vec::with_capacity(label.len() + 1 + body.len());
+        m.extend_from_slice(label);
+        m.push(0);
+        m.extend_from_slice(body);
+        m
+    }
+}
+
+/// Parse an envelope and verify its signature, made for `ctx`, against the trusted keys;
+/// return the signed body. Used for manifests, commands and entries of the release log.
+pub fn verify_envelope(
+    bytes: &[u8],
+    keys: &[TrustedKey],
+    ctx: Context,
+) -> Result<Vec<u8>, EnvelopeError> {
     if bytes.len() > MAX_SIGNED_MANIFEST_LEN {
         return Err(EnvelopeError::TooLarge(bytes.len()));
     }
     let env: SignedManifest = serde_json::from_slice(bytes)
         .map_err(|e| EnvelopeError::Malformed(alloc::format!("envelope: {e}")))?;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let body = b64
-        .decode(env.manifest.as_bytes())
-        .map_err(|e| EnvelopeError::Malformed(alloc::format!("manifest is not base64: {e}")))?;
+    // Decoded behind the context label, so the message is built without a second copy.
+    let mut msg = ctx.message(&[]);
+    let prefix = msg.len();
+    b64.decode_vec(env.manifest.as_bytes(), &mut msg)
+        .map_err(|e| EnvelopeError::Malformed(alloc::format!("body is not base64: {e}")))?;
     let sig = b64
         .decode(env.signature.as_bytes())
         .map_err(|e| EnvelopeError::Malformed(alloc::format!("signature is not base64: {e}")))?;
@@ -241,23 +278,24 @@ pub fn verify_envelope(bytes: &[u8], keys: &[TrustedKey]) -> Result<Vec<u8>, Env
     match &key.key {
         PublicKey::Ed25519(vk) => {
             let sig = ed25519_dalek::Signature::from_slice(&sig).map_err(|_| bad())?;
-            vk.verify_strict(&body, &sig).map_err(|_| bad())?;
+            vk.verify_strict(&msg, &sig).map_err(|_| bad())?;
         }
         PublicKey::Rsa(pk) => {
             use rsa::signature::Verifier;
             let vk = rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(pk.clone());
             let sig = rsa::pkcs1v15::Signature::try_from(sig.as_slice()).map_err(|_| bad())?;
-            vk.verify(&body, &sig).map_err(|_| bad())?;
+            vk.verify(&msg, &sig).map_err(|_| bad())?;
         }
     }
-    Ok(body)
+    msg.drain(..prefix);
+    Ok(msg)
 }
 
 /// Parse an envelope and verify its signature against the trusted keys; return the manifest.
 ///
 /// Nothing inside the manifest is looked at before the signature verifies.
 pub fn open(bytes: &[u8], keys: &[TrustedKey]) -> Result<Manifest, EnvelopeError> {
-    let body = verify_envelope(bytes, keys)?;
+    let body = verify_envelope(bytes, keys, Context::Manifest)?;
     let manifest: Manifest = serde_json::from_slice(&body)
         .map_err(|e| EnvelopeError::Malformed(alloc::format!("manifest body: {e}")))?;
     if manifest.format != FORMAT {

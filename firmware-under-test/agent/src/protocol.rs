@@ -5,13 +5,16 @@
 //! | topic | direction | retained | payload |
 //! |---|---|---|---|
 //! | `{prefix}/release/{device_type}/{channel}` | server → boards | yes | [`Announcement`]: `{"v":1,"signed":<signed manifest>}` |
-//! | `{prefix}/device/{device_id}/cmd` | server → board | no | [`Command`]: `{"v":1,"id":"c-17","cmd":"update-now"}` (`update-now`, `reboot`, `report`) |
+//! | `{prefix}/device/{device_id}/cmd` | server → board | no | a signed command: `{"v":1,"signed":<envelope of {"device":"…","id":17,"cmd":"update-now","expires_at":…}>}` (`update-now`, `reboot`, `report`; [`CommandBody`]) |
 //! | `{prefix}/device/{device_id}/status` | board → server | no | an event: `{"v":1,"device":"…","t_ms":…,"kind":"downloading",…}` ([`event_json`]) |
 //! | `{prefix}/device/{device_id}/ack` | board → server | no | an ack: `{"v":1,"device":"…","sequence":7,"version":"2.0.0","outcome":"installed","detail":""}` |
 //! | `{prefix}/device/{device_id}/telemetry` | board → server | no | [`telemetry_json`]: `{"v":1,"device":"…","t_ms":…,"uptime_ms":…,"version":"2.0.0","slot":"ota_1","activity":"downloading","progress":40,"probation":false}` every second by default |
 //!
-//! Commands carry an id; a board ignores an id it has seen recently, so a duplicated or
-//! replayed command does nothing twice.
+//! A command acts only if it is authentic whatever the broker lets through: signed (context
+//! [`Context::Command`]) by a key the board trusts, addressed to this device, unexpired, with
+//! an id above the last one the board acted on (kept in its journal, so a replayed or retained
+//! command never acts twice, across reboots too). The checks after the signature are the
+//! agent's ([`crate::Agent`]); this module reads and writes the payloads.
 
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -19,15 +22,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::event::{Ack, Event, Outcome};
-use crate::manifest::SignedManifest;
+use crate::manifest::{Context, EnvelopeError, SignedManifest, TrustedKey};
 
 /// The payload format version this agent writes and reads.
 pub const VERSION: u32 = 1;
 /// Payloads larger than this are refused before parsing.
 pub const MAX_PAYLOAD: usize = 16 * 1024;
-/// Longest command id a board keeps: it remembers recent ids to act once per command, and
-/// anyone who can publish must not make that memory grow with what they send.
-pub const MAX_COMMAND_ID: usize = 64;
 pub const DEFAULT_PREFIX: &str = "otarig";
 
 pub fn release_topic(prefix: &str, device_type: &str, channel: &str) -> String {
@@ -65,8 +65,6 @@ pub enum PayloadError {
     NotJson(String),
     Version(u32),
     UnknownCommand(String),
-    /// A command id longer than [`MAX_COMMAND_ID`] bytes (its length).
-    IdTooLong(usize),
 }
 
 impl core::fmt::Display for PayloadError {
@@ -79,9 +77,6 @@ impl core::fmt::Display for PayloadError {
             }
             PayloadError::UnknownCommand(c) => {
                 write!(f, "unknown command '{c}' (update-now, reboot, report)")
-            }
-            PayloadError::IdTooLong(n) => {
-                write!(f, "command id of {n} bytes exceeds {MAX_COMMAND_ID}")
             }
         }
     }
@@ -105,19 +100,42 @@ pub enum CommandKind {
     Report,
 }
 
-/// A per-device command.
+/// What a command's signature covers.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandBody {
+    /// The one board this command is for.
+    pub device: String,
+    /// Strictly increasing per board (the server uses its clock in microseconds).
+    pub id: u64,
+    pub cmd: String,
+    /// Unix seconds after which the board refuses it.
+    pub expires_at: u64,
+}
+
+/// A command whose signature verified; the agent checks the rest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Command {
-    pub id: String,
+    pub device: String,
+    pub id: u64,
     pub kind: CommandKind,
+    pub expires_at: u64,
+}
+
+/// Why a command was not taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandError {
+    /// Not a command payload at all (a `bad-message`).
+    Payload(PayloadError),
+    /// The signature did not verify, or the key is not trusted.
+    Envelope(EnvelopeError),
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CommandWire {
     v: u32,
-    id: String,
-    cmd: String,
+    signed: SignedManifest,
 }
 
 fn check_len(bytes: &[u8]) -> Result<(), PayloadError> {
@@ -150,36 +168,54 @@ pub fn announcement(signed_manifest: &[u8]) -> Result<String, PayloadError> {
     Ok(json!({"v": VERSION, "signed": signed}).to_string())
 }
 
-pub fn parse_command(bytes: &[u8]) -> Result<Command, PayloadError> {
-    check_len(bytes)?;
-    let w: CommandWire =
-        serde_json::from_slice(bytes).map_err(|e| PayloadError::NotJson(e.to_string()))?;
+/// Read a command payload and verify its signature; nothing in the body is looked at first.
+pub fn parse_command(bytes: &[u8], keys: &[TrustedKey]) -> Result<Command, CommandError> {
+    check_len(bytes).map_err(CommandError::Payload)?;
+    let w: CommandWire = serde_json::from_slice(bytes)
+        .map_err(|e| CommandError::Payload(PayloadError::NotJson(e.to_string())))?;
     if w.v != VERSION {
-        return Err(PayloadError::Version(w.v));
+        return Err(CommandError::Payload(PayloadError::Version(w.v)));
     }
-    if w.id.len() > MAX_COMMAND_ID {
-        return Err(PayloadError::IdTooLong(w.id.len()));
-    }
-    let kind = match w.cmd.as_str() {
+    let env = serde_json::to_vec(&w.signed).unwrap_or_default();
+    let body = crate::manifest::verify_envelope(&env, keys, Context::Command)
+        .map_err(CommandError::Envelope)?;
+    let b: CommandBody = serde_json::from_slice(&body)
+        .map_err(|e| CommandError::Payload(PayloadError::NotJson(e.to_string())))?;
+    let kind = match b.cmd.as_str() {
         "update-now" => CommandKind::UpdateNow,
         "reboot" => CommandKind::Reboot,
         "report" => CommandKind::Report,
         // The name goes into an event: a long one is cut, not echoed whole.
         other => {
             let cut = other.char_indices().nth(32).map_or(other.len(), |(i, _)| i);
-            return Err(PayloadError::UnknownCommand(other[..cut].to_string()));
+            return Err(CommandError::Payload(PayloadError::UnknownCommand(
+                other[..cut].to_string(),
+            )));
         }
     };
-    Ok(Command { id: w.id, kind })
+    Ok(Command {
+        device: b.device,
+        id: b.id,
+        kind,
+        expires_at: b.expires_at,
+    })
 }
 
-pub fn command(id: &str, kind: CommandKind) -> String {
-    let cmd = match kind {
-        CommandKind::UpdateNow => "update-now",
-        CommandKind::Reboot => "reboot",
-        CommandKind::Report => "report",
-    };
-    json!({"v": VERSION, "id": id, "cmd": cmd}).to_string()
+impl CommandKind {
+    pub const fn name(self) -> &'static str {
+        match self {
+            CommandKind::UpdateNow => "update-now",
+            CommandKind::Reboot => "reboot",
+            CommandKind::Report => "report",
+        }
+    }
+}
+
+/// Wrap a signed command body (its envelope's JSON bytes) into a command payload.
+pub fn command_payload(signed_body: &[u8]) -> Result<String, PayloadError> {
+    let signed: SignedManifest =
+        serde_json::from_slice(signed_body).map_err(|e| PayloadError::NotJson(e.to_string()))?;
+    Ok(json!({"v": VERSION, "signed": signed}).to_string())
 }
 
 fn outcome_detail(o: &Outcome) -> String {
@@ -270,6 +306,9 @@ pub fn event_json(device: &str, t_ms: u64, e: &Event) -> Value {
         Event::StorageError { during, error } => {
             json!({"kind": "storage-error", "during": during, "error": error})
         }
+        Event::CommandRefused { id, check, detail } => {
+            json!({"kind": "command-refused", "id": id, "check": check.name(), "detail": detail})
+        }
         Event::BadMessage { topic, reason } => {
             json!({"kind": "bad-message", "topic": topic, "reason": reason})
         }
@@ -299,45 +338,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn commands_round_trip_and_bad_ones_say_why() {
-        let c = parse_command(command("c-1", CommandKind::Reboot).as_bytes()).unwrap();
-        assert_eq!(
-            c,
-            Command {
-                id: "c-1".into(),
-                kind: CommandKind::Reboot
-            }
-        );
+    fn bad_command_payloads_say_why() {
+        let keys = &[];
+        let payload = |b: &[u8]| match parse_command(b, keys) {
+            Err(CommandError::Payload(e)) => Some(e),
+            _ => None,
+        };
+        assert!(matches!(payload(b"{nope"), Some(PayloadError::NotJson(_))));
+        // The unsigned form of the first protocol is refused, not obeyed.
         assert!(matches!(
-            parse_command(b"{nope"),
-            Err(PayloadError::NotJson(_))
+            payload(br#"{"v":1,"id":"a","cmd":"reboot"}"#),
+            Some(PayloadError::NotJson(_))
         ));
-        assert_eq!(
-            parse_command(br#"{"v":2,"id":"a","cmd":"reboot"}"#),
-            Err(PayloadError::Version(2))
-        );
-        assert_eq!(
-            parse_command(br#"{"v":1,"id":"a","cmd":"format-flash"}"#),
-            Err(PayloadError::UnknownCommand("format-flash".into()))
-        );
-        let long_id = alloc::format!(r#"{{"v":1,"id":"{}","cmd":"reboot"}}"#, "i".repeat(15_000));
-        assert_eq!(
-            parse_command(long_id.as_bytes()),
-            Err(PayloadError::IdTooLong(15_000))
-        );
-        let id = "i".repeat(MAX_COMMAND_ID);
-        let ok = alloc::format!(r#"{{"v":1,"id":"{id}","cmd":"reboot"}}"#);
-        assert_eq!(parse_command(ok.as_bytes()).map(|c| c.id), Ok(id));
-        let long_cmd = alloc::format!(r#"{{"v":1,"id":"a","cmd":"{}"}}"#, "é".repeat(5_000));
-        assert_eq!(
-            parse_command(long_cmd.as_bytes()),
-            Err(PayloadError::UnknownCommand("é".repeat(32)))
-        );
+        let signed = r#"{"manifest":"e30=","key_id":"k","alg":"ed25519","signature":"AA=="}"#;
+        let future = alloc::format!(r#"{{"v":2,"signed":{signed}}}"#);
+        assert_eq!(payload(future.as_bytes()), Some(PayloadError::Version(2)));
+        let unknown_key = alloc::format!(r#"{{"v":1,"signed":{signed}}}"#);
+        assert!(matches!(
+            parse_command(unknown_key.as_bytes(), keys),
+            Err(CommandError::Envelope(EnvelopeError::UnknownKey(_)))
+        ));
         let big = alloc::vec![b' '; MAX_PAYLOAD + 1];
-        assert_eq!(
-            parse_command(&big),
-            Err(PayloadError::TooLarge(MAX_PAYLOAD + 1))
-        );
+        assert_eq!(payload(&big), Some(PayloadError::TooLarge(MAX_PAYLOAD + 1)));
     }
 
     #[test]

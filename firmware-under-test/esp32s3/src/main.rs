@@ -328,10 +328,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                     // SAFETY: no arguments; does not return.
                     unsafe { idf::sys::esp_restart() };
                 }
-                Some(Ok(HostCommand::Report)) => {
-                    let cmd = protocol::command("console", protocol::CommandKind::Report);
-                    agent.handle(&mut board, t, Input::Command(cmd.as_bytes()));
-                }
+                // Read-only, from the console (physical access): no signed command needed.
+                Some(Ok(HostCommand::Report)) => agent.report_status(),
                 // SAFETY: no arguments; does not return.
                 Some(Ok(HostCommand::Reboot)) => unsafe { idf::sys::esp_restart() },
             },
@@ -351,7 +349,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             }
             Some(Msg::Publish(topic, data)) => {
                 let input = if topic.ends_with("/cmd") {
-                    Input::Command(&data)
+                    // embedded-svc's `EventPayload::Received` does not carry the retain flag;
+                    // a retained command redelivered at a reconnection is still refused, as
+                    // `replayed`, by its id.
+                    Input::Command {
+                        payload: &data,
+                        retained: false,
+                    }
                 } else {
                     Input::Announcement(&data)
                 };

@@ -13,10 +13,15 @@ use std::sync::OnceLock;
 use otarig_agent::delta::{Applier, Resume, Sink, SinkError};
 use otarig_agent::{PublicKey, TrustedKey};
 
+/// The key the targets trust; [`signed`] signs with its private half.
+fn signing_key() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[7; 32])
+}
+
 fn keys() -> &'static [TrustedKey] {
     static KEYS: OnceLock<Vec<TrustedKey>> = OnceLock::new();
     KEYS.get_or_init(|| {
-        let sk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let sk = signing_key();
         let key = PublicKey::ed25519(&sk.verifying_key().to_bytes()).map(|key| TrustedKey {
             id: "fuzz".into(),
             key,
@@ -113,7 +118,34 @@ pub fn mqtt_payloads(data: &[u8]) {
             keys(),
         );
     }
-    let _ = otarig_agent::protocol::parse_command(data);
+    let _ = otarig_agent::protocol::parse_command(data, keys());
+}
+
+/// `body` in a valid envelope signed for `ctx` by the trusted key.
+fn signed(ctx: otarig_agent::manifest::Context, body: &[u8]) -> Vec<u8> {
+    use ed25519_dalek::Signer;
+    let sig = signing_key().sign(&ctx.message(body)).to_bytes();
+    let env =
+        otarig_agent::manifest::envelope(body, "fuzz", otarig_agent::manifest::Alg::Ed25519, &sig);
+    serde_json::to_vec(&env).unwrap_or_default()
+}
+
+/// Bodies behind a valid signature: what a holder of a release or operator key could send,
+/// past the check that stops everyone else. A manifest body, then a command body; and the
+/// same signed bytes under the wrong context must not verify.
+pub fn signed_bodies(data: &[u8]) {
+    use otarig_agent::manifest::Context;
+    let manifest = signed(Context::Manifest, data);
+    let _ = otarig_agent::manifest::open(&manifest, keys());
+    let cmd = signed(Context::Command, data);
+    if let Ok(payload) = otarig_agent::protocol::command_payload(&cmd) {
+        let _ = otarig_agent::protocol::parse_command(payload.as_bytes(), keys());
+    }
+    let crossed = otarig_agent::manifest::verify_envelope(&cmd, keys(), Context::Manifest);
+    assert!(
+        crossed.is_err() || data.len() > otarig_agent::manifest::MAX_SIGNED_MANIFEST_LEN,
+        "a command signature verified as a manifest"
+    );
 }
 
 /// A serial line in both directions (console protocol), and the same bytes as ROM loader

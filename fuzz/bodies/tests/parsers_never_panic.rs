@@ -52,6 +52,7 @@ proptest! {
         fuzzing::bsdiff40(&data);
         fuzzing::mqtt_payloads(&data);
         fuzzing::serial(&data);
+        fuzzing::signed_bodies(&data);
     }
 
     #[test]

@@ -135,12 +135,12 @@ impl Player<'_> {
                     .await?;
             }
             Step::Fault(n) => match &self.s.faults[*n].kind {
-                FaultKind::Command { cmd, repeat, .. } => {
-                    let payload = protocol::command(&format!("c-{n}"), *cmd);
-                    for _ in 0..*repeat {
+                FaultKind::Command(c) => {
+                    let payload = c.payload(*n, &id)?;
+                    for _ in 0..c.repeat {
                         let topic = protocol::device_topic(PREFIX, &id, Leaf::Cmd);
                         self.control
-                            .publish(topic, QoS::AtLeastOnce, false, payload.clone())
+                            .publish(topic, QoS::AtLeastOnce, c.retained, payload.clone())
                             .await?;
                     }
                 }

@@ -75,9 +75,9 @@ fn distil<'a>(records: impl IntoIterator<Item = &'a Record>) -> Seen {
                 }
                 s.acks.push((ack.outcome.name().to_string(), detail));
             }
-            What::Agent(Event::Refused { check, detail, .. }) => {
-                s.refusals.push((check.name().to_string(), detail.clone()))
-            }
+            What::Agent(
+                Event::Refused { check, detail, .. } | Event::CommandRefused { check, detail, .. },
+            ) => s.refusals.push((check.name().to_string(), detail.clone())),
             What::Agent(Event::RollingBack { reason, .. }) => {
                 s.rolled_back = true;
                 s.failures.push(reason.clone());
@@ -354,11 +354,7 @@ pub fn falsified(c: &Check) -> Check {
         } else {
             "installed".into()
         }),
-        Check::Refused(c) => Check::Refused(if c == "signature" {
-            "device-type".into()
-        } else {
-            "signature".into()
-        }),
+        Check::Refused(c) => Check::Refused(format!("{c}-never")),
         Check::BootloaderRejected(r) => Check::BootloaderRejected(format!("{r}-never")),
         Check::RolledBack(b) => Check::RolledBack(!b),
         Check::MaxFetchRatio(r) => Check::MaxFetchRatio(r / 100.0),

@@ -151,8 +151,11 @@ enum Ev {
     Manifest(Arc<Vec<u8>>),
     /// A payload on the release topic (retained announcement).
     Announcement(Arc<Vec<u8>>),
-    /// A payload on the board's command topic.
-    Command(Arc<Vec<u8>>),
+    /// A payload on the board's command topic; `retained` as the broker flags it.
+    Command {
+        payload: Arc<Vec<u8>>,
+        retained: bool,
+    },
     Body {
         offset: u32,
         data: Vec<u8>,
@@ -192,6 +195,8 @@ pub struct Dev {
     /// Network outages planned for this board, and when the current one ends (virtual ms).
     pub outages: Vec<crate::scenario::Outage>,
     pub network_down_until: u64,
+    /// The retained message on this board's command topic, if any.
+    pub retained_cmd: Option<Arc<Vec<u8>>>,
 }
 
 impl Dev {
@@ -508,12 +513,18 @@ pub fn run_prepared(
     for (n, f) in s.faults.iter().enumerate() {
         let targets = (0..s.devices).filter(|i| f.devices.contains(*i));
         match &f.kind {
-            FaultKind::Command { cmd, at_ms, repeat } => {
-                let payload =
-                    Arc::new(otarig_agent::protocol::command(&format!("c-{n}"), *cmd).into_bytes());
+            FaultKind::Command(c) => {
                 for i in targets {
-                    for k in 0..*repeat as u64 {
-                        world.schedule(i as usize, at_ms + k * 10, Ev::Command(payload.clone()));
+                    let payload = Arc::new(c.payload(n, &s.device_id(i))?);
+                    if c.retained {
+                        world.devs[i as usize].retained_cmd = Some(payload.clone());
+                    }
+                    for k in 0..c.repeat as u64 {
+                        let ev = Ev::Command {
+                            payload: payload.clone(),
+                            retained: false,
+                        };
+                        world.schedule(i as usize, c.at_ms + k * 10, ev);
                     }
                 }
                 continue;
@@ -522,7 +533,10 @@ pub fn run_prepared(
                 let payload = Arc::new(text.clone().into_bytes());
                 for i in targets {
                     let ev = match topic {
-                        crate::scenario::PayloadTopic::Cmd => Ev::Command(payload.clone()),
+                        crate::scenario::PayloadTopic::Cmd => Ev::Command {
+                            payload: payload.clone(),
+                            retained: false,
+                        },
                         crate::scenario::PayloadTopic::Release => Ev::Announcement(payload.clone()),
                     };
                     world.schedule(i as usize, *at_ms, ev);
@@ -549,7 +563,7 @@ pub fn run_prepared(
             break;
         }
         world.now = t;
-        let broker_delivery = matches!(ev, Ev::Command(_));
+        let broker_delivery = matches!(ev, Ev::Command { .. });
         if d != usize::MAX && world.devs[d].epoch != epoch && !broker_delivery {
             continue; // addressed to a boot that has since ended
         }
@@ -632,6 +646,7 @@ impl Dev {
             server_faults: Vec::new(),
             outages: Vec::new(),
             network_down_until: 0,
+            retained_cmd: None,
         }
     }
 }
@@ -750,10 +765,28 @@ impl World {
                 };
                 self.feed(d, Input::SelfTestDone { passed, detail })
             }
-            Ev::Online => self.feed(d, Input::Online),
+            Ev::Online => {
+                self.feed(d, Input::Online);
+                // A retained message comes with every new subscription, flagged retained.
+                if let Some(payload) = self.devs[d].retained_cmd.clone() {
+                    self.feed(
+                        d,
+                        Input::Command {
+                            payload: &payload,
+                            retained: true,
+                        },
+                    );
+                }
+            }
             Ev::Manifest(bytes) => self.feed(d, Input::Manifest(&bytes)),
             Ev::Announcement(bytes) => self.feed(d, Input::Announcement(&bytes)),
-            Ev::Command(bytes) => self.feed(d, Input::Command(&bytes)),
+            Ev::Command { payload, retained } => self.feed(
+                d,
+                Input::Command {
+                    payload: &payload,
+                    retained,
+                },
+            ),
             Ev::Body { offset, data } => self.feed(
                 d,
                 Input::Body {

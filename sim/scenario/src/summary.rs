@@ -34,7 +34,7 @@ pub fn render(run: &Run, failures: &[Failure]) -> String {
     let mut cuts = 0;
     for r in &run.records {
         match &r.what {
-            What::Agent(Event::Refused { check, .. }) => {
+            What::Agent(Event::Refused { check, .. } | Event::CommandRefused { check, .. }) => {
                 *refusals.entry(check.name().to_string()).or_default() += 1
             }
             What::Agent(Event::RollingBack { .. })

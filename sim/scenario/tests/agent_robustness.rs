@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use otarig_agent::manifest::{DeltaRef, Manifest};
+use otarig_agent::protocol::CommandKind;
 use otarig_agent::{
-    Action, Agent, Config, EspError, EspResult, Input, OtaImgState, Platform, Slot, SlotKind,
+    Action, Agent, Config, EspError, EspResult, Event, Input, OtaImgState, Platform, Slot, SlotKind,
 };
 use otarig_esp32s3::appimage::{self, AppSpec};
 use otarig_esp32s3::board::{Board, BoardEvent, BootConfig, BootOutcome};
@@ -167,7 +168,10 @@ impl Rig {
             }
             Step::GarbageManifest(b) => self.feed(Input::Manifest(b)),
             Step::Announcement(b) => self.feed(Input::Announcement(b)),
-            Step::Command(b) => self.feed(Input::Command(b)),
+            Step::Command(b) => self.feed(Input::Command {
+                payload: b,
+                retained: false,
+            }),
             Step::Body { offset, len, flip } => {
                 let start = (*offset as usize).min(self.v2.len());
                 let end = (start + *len as usize).min(self.v2.len());
@@ -447,12 +451,88 @@ fn a_halted_agent_still_reboots_on_command() {
             .any(|a| matches!(a, Action::Report(otarig_agent::Event::StorageError { .. }))),
         "the journal write failed, so the agent halts: {actions:?}"
     );
-    let reboot =
-        otarig_agent::protocol::command("op-1", otarig_agent::protocol::CommandKind::Reboot);
-    rig.agent
-        .handle(&mut worn, NOW + 300, Input::Command(reboot.as_bytes()));
+    let reboot = signed_reboot("robust-0", NOW + 300);
+    let cmd = Input::Command {
+        payload: &reboot,
+        retained: false,
+    };
+    rig.agent.handle(&mut worn, NOW + 300, cmd);
     let after: Vec<Action> = std::iter::from_fn(|| rig.agent.poll_action()).collect();
     assert_eq!(after, vec![Action::Reboot]);
+}
+
+/// A `reboot` for `device`, sent at `at` by the operator key, valid for a minute.
+fn signed_reboot(device: &str, at: u64) -> Vec<u8> {
+    let key = NamedKey::load(&fixture_dir(), "ed25519-test").unwrap();
+    otarig_scenario::scenario::signed_command(&key, device, CommandKind::Reboot, (at, 1), 60_000)
+}
+
+/// What the agent did with one command payload: rebooted, or refused it by this check.
+fn command_outcome(rig: &mut Rig, payload: &[u8], retained: bool) -> Result<(), String> {
+    rig.agent.handle(
+        &mut rig.board,
+        rig.now,
+        Input::Command { payload, retained },
+    );
+    let actions: Vec<Action> = std::iter::from_fn(|| rig.agent.poll_action()).collect();
+    if actions.contains(&Action::Reboot) {
+        return Ok(());
+    }
+    match actions.iter().find_map(|a| match a {
+        Action::Report(Event::CommandRefused { check, .. }) => Some(check.name()),
+        _ => None,
+    }) {
+        Some(check) => Err(check.to_string()),
+        None => Err(format!("neither rebooted nor refused: {actions:?}")),
+    }
+}
+
+/// Only an authentic command acts: signed by a trusted key, for this device, unexpired, never
+/// seen before (also after a reboot: the last id is in the journal), not retained. Any client
+/// of the broker could reboot any board before.
+#[test]
+fn only_authentic_commands_act() {
+    let mut rig = Rig::new();
+    let good = signed_reboot("robust-0", rig.now);
+    let rogue = {
+        let key = NamedKey::load(&fixture_dir(), "ed25519-rogue").unwrap();
+        otarig_scenario::scenario::signed_command(
+            &key,
+            "robust-0",
+            CommandKind::Reboot,
+            (rig.now, 2),
+            60_000,
+        )
+    };
+    let forged = br#"{"v":1,"id":"x","cmd":"reboot"}"#;
+    let elsewhere = signed_reboot("robust-1", rig.now + 1);
+    let expired = signed_reboot("robust-0", rig.now - 120_000);
+    assert_eq!(
+        command_outcome(&mut rig, &rogue, false),
+        Err("signature".into())
+    );
+    assert!(command_outcome(&mut rig, forged, false).is_err());
+    assert_eq!(
+        command_outcome(&mut rig, &elsewhere, false),
+        Err("device".into())
+    );
+    assert_eq!(
+        command_outcome(&mut rig, &expired, false),
+        Err("expired".into())
+    );
+    assert_eq!(
+        command_outcome(&mut rig, &good, true),
+        Err("retained".into())
+    );
+    assert_eq!(command_outcome(&mut rig, &good, false), Ok(()));
+    let now = rig.now + 5_000;
+    rig.restart_at(now);
+    assert_eq!(
+        command_outcome(&mut rig, &good, false),
+        Err("replayed".into())
+    );
+    let later = signed_reboot("robust-0", now);
+    assert_eq!(command_outcome(&mut rig, &later, false), Ok(()));
 }
 
 proptest! {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use ed25519_dalek::pkcs8::EncodePrivateKey;
 use otarig_agent::manifest::{self, Alg, Manifest};
+use otarig_agent::protocol::{self, CommandBody};
 use otarig_agent::{PublicKey, TrustedKey};
 use rsa::pkcs1::EncodeRsaPublicKey;
 use rsa::pkcs8::LineEnding;
@@ -131,15 +132,27 @@ impl NamedKey {
         }
     }
 
-    /// Sign `body` into an envelope (the JSON bytes that are published or logged).
-    pub fn sign_envelope(&self, body: &[u8]) -> Vec<u8> {
-        let sig = self.sign(body);
+    /// Sign `body` for `ctx` into an envelope (the JSON bytes that are published or logged).
+    pub fn sign_envelope(&self, ctx: manifest::Context, body: &[u8]) -> Vec<u8> {
+        let sig = self.sign(&ctx.message(body));
         let env = manifest::envelope(body, &self.id, self.alg(), &sig);
         serde_json::to_vec(&env).unwrap_or_default()
     }
 
     /// Sign a manifest: the envelope's JSON bytes, as published.
     pub fn sign_manifest(&self, m: &Manifest) -> Vec<u8> {
-        self.sign_envelope(&serde_json::to_vec(m).unwrap_or_default())
+        self.sign_envelope(
+            manifest::Context::Manifest,
+            &serde_json::to_vec(m).unwrap_or_default(),
+        )
+    }
+
+    /// Sign a command: the payload for the board's `cmd` topic.
+    pub fn sign_command(&self, body: &CommandBody) -> String {
+        let env = self.sign_envelope(
+            manifest::Context::Command,
+            &serde_json::to_vec(body).unwrap_or_default(),
+        );
+        protocol::command_payload(&env).unwrap_or_default()
     }
 }

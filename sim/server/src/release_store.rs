@@ -301,7 +301,7 @@ impl ReleaseStore {
             manifest_sha256: hex::encode(sha256(&signed)),
             deltas_from: m.deltas.iter().map(|d| d.from_sha256.clone()).collect(),
         };
-        let line = key.sign_envelope(&serde_json::to_vec(&entry)?);
+        let line = key.sign_envelope(manifest::Context::LogEntry, &serde_json::to_vec(&entry)?);
         // Log first: a release that is served is always in the log.
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -321,7 +321,7 @@ impl ReleaseStore {
         let mut out = Vec::new();
         for (i, line) in self.log_lines()?.iter().enumerate() {
             let n = i + 1;
-            let body = manifest::verify_envelope(line, keys)
+            let body = manifest::verify_envelope(line, keys, manifest::Context::LogEntry)
                 .map_err(|e| anyhow::anyhow!("releases.log line {n}: {e}"))?;
             let entry: LogEntry = serde_json::from_slice(&body)
                 .with_context(|| format!("releases.log line {n}: not a log entry"))?;

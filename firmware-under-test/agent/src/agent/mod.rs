@@ -113,8 +113,11 @@ pub enum Input<'a> {
     Manifest(&'a [u8]),
     /// A payload on the release topic (a retained announcement, [`crate::protocol`]).
     Announcement(&'a [u8]),
-    /// A payload on this board's command topic.
-    Command(&'a [u8]),
+    /// A payload on this board's command topic; `retained` as the broker flagged it.
+    Command {
+        payload: &'a [u8],
+        retained: bool,
+    },
     /// Bytes of the image at `offset`, part of the answer to the last [`Action::Fetch`].
     Body {
         offset: u32,
@@ -251,8 +254,6 @@ pub struct Agent {
     /// Refusals already reported since boot, so a retained announcement re-read every poll
     /// is reported once.
     reported: Vec<(u64, Check)>,
-    /// Ids of recent commands, so a duplicated or replayed command acts once.
-    seen_commands: VecDeque<String>,
     out: VecDeque<Action>,
     /// The wall-clock time of the last input, to see the clock get set.
     last_now: Option<u64>,
@@ -269,7 +270,6 @@ impl Agent {
             timers: Timers::default(),
             last_wake: None,
             reported: Vec::new(),
-            seen_commands: VecDeque::new(),
             out: VecDeque::new(),
             last_now: None,
         }
@@ -331,8 +331,8 @@ impl Agent {
             // A storage error stopped updating, not the board: a command (`reboot`, `report`)
             // is still the operator's way to reach it.
             State::Halted => {
-                if let Input::Command(bytes) = input {
-                    self.on_command(now_ms, bytes);
+                if let Input::Command { payload, retained } = input {
+                    self.on_command(p, now_ms, payload, retained);
                 }
                 return;
             }
@@ -355,7 +355,7 @@ impl Agent {
                     reason: e.to_string(),
                 }),
             },
-            Input::Command(bytes) => self.on_command(now_ms, bytes),
+            Input::Command { payload, retained } => self.on_command(p, now_ms, payload, retained),
             Input::Body { offset, data } => self.on_body(p, offset, data),
             Input::BodyEnd => self.on_body_end(p, now_ms),
             Input::FetchFailed { reason } => self.on_fetch_failed(p, now_ms, reason),

@@ -121,7 +121,8 @@ pub(crate) enum Ctl {
 /// What a board's MQTT connection delivers to its task.
 enum Net {
     ConnAck,
-    Publish(String, Vec<u8>),
+    /// Topic, payload, and whether the broker flagged it retained.
+    Publish(String, Vec<u8>, bool),
 }
 
 /// How one boot of a board ended.
@@ -320,7 +321,7 @@ impl<'a> Boot<'a> {
                 let net = match events.poll().await {
                     Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => Net::ConnAck,
                     Ok(rumqttc::Event::Incoming(Packet::Publish(p))) => {
-                        Net::Publish(p.topic, p.payload.to_vec())
+                        Net::Publish(p.topic, p.payload.to_vec(), p.retain)
                     }
                     Ok(_) => continue,
                     Err(_) => {
@@ -471,10 +472,13 @@ impl<'a> Boot<'a> {
                 }
                 self.feed(Input::Online)
             }
-            Net::Publish(topic, payload) if topic.ends_with("/cmd") => {
-                self.feed(Input::Command(&payload))
+            Net::Publish(topic, payload, retained) if topic.ends_with("/cmd") => {
+                self.feed(Input::Command {
+                    payload: &payload,
+                    retained,
+                })
             }
-            Net::Publish(_, payload) => self.feed(Input::Announcement(&payload)),
+            Net::Publish(_, payload, _) => self.feed(Input::Announcement(&payload)),
         }
     }
 
@@ -537,9 +541,11 @@ impl<'a> Boot<'a> {
     fn on_control(&mut self, c: Ctl) -> Step {
         match c {
             Ctl::Report => {
-                let id = format!("console-{}", self.sh.clock.now());
-                let cmd = protocol::command(&id, protocol::CommandKind::Report);
-                self.feed(Input::Command(cmd.as_bytes()))
+                // Read-only and from the console (physical access): no signed command needed.
+                self.agent.report_status();
+                self.pending
+                    .extend(std::iter::from_fn(|| self.agent.poll_action()));
+                Ok(())
             }
             Ctl::Force(image) => {
                 if let Some(slot) = otarig_agent::Platform::next_update_slot(&self.dev.board) {

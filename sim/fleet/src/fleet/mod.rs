@@ -35,7 +35,7 @@ use board::Clock;
 use otarig_scenario::runner::{
     self, new_device, prepare, report, Dev, Prepared, Run, RunOptions, SignedRelease, What,
 };
-use otarig_scenario::scenario::{FaultKind, PayloadTopic, Scenario, Step};
+use otarig_scenario::scenario::{CommandFault, FaultKind, PayloadTopic, Scenario, Step};
 use rollout::{announce, run_rollout, RolloutCtx};
 use setup::{broker_address, FirmwareServer};
 
@@ -296,21 +296,21 @@ impl Operator {
         Ok(Operator { client, task })
     }
 
-    /// A command (`repeat` times) to each target board.
+    /// Fault `n`'s command (`repeat` times) to each target board.
     async fn command(
         &self,
         s: &Scenario,
         n: usize,
         targets: &[u32],
-        cmd: protocol::CommandKind,
-        repeat: u32,
+        c: &CommandFault,
     ) -> anyhow::Result<()> {
-        let payload = protocol::command(&format!("c-{n}"), cmd);
         for i in targets {
-            let topic = protocol::device_topic(PREFIX, &s.device_id(*i), Leaf::Cmd);
-            for _ in 0..repeat {
+            let device = s.device_id(*i);
+            let payload = c.payload(n, &device)?;
+            let topic = protocol::device_topic(PREFIX, &device, Leaf::Cmd);
+            for _ in 0..c.repeat {
                 self.client
-                    .publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                    .publish(topic.clone(), QoS::AtLeastOnce, c.retained, payload.clone())
                     .await?;
             }
         }
@@ -475,6 +475,10 @@ fn start_rollout(
         offers: server.offers.clone(),
         store: store.clone(),
         control: operator.client.clone(),
+        operator: Arc::new(otarig_server::keys::NamedKey::load(
+            &otarig_server::keys::fixture_dir(),
+            otarig_scenario::scenario::OPERATOR_KEY,
+        )?),
     };
     let rollout = otarig_server::rollout::Rollout::new(plan, eligible);
     Ok(tokio::spawn(run_rollout(shared.clone(), rollout, cx)))
@@ -491,9 +495,7 @@ async fn inject(
     let f = &s.faults[n];
     let targets: Vec<u32> = (0..s.devices).filter(|i| f.devices.contains(*i)).collect();
     match &f.kind {
-        FaultKind::Command { cmd, repeat, .. } => {
-            operator.command(s, n, &targets, *cmd, *repeat).await?
-        }
+        FaultKind::Command(c) => operator.command(s, n, &targets, c).await?,
         FaultKind::Payload { topic, text, .. } => {
             operator
                 .payload(s, &targets, *topic, text.as_bytes())

@@ -35,6 +35,8 @@ pub(super) struct RolloutCtx {
     pub(super) offers: Arc<otarig_server::server::Offers>,
     pub(super) store: Arc<ReleaseStore>,
     pub(super) control: AsyncClient,
+    /// Signs the `update-now` commands.
+    pub(super) operator: Arc<otarig_server::keys::NamedKey>,
 }
 
 /// Drive one staged rollout: offer each wave to its boards (and tell them to look now), judge
@@ -62,9 +64,13 @@ pub(super) async fn run_rollout(
         );
         for b in &wave {
             cx.offers.offer(&id(*b), cx.signed.clone());
-            let cmd = protocol::command(
-                &format!("rollout-{seq}-{}", r.wave()),
+            let issued_ms = otarig_scenario::runner::EPOCH_MS + sh.clock.now();
+            let cmd = otarig_scenario::scenario::signed_command(
+                &cx.operator,
+                &id(*b),
                 protocol::CommandKind::UpdateNow,
+                (issued_ms, otarig_scenario::scenario::ROLLOUT_SOURCE),
+                r.plan().interval_ms as i64,
             );
             cx.control
                 .publish(

@@ -197,6 +197,18 @@ pub(super) struct CommandDef {
     pub(super) at: String,
     #[serde(default)]
     pub(super) repeat: Option<u32>,
+    /// Key id in fixtures/keys (default: the operator key, ed25519-test).
+    #[serde(default)]
+    pub(super) signed_by: Option<Spanned<String>>,
+    /// Address the command to this device id instead of the board it is sent to.
+    #[serde(default)]
+    pub(super) device: Option<String>,
+    /// Published retained: brokers deliver it again at every subscription.
+    #[serde(default)]
+    pub(super) retained: bool,
+    /// "-1m" makes an expired command (default 5m).
+    #[serde(default)]
+    pub(super) expires_in: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Debug)]

@@ -100,12 +100,8 @@ pub enum FaultKind {
         firmware: String,
         at_ms: u64,
     },
-    /// A command sent `repeat` times with the same id (a duplicated or replayed command).
-    Command {
-        cmd: otarig_agent::protocol::CommandKind,
-        at_ms: u64,
-        repeat: u32,
-    },
+    /// A signed command, sent `repeat` times with the same id.
+    Command(CommandFault),
     /// Raw bytes on a board's `cmd` topic or the `release` topic.
     Payload {
         topic: PayloadTopic,
@@ -123,6 +119,68 @@ pub enum FaultKind {
         for_ms: u64,
     },
 }
+
+/// The key that signs the fleet's commands unless a scenario says otherwise.
+pub const OPERATOR_KEY: &str = "ed25519-test";
+
+/// A command the server sends to the selected boards at `at_ms`, `repeat` times with the same
+/// id (a duplicated or replayed command).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandFault {
+    pub cmd: otarig_agent::protocol::CommandKind,
+    pub at_ms: u64,
+    pub repeat: u32,
+    /// Key id in fixtures/keys.
+    pub signed_by: String,
+    /// Addressed to this device id instead of each target's own.
+    pub device: Option<String>,
+    /// Published retained (redelivered at every subscription, flagged retained).
+    pub retained: bool,
+    /// Expiry after `at_ms` (negative: already expired).
+    pub expires_in_ms: i64,
+}
+
+impl CommandFault {
+    /// The payload for board `device_id`, from fault number `n`.
+    pub fn payload(&self, n: usize, device_id: &str) -> anyhow::Result<Vec<u8>> {
+        let key = otarig_server::keys::NamedKey::load(
+            &otarig_server::keys::fixture_dir(),
+            &self.signed_by,
+        )?;
+        let device = self.device.as_deref().unwrap_or(device_id);
+        let issued_ms = crate::runner::EPOCH_MS + self.at_ms;
+        Ok(signed_command(
+            &key,
+            device,
+            self.cmd,
+            (issued_ms, n as u64),
+            self.expires_in_ms,
+        ))
+    }
+}
+
+/// A command as the server signs it, sent at wall time `issued.0` (ms) from source `issued.1`
+/// (a fault number; [`ROLLOUT_SOURCE`] for rollouts): its id is the send time in microseconds
+/// plus the source, so ids grow with time and two sources never share one.
+pub fn signed_command(
+    key: &otarig_server::keys::NamedKey,
+    device: &str,
+    cmd: otarig_agent::protocol::CommandKind,
+    issued: (u64, u64),
+    expires_in_ms: i64,
+) -> Vec<u8> {
+    let (issued_ms, source) = issued;
+    let body = otarig_agent::protocol::CommandBody {
+        device: device.to_string(),
+        id: issued_ms.saturating_mul(1000).saturating_add(source % 1000),
+        cmd: cmd.name().to_string(),
+        expires_at: (issued_ms as i64).saturating_add(expires_in_ms).max(0) as u64 / 1000,
+    };
+    key.sign_command(&body).into_bytes()
+}
+
+/// The id source of a rollout's `update-now` commands.
+pub const ROLLOUT_SOURCE: u64 = 999;
 
 /// A network outage that begins at the first boot of an image with `version`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -344,7 +402,7 @@ impl Scenario {
             .collect();
         for (n, f) in self.faults.iter().enumerate() {
             match f.kind {
-                FaultKind::Command { at_ms, .. }
+                FaultKind::Command(CommandFault { at_ms, .. })
                 | FaultKind::Payload { at_ms, .. }
                 | FaultKind::ForceInstall { at_ms, .. } => t.push((at_ms, Step::Fault(n))),
                 FaultKind::PowerLoss(_) | FaultKind::Server { .. } | FaultKind::Outage { .. } => {}

@@ -13,8 +13,9 @@ use otarig_server::rollout::RolloutPlan;
 use super::file::{ExpectDef, FaultDef, FileDef, OneOrMany, ReleaseDef, ServerFaultDef, TamperDef};
 use super::units::{parse_duration, parse_rate, parse_size};
 use super::{
-    Check, Expect, Fault, FaultKind, Firmware, PayloadTopic, PowerLoss, Release, Scenario,
-    ScenarioError, Selector, ServerFault, WallClock, KNOWN_HAZARDS, SLOT_STATES as STATES,
+    Check, CommandFault, Expect, Fault, FaultKind, Firmware, PayloadTopic, PowerLoss, Release,
+    Scenario, ScenarioError, Selector, ServerFault, WallClock, KNOWN_HAZARDS, OPERATOR_KEY,
+    SLOT_STATES as STATES,
 };
 
 /// Where errors point: the file and its text (for line and column of a span).
@@ -291,14 +292,7 @@ impl Parser<'_> {
         channel: &str,
     ) -> Result<Release> {
         let cx = &self.cx;
-        let expires_in_ms = match &r.expires_in {
-            None => 30 * 86_400_000,
-            Some(s) if s.get_ref().starts_with('-') => {
-                let d = parse_duration(&s.get_ref()[1..]).map_err(|m| cx.span(s, m))?;
-                -(d as i64)
-            }
-            Some(s) => cx.duration(s)? as i64,
-        };
+        let expires_in_ms = self.signed_duration(&r.expires_in, 30 * 86_400_000)?;
         if let Some(t) = &r.tamper {
             self.check_tamper(t, r, &firmware[self.known_fw(&r.firmware)?.as_str()])?;
         }
@@ -469,6 +463,18 @@ impl Parser<'_> {
         }
     }
 
+    /// A duration that may be negative ("-1h": in the past), or `default` ms.
+    fn signed_duration(&self, v: &Option<Spanned<String>>, default: i64) -> Result<i64> {
+        Ok(match v {
+            None => default,
+            Some(s) if s.get_ref().starts_with('-') => {
+                let d = parse_duration(&s.get_ref()[1..]).map_err(|m| self.cx.span(s, m))?;
+                -(d as i64)
+            }
+            Some(s) => self.cx.duration(s)? as i64,
+        })
+    }
+
     fn command(&self, c: &Spanned<super::file::CommandDef>) -> Result<FaultKind> {
         use otarig_agent::protocol::CommandKind;
         let d = c.get_ref();
@@ -483,11 +489,18 @@ impl Parser<'_> {
                 ))
             }
         };
-        Ok(FaultKind::Command {
+        Ok(FaultKind::Command(CommandFault {
             cmd,
             at_ms: parse_duration(&d.at).map_err(|m| self.cx.span(c, m))?,
             repeat: d.repeat.unwrap_or(1).max(1),
-        })
+            signed_by: match &d.signed_by {
+                Some(k) => self.known_key(k)?,
+                None => OPERATOR_KEY.into(),
+            },
+            device: d.device.clone(),
+            retained: d.retained,
+            expires_in_ms: self.signed_duration(&d.expires_in, 5 * 60_000)?,
+        }))
     }
 
     fn payload(&self, pd: &Spanned<super::file::PayloadDef>) -> Result<FaultKind> {
@@ -708,7 +721,7 @@ fn last_event(releases: &[Release], faults: &[Fault]) -> u64 {
         })
         .chain(faults.iter().filter_map(|f| match f.kind {
             FaultKind::ForceInstall { at_ms, .. }
-            | FaultKind::Command { at_ms, .. }
+            | FaultKind::Command(CommandFault { at_ms, .. })
             | FaultKind::Payload { at_ms, .. } => Some(at_ms),
             _ => None,
         }))

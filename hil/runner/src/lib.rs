@@ -103,7 +103,7 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
     };
     let (faults, cut_at) = bench_faults(&s, &prep)?;
     let services = Services::start(opts.host, &s, &prep, faults).await?;
-    tracing::info!(broker = %services.broker_url(), server = %services.server.url(), "bench services for {}", s.name);
+    tracing::info!(broker = %services.broker.url(), server = %services.server.url(), "bench services for {}", s.name);
     flashing::flash_starting_state(&s, &prep, opts).await?;
     let mut con = Console::open(&opts.port)?;
     let t0 = Instant::now();
@@ -188,6 +188,13 @@ fn bench_faults(s: &Scenario, prep: &Prepared) -> anyhow::Result<(Vec<CountedFau
                 )
                 .into())
             }
+            FaultKind::Flood { .. } => {
+                return Err(SimOnly(
+                    "broker flooding runs in the wire fleet (`otarig fleet`): simulator only"
+                        .into(),
+                )
+                .into())
+            }
             FaultKind::Outage { .. } => {
                 return Err(SimOnly(
                     "an outage takes a board's network down at a boot: simulator only".into(),
@@ -233,8 +240,9 @@ impl Services {
         })
     }
 
-    fn broker_url(&self) -> String {
-        format!("mqtt://{}", self.broker.addr)
+    /// The broker URL board `device` is provisioned with: its own credentials in it.
+    fn broker_url(&self, device: &str) -> String {
+        self.broker.endpoint().url_for(device)
     }
 }
 
@@ -249,7 +257,7 @@ async fn provision(
 ) -> anyhow::Result<()> {
     con.send(&HostCommand::Provision {
         device: s.device_id(DEVICE),
-        broker: services.broker_url(),
+        broker: services.broker_url(&s.device_id(DEVICE)),
         server: services.server.url(),
         channel: Some(s.channel_for(DEVICE).to_string()),
         wifi_ssid: opts.wifi_ssid.clone(),

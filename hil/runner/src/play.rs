@@ -7,7 +7,7 @@ use anyhow::bail;
 use otarig_agent::protocol::{self, Leaf};
 use otarig_scenario::runner::Prepared;
 use otarig_scenario::scenario::{FaultKind, PayloadTopic, Scenario, Step};
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::{AsyncClient, QoS};
 
 use crate::console::Console;
 use crate::observed::Observed;
@@ -26,11 +26,10 @@ pub(crate) async fn play(
     cut_at: Option<u32>,
     opts: &HilOptions,
 ) -> anyhow::Result<(Observed, u32, u64)> {
-    let mut o = MqttOptions::new(
-        format!("otarig-hil-{}", std::process::id()),
-        services.broker.addr.ip().to_string(),
-        services.broker.addr.port(),
-    );
+    let mut o = services
+        .broker
+        .endpoint()
+        .options(&format!("otarig-hil-{}", std::process::id()));
     o.set_max_packet_size(
         otarig_fleet::broker::MAX_PACKET,
         otarig_fleet::broker::MAX_PACKET,

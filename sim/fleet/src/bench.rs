@@ -144,6 +144,11 @@ pub fn fleet(
         (figures, name, rss)
     } else {
         let which = broker.clone().unwrap_or_else(|| "embedded rumqttd".into());
+        let broker = broker
+            .as_deref()
+            .map(crate::broker::BrokerEndpoint::parse)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!(e))?;
         let opts = FleetOptions {
             broker,
             speedup: 1.0,
@@ -231,7 +236,9 @@ fn run_shards(
 pub fn fleet_shard(l: ShardLaunch) -> anyhow::Result<ExitCode> {
     let s = scenario(l.devices)?;
     let opts = FleetOptions {
-        broker: Some(l.broker),
+        broker: Some(
+            crate::broker::BrokerEndpoint::parse(&l.broker).map_err(|e| anyhow::anyhow!(e))?,
+        ),
         server: Some(l.server),
         speedup: 1.0,
         quiet_ms: QUIET_MS,

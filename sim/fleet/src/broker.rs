@@ -5,13 +5,20 @@
 //! thread of its own; `RouterConfig::default()` allows zero connections; a port already in use
 //! makes `start` log an error and return `Ok`, so a free port is picked, then verified by an
 //! MQTT handshake. rumqttd has no shutdown: the broker lives until the process ends.
+//!
+//! Only authenticated clients get in ([`BrokerAuth`]): rumqttd checks credentials while it reads
+//! CONNECT, before the client takes a router slot, so no number of strangers can fill the
+//! connection cap or reach the cap's panic (rumqtt #991) and the mutex it poisons (#1062).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use hmac::{Hmac, Mac};
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
 
 /// Largest MQTT packet the broker accepts: manifests and events are a few KiB.
 pub const MAX_PACKET: usize = 64 * 1024;
@@ -20,9 +27,156 @@ pub const MAX_PACKET: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct EmbeddedBroker {
     pub addr: SocketAddr,
+    /// The credentials every client must present.
+    pub auth: BrokerAuth,
 }
 
-fn config(addr: SocketAddr, max_connections: usize) -> Config {
+/// Who may connect: a per-broker secret from which each client's password derives
+/// (HMAC-SHA256 of the client id under the secret). The username must equal the client id,
+/// so one board's credentials never connect as another board and take its session over.
+#[derive(Clone)]
+pub struct BrokerAuth {
+    secret: [u8; 32],
+}
+
+impl std::fmt::Debug for BrokerAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BrokerAuth { secret: <hidden> }")
+    }
+}
+
+impl BrokerAuth {
+    /// A fresh secret from the operating system's generator.
+    pub fn random() -> BrokerAuth {
+        use rand::RngCore;
+        let mut secret = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut secret);
+        BrokerAuth { secret }
+    }
+
+    /// The password of client `id`.
+    pub fn password(&self, id: &str) -> String {
+        hex::encode(self.mac(id))
+    }
+
+    fn mac(&self, id: &str) -> [u8; 32] {
+        // A 32-byte key is always a valid HMAC key.
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.secret)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        m.update(b"otarig/mqtt-password/v1\0");
+        m.update(id.as_bytes());
+        m.finalize().into_bytes().into()
+    }
+
+    /// Whether a CONNECT with these fields may proceed.
+    pub fn accepts(&self, client_id: &str, user: &str, pass: &str) -> bool {
+        let mut given = [0u8; 32];
+        let valid_hex = hex::decode_to_slice(pass, &mut given).is_ok();
+        let right: bool = self.mac(user)[..].ct_eq(&given[..]).into();
+        client_id == user && valid_hex && right
+    }
+
+    /// Present client `id`'s credentials on a connection.
+    pub fn apply(&self, o: &mut rumqttc::MqttOptions, id: &str) {
+        o.set_credentials(id, self.password(id));
+    }
+
+    fn handler(&self) -> rumqttd::AuthHandler {
+        let auth = self.clone();
+        std::sync::Arc::new(move |client_id, user, pass| {
+            let ok = auth.accepts(&client_id, &user, &pass);
+            if !ok {
+                tracing::debug!(client_id, user, "MQTT connection refused: bad credentials");
+            }
+            Box::pin(std::future::ready(ok))
+        })
+    }
+}
+
+/// How a client logs in to a broker.
+#[derive(Clone, Debug)]
+pub enum Login {
+    /// The embedded broker: each client's own password, derived from the broker's secret.
+    Derived(BrokerAuth),
+    /// Credentials from the broker's URL (`mqtt://user:pass@host:port`), the same for every
+    /// client of this process (a bench's board gets its own URL).
+    Fixed {
+        user: String,
+        pass: String,
+    },
+    Anonymous,
+}
+
+/// Where a broker is and how to log in to it.
+#[derive(Clone, Debug)]
+pub struct BrokerEndpoint {
+    pub host: String,
+    pub port: u16,
+    pub login: Login,
+}
+
+impl BrokerEndpoint {
+    /// `mqtt://[user:pass@]HOST[:PORT]` (or `tcp://`, or bare `HOST[:PORT]`; port 1883 when
+    /// left out).
+    pub fn parse(url: &str) -> Result<BrokerEndpoint, String> {
+        let rest = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"))
+            .unwrap_or(url)
+            .trim_end_matches('/');
+        let (login, hostport) = match rest.rsplit_once('@') {
+            Some((userinfo, hostport)) => {
+                let (user, pass) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                let login = Login::Fixed {
+                    user: user.to_string(),
+                    pass: pass.to_string(),
+                };
+                (login, hostport)
+            }
+            None => (Login::Anonymous, rest),
+        };
+        let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "1883"));
+        let port = port
+            .parse()
+            .map_err(|_| format!("broker URL '{url}': port '{port}' is not a number"))?;
+        if host.is_empty() {
+            return Err(format!(
+                "broker URL '{url}' has no host (expected mqtt://HOST:PORT)"
+            ));
+        }
+        Ok(BrokerEndpoint {
+            host: host.to_string(),
+            port,
+            login,
+        })
+    }
+
+    /// Connection options for client `id`, with its credentials.
+    pub fn options(&self, id: &str) -> rumqttc::MqttOptions {
+        let mut o = rumqttc::MqttOptions::new(id, self.host.clone(), self.port);
+        match &self.login {
+            Login::Derived(auth) => auth.apply(&mut o, id),
+            Login::Fixed { user, pass } => {
+                o.set_credentials(user.clone(), pass.clone());
+            }
+            Login::Anonymous => {}
+        }
+        o
+    }
+
+    /// The URL a board is provisioned with: its own credentials in it, as esp-mqtt reads
+    /// them from `broker.address.uri`.
+    pub fn url_for(&self, id: &str) -> String {
+        let (host, port) = (&self.host, self.port);
+        match &self.login {
+            Login::Derived(auth) => format!("mqtt://{id}:{}@{host}:{port}", auth.password(id)),
+            Login::Fixed { user, pass } => format!("mqtt://{user}:{pass}@{host}:{port}"),
+            Login::Anonymous => format!("mqtt://{host}:{port}"),
+        }
+    }
+}
+
+fn config(addr: SocketAddr, max_connections: usize, auth: &BrokerAuth) -> Config {
     let server = ServerSettings {
         name: "v4-loopback".into(),
         listen: addr,
@@ -33,7 +187,7 @@ fn config(addr: SocketAddr, max_connections: usize) -> Config {
             max_payload_size: MAX_PACKET,
             max_inflight_count: 256,
             auth: None,
-            external_auth: None,
+            external_auth: Some(auth.handler()),
             dynamic_filters: true,
         },
     };
@@ -65,15 +219,20 @@ fn free_port(ip: std::net::IpAddr) -> anyhow::Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
-/// Connect with a throwaway client and wait for the broker's CONNACK.
-pub fn handshake(addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
+/// Connect with a throwaway client (credentials from `auth`, if the broker wants them) and
+/// wait for the broker's CONNACK.
+pub fn handshake(
+    addr: SocketAddr,
+    auth: Option<&BrokerAuth>,
+    within: Duration,
+) -> anyhow::Result<()> {
     let started = Instant::now();
-    let mut opts = rumqttc::MqttOptions::new(
-        format!("otarig-probe-{}", addr.port()),
-        addr.ip().to_string(),
-        addr.port(),
-    );
+    let id = format!("otarig-probe-{}", addr.port());
+    let mut opts = rumqttc::MqttOptions::new(id.clone(), addr.ip().to_string(), addr.port());
     opts.set_keep_alive(Duration::from_secs(5));
+    if let Some(auth) = auth {
+        auth.apply(&mut opts, &id);
+    }
     let (client, mut conn) = rumqttc::Client::new(opts, 4);
     while started.elapsed() < within {
         match conn.recv_timeout(Duration::from_millis(200)) {
@@ -89,7 +248,8 @@ pub fn handshake(addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
 }
 
 impl EmbeddedBroker {
-    /// Start a broker on a free loopback port for up to `max_connections` clients.
+    /// Start a broker on a free loopback port for up to `max_connections` clients (it keeps
+    /// room for 8 more: operator, probes, a board reconnecting before its old session ends).
     pub fn start(max_connections: usize) -> anyhow::Result<EmbeddedBroker> {
         Self::start_on(std::net::Ipv4Addr::LOCALHOST.into(), max_connections)
     }
@@ -102,7 +262,8 @@ impl EmbeddedBroker {
         let mut last = None;
         for _ in 0..5 {
             let addr = free_port(ip)?;
-            let cfg = config(addr, max_connections + 8);
+            let auth = BrokerAuth::random();
+            let cfg = config(addr, max_connections + 8, &auth);
             std::thread::Builder::new()
                 .name(format!("mqtt-broker-{}", addr.port()))
                 .spawn(move || {
@@ -114,14 +275,17 @@ impl EmbeddedBroker {
                 .context("starting the broker thread")?;
             // On a thread of its own: rumqttc's blocking client runs its own runtime, which
             // cannot start inside a caller's tokio runtime.
-            let probe = std::thread::spawn(move || handshake(addr, Duration::from_secs(5)));
+            let probe_auth = auth.clone();
+            let probe = std::thread::spawn(move || {
+                handshake(addr, Some(&probe_auth), Duration::from_secs(5))
+            });
             let result = probe
                 .join()
                 .map_err(|_| anyhow::anyhow!("the broker probe panicked"))?;
             match result {
                 Ok(()) => {
                     tracing::info!("embedded MQTT broker listening on {addr}");
-                    return Ok(EmbeddedBroker { addr });
+                    return Ok(EmbeddedBroker { addr, auth });
                 }
                 // Another process took the port between our check and the broker's bind.
                 Err(e) => last = Some(e),
@@ -134,5 +298,39 @@ impl EmbeddedBroker {
 
     pub fn url(&self) -> String {
         format!("mqtt://{}", self.addr)
+    }
+
+    /// This broker as clients reach it, logging in with their derived passwords.
+    pub fn endpoint(&self) -> BrokerEndpoint {
+        BrokerEndpoint {
+            host: self.addr.ip().to_string(),
+            port: self.addr.port(),
+            login: Login::Derived(self.auth.clone()),
+        }
+    }
+}
+
+/// Strangers at a broker's door: `n` clients without credentials and `n` with a guessed
+/// password, each reconnecting as fast as the broker turns it away, until `stop` turns true.
+/// What the broker-flooding attack scenario and its test throw at the embedded broker.
+pub fn flood(host: &str, port: u16, n: usize, stop: tokio::sync::watch::Receiver<bool>) {
+    for i in 0..2 * n {
+        let id = format!("stranger-{}-{i}", std::process::id());
+        let mut o = rumqttc::MqttOptions::new(id.clone(), host, port);
+        if i >= n {
+            o.set_credentials(id, "0".repeat(64));
+        }
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let (_client, mut events) = rumqttc::AsyncClient::new(o, 4);
+            while !*stop.borrow() {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    r = events.poll() => if r.is_err() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    },
+                }
+            }
+        });
     }
 }

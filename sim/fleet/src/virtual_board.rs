@@ -91,7 +91,7 @@ enum Control {
 struct Provisioned {
     device: String,
     channel: String,
-    broker: (String, u16),
+    broker: crate::broker::BrokerEndpoint,
     server: String,
 }
 
@@ -378,7 +378,7 @@ impl Chip {
                 server,
                 channel,
                 ..
-            })) => match parse_mqtt_url(&broker) {
+            })) => match crate::broker::BrokerEndpoint::parse(&broker) {
                 Ok(b) => {
                     let _ = self.console.send(console::notice_line(
                         &device,
@@ -420,22 +420,6 @@ fn factory_mac(control: &Path) -> [u8; 6] {
     use sha2::{Digest, Sha256};
     let h = Sha256::digest(control.as_os_str().as_encoded_bytes());
     [0x7C, 0xDF, 0xA1, h[0], h[1], h[2]]
-}
-
-/// `mqtt://host:port` (port 1883 when left out).
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .ok_or_else(|| format!("broker '{url}' is not mqtt://HOST:PORT"))?;
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "1883"));
-    let port = port
-        .parse()
-        .map_err(|_| format!("broker '{url}': port '{port}' is not a number"))?;
-    if host.is_empty() {
-        return Err(format!("broker '{url}' has no host"));
-    }
-    Ok((host.to_string(), port))
 }
 
 /// The virtual board a scenario's firmware makes: its device type, the keys and agent

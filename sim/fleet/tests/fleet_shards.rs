@@ -16,7 +16,7 @@ use otarig_scenario::runner::{self, What};
 use otarig_scenario::scenario::Scenario;
 use otarig_server::release_store::ReleaseStore;
 use otarig_server::server::Server;
-use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Packet, QoS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_together_update_the_whole_fleet_once() {
@@ -35,7 +35,7 @@ async fn shards_together_update_the_whole_fleet_once() {
         .unwrap();
 
     // An operator's view of the release topics: how many announcements were published.
-    let mut o = MqttOptions::new("observer", broker.addr.ip().to_string(), broker.addr.port());
+    let mut o = broker.endpoint().options("observer");
     o.set_keep_alive(Duration::from_secs(30));
     let (observer, mut events) = AsyncClient::new(o, 16);
     observer
@@ -60,7 +60,7 @@ async fn shards_together_update_the_whole_fleet_once() {
 
     let epoch = SystemTime::now() + Duration::from_millis(1500);
     let opts = |index| FleetOptions {
-        broker: Some(format!("mqtt://{}", broker.addr)),
+        broker: Some(broker.endpoint()),
         server: Some(server.url()),
         speedup: 25.0,
         quiet_ms: 60_000,

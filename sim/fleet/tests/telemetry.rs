@@ -10,7 +10,7 @@ use std::time::Duration;
 use otarig_fleet::broker::EmbeddedBroker;
 use otarig_fleet::fleet::{run_fleet, FleetOptions};
 use otarig_scenario::scenario::Scenario;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boards_publish_telemetry_at_the_configured_period() {
@@ -23,11 +23,7 @@ async fn boards_publish_telemetry_at_the_configured_period() {
     let mut s = Scenario::load(&path).unwrap();
     s.set_devices(4);
 
-    let mut o = MqttOptions::new(
-        "dashboard",
-        broker.addr.ip().to_string(),
-        broker.addr.port(),
-    );
+    let mut o = broker.endpoint().options("dashboard");
     o.set_keep_alive(Duration::from_secs(30));
     let (client, mut events) = AsyncClient::new(o, 64);
     client
@@ -48,7 +44,7 @@ async fn boards_publish_telemetry_at_the_configured_period() {
 
     let period_ms = 2_000;
     let opts = FleetOptions {
-        broker: Some(format!("mqtt://{}", broker.addr)),
+        broker: Some(broker.endpoint()),
         speedup: 25.0,
         telemetry_ms: period_ms,
         ..Default::default()

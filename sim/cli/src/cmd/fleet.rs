@@ -37,7 +37,12 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let base = FleetOptions {
         devices: a.devices,
-        broker: a.broker,
+        broker: a
+            .broker
+            .as_deref()
+            .map(otarig_fleet::broker::BrokerEndpoint::parse)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!(e))?,
         server: a.server,
         speedup: a.speedup,
         telemetry_ms: match a.telemetry_period.trim() {

@@ -12,7 +12,7 @@ use otarig_esp32s3::appimage::{BootBehaviour, NetworkBehaviour, SelfTest};
 use otarig_esp32s3::board::{BoardEvent, BootOutcome};
 use otarig_scenario::runner::{self, Dev, Record, What};
 use otarig_scenario::scenario::WallClock;
-use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -48,7 +48,7 @@ pub(crate) struct Shared {
     pub(super) records: Mutex<Vec<Record>>,
     pub(super) last_activity: AtomicU64,
     pub(super) server: String,
-    pub(super) broker: (String, u16),
+    pub(super) broker: crate::broker::BrokerEndpoint,
     pub(super) cfg: Config,
     pub(super) acked: Mutex<HashSet<(String, u64, &'static str)>>,
     pub(super) telemetry_ms: u64,
@@ -65,11 +65,18 @@ impl Shared {
     /// events rendered to `console`.
     pub(crate) fn for_virtual_board(
         cfg: Config,
-        network: Option<((String, u16), String)>,
+        network: Option<(crate::broker::BrokerEndpoint, String)>,
         console: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> anyhow::Result<Shared> {
         let offline = network.is_none();
-        let (broker, server) = network.unwrap_or_else(|| ((String::new(), 0), String::new()));
+        let (broker, server) = network.unwrap_or_else(|| {
+            let nowhere = crate::broker::BrokerEndpoint {
+                host: String::new(),
+                port: 0,
+                login: crate::broker::Login::Anonymous,
+            };
+            (nowhere, String::new())
+        });
         Ok(Shared {
             clock: Clock {
                 start: Instant::now(),
@@ -309,8 +316,7 @@ impl<'a> Boot<'a> {
             return;
         }
         let clock = self.sh.clock;
-        let (host, port) = self.sh.broker.clone();
-        let mut o = MqttOptions::new(self.dev.id.clone(), host, port);
+        let mut o = self.sh.broker.options(&self.dev.id);
         o.set_keep_alive(Duration::from_secs(60));
         o.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
         let (client, mut events) = AsyncClient::new(o, 64);

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use otarig_agent::protocol::{self, Leaf};
-use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Packet, QoS};
+
+use crate::broker::BrokerEndpoint;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -48,8 +50,9 @@ static RUNS: AtomicU64 = AtomicU64::new(0);
 #[derive(Clone, Debug)]
 pub struct FleetOptions {
     pub devices: Option<u32>,
-    /// `mqtt://host:port` of an external broker instead of the embedded one.
-    pub broker: Option<String>,
+    /// An external broker instead of the embedded one (`mqtt://[user:pass@]host:port`, parsed
+    /// by [`BrokerEndpoint::parse`]; or a test's own embedded broker).
+    pub broker: Option<BrokerEndpoint>,
     /// `http://host:port` of an external firmware server (`otarig serve`) instead of the
     /// embedded one. It must already hold the scenario's blobs (`otarig release stage`); the
     /// fleet still announces each release over MQTT at its time.
@@ -229,20 +232,17 @@ impl Operator {
     async fn connect(
         s: &Scenario,
         opts: &FleetOptions,
-        broker: &(String, u16),
+        broker: &BrokerEndpoint,
         speaks: bool,
     ) -> anyhow::Result<Operator> {
-        let mut o = MqttOptions::new(
-            // Unique per run, not just per process: two runs on one broker (shards in one
-            // process, concurrent tests) would otherwise take over each other's session.
-            format!(
-                "otarig-server-{}-{}",
-                std::process::id(),
-                RUNS.fetch_add(1, Ordering::Relaxed)
-            ),
-            broker.0.clone(),
-            broker.1,
+        // Unique per run, not just per process: two runs on one broker (shards in one
+        // process, concurrent tests) would otherwise take over each other's session.
+        let id = format!(
+            "otarig-server-{}-{}",
+            std::process::id(),
+            RUNS.fetch_add(1, Ordering::Relaxed)
         );
+        let mut o = broker.options(&id);
         o.set_keep_alive(Duration::from_secs(30));
         o.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
         let (client, mut events) = AsyncClient::new(o, 256);
@@ -287,9 +287,9 @@ impl Operator {
                 Ok(Some(false)) => connected = true,
                 Ok(Some(true)) => cleared += 1,
                 _ => bail!(
-                    "the MQTT broker at {}:{} did not acknowledge within 10 s: is it running and reachable?",
-                    broker.0,
-                    broker.1
+                    "the MQTT broker at {}:{} did not acknowledge within 10 s: is it running and reachable, and are the credentials in its URL right?",
+                    broker.host,
+                    broker.port
                 ),
             }
         }
@@ -362,6 +362,9 @@ fn channels(s: &Scenario) -> Vec<String> {
 struct Boards {
     tasks: Vec<(u32, JoinHandle<Dev>)>,
     controls: Vec<Option<mpsc::Sender<Ctl>>>,
+    /// Where the boards connect, and the run's end: for faults aimed at the broker.
+    broker: BrokerEndpoint,
+    stop: watch::Receiver<bool>,
 }
 
 fn spawn_boards(
@@ -381,6 +384,8 @@ fn spawn_boards(
     let mut boards = Boards {
         tasks: Vec::new(),
         controls: Vec::new(),
+        broker: shared.broker.clone(),
+        stop: stop_rx.clone(),
     };
     for i in 0..s.devices {
         if opts.shard.is_some_and(|sh| !sh.holds(i)) {
@@ -507,6 +512,10 @@ async fn inject(
                     let _ = c.send(Ctl::Force(prep.images[firmware].clone())).await;
                 }
             }
+        }
+        FaultKind::Flood { connections, .. } => {
+            let b = &boards.broker;
+            crate::broker::flood(&b.host, b.port, *connections as usize, boards.stop.clone());
         }
         FaultKind::PowerLoss(_) | FaultKind::Server { .. } | FaultKind::Outage { .. } => {}
     }

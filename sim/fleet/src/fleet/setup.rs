@@ -12,7 +12,7 @@ use otarig_server::server::Server;
 
 use super::FleetOptions;
 use crate::board_http::BoardHttp;
-use crate::broker::EmbeddedBroker;
+use crate::broker::{BrokerEndpoint, EmbeddedBroker};
 
 /// The firmware server boards talk to: the embedded one (with its store, for the timeline to
 /// publish into), or an external one by URL.
@@ -52,38 +52,21 @@ impl FirmwareServer {
     }
 }
 
-/// The broker's host and port: the external one's, or an embedded rumqttd's started with
-/// room for two connections per board.
+/// The broker: the external one (credentials from its URL, if any), or an embedded rumqttd
+/// started with room for two connections per board, which admits only its own clients.
 pub(super) async fn broker_address(
     s: &Scenario,
     opts: &FleetOptions,
-) -> anyhow::Result<(String, u16)> {
+) -> anyhow::Result<BrokerEndpoint> {
     match &opts.broker {
-        Some(url) => parse_broker(url),
+        Some(b) => Ok(b.clone()),
         None => {
             let devices = s.devices as usize;
             let b =
                 tokio::task::spawn_blocking(move || EmbeddedBroker::start(devices * 2)).await??;
-            Ok((b.addr.ip().to_string(), b.addr.port()))
+            Ok(b.endpoint())
         }
     }
-}
-
-/// `mqtt://HOST:PORT` (or `tcp://`, or bare `HOST[:PORT]`) as host and port.
-pub(super) fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .unwrap_or(url);
-    let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "1883"));
-    let port: u16 = port
-        .trim_end_matches('/')
-        .parse()
-        .with_context(|| format!("broker URL '{url}': port is not a number"))?;
-    if host.is_empty() {
-        bail!("broker URL '{url}' has no host (expected mqtt://HOST:PORT)");
-    }
-    Ok((host.to_string(), port))
 }
 
 /// Before boards use an external firmware server: refuse what only the embedded server can

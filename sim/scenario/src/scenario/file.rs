@@ -160,6 +160,16 @@ pub(super) struct FaultDef {
     pub(super) server: Option<Spanned<ServerFaultDef>>,
     #[serde(default)]
     pub(super) outage: Option<Spanned<OutageDef>>,
+    #[serde(default)]
+    pub(super) flood: Option<Spanned<FloodDef>>,
+}
+
+/// `flood = { at = "5s", connections = 40 }`: strangers flood the MQTT broker from then on.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct FloodDef {
+    pub(super) at: String,
+    pub(super) connections: u32,
 }
 
 /// `outage = { on-boot-of = "v2", for = "10m" }`: the board's network (Wi-Fi, broker and

@@ -118,6 +118,13 @@ pub enum FaultKind {
         version: String,
         for_ms: u64,
     },
+    /// Clients without credentials (half of them with a guessed password) flood the MQTT
+    /// broker from `at_ms` on. Only the wire fleet has a broker to flood; the in-process run
+    /// has none, so there it changes nothing.
+    Flood {
+        at_ms: u64,
+        connections: u32,
+    },
 }
 
 /// The key that signs the fleet's commands unless a scenario says otherwise.
@@ -404,7 +411,8 @@ impl Scenario {
             match f.kind {
                 FaultKind::Command(CommandFault { at_ms, .. })
                 | FaultKind::Payload { at_ms, .. }
-                | FaultKind::ForceInstall { at_ms, .. } => t.push((at_ms, Step::Fault(n))),
+                | FaultKind::ForceInstall { at_ms, .. }
+                | FaultKind::Flood { at_ms, .. } => t.push((at_ms, Step::Fault(n))),
                 FaultKind::PowerLoss(_) | FaultKind::Server { .. } | FaultKind::Outage { .. } => {}
             }
         }

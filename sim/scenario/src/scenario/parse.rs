@@ -381,9 +381,10 @@ impl Parser<'_> {
             f.payload.is_some(),
             f.server.is_some(),
             f.outage.is_some(),
+            f.flood.is_some(),
         ];
         if given.iter().filter(|g| **g).count() != 1 {
-            return Err(self.cx.file("each [[fault]] needs exactly one of `power-loss`, `force-install`, `command`, `payload`, `server` or `outage`"));
+            return Err(self.cx.file("each [[fault]] needs exactly one of `power-loss`, `force-install`, `command`, `payload`, `server`, `outage` or `flood`"));
         }
         let kind = if let Some(sv) = &f.server {
             self.server_fault(sv)?
@@ -397,6 +398,15 @@ impl Parser<'_> {
             self.force_install(fi)?
         } else if let Some(o) = &f.outage {
             self.outage(o)?
+        } else if let Some(fl) = &f.flood {
+            let d = fl.get_ref();
+            if d.connections == 0 || d.connections > 10_000 {
+                return Err(self.cx.span(fl, "connections is 1 to 10000"));
+            }
+            FaultKind::Flood {
+                at_ms: parse_duration(&d.at).map_err(|m| self.cx.span(fl, m))?,
+                connections: d.connections,
+            }
         } else {
             return Err(self.cx.file("each [[fault]] needs one kind"));
         };
@@ -722,7 +732,8 @@ fn last_event(releases: &[Release], faults: &[Fault]) -> u64 {
         .chain(faults.iter().filter_map(|f| match f.kind {
             FaultKind::ForceInstall { at_ms, .. }
             | FaultKind::Command(CommandFault { at_ms, .. })
-            | FaultKind::Payload { at_ms, .. } => Some(at_ms),
+            | FaultKind::Payload { at_ms, .. }
+            | FaultKind::Flood { at_ms, .. } => Some(at_ms),
             _ => None,
         }))
         .max()

@@ -309,28 +309,3 @@ impl EmbeddedBroker {
         }
     }
 }
-
-/// Strangers at a broker's door: `n` clients without credentials and `n` with a guessed
-/// password, each reconnecting as fast as the broker turns it away, until `stop` turns true.
-/// What the broker-flooding attack scenario and its test throw at the embedded broker.
-pub fn flood(host: &str, port: u16, n: usize, stop: tokio::sync::watch::Receiver<bool>) {
-    for i in 0..2 * n {
-        let id = format!("stranger-{}-{i}", std::process::id());
-        let mut o = rumqttc::MqttOptions::new(id.clone(), host, port);
-        if i >= n {
-            o.set_credentials(id, "0".repeat(64));
-        }
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let (_client, mut events) = rumqttc::AsyncClient::new(o, 4);
-            while !*stop.borrow() {
-                tokio::select! {
-                    _ = stop.changed() => break,
-                    r = events.poll() => if r.is_err() {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    },
-                }
-            }
-        });
-    }
-}

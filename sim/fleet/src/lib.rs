@@ -16,4 +16,5 @@ pub mod bench;
 pub mod board_http;
 pub mod broker;
 pub mod fleet;
+pub mod flood;
 pub mod virtual_board;

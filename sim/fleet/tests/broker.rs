@@ -61,7 +61,7 @@ async fn strangers_cannot_fill_or_crash_the_broker() {
         .unwrap();
     let (host, port) = (b.addr.ip().to_string(), b.addr.port());
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-    otarig_fleet::broker::flood(&host, port, 20, stop);
+    otarig_fleet::flood::broker(&host, port, 20, stop);
     for i in 0..10 {
         // board-9's real password, presented under another client id.
         let mut o = MqttOptions::new(format!("impostor-{i}"), host.clone(), port);

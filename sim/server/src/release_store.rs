@@ -338,15 +338,22 @@ impl ReleaseStore {
     }
 
     /// Append a board's ack (already validated JSON) to `acks.jsonl`.
-    pub fn record_ack(&self, json: &serde_json::Value) -> anyhow::Result<()> {
+    /// Append one ack to acks.jsonl, unless that would take the file past `quota` bytes
+    /// (then `Ok(false)`: nothing written).
+    pub fn record_ack(&self, json: &serde_json::Value, quota: u64) -> anyhow::Result<bool> {
+        let mut line = serde_json::to_vec(json)?;
+        line.push(b'\n');
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.root.join("acks.jsonl"))
             .context("opening acks.jsonl")?;
-        serde_json::to_writer(&mut f, json)?;
-        f.write_all(b"\n")?;
-        Ok(())
+        let len = f.metadata().context("reading acks.jsonl's size")?.len();
+        if len.saturating_add(line.len() as u64) > quota {
+            return Ok(false);
+        }
+        f.write_all(&line)?;
+        Ok(true)
     }
 }
 

@@ -10,6 +10,12 @@
 //!
 //! Errors are JSON `{"error": "…"}` that say what was wrong and what to send instead.
 //!
+//! Whatever clients do, the server stays up ([`Limits`]): a request head must arrive within
+//! the header timeout (which also ends connections idle between requests), open connections
+//! are capped below the descriptor limit, acks.jsonl has a quota, and per-device bookkeeping
+//! is bounded in entries and key length. There is no global rate limit: it would hand a
+//! flooding client the fleet's budget; per-client limits need client identity (TLS).
+//!
 //! Fault injection ([`ServerFaults`]) lives here, so it works the same for simulated and real
 //! boards: per device id, a blob request can fail with an HTTP status, never be answered,
 //! ignore `Range`, have its connection dropped at a given point of the blob, or trickle at a
@@ -18,6 +24,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -63,8 +70,39 @@ pub struct ServerFaults {
     /// Virtual time runs this many times faster than real time for the boards (the wire
     /// fleet's speedup; 0 means 1): a throttle of B/s virtual is B x speedup real.
     speedup: std::sync::atomic::AtomicU32,
-    /// Blob bytes answered per device (by Content-Length: a response cut short counts whole).
+    /// Blob bytes answered per device (by Content-Length: a response cut short counts whole),
+    /// for at most [`Limits::tracked_devices`] ids of at most [`MAX_DEVICE_ID`] bytes: any
+    /// client may name any `deviceId`.
     served: Mutex<HashMap<String, u64>>,
+    tracked_devices: std::sync::atomic::AtomicUsize,
+}
+
+/// Longest device id the server keeps anything under.
+pub const MAX_DEVICE_ID: usize = 128;
+
+/// What the server allows any client, so none can take it down.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A request head must arrive whole within this; hyper starts the clock whenever it waits
+    /// for a request, so it is also how long a connection may sit idle between two.
+    pub header_read: Duration,
+    /// Connections open at once; more wait in the listen backlog until one closes.
+    pub max_connections: usize,
+    /// Size of acks.jsonl past which acks are refused (507).
+    pub ack_log_bytes: u64,
+    /// Devices whose served bytes are counted.
+    pub tracked_devices: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            header_read: Duration::from_secs(10),
+            max_connections: 16_384,
+            ack_log_bytes: 64 << 20,
+            tracked_devices: 65_536,
+        }
+    }
 }
 
 impl ServerFaults {
@@ -72,6 +110,24 @@ impl ServerFaults {
     pub fn served(&self, device: &str) -> u64 {
         let map = self.served.lock().unwrap_or_else(|p| p.into_inner());
         map.get(device).copied().unwrap_or(0)
+    }
+
+    /// How many devices' served bytes are being counted.
+    pub fn tracked(&self) -> usize {
+        self.served.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Count served bytes for one more device, if it is tracked or there is room.
+    fn count_served(&self, device: &str, len: u64) {
+        let cap = self
+            .tracked_devices
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = served.get_mut(device) {
+            *n += len;
+        } else if device.len() <= MAX_DEVICE_ID && served.len() < cap {
+            served.insert(device.to_string(), len);
+        }
     }
 
     /// Pace throttled bodies for boards whose clock runs `speedup` times real time.
@@ -139,6 +195,7 @@ struct App {
     store: Arc<ReleaseStore>,
     faults: Arc<ServerFaults>,
     offers: Arc<Offers>,
+    ack_log_bytes: u64,
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -193,7 +250,14 @@ struct AckWire {
     detail: String,
 }
 
-async fn ack(State(App { store, .. }): State<App>, body: axum::body::Bytes) -> Response {
+async fn ack(
+    State(App {
+        store,
+        ack_log_bytes,
+        ..
+    }): State<App>,
+    body: axum::body::Bytes,
+) -> Response {
     let wire: AckWire = match serde_json::from_slice(&body) {
         Ok(w) => w,
         Err(e) => {
@@ -217,16 +281,20 @@ async fn ack(State(App { store, .. }): State<App>, body: axum::body::Bytes) -> R
             ),
         );
     }
-    if wire.device.is_empty() || wire.device.len() > 128 {
+    if wire.device.is_empty() || wire.device.len() > MAX_DEVICE_ID {
         return error(
             StatusCode::BAD_REQUEST,
-            "device must be 1 to 128 characters",
+            format!("device must be 1 to {MAX_DEVICE_ID} characters"),
         );
     }
     let record = json!({"v": wire.v, "device": wire.device, "sequence": wire.sequence,
         "version": wire.version, "outcome": wire.outcome, "detail": wire.detail});
-    match tokio::task::spawn_blocking(move || store.record_ack(&record)).await {
-        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+    match tokio::task::spawn_blocking(move || store.record_ack(&record, ack_log_bytes)).await {
+        Ok(Ok(true)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Ok(false)) => error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!("acks.jsonl reached its quota of {ack_log_bytes} bytes: the operator must rotate it; the ack was not stored"),
+        ),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -353,8 +421,7 @@ async fn serve_blob(app: App, key: [u8; 32], q: BlobQuery, req: Request) -> Resp
             _ => len,
         });
     if let (Some(d), Some(len)) = (q.device_id.as_deref(), sent) {
-        let mut served = app.faults.served.lock().unwrap_or_else(|p| p.into_inner());
-        *served.entry(d.to_string()).or_default() += len;
+        app.faults.count_served(d, len);
     }
     let resp = match throttle {
         Some(rate) => resp.map(|body| paced(body, rate)),
@@ -499,7 +566,15 @@ fn paced(body: axum::body::Body, bytes_per_s: f64) -> axum::body::Body {
 }
 
 /// The server's routes over a store.
-pub fn router(store: Arc<ReleaseStore>, faults: Arc<ServerFaults>, offers: Arc<Offers>) -> Router {
+pub fn router(
+    store: Arc<ReleaseStore>,
+    faults: Arc<ServerFaults>,
+    offers: Arc<Offers>,
+    limits: Limits,
+) -> Router {
+    faults
+        .tracked_devices
+        .store(limits.tracked_devices, std::sync::atomic::Ordering::Relaxed);
     Router::new()
         .route("/firmware/latest", get(latest))
         .route(
@@ -513,6 +588,7 @@ pub fn router(store: Arc<ReleaseStore>, faults: Arc<ServerFaults>, offers: Arc<O
             store,
             faults,
             offers,
+            ack_log_bytes: limits.ack_log_bytes,
         })
 }
 
@@ -521,29 +597,32 @@ pub struct Server {
     pub addr: SocketAddr,
     pub faults: Arc<ServerFaults>,
     pub offers: Arc<Offers>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
-    /// Bind `addr` (port 0: a free port, reported in `addr`) and serve in the background.
+    /// Bind `addr` (port 0: a free port, reported in `addr`) and serve in the background,
+    /// with the default [`Limits`].
     pub async fn start(store: Arc<ReleaseStore>, addr: SocketAddr) -> anyhow::Result<Server> {
+        Self::start_with(store, addr, Limits::default()).await
+    }
+
+    /// [`Server::start`] with other limits.
+    pub async fn start_with(
+        store: Arc<ReleaseStore>,
+        addr: SocketAddr,
+        limits: Limits,
+    ) -> anyhow::Result<Server> {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {addr}: {e} (is another server using the port?)")
         })?;
         let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let faults = Arc::new(ServerFaults::default());
         let offers = Arc::new(Offers::default());
-        let app = router(store, faults.clone(), offers.clone());
-        let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
-                let _ = stopped.await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!("firmware server stopped: {e}");
-            }
-        });
+        let app = router(store, faults.clone(), offers.clone(), limits);
+        let task = tokio::spawn(accept_loop(listener, app, limits, stopped));
         Ok(Server {
             addr,
             faults,
@@ -557,10 +636,69 @@ impl Server {
         format!("http://{}", self.addr)
     }
 
+    /// Stop accepting, let open connections finish their request in flight, and return.
     pub async fn shutdown(mut self) {
         if let Some(s) = self.stop.take() {
-            let _ = s.send(());
+            let _ = s.send(true);
         }
         let _ = (&mut self.task).await;
     }
+}
+
+/// Accept connections while fewer than `limits.max_connections` are open, each served by hyper
+/// with the header timeout, until `stop`; then wait for the open ones to end gracefully.
+/// axum's own `serve` cannot set hyper's header timeout, hence this loop.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: Limits,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut open = tokio::task::JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            _ = stop.changed() => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = stop.changed() => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before accept: back off a
+                    // little rather than spin.
+                    tracing::warn!("firmware server: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut conn_stop = stop.clone();
+        open.spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = conn_stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(%peer, "firmware server connection ended: {e}");
+            }
+        });
+        while open.try_join_next().is_some() {}
+    }
+    while open.join_next().await.is_some() {}
 }

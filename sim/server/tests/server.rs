@@ -7,7 +7,7 @@ use otarig_agent::manifest::{self, Manifest};
 use otarig_esp32s3::appimage::{build, AppSpec};
 use otarig_server::keys::{fixture_dir, NamedKey};
 use otarig_server::release_store::ReleaseStore;
-use otarig_server::server::Server;
+use otarig_server::server::{Limits, Server};
 use reqwest::header;
 use reqwest::StatusCode;
 
@@ -56,6 +56,10 @@ struct Served {
 
 impl Served {
     async fn start() -> Served {
+        Served::start_with(Limits::default()).await
+    }
+
+    async fn start_with(limits: Limits) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(ReleaseStore::open(dir.path()).unwrap());
         let key = NamedKey::load(&fixture_dir(), "ed25519-test").unwrap();
@@ -73,7 +77,7 @@ impl Served {
                 2,
             )
             .unwrap();
-        let server = Server::start(store, "127.0.0.1:0".parse().unwrap())
+        let server = Server::start_with(store, "127.0.0.1:0".parse().unwrap(), limits)
             .await
             .unwrap();
         let base = server.url();
@@ -389,4 +393,106 @@ fn the_release_log_is_signed_chained_and_tamper_evident() {
         .trusted()
         .unwrap();
     assert!(store.verify_log(&[rogue]).is_err());
+}
+
+/// Any client may name any `deviceId`: the server counted served bytes under every one it
+/// was ever given (+24 MB from 400 requests). Now it keeps at most `tracked_devices` of them,
+/// none longer than 128 bytes, and still serves everyone.
+#[tokio::test]
+async fn unknown_device_ids_do_not_grow_the_server() {
+    let served = Served::start_with(Limits {
+        tracked_devices: 10,
+        ..Limits::default()
+    })
+    .await;
+    let (url, _) = served.blob().await;
+    let long = "x".repeat(60_000);
+    for id in (0..40).map(|i| format!("stranger-{i}")).chain([long]) {
+        let r = get(
+            &served.http,
+            format!("{url}?deviceId={id}"),
+            &[(header::RANGE, "bytes=0-15")],
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    }
+    assert_eq!(served.server.faults.tracked(), 10);
+    served.server.shutdown().await;
+}
+
+/// acks.jsonl had no quota: any client could fill the disk. Past its quota an ack is refused
+/// with 507 and a message saying what to do, and the file stays within it.
+#[tokio::test]
+async fn ack_storage_has_a_quota() {
+    let Served {
+        dir,
+        server,
+        http,
+        base,
+        ..
+    } = Served::start_with(Limits {
+        ack_log_bytes: 1_000,
+        ..Limits::default()
+    })
+    .await;
+    let ack = r#"{"v":1,"device":"d-1","sequence":2,"version":"2.0.0","outcome":"installed","detail":""}"#;
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        let r = http
+            .post(format!("{base}/ack"))
+            .body(ack)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status());
+        if r.status() == StatusCode::INSUFFICIENT_STORAGE {
+            assert!(r.text().await.unwrap().contains("rotate"));
+        }
+    }
+    assert!(statuses.contains(&StatusCode::NO_CONTENT));
+    assert_eq!(statuses.last(), Some(&StatusCode::INSUFFICIENT_STORAGE));
+    let len = std::fs::metadata(dir.path().join("acks.jsonl"))
+        .unwrap()
+        .len();
+    assert!(len <= 1_000, "acks.jsonl is {len} bytes");
+    server.shutdown().await;
+}
+
+/// A client that opens a connection and sends nothing (or trickles a request head) held a
+/// descriptor forever: 300 of them starved `/healthz` under a 256-descriptor limit. The header
+/// timeout now closes both, and the server answers others meanwhile.
+#[tokio::test]
+async fn silent_and_trickling_clients_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let served = Served::start_with(Limits {
+        header_read: std::time::Duration::from_millis(300),
+        ..Limits::default()
+    })
+    .await;
+    let addr = served.server.addr;
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut trickle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let slow = tokio::spawn(async move {
+        for b in b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+            .iter()
+            .cycle()
+            .take(60)
+        {
+            if trickle.write_all(&[*b]).await.is_err() {
+                return true; // cut off
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let mut buf = [0u8; 64];
+        matches!(trickle.read(&mut buf).await, Ok(0) | Err(_))
+    });
+    let r = get(&served.http, format!("{}/healthz", served.base), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("the silent connection is closed within the header timeout");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    assert!(slow.await.unwrap(), "the trickling client was cut off");
+    served.server.shutdown().await;
 }

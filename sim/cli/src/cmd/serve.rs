@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use otarig_server::release_store::ReleaseStore;
-use otarig_server::server::Server;
+use otarig_server::server::{Limits, Server};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -13,13 +13,29 @@ pub struct Args {
     store: PathBuf,
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: std::net::SocketAddr,
+    /// Seconds a client has to send a request head (also the idle time allowed between two
+    /// requests on one connection).
+    #[arg(long, default_value_t = 10)]
+    header_timeout: u64,
+    /// Connections open at once; keep it below the process's open-files limit (ulimit -n).
+    #[arg(long, default_value_t = 16_384)]
+    max_connections: usize,
+    /// MiB of acks.jsonl past which acks are refused (507) until it is rotated.
+    #[arg(long, default_value_t = 64)]
+    ack_quota_mib: u64,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let store = Arc::new(ReleaseStore::open(&a.store)?);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let server = Server::start(store.clone(), a.listen).await?;
+        let limits = Limits {
+            header_read: std::time::Duration::from_secs(a.header_timeout.max(1)),
+            max_connections: a.max_connections.max(1),
+            ack_log_bytes: a.ack_quota_mib.saturating_mul(1 << 20),
+            ..Limits::default()
+        };
+        let server = Server::start_with(store.clone(), a.listen, limits).await?;
         println!(
             "serving {} on {} (Ctrl-C stops)",
             store.root().display(),

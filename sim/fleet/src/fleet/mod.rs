@@ -37,7 +37,9 @@ use board::Clock;
 use otarig_scenario::runner::{
     self, new_device, prepare, report, Dev, Prepared, Run, RunOptions, SignedRelease, What,
 };
-use otarig_scenario::scenario::{CommandFault, FaultKind, PayloadTopic, Scenario, Step};
+use otarig_scenario::scenario::{
+    CommandFault, FaultKind, FloodTarget, PayloadTopic, Scenario, Step,
+};
 use rollout::{announce, run_rollout, RolloutCtx};
 use setup::{broker_address, FirmwareServer};
 
@@ -362,8 +364,9 @@ fn channels(s: &Scenario) -> Vec<String> {
 struct Boards {
     tasks: Vec<(u32, JoinHandle<Dev>)>,
     controls: Vec<Option<mpsc::Sender<Ctl>>>,
-    /// Where the boards connect, and the run's end: for faults aimed at the broker.
+    /// Where the boards connect, and the run's end: for faults aimed at broker and server.
     broker: BrokerEndpoint,
+    server: String,
     stop: watch::Receiver<bool>,
 }
 
@@ -385,6 +388,7 @@ fn spawn_boards(
         tasks: Vec::new(),
         controls: Vec::new(),
         broker: shared.broker.clone(),
+        server: shared.server.clone(),
         stop: stop_rx.clone(),
     };
     for i in 0..s.devices {
@@ -513,9 +517,18 @@ async fn inject(
                 }
             }
         }
-        FaultKind::Flood { connections, .. } => {
-            let b = &boards.broker;
-            crate::broker::flood(&b.host, b.port, *connections as usize, boards.stop.clone());
+        FaultKind::Flood {
+            connections,
+            target,
+            ..
+        } => {
+            let (n, stop) = (*connections as usize, boards.stop.clone());
+            match target {
+                FloodTarget::Broker => {
+                    crate::flood::broker(&boards.broker.host, boards.broker.port, n, stop)
+                }
+                FloodTarget::Server => crate::flood::server(&boards.server, n, stop),
+            }
         }
         FaultKind::PowerLoss(_) | FaultKind::Server { .. } | FaultKind::Outage { .. } => {}
     }

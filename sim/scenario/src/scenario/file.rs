@@ -164,12 +164,19 @@ pub(super) struct FaultDef {
     pub(super) flood: Option<Spanned<FloodDef>>,
 }
 
-/// `flood = { at = "5s", connections = 40 }`: strangers flood the MQTT broker from then on.
+/// `flood = { at = "5s", connections = 40, target = "broker" }`: strangers flood the MQTT
+/// broker (or `"server"`, the firmware server) from then on.
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub(super) struct FloodDef {
     pub(super) at: String,
     pub(super) connections: u32,
+    #[serde(default = "default_flood_target")]
+    pub(super) target: super::FloodTarget,
+}
+
+fn default_flood_target() -> super::FloodTarget {
+    super::FloodTarget::Broker
 }
 
 /// `outage = { on-boot-of = "v2", for = "10m" }`: the board's network (Wi-Fi, broker and

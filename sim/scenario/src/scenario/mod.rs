@@ -124,7 +124,18 @@ pub enum FaultKind {
     Flood {
         at_ms: u64,
         connections: u32,
+        target: FloodTarget,
     },
+}
+
+/// What a `flood` fault hammers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FloodTarget {
+    /// The MQTT broker: clients without (or with guessed) credentials.
+    Broker,
+    /// The firmware server: silent connections and acks under ever new device ids.
+    Server,
 }
 
 /// The key that signs the fleet's commands unless a scenario says otherwise.

@@ -406,6 +406,7 @@ impl Parser<'_> {
             FaultKind::Flood {
                 at_ms: parse_duration(&d.at).map_err(|m| self.cx.span(fl, m))?,
                 connections: d.connections,
+                target: d.target,
             }
         } else {
             return Err(self.cx.file("each [[fault]] needs one kind"));

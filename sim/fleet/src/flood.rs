@@ -1,0 +1,74 @@
+//! Strangers that try to take the fleet's infrastructure down from outside: what the
+//! `flood` fault of a scenario and the broker and server tests throw at the embedded broker
+//! and the firmware server. Each keeps at it until `stop` turns true.
+
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+/// Strangers at a broker's door: `n` clients without credentials and `n` with a guessed
+/// password, each reconnecting as fast as the broker turns it away, until `stop` turns true.
+/// What the broker-flooding attack scenario and its test throw at the embedded broker.
+pub fn broker(host: &str, port: u16, n: usize, stop: watch::Receiver<bool>) {
+    for i in 0..2 * n {
+        let id = format!("stranger-{}-{i}", std::process::id());
+        let mut o = rumqttc::MqttOptions::new(id.clone(), host, port);
+        if i >= n {
+            o.set_credentials(id, "0".repeat(64));
+        }
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let (_client, mut events) = rumqttc::AsyncClient::new(o, 4);
+            while !*stop.borrow() {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    r = events.poll() => if r.is_err() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    },
+                }
+            }
+        });
+    }
+}
+
+/// Strangers at the firmware server: `n` connections that send nothing (each reopened as soon
+/// as the server closes it), and `n` clients posting acks under ever new device ids.
+pub fn server(url: &str, n: usize, stop: watch::Receiver<bool>) {
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    for i in 0..n {
+        let (addr, mut quiet) = (addr.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !*quiet.borrow() {
+                let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let mut buf = [0u8; 64];
+                tokio::select! {
+                    _ = quiet.changed() => break,
+                    _ = s.read(&mut buf) => {}
+                }
+            }
+        });
+        let (url, mut spam) = (format!("{}/ack", url.trim_end_matches('/')), stop.clone());
+        tokio::spawn(async move {
+            let http = crate::board_http::BoardHttp::new();
+            for k in 0u64.. {
+                let body = format!(
+                    r#"{{"v":1,"device":"stranger-{i}-{k}","sequence":{k},"version":"6.6.6","outcome":"installed","detail":""}}"#
+                );
+                tokio::select! {
+                    _ = spam.changed() => break,
+                    _ = http.post_json(&url, body) => {}
+                }
+                if *spam.borrow() {
+                    break;
+                }
+            }
+        });
+    }
+}

@@ -90,12 +90,21 @@ pub enum DeltaError {
     BadMagic,
     UnknownCodec(u8),
     BadBlockSize(u8),
-    BadBlock { block: u32 },
-    BadControl { reason: &'static str },
-    OldOutOfRange { pos: u64 },
+    BadBlock {
+        block: u32,
+    },
+    BadControl {
+        reason: &'static str,
+    },
+    OldOutOfRange {
+        pos: u64,
+    },
     NewTooLong,
     Truncated,
     Io,
+    /// A checkpoint that does not fit this patch's header (a journal of another patch, or a
+    /// record corrupted past its CRC).
+    BadResume,
 }
 
 impl fmt::Display for DeltaError {
@@ -109,6 +118,7 @@ impl fmt::Display for DeltaError {
             DeltaError::OldOutOfRange { pos } => {
                 write!(f, "patch reads old image at {pos}, past its end")
             }
+            DeltaError::BadResume => f.write_str("the checkpoint does not fit this patch"),
             DeltaError::NewTooLong => {
                 f.write_str("patch produces more bytes than the new image has")
             }
@@ -138,6 +148,19 @@ pub struct Resume {
 }
 
 impl Resume {
+    /// Whether this checkpoint can belong to a patch with header `h`: every position within
+    /// what the header declares. The journal's CRC catches torn writes, not a checkpoint of
+    /// another patch or a record corrupted with a valid CRC.
+    fn fits(&self, h: &Header) -> bool {
+        let block = h.block_size as u64;
+        self.new_written as u64 <= h.new_size as u64
+            && self.old_pos as u64 <= h.old_size as u64
+            && self.block_offset as usize >= HEADER_LEN
+            && self.block_index <= h.blocks
+            && self.raw_skip as u64 <= block
+            && self.phase <= 2
+    }
+
     /// Bytes of [`Resume::encode`]'s output.
     pub const ENCODED_LEN: usize = 40;
 
@@ -303,6 +326,9 @@ impl Applier {
             self.outbuf = vec![0; h.block_size as usize];
             self.need = 2;
             if let Some(r) = self.resume_to {
+                if !r.fits(&h) {
+                    return Err(DeltaError::BadResume);
+                }
                 self.block_offset = r.block_offset as u64;
                 self.next = r.block_offset as u64;
                 self.new_written = r.new_written as u64;

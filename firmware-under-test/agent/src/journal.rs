@@ -171,7 +171,9 @@ impl Record {
         b
     }
 
-    fn decode(b: &[u8; RECORD_LEN]) -> Option<(u32, Record)> {
+    /// A stored copy: its write counter and record, or None if it is not a valid record of
+    /// either layout (erased, torn, corrupted). Public for the fuzz targets.
+    pub fn decode(b: &[u8; RECORD_LEN]) -> Option<(u32, Record)> {
         let f = Fields(b);
         match f.u32_at(0) {
             MAGIC if f.u32_at(RECORD_LEN - 4) == crc32fast::hash(&b[..RECORD_LEN - 4]) => {}

@@ -87,6 +87,34 @@ fn default_channel() -> String {
 }
 
 impl Manifest {
+    /// A manifest for `version` of `device_type` on `channel`, issued at `issued_at` (Unix
+    /// seconds) and valid for `valid_for` seconds, with no image yet: the release store fills
+    /// in size and hash when it publishes the image.
+    pub fn draft(
+        device_type: &str,
+        channel: &str,
+        version: &str,
+        sequence: u64,
+        issued_at: u64,
+        valid_for: u64,
+    ) -> Manifest {
+        Manifest {
+            format: FORMAT,
+            device_type: device_type.to_string(),
+            channel: channel.to_string(),
+            version: version.to_string(),
+            secure_version: 0,
+            sequence,
+            size: 0,
+            sha256: String::new(),
+            url: None,
+            cid: None,
+            deltas: Vec::new(),
+            issued_at,
+            expires_at: issued_at.saturating_add(valid_for),
+        }
+    }
+
     /// The image hash as bytes, if `sha256` is 64 hex digits.
     pub fn sha256_bytes(&self) -> Option<[u8; 32]> {
         let mut out = [0u8; 32];

@@ -166,3 +166,196 @@ pub fn serial(data: &[u8]) {
     // The request as one frame, unescaped.
     let _ = loader.handle(data, &mut flash);
 }
+
+/// A stored journal copy (both layouts) and a pair of otadata entries as the bootloader
+/// reads them: any bytes on flash, torn or corrupted, decode to a record or to nothing.
+pub fn journal_and_otadata(data: &[u8]) {
+    use otarig_agent::journal::{Record, RECORD_LEN};
+    let mut copy = [0xFFu8; RECORD_LEN];
+    let n = data.len().min(RECORD_LEN);
+    copy[..n].copy_from_slice(&data[..n]);
+    let _ = Record::decode(&copy);
+    use otarig_esp32s3::otadata::{select, Entry, ENTRY_LEN};
+    let mut e = [[0xFFu8; ENTRY_LEN]; 2];
+    for (k, entry) in e.iter_mut().enumerate() {
+        let from = (k * ENTRY_LEN).min(data.len());
+        let to = ((k + 1) * ENTRY_LEN).min(data.len());
+        entry[..to - from].copy_from_slice(&data[from..to]);
+    }
+    let two = [Entry::decode(&e[0]), Entry::decode(&e[1])];
+    let flags = data.last().copied().unwrap_or(0);
+    if let Some(i) = select(&two, [flags & 1 != 0, flags & 2 != 0], flags & 4 != 0) {
+        assert!(i < 2, "otadata selection out of range");
+        let _ = two[i].slot(2);
+    }
+}
+
+/// A release log: the lines as they are (signatures that do not verify), then the same lines
+/// each signed by the trusted key, so the entry parser and the hash chain see fuzzed bodies.
+pub fn release_log(data: &[u8]) {
+    use otarig_agent::manifest::Context;
+    let lines: Vec<Vec<u8>> = data.split(|b| *b == b'\n').map(<[u8]>::to_vec).collect();
+    let _ = otarig_server::release_store::verify_log_lines(&lines, keys());
+    let signed: Vec<Vec<u8>> = lines.iter().map(|l| signed(Context::LogEntry, l)).collect();
+    let _ = otarig_server::release_store::verify_log_lines(&signed, keys());
+}
+
+/// A sink whose reads and writes fail from its `fail_at`th operation on, as a flash that
+/// wears out mid-patch does.
+struct FailingSink {
+    ops: u32,
+    fail_at: u32,
+    written: u64,
+}
+
+impl Sink for FailingSink {
+    fn read_old(&mut self, offset: u32, buf: &mut [u8]) -> Result<(), SinkError> {
+        self.ops += 1;
+        if self.ops >= self.fail_at || offset as u64 + buf.len() as u64 > 64 * 1024 {
+            return Err(SinkError);
+        }
+        buf.fill(0x5A);
+        Ok(())
+    }
+    fn write_new(&mut self, data: &[u8]) -> Result<(), SinkError> {
+        self.ops += 1;
+        if self.ops >= self.fail_at {
+            return Err(SinkError);
+        }
+        self.written += data.len() as u64;
+        Ok(())
+    }
+    fn checkpoint(&mut self, _: Resume) {}
+}
+
+/// A patch applied from a fuzzed resume point (as a corrupted but CRC-valid journal, or a
+/// journal of another patch, would give), into a sink that fails after a fuzzed number of
+/// operations: errors, never a panic or a write past the new image.
+pub fn applier_resume(data: &[u8]) {
+    if data.len() < Resume::ENCODED_LEN + 1 {
+        return;
+    }
+    let at = Resume::decode(&data[..Resume::ENCODED_LEN]);
+    let fail_at = u32::from(data[Resume::ENCODED_LEN]).saturating_add(1);
+    let patch = &data[Resume::ENCODED_LEN + 1..];
+    let mut a = Applier::resume(4096, at);
+    let mut sink = FailingSink {
+        ops: 0,
+        fail_at,
+        written: 0,
+    };
+    // Serve the patch from wherever the applier asks, as the agent's range requests do.
+    for _ in 0..10_000 {
+        let pos = a.next_offset();
+        let Some(rest) = usize::try_from(pos).ok().and_then(|p| patch.get(p..)) else {
+            break;
+        };
+        if rest.is_empty() || a.is_done() {
+            break;
+        }
+        match a.feed(&rest[..rest.len().min(777)], &mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    if let Some(h) = a.header() {
+        assert!(
+            a.new_written() <= h.new_size as u64,
+            "applier counted output past the new image size"
+        );
+    }
+}
+
+/// The firmware server's routes, in process: the request's method, path and query, headers
+/// and body come from `data` (`METHOD PATH\nName: value\n…\n\nbody`). Whatever comes, the
+/// server answers without panicking, and a partial answer is a well-formed one.
+pub fn http_server(data: &[u8]) {
+    use tower::ServiceExt;
+    let Some(req) = request_from(data) else {
+        return;
+    };
+    let Some((router, rt)) = server_under_test() else {
+        return;
+    };
+    let router = router.clone();
+    rt.block_on(async move {
+        let Ok(resp) = router.oneshot(req).await;
+        let status = resp.status();
+        let length = resp
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        let ranged = resp
+            .headers()
+            .contains_key(axum::http::header::CONTENT_RANGE);
+        let body = axum::body::to_bytes(resp.into_body(), 4 << 20).await;
+        if status == axum::http::StatusCode::PARTIAL_CONTENT {
+            assert!(ranged, "206 without Content-Range");
+        }
+        if let (Ok(body), Some(len)) = (body, length) {
+            assert_eq!(body.len(), len, "body length differs from Content-Length");
+        }
+    });
+}
+
+/// `METHOD PATH`, header lines, a blank line, the body.
+fn request_from(data: &[u8]) -> Option<axum::http::Request<axum::body::Body>> {
+    let split = data.windows(2).position(|w| w == b"\n\n");
+    let (head, body) = match split {
+        Some(i) => (&data[..i], &data[i + 2..]),
+        None => (data, &[][..]),
+    };
+    let head = std::str::from_utf8(head).ok()?;
+    let mut lines = head.lines();
+    let (method, path) = lines.next()?.split_once(' ')?;
+    let mut b = axum::http::Request::builder().method(method).uri(path);
+    for line in lines {
+        let (name, value) = line.split_once(':')?;
+        b = b.header(name.trim(), value.trim());
+    }
+    b.body(axum::body::Body::from(body.to_vec())).ok()
+}
+
+/// One server over a store holding one signed release (built once per process).
+fn server_under_test() -> Option<&'static (axum::Router, tokio::runtime::Runtime)> {
+    static SERVER: OnceLock<Option<(axum::Router, tokio::runtime::Runtime)>> = OnceLock::new();
+    SERVER
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().ok()?.keep();
+            let store = otarig_server::release_store::ReleaseStore::open(&dir).ok()?;
+            let key = otarig_server::keys::NamedKey::load(
+                &otarig_server::keys::fixture_dir(),
+                "ed25519-test",
+            )
+            .ok()?;
+            let image = otarig_esp32s3::appimage::build(&otarig_esp32s3::appimage::AppSpec::new(
+                "fuzz",
+                "1.0.0",
+                8 * 1024,
+            ));
+            let m = otarig_agent::manifest::Manifest::draft(
+                "fuzz",
+                "stable",
+                "1.0.0",
+                1,
+                1_767_225_600,
+                86_400,
+            );
+            store.publish(&key, m, &image, &[], 1).ok()?;
+            let router = otarig_server::server::router(
+                std::sync::Arc::new(store),
+                Default::default(),
+                Default::default(),
+                otarig_server::server::Limits {
+                    ack_log_bytes: 1 << 20,
+                    ..Default::default()
+                },
+            );
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            Some((router, rt))
+        })
+        .as_ref()
+}

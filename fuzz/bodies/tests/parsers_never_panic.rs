@@ -53,6 +53,41 @@ proptest! {
         fuzzing::mqtt_payloads(&data);
         fuzzing::serial(&data);
         fuzzing::signed_bodies(&data);
+        fuzzing::journal_and_otadata(&data);
+        fuzzing::release_log(&data);
+        fuzzing::applier_resume(&data);
+        fuzzing::http_server(&data);
+    }
+
+    /// Plausible requests with hostile parts: every route, odd queries, Range and conditional
+    /// headers, ack bodies.
+    #[test]
+    fn server_requests(route in 0usize..6, query in "[a-zA-Z0-9=&%_.-]{0,40}",
+                       range in prop_oneof![Just(String::new()), "bytes=[0-9]{0,12}-[0-9]{0,12}", "bytes=[-0-9,]{0,20}", ".{0,30}"],
+                       cond in prop_oneof![Just(String::new()), "If-None-Match: \"[0-9a-f]{0,64}\"", "If-Range: .{0,40}", "If-Match: \\*"],
+                       body in ".{0,200}") {
+        let path = ["/firmware/latest", "/blobs/0000", "/ipfs/bafy", "/ack", "/healthz", "/"][route];
+        let method = if route == 3 { "POST" } else { "GET" };
+        let mut req = format!("{method} {path}?{query}\n");
+        if !range.is_empty() {
+            req.push_str(&format!("Range: {range}\n"));
+        }
+        if !cond.is_empty() {
+            req.push_str(&cond);
+            req.push('\n');
+        }
+        req.push('\n');
+        req.push_str(&body);
+        fuzzing::http_server(req.as_bytes());
+    }
+
+    /// A valid patch resumed from arbitrary checkpoints into a sink that fails at any point.
+    #[test]
+    fn patches_resumed_anywhere(resume in proptest::collection::vec(any::<u8>(), 40), fail_at in any::<u8>()) {
+        let mut data = resume;
+        data.push(fail_at);
+        data.extend(valid_patch());
+        fuzzing::applier_resume(&data);
     }
 
     #[test]

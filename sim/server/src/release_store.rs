@@ -317,24 +317,7 @@ impl ReleaseStore {
 
     /// Check every line's signature and the hash chain; returns the entries.
     pub fn verify_log(&self, keys: &[TrustedKey]) -> anyhow::Result<Vec<LogEntry>> {
-        let mut prev = GENESIS.to_string();
-        let mut out = Vec::new();
-        for (i, line) in self.log_lines()?.iter().enumerate() {
-            let n = i + 1;
-            let body = manifest::verify_envelope(line, keys, manifest::Context::LogEntry)
-                .map_err(|e| anyhow::anyhow!("releases.log line {n}: {e}"))?;
-            let entry: LogEntry = serde_json::from_slice(&body)
-                .with_context(|| format!("releases.log line {n}: not a log entry"))?;
-            if entry.seq != n as u64 {
-                bail!("releases.log line {n}: entry says it is number {} (lines removed or reordered)", entry.seq);
-            }
-            if entry.prev != prev {
-                bail!("releases.log line {n}: the previous line is not the one it was chained to (edited, removed or reordered)");
-            }
-            prev = hex::encode(sha256(line));
-            out.push(entry);
-        }
-        Ok(out)
+        verify_log_lines(&self.log_lines()?, keys)
     }
 
     /// Append a board's ack (already validated JSON) to `acks.jsonl`.
@@ -355,6 +338,32 @@ impl ReleaseStore {
         f.write_all(&line)?;
         Ok(true)
     }
+}
+
+/// Check the signature and hash chain of a release log's lines (each one envelope, in order);
+/// returns the entries. Lines come from a file anyone with disk access may have edited.
+pub fn verify_log_lines(lines: &[Vec<u8>], keys: &[TrustedKey]) -> anyhow::Result<Vec<LogEntry>> {
+    let mut prev = GENESIS.to_string();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let n = i + 1;
+        let body = manifest::verify_envelope(line, keys, manifest::Context::LogEntry)
+            .map_err(|e| anyhow::anyhow!("releases.log line {n}: {e}"))?;
+        let entry: LogEntry = serde_json::from_slice(&body)
+            .with_context(|| format!("releases.log line {n}: not a log entry"))?;
+        if entry.seq != n as u64 {
+            bail!(
+                "releases.log line {n}: entry says it is number {} (lines removed or reordered)",
+                entry.seq
+            );
+        }
+        if entry.prev != prev {
+            bail!("releases.log line {n}: the previous line is not the one it was chained to (edited, removed or reordered)");
+        }
+        prev = hex::encode(sha256(line));
+        out.push(entry);
+    }
+    Ok(out)
 }
 
 fn parse_entry_unverified(line: &[u8]) -> anyhow::Result<LogEntry> {

@@ -25,21 +25,7 @@ async fn get(
 }
 
 fn manifest(version: &str, sequence: u64) -> Manifest {
-    Manifest {
-        format: manifest::FORMAT,
-        device_type: "srv-board".into(),
-        channel: "stable".into(),
-        version: version.into(),
-        secure_version: 0,
-        sequence,
-        size: 0,
-        sha256: String::new(),
-        url: None,
-        cid: None,
-        deltas: Vec::new(),
-        issued_at: 1_767_225_600,
-        expires_at: 1_767_225_600 + 86_400,
-    }
+    Manifest::draft("srv-board", "stable", version, sequence, 1_767_225_600, 86_400)
 }
 
 /// A server over a store holding v1 (sequence 1) and v2 (sequence 2, with a patch from v1),

@@ -25,6 +25,7 @@ mod host_idf;
 #[cfg(not(target_os = "espidf"))]
 use host_idf as idf;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -92,9 +93,20 @@ enum Msg {
     Connected,
     Publish(String, Vec<u8>),
     Manifest(Vec<u8>),
-    Body(u32, Vec<u8>),
-    BodyEnd,
-    FetchFailed(String),
+    /// The answer to fetch number `.0` (see [`CANCELLED`]).
+    Body(u32, u32, Vec<u8>),
+    BodyEnd(u32),
+    FetchFailed(u32, String),
+}
+
+/// Fetches the agent cancelled (`Action::CancelFetch`). A fetch thread remembers the count it
+/// started under: once the count moves on it stops reading, which closes its connection, and
+/// its messages still queued are dropped.
+static CANCELLED: AtomicU32 = AtomicU32::new(0);
+
+/// Whether a fetch's answer still counts.
+fn current(fetch: u32) -> bool {
+    CANCELLED.load(Ordering::Relaxed) == fetch
 }
 
 /// Provisioning, as stored in NVS namespace `otarig`.
@@ -362,7 +374,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 agent.handle(&mut board, t, input);
             }
             Some(Msg::Manifest(m)) => agent.handle(&mut board, t, Input::Manifest(&m)),
-            Some(Msg::Body(offset, data)) => agent.handle(
+            Some(Msg::Body(n, ..) | Msg::BodyEnd(n) | Msg::FetchFailed(n, _)) if !current(n) => {}
+            Some(Msg::Body(_, offset, data)) => agent.handle(
                 &mut board,
                 t,
                 Input::Body {
@@ -370,8 +383,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                     data: &data,
                 },
             ),
-            Some(Msg::BodyEnd) => agent.handle(&mut board, t, Input::BodyEnd),
-            Some(Msg::FetchFailed(reason)) => {
+            Some(Msg::BodyEnd(_)) => agent.handle(&mut board, t, Input::BodyEnd),
+            Some(Msg::FetchFailed(_, reason)) => {
                 agent.handle(&mut board, t, Input::FetchFailed { reason: &reason })
             }
         }
@@ -484,9 +497,13 @@ fn act(
             let url = url.unwrap_or_else(|| format!("{server}/blobs/{hex}?deviceId={device}"));
             let range = format!("bytes={}-{}", offset, offset as u64 + len as u64 - 1);
             let tx = tx.clone();
+            let n = CANCELLED.load(Ordering::Relaxed);
             std::thread::Builder::new()
                 .stack_size(12 * 1024)
-                .spawn(move || fetch(&url, &range, offset, len, total, &tx))?;
+                .spawn(move || fetch(n, &url, &range, (offset, len, total), &tx))?;
+        }
+        Action::CancelFetch => {
+            CANCELLED.fetch_add(1, Ordering::Relaxed);
         }
     }
     Ok(())
@@ -496,7 +513,9 @@ fn act(
 /// ignored `Range`, so the body is the whole blob from byte 0 and is fed from there (the agent
 /// takes what it needs by offset). A body that runs past what it can hold (the range, or the
 /// blob's `total` size) is endless data: it is cut off and the request counts as failed.
-fn fetch(url: &str, range: &str, offset: u32, len: u32, total: u32, tx: &SyncSender<Msg>) {
+/// `n` is the fetch's number ([`CANCELLED`]); `window` its offset, length and the blob's size.
+fn fetch(n: u32, url: &str, range: &str, window: (u32, u32, u32), tx: &SyncSender<Msg>) {
+    let (offset, len, total) = window;
     let mut pos = None;
     let mut overran = None;
     let status = http(
@@ -505,6 +524,9 @@ fn fetch(url: &str, range: &str, offset: u32, len: u32, total: u32, tx: &SyncSen
         &[("Range", range)],
         None,
         &mut |status, chunk| {
+            if !current(n) {
+                return false; // cancelled: stop reading, the connection closes
+            }
             let (start, end) = body_window(status, offset, len, total);
             let at = *pos.get_or_insert(start);
             if at + chunk.len() as u64 > end {
@@ -512,16 +534,17 @@ fn fetch(url: &str, range: &str, offset: u32, len: u32, total: u32, tx: &SyncSen
                 return false;
             }
             pos = Some(at + chunk.len() as u64);
-            tx.send(Msg::Body(at as u32, chunk.to_vec())).is_ok()
+            tx.send(Msg::Body(n, at as u32, chunk.to_vec())).is_ok()
         },
     );
     let _ = tx.send(match (status, overran) {
-        (Ok(_), Some(end)) => Msg::FetchFailed(format!(
-            "the answer ran past byte {end} of the blob (endless data): cut off"
-        )),
-        (Ok(200 | 206), None) => Msg::BodyEnd,
-        (Ok(s), None) => Msg::FetchFailed(format!("HTTP {s}")),
-        (Err(e), _) => Msg::FetchFailed(e),
+        (Ok(_), Some(end)) => Msg::FetchFailed(
+            n,
+            format!("the answer ran past byte {end} of the blob (endless data): cut off"),
+        ),
+        (Ok(200 | 206), None) => Msg::BodyEnd(n),
+        (Ok(s), None) => Msg::FetchFailed(n, format!("HTTP {s}")),
+        (Err(e), _) => Msg::FetchFailed(n, e),
     });
 }
 

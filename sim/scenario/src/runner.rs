@@ -156,12 +156,15 @@ enum Ev {
         payload: Arc<Vec<u8>>,
         retained: bool,
     },
+    /// Parts of the answer to a fetch, for fetch generation `gen` of the board (a cancelled
+    /// fetch's answer is dropped).
     Body {
         offset: u32,
         data: Vec<u8>,
+        gen: u64,
     },
-    BodyEnd,
-    FetchFailed(String),
+    BodyEnd(u64),
+    FetchFailed(String, u64),
     Timer,
     Release(usize),
     /// Judge the current wave of the rollout of release k.
@@ -197,6 +200,8 @@ pub struct Dev {
     pub network_down_until: u64,
     /// The retained message on this board's command topic, if any.
     pub retained_cmd: Option<Arc<Vec<u8>>>,
+    /// Bumped when the agent cancels a fetch: answers of older generations are dropped.
+    pub fetch_gen: u64,
 }
 
 impl Dev {
@@ -647,6 +652,7 @@ impl Dev {
             outages: Vec::new(),
             network_down_until: 0,
             retained_cmd: None,
+            fetch_gen: 0,
         }
     }
 }
@@ -787,15 +793,17 @@ impl World {
                     retained,
                 },
             ),
-            Ev::Body { offset, data } => self.feed(
+            Ev::Body { gen, .. } | Ev::BodyEnd(gen) | Ev::FetchFailed(_, gen)
+                if gen != self.devs[d].fetch_gen => {} // answers a cancelled fetch
+            Ev::Body { offset, data, .. } => self.feed(
                 d,
                 Input::Body {
                     offset,
                     data: &data,
                 },
             ),
-            Ev::BodyEnd => self.feed(d, Input::BodyEnd),
-            Ev::FetchFailed(reason) => self.feed(d, Input::FetchFailed { reason: &reason }),
+            Ev::BodyEnd(_) => self.feed(d, Input::BodyEnd),
+            Ev::FetchFailed(reason, _) => self.feed(d, Input::FetchFailed { reason: &reason }),
             Ev::Timer => self.feed(d, Input::Timer),
         }
     }
@@ -812,7 +820,7 @@ impl World {
         cut: Option<u64>,
         throttle: Option<u32>,
     ) {
-        let now = self.now;
+        let (now, gen) = (self.now, self.devs[d].fetch_gen);
         match self.store.serve(&sha256, offset as u64, len) {
             Served::Bytes(mut data) => {
                 let dropped = cut
@@ -828,28 +836,41 @@ impl World {
                     None => n.div_ceil(BYTES_PER_MS),
                 };
                 let t = now + LATENCY_MS + transfer;
-                self.schedule(d, t, Ev::Body { offset, data });
+                self.schedule(d, t, Ev::Body { offset, data, gen });
                 match dropped {
                     Some(n) => self.schedule(
                         d,
                         t,
-                        Ev::FetchFailed(format!("connection closed after {n} bytes")),
+                        Ev::FetchFailed(format!("connection closed after {n} bytes"), gen),
                     ),
-                    None => self.schedule(d, t, Ev::BodyEnd),
+                    None => self.schedule(d, t, Ev::BodyEnd(gen)),
                 }
             }
             Served::NotFound => self.schedule(
                 d,
                 now + LATENCY_MS,
-                Ev::FetchFailed("HTTP 404: no such blob".into()),
+                Ev::FetchFailed("HTTP 404: no such blob".into(), gen),
             ),
             Served::RangeNotSatisfiable { len } => self.schedule(
                 d,
                 now + LATENCY_MS,
-                Ev::FetchFailed(format!(
-                    "HTTP 416: range starts at {offset}, the blob has {len} bytes"
-                )),
+                Ev::FetchFailed(
+                    format!("HTTP 416: range starts at {offset}, the blob has {len} bytes"),
+                    gen,
+                ),
             ),
+        }
+    }
+
+    /// Endless data: the blob from `offset` to its end, then junk; no end of the answer ever
+    /// comes (the board must stop reading by itself).
+    fn serve_endless(&mut self, d: usize, sha256: [u8; 32], offset: u32) {
+        let (now, gen) = (self.now, self.devs[d].fetch_gen);
+        if let Served::Bytes(mut data) = self.store.serve(&sha256, offset as u64, u64::MAX) {
+            data.extend(std::iter::repeat_n(0xA5, 64 * 1024));
+            self.devs[d].fetched += data.len() as u64;
+            let t = now + LATENCY_MS + (data.len() as u64).div_ceil(BYTES_PER_MS);
+            self.schedule(d, t, Ev::Body { offset, data, gen });
         }
     }
 
@@ -1060,6 +1081,7 @@ impl World {
                 len,
                 ..
             } => {
+                let gen = self.devs[d].fetch_gen;
                 let total = self.store.blob(&sha256).map_or(0, |b| b.len() as u64);
                 let (start, end) = (offset as u64, offset as u64 + len as u64);
                 let cut_of = |p: u32| total * p as u64 / 100;
@@ -1074,17 +1096,23 @@ impl World {
                     _ => None,
                 };
                 match fault {
-                    Some(ServerFault::Status(st)) => {
-                        self.schedule(d, now + LATENCY_MS, Ev::FetchFailed(format!("HTTP {st}")))
-                    }
+                    Some(ServerFault::Status(st)) => self.schedule(
+                        d,
+                        now + LATENCY_MS,
+                        Ev::FetchFailed(format!("HTTP {st}"), gen),
+                    ),
                     Some(ServerFault::Stall) => self.schedule(
                         d,
                         now + FETCH_TIMEOUT_MS,
-                        Ev::FetchFailed(format!("no answer within {} s", FETCH_TIMEOUT_MS / 1000)),
+                        Ev::FetchFailed(
+                            format!("no answer within {} s", FETCH_TIMEOUT_MS / 1000),
+                            gen,
+                        ),
                     ),
                     Some(ServerFault::NoRange) => {
                         self.serve(d, sha256, 0, u64::MAX, None, throttle)
                     }
+                    Some(ServerFault::Endless) => self.serve_endless(d, sha256, offset),
                     Some(ServerFault::DropAfterPercent(p)) => {
                         self.serve(d, sha256, offset, len as u64, Some(cut_of(p)), throttle)
                     }
@@ -1115,6 +1143,7 @@ impl World {
                 self.schedule(d, at, Ev::Timer);
             }
             Action::Reboot => self.restart(d, BOOT_MS),
+            Action::CancelFetch => self.devs[d].fetch_gen += 1,
         }
     }
 }

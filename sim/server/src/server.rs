@@ -51,6 +51,9 @@ pub enum ServerFault {
     /// Bodies trickle at this many bytes per second (virtual time). Unlike the others, a
     /// throttle combines with another fault on the same request.
     Throttle(u32),
+    /// Endless data: the answer is the blob from the range's start to its end, then junk that
+    /// never stops (no Content-Length), as a malicious mirror would send.
+    Endless,
 }
 
 impl ServerFault {
@@ -406,6 +409,7 @@ async fn serve_blob(app: App, key: [u8; 32], q: BlobQuery, req: Request) -> Resp
             // Never answer; the board's own timeout ends the request.
             std::future::pending::<()>().await;
         }
+        Some(ServerFault::Endless) => return endless(&blob, start),
         _ => {}
     }
     let honour_range = !matches!(fault, Some(ServerFault::NoRange));
@@ -538,6 +542,31 @@ fn ranged(blob: &Blob, headers: &axum::http::HeaderMap, honour_range: bool) -> R
         }
     }
     (StatusCode::PARTIAL_CONTENT, head, body).into_response()
+}
+
+/// `blob` from `start` to its end, then 4 KiB pieces of junk for ever, without a
+/// Content-Length (HTTP/1.1 sends it chunked), under a 206 whose Content-Range claims the
+/// rest of the blob: what a board must stop reading by itself.
+fn endless(blob: &Blob, start: u64) -> Response {
+    use futures_util::StreamExt;
+    let len = blob.bytes.len() as u64;
+    let from = start.min(len.saturating_sub(1)) as usize;
+    let head = futures_util::stream::once(std::future::ready(Ok::<_, std::io::Error>(
+        blob.bytes.slice(from..),
+    )));
+    let junk = axum::body::Bytes::from(vec![0xA5u8; 4096]);
+    let tail = futures_util::stream::repeat_with(move || Ok(junk.clone()));
+    let body = axum::body::Body::from_stream(head.chain(tail));
+    let range = format!("bytes {from}-{}/{len}", len.saturating_sub(1));
+    (
+        StatusCode::PARTIAL_CONTENT,
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_RANGE, range),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// A body that yields its bytes no faster than `bytes_per_s`, in slices of about 50 ms.

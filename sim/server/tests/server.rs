@@ -25,7 +25,14 @@ async fn get(
 }
 
 fn manifest(version: &str, sequence: u64) -> Manifest {
-    Manifest::draft("srv-board", "stable", version, sequence, 1_767_225_600, 86_400)
+    Manifest::draft(
+        "srv-board",
+        "stable",
+        version,
+        sequence,
+        1_767_225_600,
+        86_400,
+    )
 }
 
 /// A server over a store holding v1 (sequence 1) and v2 (sequence 2, with a patch from v1),

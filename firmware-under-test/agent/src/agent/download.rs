@@ -18,6 +18,8 @@ pub(super) struct Download {
     pub(super) consecutive_failures: u32,
     pub(super) next_progress_pct: u32,
     pub(super) delta: Option<DeltaDownload>,
+    /// Bytes taken since the current transfer-rate window began.
+    window_bytes: u64,
 }
 
 /// A delta being applied: patch bytes in, new image bytes out.
@@ -213,9 +215,34 @@ impl Agent {
             consecutive_failures: 0,
             next_progress_pct: (pct / 10 + 1) * 10,
             delta,
+            window_bytes: 0,
         };
         self.state = State::Downloading(dl);
+        self.timers.rate = None;
         self.request_next();
+    }
+
+    /// The end of a transfer-rate window: a download that took less than
+    /// [`Config::min_rate`] on average over it gives the request up as failed (its
+    /// connection dropped); otherwise the next window begins.
+    fn check_rate<P: Platform>(&mut self, p: &mut P, now: u64) {
+        let State::Downloading(dl) = &mut self.state else {
+            return;
+        };
+        let window = self.cfg.rate_window_ms;
+        let needed = (self.cfg.min_rate as u64).saturating_mul(window) / 1000;
+        let got = core::mem::take(&mut dl.window_bytes);
+        if got >= needed {
+            self.timers.rate = Some(now.saturating_add(window));
+            return;
+        }
+        self.out.push_back(Action::CancelFetch);
+        let reason = format!(
+            "{got} bytes in {} s, slower than the {} B/s this board accepts (slow retrieval)",
+            window / 1000,
+            self.cfg.min_rate
+        );
+        self.on_fetch_failed(p, now, &reason);
     }
 
     pub(super) fn request_next(&mut self) {
@@ -228,6 +255,12 @@ impl Agent {
         }
         let len = core::cmp::min(self.cfg.chunk_size, total - at);
         dl.requested_end = at + len;
+        if self.timers.rate.is_none() && self.cfg.min_rate > 0 {
+            // The window runs across back-to-back ranges; a backoff ends it.
+            let now = self.last_now.unwrap_or(0);
+            self.timers.rate = Some(now.saturating_add(self.cfg.rate_window_ms));
+            dl.window_bytes = 0;
+        }
         let (sha256, url) = match &dl.delta {
             Some(d) => (d.patch_sha256, d.url.clone()),
             None => (dl.sha256, dl.manifest.url.clone()),
@@ -241,7 +274,7 @@ impl Agent {
         });
     }
 
-    pub(super) fn on_body<P: Platform>(&mut self, p: &mut P, offset: u32, data: &[u8]) {
+    pub(super) fn on_body<P: Platform>(&mut self, p: &mut P, now: u64, offset: u32, data: &[u8]) {
         let State::Downloading(dl) = &mut self.state else {
             return;
         };
@@ -253,12 +286,25 @@ impl Agent {
         let skip = (at - offset) as usize;
         // Contiguous bytes past the requested range are taken too: a server that ignores Range
         // answers with the whole blob, and throwing it away would only fetch it again. What is
-        // written is hash-checked before anything switches.
+        // written is hash-checked before anything switches. Bytes past the blob's end are
+        // not: the answer is cut there (endless data), and the blob is complete.
         let take = core::cmp::min(end, total) - at;
-        if take == 0 {
-            return;
+        let endless = end > total;
+        if take > 0 {
+            dl.window_bytes = dl.window_bytes.saturating_add(take as u64);
+            self.take_piece(p, &data[skip..skip + take as usize]);
         }
-        let piece = &data[skip..skip + take as usize];
+        if endless && matches!(self.state, State::Downloading(_)) {
+            self.out.push_back(Action::CancelFetch);
+            self.on_body_end(p, now);
+        }
+    }
+
+    /// Bytes at the download's position: into the slot, or through the patch applier.
+    fn take_piece<P: Platform>(&mut self, p: &mut P, piece: &[u8]) {
+        let State::Downloading(dl) = &mut self.state else {
+            return;
+        };
         if let Some(d) = dl.delta.as_mut() {
             let mut sink = PatchSink {
                 p: &mut *p,
@@ -304,7 +350,11 @@ impl Agent {
                 }
             }
         }
-        dl.consecutive_failures = 0;
+        // A request succeeded once its whole range came; bytes alone do not count, or a
+        // server trickling a few bytes per try would never be given up on.
+        if dl.fetch_window().0 >= dl.requested_end {
+            dl.consecutive_failures = 0;
+        }
         let (seq, written, size) = (dl.manifest.sequence, dl.written, dl.manifest.size);
         let mut progress = None;
         if written as u64 * 100 >= dl.next_progress_pct as u64 * size as u64 {
@@ -372,6 +422,7 @@ impl Agent {
         let State::Downloading(mut dl) = core::mem::replace(&mut self.state, State::Ready) else {
             return;
         };
+        self.timers.rate = None;
         dl.consecutive_failures += 1;
         if dl.consecutive_failures >= self.cfg.max_fetch_failures {
             // Stop retrying this release (a new release, with a higher sequence, starts over);
@@ -431,6 +482,10 @@ impl Agent {
                 }
                 return self.roll_back_self(p, reason);
             }
+        }
+        if self.timers.rate.is_some_and(|t| t <= now) {
+            self.timers.rate = None;
+            self.check_rate(p, now);
         }
         if self.timers.retry.is_some_and(|t| t <= now) {
             self.timers.retry = None;

@@ -59,6 +59,12 @@ pub struct Config {
     pub retry_max_ms: u64,
     /// Consecutive failed range requests after which the release is given up.
     pub max_fetch_failures: u32,
+    /// Slowest transfer a download tolerates, in bytes per second averaged over
+    /// `rate_window_ms` (0: any rate). Each network wait has its own timeout in the shell, so a
+    /// server (or a man in the middle) that trickles a byte just inside it would hold a board
+    /// forever: Uptane's slow-retrieval attack. A slower window ends the request as failed.
+    pub min_rate: u32,
+    pub rate_window_ms: u64,
     /// How often to ask the server for the latest manifest (0: only when the network comes up).
     pub poll_interval_ms: u64,
     /// Use a delta patch when the manifest offers one for the running image.
@@ -89,6 +95,8 @@ impl Config {
             retry_base_ms: 1_000,
             retry_max_ms: 60_000,
             max_fetch_failures: 10,
+            min_rate: 512,
+            rate_window_ms: 60_000,
             poll_interval_ms: 60_000,
             use_deltas: true,
             time_floor_ms: TIME_FLOOR_MS,
@@ -155,6 +163,10 @@ pub enum Action {
     Report(Event),
     /// Send the outcome of a release to the server.
     Ack(Ack),
+    /// Stop reading the answer to the last [`Action::Fetch`] and drop its connection: no
+    /// more [`Input::Body`], [`Input::BodyEnd`] or [`Input::FetchFailed`] for it. The agent
+    /// gave up on it (slower than [`Config::min_rate`], or running past the blob's end).
+    CancelFetch,
     /// Deliver [`Input::Timer`] at this time (ms); replaces any earlier request.
     WakeAt(u64),
     /// Restart the chip (`esp_restart`).
@@ -182,11 +194,13 @@ struct Timers {
     confirm: Option<u64>,
     retry: Option<u64>,
     poll: Option<u64>,
+    /// End of the current transfer-rate window of a download.
+    rate: Option<u64>,
 }
 
 impl Timers {
     fn earliest(&self) -> Option<u64> {
-        [self.confirm, self.retry, self.poll]
+        [self.confirm, self.retry, self.poll, self.rate]
             .into_iter()
             .flatten()
             .min()
@@ -356,7 +370,7 @@ impl Agent {
                 }),
             },
             Input::Command { payload, retained } => self.on_command(p, now_ms, payload, retained),
-            Input::Body { offset, data } => self.on_body(p, offset, data),
+            Input::Body { offset, data } => self.on_body(p, now_ms, offset, data),
             Input::BodyEnd => self.on_body_end(p, now_ms),
             Input::FetchFailed { reason } => self.on_fetch_failed(p, now_ms, reason),
             Input::Timer => self.on_timer(p, now_ms),
@@ -380,7 +394,7 @@ impl Agent {
             if !self.clock_is_set(last) && self.clock_is_set(now) {
                 let jump = now.saturating_sub(last);
                 let t = &mut self.timers;
-                for timer in [&mut t.confirm, &mut t.retry, &mut t.poll]
+                for timer in [&mut t.confirm, &mut t.retry, &mut t.poll, &mut t.rate]
                     .into_iter()
                     .flatten()
                 {

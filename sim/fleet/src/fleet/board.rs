@@ -16,7 +16,7 @@ use rumqttc::{AsyncClient, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::transfer::{read_next, spawn_fetch, spawn_poll, Io, Reading};
+use super::transfer::{read_next, spawn_fetch, spawn_poll, Io, RangeRequest, Reading};
 use super::PREFIX;
 use crate::board_http::BoardHttp;
 
@@ -279,6 +279,8 @@ struct Boot<'a> {
     self_test_at: Option<u64>,
     telemetry_at: Option<u64>,
     booted_at: u64,
+    /// Fetches the agent cancelled this boot: the number the current fetch's answer carries.
+    fetches: u64,
 }
 
 /// `Err` ends the boot.
@@ -305,6 +307,7 @@ impl<'a> Boot<'a> {
             self_test_at: None,
             telemetry_at: (sh.telemetry_ms > 0).then(|| booted_at + sh.telemetry_ms),
             booted_at,
+            fetches: 0,
         }
     }
 
@@ -394,19 +397,23 @@ impl<'a> Boot<'a> {
                 ..
             } => {
                 let (http, tx) = (self.http.clone(), self.io_tx.clone());
-                let fetch = spawn_fetch(
-                    sh.clone(),
-                    http,
-                    tx,
-                    self.dev.id.clone(),
-                    sha256,
+                let req = RangeRequest {
+                    sha: sha256,
                     offset,
                     len,
-                );
+                    fetch: self.fetches,
+                };
+                let fetch = spawn_fetch(sh.clone(), http, tx, self.dev.id.clone(), req);
                 self.tasks.push(fetch);
             }
             Action::Report(e) => self.report(e),
             Action::Ack(ack) => self.ack(ack),
+            Action::CancelFetch => {
+                // Dropping the body closes its connection; answers still on their way are
+                // recognised by their fetch number and dropped.
+                self.reading = None;
+                self.fetches += 1;
+            }
         }
         Ok(())
     }
@@ -491,12 +498,15 @@ impl<'a> Boot<'a> {
     fn on_io(&mut self, io: Io) -> Step {
         match io {
             Io::Manifest(b) => self.feed(Input::Manifest(&b)),
-            Io::Response { offset, body } => {
+            Io::Response { fetch, .. } | Io::FetchFailed(_, fetch) if fetch != self.fetches => {
+                Ok(()) // the answer to a fetch the agent cancelled
+            }
+            Io::Response { offset, body, .. } => {
                 let timeout = self.sh.clock.real(runner::FETCH_TIMEOUT_MS);
                 self.reading = Some(Reading::new(body, offset, timeout));
                 Ok(())
             }
-            Io::FetchFailed(reason) => self.feed(Input::FetchFailed { reason: &reason }),
+            Io::FetchFailed(reason, _) => self.feed(Input::FetchFailed { reason: &reason }),
         }
     }
 

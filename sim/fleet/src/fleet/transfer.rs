@@ -13,7 +13,8 @@ use tokio::task::JoinHandle;
 use super::board::Shared;
 use crate::board_http::{self, BoardHttp};
 
-/// What a board's HTTP requests deliver to its task.
+/// What a board's HTTP requests deliver to its task. Fetch answers carry the number of the
+/// fetch (the board's count of them), so the answer of one the agent cancelled is dropped.
 pub(super) enum Io {
     Manifest(Vec<u8>),
     /// A range's answer arrived; its body is read by the board task itself (straight from
@@ -21,8 +22,9 @@ pub(super) enum Io {
     Response {
         offset: u32,
         body: Incoming,
+        fetch: u64,
     },
-    FetchFailed(String),
+    FetchFailed(String, u64),
 }
 
 /// A body being read into the agent: where its next byte goes, and when waiting for it
@@ -73,16 +75,28 @@ pub(super) fn spawn_poll(
     })
 }
 
+/// One range of a blob a board asks for, under its fetch number (see [`Io`]).
+pub(super) struct RangeRequest {
+    pub(super) sha: [u8; 32],
+    pub(super) offset: u32,
+    pub(super) len: u32,
+    pub(super) fetch: u64,
+}
+
 /// Ask the server for one range of a blob; the answer's body is read by the board task.
 pub(super) fn spawn_fetch(
     sh: Arc<Shared>,
     http: BoardHttp,
     tx: mpsc::Sender<Io>,
     device: String,
-    sha: [u8; 32],
-    offset: u32,
-    len: u32,
+    req: RangeRequest,
 ) -> JoinHandle<()> {
+    let RangeRequest {
+        sha,
+        offset,
+        len,
+        fetch,
+    } = req;
     tokio::spawn(async move {
         let url = format!("{}/blobs/{}?deviceId={device}", sh.server, hex::encode(sha));
         let range = (offset as u64, offset as u64 + len as u64 - 1);
@@ -94,18 +108,20 @@ pub(super) fn spawn_fetch(
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 let _ = tx
-                    .send(Io::FetchFailed(format!("request failed: {e}")))
+                    .send(Io::FetchFailed(format!("request failed: {e}"), fetch))
                     .await;
                 return;
             }
             Err(_) => {
-                let _ = tx.send(Io::FetchFailed(no_data())).await;
+                let _ = tx.send(Io::FetchFailed(no_data(), fetch)).await;
                 return;
             }
         };
         let status = resp.status();
         if status.as_u16() != 206 && status.as_u16() != 200 {
-            let _ = tx.send(Io::FetchFailed(format!("HTTP {status}"))).await;
+            let _ = tx
+                .send(Io::FetchFailed(format!("HTTP {status}"), fetch))
+                .await;
             return;
         }
         // A server without Range support answers 200 with the whole blob from byte 0.
@@ -114,6 +130,7 @@ pub(super) fn spawn_fetch(
             .send(Io::Response {
                 offset,
                 body: resp.into_body(),
+                fetch,
             })
             .await;
     })

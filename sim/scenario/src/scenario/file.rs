@@ -200,6 +200,9 @@ pub(super) struct ServerFaultDef {
     pub(super) status: Option<u16>,
     #[serde(default)]
     pub(super) stall: bool,
+    /// The rest of the blob, then junk for ever.
+    #[serde(default)]
+    pub(super) endless: bool,
     /// Bytes per second, as a number or a string with a unit ("32 KiB/s", "1 MB/s").
     #[serde(default)]
     pub(super) throttle: Option<toml::Value>,

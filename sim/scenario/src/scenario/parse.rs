@@ -457,6 +457,9 @@ impl Parser<'_> {
         if d.stall {
             kinds.push(ServerFault::Stall);
         }
+        if d.endless {
+            kinds.push(ServerFault::Endless);
+        }
         if let Some(rate) = &d.throttle {
             kinds.push(ServerFault::Throttle(
                 parse_rate(rate).map_err(|e| self.cx.span(sv, e))?,
@@ -469,7 +472,7 @@ impl Parser<'_> {
             }),
             _ => Err(self.cx.span(
                 sv,
-                "a server fault is exactly one of drop-after, no-range, status, stall or throttle (give two [[fault]] tables to combine them)",
+                "a server fault is exactly one of drop-after, no-range, status, stall, endless or throttle (give two [[fault]] tables to combine them)",
             )),
         }
     }

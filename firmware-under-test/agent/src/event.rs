@@ -19,6 +19,8 @@ pub enum Check {
     Signature,
     /// Built for another device type.
     DeviceType,
+    /// Signed for another release channel (a beta release offered to a stable board).
+    Channel,
     /// `expires_at` is in the past.
     Expired,
     /// The board's clock is not set (before SNTP, an ESP32 counts from 1970), so expiry cannot
@@ -56,6 +58,7 @@ impl Check {
             Check::Malformed => "malformed",
             Check::Signature => "signature",
             Check::DeviceType => "device-type",
+            Check::Channel => "channel",
             Check::Expired => "expired",
             Check::Clock => "clock",
             Check::Sequence => "sequence",
@@ -73,10 +76,11 @@ impl Check {
         }
     }
 
-    pub const ALL: [Check; 17] = [
+    pub const ALL: [Check; 18] = [
         Check::Malformed,
         Check::Signature,
         Check::DeviceType,
+        Check::Channel,
         Check::Expired,
         Check::Clock,
         Check::Sequence,

@@ -40,7 +40,7 @@ pub mod manifest;
 pub mod platform;
 pub mod protocol;
 
-pub use agent::{Action, Activity, Agent, Config, Input, Telemetry};
+pub use agent::{Action, Activity, Agent, Config, Input, Telemetry, MAX_SEQUENCE_STEP};
 pub use event::{Ack, Check, Event, Outcome};
 pub use manifest::{Manifest, PublicKey, SignedManifest, TrustedKey};
 pub use platform::{EspError, EspResult, OtaImgState, Platform, Slot, SlotKind};

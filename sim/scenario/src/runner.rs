@@ -427,7 +427,7 @@ pub fn prepare_with(
         let m = Manifest {
             format: otarig_agent::manifest::FORMAT,
             device_type: r.device_type.clone(),
-            channel: r.channel.clone(),
+            channel: r.signed_channel.clone(),
             version: fw.version.clone(),
             secure_version: fw.secure_version,
             sequence: r.sequence,

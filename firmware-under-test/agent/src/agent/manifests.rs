@@ -65,6 +65,15 @@ impl Agent {
                 ),
             ));
         }
+        if m.channel != self.cfg.channel {
+            return Err((
+                Check::Channel,
+                format!(
+                    "manifest is signed for channel '{}', this board follows '{}'",
+                    m.channel, self.cfg.channel
+                ),
+            ));
+        }
         if !self.clock_is_set(now) {
             return Err((
                 Check::Clock,
@@ -95,6 +104,15 @@ impl Agent {
                 Check::Sequence,
                 format!(
                     "sequence {} is not above {} already installed (replayed or stale manifest)",
+                    m.sequence, rec.highest_seq
+                ),
+            ));
+        }
+        if m.sequence - rec.highest_seq > MAX_SEQUENCE_STEP {
+            return Err((
+                Check::Sequence,
+                format!(
+                    "sequence {} jumps more than {MAX_SEQUENCE_STEP} above {} already installed (fast-forward)",
                     m.sequence, rec.highest_seq
                 ),
             ));

@@ -34,6 +34,12 @@ use download::Download;
 /// Extra boots given to a new image that the bootloader found unconfirmed.
 const UNCONFIRMED_RETRIES: u8 = 2;
 
+/// Largest step a release's sequence may take above the highest installed. A key holder who
+/// signs a sequence near `u64::MAX` would otherwise leave no room for any later release
+/// (fast-forward); with the step bounded, the operator can always release above whatever an
+/// attacker got installed, and using up the space would take 2^44 installs.
+pub const MAX_SEQUENCE_STEP: u64 = 1 << 20;
+
 /// Installs of one release that may roll back for want of a network before it is known-bad.
 const OFFLINE_ROLLBACKS: u8 = 3;
 

@@ -104,6 +104,9 @@ pub(super) struct ReleaseDef {
     pub(super) device_type: Option<String>,
     #[serde(default)]
     pub(super) channel: Option<String>,
+    /// The channel the manifest names, when it is published on another (mix-and-match).
+    #[serde(default)]
+    pub(super) signed_channel: Option<String>,
     #[serde(default)]
     pub(super) sequence: Option<u64>,
     #[serde(default)]

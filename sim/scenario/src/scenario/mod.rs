@@ -66,7 +66,10 @@ pub struct Release {
     pub at_ms: u64,
     pub signed_by: String,
     pub device_type: String,
+    /// Where it is published.
     pub channel: String,
+    /// What the manifest says (usually `channel`).
+    pub signed_channel: String,
     pub sequence: u64,
     pub expires_in_ms: i64,
     pub tamper: Option<TamperDef>,

@@ -309,6 +309,11 @@ impl Parser<'_> {
                 .clone()
                 .unwrap_or_else(|| self.raw.fleet.device_type.clone()),
             channel: r.channel.clone().unwrap_or_else(|| channel.to_string()),
+            signed_channel: r
+                .signed_channel
+                .clone()
+                .or_else(|| r.channel.clone())
+                .unwrap_or_else(|| channel.to_string()),
             sequence: r.sequence.unwrap_or(i as u64 + 1),
             expires_in_ms,
             tamper: r.tamper.as_ref().map(|t| *t.get_ref()),

@@ -274,9 +274,7 @@ pub fn http_server(data: &[u8]) {
     let Some(req) = request_from(data) else {
         return;
     };
-    let Some((router, rt)) = server_under_test() else {
-        return;
-    };
+    let (router, rt) = server_under_test();
     let router = router.clone();
     rt.block_on(async move {
         let Ok(resp) = router.oneshot(req).await;
@@ -316,18 +314,25 @@ fn request_from(data: &[u8]) -> Option<axum::http::Request<axum::body::Body>> {
     b.body(axum::body::Body::from(body.to_vec())).ok()
 }
 
-/// One server over a store holding one signed release (built once per process).
-fn server_under_test() -> Option<&'static (axum::Router, tokio::runtime::Runtime)> {
-    static SERVER: OnceLock<Option<(axum::Router, tokio::runtime::Runtime)>> = OnceLock::new();
-    SERVER
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().ok()?.keep();
-            let store = otarig_server::release_store::ReleaseStore::open(&dir).ok()?;
+/// One server over a store holding one signed release (built once per process, over a store
+/// directory shared by every process). A harness that cannot be set up is a failure that says
+/// why, not a target that silently checks nothing.
+fn server_under_test() -> &'static (axum::Router, tokio::runtime::Runtime) {
+    static SERVER: OnceLock<(axum::Router, tokio::runtime::Runtime)> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        // One store for every process on the machine, made once and reused: a server needs
+        // its files for as long as it runs, and statics are never dropped, so a directory per
+        // process would be left behind by every run.
+        let dir = std::env::temp_dir().join("otarig-fuzz-http-server");
+        let store = otarig_server::release_store::ReleaseStore::open(&dir).unwrap_or_else(|e| {
+            panic!("the http_server target's store at {}: {e:#}", dir.display())
+        });
+        if !matches!(store.latest("fuzz", "stable"), Ok(Some(_))) {
             let key = otarig_server::keys::NamedKey::load(
                 &otarig_server::keys::fixture_dir(),
                 "ed25519-test",
             )
-            .ok()?;
+            .unwrap_or_else(|e| panic!("the fixture key ed25519-test: {e:#}"));
             let image = otarig_esp32s3::appimage::build(&otarig_esp32s3::appimage::AppSpec::new(
                 "fuzz",
                 "1.0.0",
@@ -341,21 +346,22 @@ fn server_under_test() -> Option<&'static (axum::Router, tokio::runtime::Runtime
                 1_767_225_600,
                 86_400,
             );
-            store.publish(&key, m, &image, &[], 1).ok()?;
-            let router = otarig_server::server::router(
-                std::sync::Arc::new(store),
-                Default::default(),
-                Default::default(),
-                otarig_server::server::Limits {
-                    ack_log_bytes: 1 << 20,
-                    ..Default::default()
-                },
-            );
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            Some((router, rt))
-        })
-        .as_ref()
+            // Another process may publish first; then its release serves as well.
+            let _ = store.publish(&key, m, &image, &[], 1);
+        }
+        let router = otarig_server::server::router(
+            std::sync::Arc::new(store),
+            Default::default(),
+            Default::default(),
+            otarig_server::server::Limits {
+                ack_log_bytes: 1 << 20,
+                ..Default::default()
+            },
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("a tokio runtime for the http_server target: {e}"));
+        (router, rt)
+    })
 }

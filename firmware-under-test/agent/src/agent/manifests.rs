@@ -108,12 +108,12 @@ impl Agent {
                 ),
             ));
         }
-        if m.sequence - rec.highest_seq > MAX_SEQUENCE_STEP {
+        if m.sequence - rec.highest_seq > self.cfg.max_sequence_step {
             return Err((
                 Check::Sequence,
                 format!(
-                    "sequence {} jumps more than {MAX_SEQUENCE_STEP} above {} already installed (fast-forward)",
-                    m.sequence, rec.highest_seq
+                    "sequence {} jumps more than {} above {} already installed (fast-forward)",
+                    m.sequence, self.cfg.max_sequence_step, rec.highest_seq
                 ),
             ));
         }

@@ -34,11 +34,13 @@ use download::Download;
 /// Extra boots given to a new image that the bootloader found unconfirmed.
 const UNCONFIRMED_RETRIES: u8 = 2;
 
-/// Largest step a release's sequence may take above the highest installed. A key holder who
-/// signs a sequence near `u64::MAX` would otherwise leave no room for any later release
-/// (fast-forward); with the step bounded, the operator can always release above whatever an
-/// attacker got installed, and using up the space would take 2^44 installs.
-pub const MAX_SEQUENCE_STEP: u64 = 1 << 20;
+/// Default largest step a release's sequence may take above the highest installed
+/// ([`Config::max_sequence_step`]). A key holder who signs a sequence near `u64::MAX` would
+/// otherwise leave no room for any later release (fast-forward); with the step bounded, the
+/// operator can always release above whatever an attacker got installed, and using the space
+/// up would take 2^32 installs. 2^32 leaves room for sequences people derive from dates
+/// (`2026120101`) or Unix seconds, from 0 on a board that never updated.
+pub const MAX_SEQUENCE_STEP: u64 = 1 << 32;
 
 /// Installs of one release that may roll back for want of a network before it is known-bad.
 const OFFLINE_ROLLBACKS: u8 = 3;
@@ -75,6 +77,9 @@ pub struct Config {
     pub poll_interval_ms: u64,
     /// Use a delta patch when the manifest offers one for the running image.
     pub use_deltas: bool,
+    /// Largest step a release's sequence may take above the highest installed
+    /// ([`MAX_SEQUENCE_STEP`] by default; fast-forward protection).
+    pub max_sequence_step: u64,
     /// A wall-clock time (ms since 1970) below this means the clock is not set: an ESP32
     /// counts from 1970 after power-on until SNTP sets the time. Without a set clock the agent
     /// does not install (it cannot check a manifest's expiry), and when the clock gets set its
@@ -105,6 +110,7 @@ impl Config {
             rate_window_ms: 60_000,
             poll_interval_ms: 60_000,
             use_deltas: true,
+            max_sequence_step: MAX_SEQUENCE_STEP,
             time_floor_ms: TIME_FLOOR_MS,
         }
     }

@@ -57,6 +57,9 @@ pub struct Golden {
     /// The scenario's server ignores `Range` for the board, so every resume starts over from
     /// byte 0 and may re-download the whole image: that is the bound per cut then.
     pub ranges_ignored: bool,
+    /// Bytes an answer carries past the blob's end (an endless server's junk, which the board
+    /// receives before it cuts the answer): added to the bound per cut.
+    pub junk_per_answer: u64,
     pub known_images: BTreeSet<String>,
 }
 
@@ -127,14 +130,20 @@ pub fn golden(s: &Scenario) -> anyhow::Result<Golden> {
     if let Some(f) = failures.first() {
         anyhow::bail!("the scenario fails even without a power cut: {f}");
     }
-    let ranges_ignored = s
-        .server_faults_for(0)
-        .iter()
-        .any(|(f, _)| matches!(f, crate::scenario::ServerFault::NoRange));
+    use crate::scenario::ServerFault;
+    let faults = s.server_faults_for(0);
+    let endless = faults.iter().any(|(f, _)| *f == ServerFault::Endless);
+    let ranges_ignored = endless || faults.iter().any(|(f, _)| *f == ServerFault::NoRange);
+    let junk_per_answer = if endless {
+        crate::runner::ENDLESS_JUNK as u64
+    } else {
+        0
+    };
     Ok(Golden {
         prepared,
         fetched: d.fetched_bytes,
         ranges_ignored,
+        junk_per_answer,
         ops: d.flash_ops,
         final_version: d.version.clone().unwrap_or_default(),
         image_size: d.image_size,
@@ -148,8 +157,8 @@ impl Golden {
     pub fn refetch_per_cut(&self) -> (u64, &'static str) {
         if self.ranges_ignored {
             (
-                self.image_size.max(refetch_bound()),
-                "the whole image: this server ignores Range",
+                self.image_size.max(refetch_bound()) + self.junk_per_answer,
+                "the whole image (and an endless answer's junk): this server ignores Range",
             )
         } else {
             (

@@ -25,6 +25,8 @@ use otarig_esp32s3::board::{Board, BoardEvent, BootConfig, BootOutcome, CutPlan}
 use otarig_server::keys::NamedKey;
 use otarig_server::store::{Served, Store};
 
+/// Junk bytes an endless server's answer carries in the in-process model, past the blob.
+pub const ENDLESS_JUNK: usize = 64 * 1024;
 /// Unix time (ms) at virtual time zero: 2026-01-01T00:00:00Z.
 pub const EPOCH_MS: u64 = 1_767_225_600_000;
 const LATENCY_MS: u64 = 20;
@@ -862,12 +864,13 @@ impl World {
         }
     }
 
-    /// Endless data: the blob from `offset` to its end, then junk; no end of the answer ever
+    /// Endless data: the blob from `offset` to its end, then [`ENDLESS_JUNK`] bytes of junk
+    /// (as much as a board receives before it cuts the answer); no end of the answer ever
     /// comes (the board must stop reading by itself).
     fn serve_endless(&mut self, d: usize, sha256: [u8; 32], offset: u32) {
         let (now, gen) = (self.now, self.devs[d].fetch_gen);
         if let Served::Bytes(mut data) = self.store.serve(&sha256, offset as u64, u64::MAX) {
-            data.extend(std::iter::repeat_n(0xA5, 64 * 1024));
+            data.extend(std::iter::repeat_n(0xA5, ENDLESS_JUNK));
             self.devs[d].fetched += data.len() as u64;
             let t = now + LATENCY_MS + (data.len() as u64).div_ceil(BYTES_PER_MS);
             self.schedule(d, t, Ev::Body { offset, data, gen });

@@ -687,14 +687,14 @@ async fn accept_loop(
     let mut open = tokio::task::JoinSet::new();
     loop {
         let permit = tokio::select! {
-            _ = stop.changed() => break,
+            Ok(()) = stop.changed() => break,
             p = slots.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
         };
         let (stream, peer) = tokio::select! {
-            _ = stop.changed() => break,
+            Ok(()) = stop.changed() => break,
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
@@ -718,7 +718,7 @@ async fn accept_loop(
             tokio::pin!(conn);
             let ended = tokio::select! {
                 r = conn.as_mut() => r,
-                _ = conn_stop.changed() => {
+                Ok(()) = conn_stop.changed() => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }

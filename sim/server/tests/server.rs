@@ -489,3 +489,20 @@ async fn silent_and_trickling_clients_are_cut_off() {
     assert!(slow.await.unwrap(), "the trickling client was cut off");
     served.server.shutdown().await;
 }
+
+/// As documented: dropping the handle does not stop the server (only `shutdown` does). The
+/// accept loop stopped when the handle's stop channel closed with it.
+#[tokio::test]
+async fn dropping_the_handle_keeps_the_server_up() {
+    let Served {
+        dir: _dir,
+        server,
+        http,
+        base,
+        ..
+    } = Served::start().await;
+    drop(server);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let r = get(&http, format!("{base}/healthz"), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+}

@@ -4,7 +4,7 @@
 //!
 //! | topic | direction | retained | payload |
 //! |---|---|---|---|
-//! | `{prefix}/release/{device_type}/{channel}` | server → boards | yes | [`Announcement`]: `{"v":1,"signed":<signed manifest>}` |
+//! | `{prefix}/release/{device_type}/{channel}` | server → boards | yes | [`SignedPayload`]: `{"v":1,"signed":<signed manifest>}` |
 //! | `{prefix}/device/{device_id}/cmd` | server → board | no | a signed command: `{"v":1,"signed":<envelope of {"device":"…","id":17,"cmd":"update-now","expires_at":…}>}` (`update-now`, `reboot`, `report`; [`CommandBody`]) |
 //! | `{prefix}/device/{device_id}/status` | board → server | no | an event: `{"v":1,"device":"…","t_ms":…,"kind":"downloading",…}` ([`event_json`]) |
 //! | `{prefix}/device/{device_id}/ack` | board → server | no | an ack: `{"v":1,"device":"…","sequence":7,"version":"2.0.0","outcome":"installed","detail":""}` |
@@ -82,10 +82,11 @@ impl core::fmt::Display for PayloadError {
     }
 }
 
-/// A retained release announcement.
+/// A signed envelope as it travels on MQTT, `{"v":1,"signed":<envelope>}`: a retained release
+/// announcement (the envelope holds a manifest) or a command (it holds a [`CommandBody`]).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Announcement {
+pub struct SignedPayload {
     pub v: u32,
     pub signed: SignedManifest,
 }
@@ -131,13 +132,6 @@ pub enum CommandError {
     Envelope(EnvelopeError),
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CommandWire {
-    v: u32,
-    signed: SignedManifest,
-}
-
 fn check_len(bytes: &[u8]) -> Result<(), PayloadError> {
     if bytes.len() > MAX_PAYLOAD {
         return Err(PayloadError::TooLarge(bytes.len()));
@@ -145,10 +139,10 @@ fn check_len(bytes: &[u8]) -> Result<(), PayloadError> {
     Ok(())
 }
 
-/// Read an announcement; the manifest inside is still to be verified by [`crate::manifest::open`].
-pub fn parse_announcement(bytes: &[u8]) -> Result<Announcement, PayloadError> {
+/// Read an announcement or a command payload; the envelope inside is still to be verified.
+pub fn parse_signed(bytes: &[u8]) -> Result<SignedPayload, PayloadError> {
     check_len(bytes)?;
-    let a: Announcement =
+    let a: SignedPayload =
         serde_json::from_slice(bytes).map_err(|e| PayloadError::NotJson(e.to_string()))?;
     if a.v != VERSION {
         return Err(PayloadError::Version(a.v));
@@ -156,27 +150,23 @@ pub fn parse_announcement(bytes: &[u8]) -> Result<Announcement, PayloadError> {
     Ok(a)
 }
 
-/// The signed manifest bytes inside an announcement, as [`crate::Input::Manifest`] takes them.
-pub fn announcement_manifest(a: &Announcement) -> alloc::vec::Vec<u8> {
+/// The envelope bytes inside a payload, as [`crate::Input::Manifest`] and
+/// [`crate::manifest::verify_envelope`] take them.
+pub fn envelope_bytes(a: &SignedPayload) -> alloc::vec::Vec<u8> {
     serde_json::to_vec(&a.signed).unwrap_or_default()
 }
 
-/// Wrap a signed manifest (its JSON bytes) into an announcement payload.
-pub fn announcement(signed_manifest: &[u8]) -> Result<String, PayloadError> {
-    let signed: SignedManifest = serde_json::from_slice(signed_manifest)
-        .map_err(|e| PayloadError::NotJson(e.to_string()))?;
+/// Wrap a signed envelope (its JSON bytes: a signed manifest, or a signed command body) into
+/// the payload published on MQTT.
+pub fn signed_payload(envelope: &[u8]) -> Result<String, PayloadError> {
+    let signed: SignedManifest =
+        serde_json::from_slice(envelope).map_err(|e| PayloadError::NotJson(e.to_string()))?;
     Ok(json!({"v": VERSION, "signed": signed}).to_string())
 }
 
 /// Read a command payload and verify its signature; nothing in the body is looked at first.
 pub fn parse_command(bytes: &[u8], keys: &[TrustedKey]) -> Result<Command, CommandError> {
-    check_len(bytes).map_err(CommandError::Payload)?;
-    let w: CommandWire = serde_json::from_slice(bytes)
-        .map_err(|e| CommandError::Payload(PayloadError::NotJson(e.to_string())))?;
-    if w.v != VERSION {
-        return Err(CommandError::Payload(PayloadError::Version(w.v)));
-    }
-    let env = serde_json::to_vec(&w.signed).unwrap_or_default();
+    let env = envelope_bytes(&parse_signed(bytes).map_err(CommandError::Payload)?);
     let body = crate::manifest::verify_envelope(&env, keys, Context::Command)
         .map_err(CommandError::Envelope)?;
     let b: CommandBody = serde_json::from_slice(&body)
@@ -209,13 +199,6 @@ impl CommandKind {
             CommandKind::Report => "report",
         }
     }
-}
-
-/// Wrap a signed command body (its envelope's JSON bytes) into a command payload.
-pub fn command_payload(signed_body: &[u8]) -> Result<String, PayloadError> {
-    let signed: SignedManifest =
-        serde_json::from_slice(signed_body).map_err(|e| PayloadError::NotJson(e.to_string()))?;
-    Ok(json!({"v": VERSION, "signed": signed}).to_string())
 }
 
 fn outcome_detail(o: &Outcome) -> String {

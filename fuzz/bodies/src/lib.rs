@@ -112,11 +112,8 @@ pub fn bsdiff40(data: &[u8]) {
 
 /// MQTT payloads a board reads: release announcements and commands.
 pub fn mqtt_payloads(data: &[u8]) {
-    if let Ok(a) = otarig_agent::protocol::parse_announcement(data) {
-        let _ = otarig_agent::manifest::open(
-            &otarig_agent::protocol::announcement_manifest(&a),
-            keys(),
-        );
+    if let Ok(a) = otarig_agent::protocol::parse_signed(data) {
+        let _ = otarig_agent::manifest::open(&otarig_agent::protocol::envelope_bytes(&a), keys());
     }
     let _ = otarig_agent::protocol::parse_command(data, keys());
 }
@@ -138,7 +135,7 @@ pub fn signed_bodies(data: &[u8]) {
     let manifest = signed(Context::Manifest, data);
     let _ = otarig_agent::manifest::open(&manifest, keys());
     let cmd = signed(Context::Command, data);
-    if let Ok(payload) = otarig_agent::protocol::command_payload(&cmd) {
+    if let Ok(payload) = otarig_agent::protocol::signed_payload(&cmd) {
         let _ = otarig_agent::protocol::parse_command(payload.as_bytes(), keys());
     }
     let crossed = otarig_agent::manifest::verify_envelope(&cmd, keys(), Context::Manifest);

@@ -127,7 +127,7 @@ impl Player<'_> {
                     .store
                     .set_latest(&r.device_type, &r.channel, &r.manifest)?;
                 let payload =
-                    protocol::announcement(&r.manifest).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    protocol::signed_payload(&r.manifest).map_err(|e| anyhow::anyhow!("{e}"))?;
                 let topic = protocol::release_topic(PREFIX, &r.device_type, &r.channel);
                 self.control
                     .publish(topic, QoS::AtLeastOnce, true, payload)

@@ -741,7 +741,7 @@ impl World {
                     },
                 );
                 // Retained announcement: every board that is up hears it.
-                let payload = match otarig_agent::protocol::announcement(&signed) {
+                let payload = match otarig_agent::protocol::signed_payload(&signed) {
                     Ok(p) => Arc::new(p.into_bytes()),
                     Err(_) => return,
                 };

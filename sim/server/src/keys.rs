@@ -153,6 +153,6 @@ impl NamedKey {
             manifest::Context::Command,
             &serde_json::to_vec(body).unwrap_or_default(),
         );
-        protocol::command_payload(&env).unwrap_or_default()
+        protocol::signed_payload(&env).unwrap_or_default()
     }
 }

@@ -371,9 +371,9 @@ impl Agent {
             Input::Online => self.on_online(p, now_ms),
             Input::Offline => self.online = false,
             Input::Manifest(bytes) => self.on_manifest(p, now_ms, bytes),
-            Input::Announcement(bytes) => match crate::protocol::parse_announcement(bytes) {
+            Input::Announcement(bytes) => match crate::protocol::parse_signed(bytes) {
                 Ok(a) => {
-                    let signed = crate::protocol::announcement_manifest(&a);
+                    let signed = crate::protocol::envelope_bytes(&a);
                     self.on_manifest(p, now_ms, &signed)
                 }
                 Err(e) => self.emit(Event::BadMessage {

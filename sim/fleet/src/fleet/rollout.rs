@@ -18,7 +18,7 @@ pub(super) async fn announce(
     channel: &str,
     signed: &[u8],
 ) -> anyhow::Result<()> {
-    let payload = protocol::announcement(signed).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let payload = protocol::signed_payload(signed).map_err(|e| anyhow::anyhow!("{e}"))?;
     let topic = protocol::release_topic(PREFIX, device_type, channel);
     control
         .publish(topic, QoS::AtLeastOnce, true, payload)

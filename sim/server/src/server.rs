@@ -77,7 +77,6 @@ pub struct ServerFaults {
     /// for at most [`Limits::tracked_devices`] ids of at most [`MAX_DEVICE_ID`] bytes: any
     /// client may name any `deviceId`.
     served: Mutex<HashMap<String, u64>>,
-    tracked_devices: std::sync::atomic::AtomicUsize,
 }
 
 /// Longest device id the server keeps anything under.
@@ -120,11 +119,8 @@ impl ServerFaults {
         self.served.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Count served bytes for one more device, if it is tracked or there is room.
-    fn count_served(&self, device: &str, len: u64) {
-        let cap = self
-            .tracked_devices
-            .load(std::sync::atomic::Ordering::Relaxed);
+    /// Count served bytes for one more device, if it is tracked or there is room for `cap`.
+    fn count_served(&self, device: &str, len: u64, cap: usize) {
         let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = served.get_mut(device) {
             *n += len;
@@ -199,6 +195,7 @@ struct App {
     faults: Arc<ServerFaults>,
     offers: Arc<Offers>,
     ack_log_bytes: u64,
+    tracked_devices: usize,
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -425,7 +422,7 @@ async fn serve_blob(app: App, key: [u8; 32], q: BlobQuery, req: Request) -> Resp
             _ => len,
         });
     if let (Some(d), Some(len)) = (q.device_id.as_deref(), sent) {
-        app.faults.count_served(d, len);
+        app.faults.count_served(d, len, app.tracked_devices);
     }
     let resp = match throttle {
         Some(rate) => resp.map(|body| paced(body, rate)),
@@ -601,9 +598,6 @@ pub fn router(
     offers: Arc<Offers>,
     limits: Limits,
 ) -> Router {
-    faults
-        .tracked_devices
-        .store(limits.tracked_devices, std::sync::atomic::Ordering::Relaxed);
     Router::new()
         .route("/firmware/latest", get(latest))
         .route(
@@ -618,6 +612,7 @@ pub fn router(
             faults,
             offers,
             ack_log_bytes: limits.ack_log_bytes,
+            tracked_devices: limits.tracked_devices,
         })
 }
 

@@ -35,20 +35,44 @@ pub fn manifest(data: &[u8]) {
     let _ = otarig_agent::manifest::open(data, keys());
 }
 
-struct NullSink {
-    old_len: u32,
+/// Where the fuzzed patches go: a 64 KiB old image of 0x5A bytes and an output that is only
+/// counted. Reads and writes fail from the `fail_at`th operation on, as a flash that wears out
+/// mid-patch does (`u32::MAX`: never).
+struct TestSink {
+    ops: u32,
+    fail_at: u32,
     written: u64,
 }
 
-impl Sink for NullSink {
+impl TestSink {
+    const OLD_LEN: u64 = 64 * 1024;
+
+    fn failing_at(fail_at: u32) -> TestSink {
+        TestSink {
+            ops: 0,
+            fail_at,
+            written: 0,
+        }
+    }
+
+    fn fails_now(&mut self) -> bool {
+        self.ops = self.ops.saturating_add(1);
+        self.ops >= self.fail_at
+    }
+}
+
+impl Sink for TestSink {
     fn read_old(&mut self, offset: u32, buf: &mut [u8]) -> Result<(), SinkError> {
-        if offset as u64 + buf.len() as u64 > self.old_len as u64 {
+        if self.fails_now() || offset as u64 + buf.len() as u64 > Self::OLD_LEN {
             return Err(SinkError);
         }
         buf.fill(0x5A);
         Ok(())
     }
     fn write_new(&mut self, data: &[u8]) -> Result<(), SinkError> {
+        if self.fails_now() {
+            return Err(SinkError);
+        }
         self.written += data.len() as u64;
         Ok(())
     }
@@ -58,10 +82,7 @@ impl Sink for NullSink {
 /// A delta patch, fed the way the network delivers it (in pieces).
 pub fn patch(data: &[u8]) {
     let mut a = Applier::new(4096);
-    let mut sink = NullSink {
-        old_len: 64 * 1024,
-        written: 0,
-    };
+    let mut sink = TestSink::failing_at(u32::MAX);
     let mut pos = 0usize;
     while pos < data.len() && !a.is_done() {
         if a.next_offset() as usize != pos {
@@ -197,34 +218,6 @@ pub fn release_log(data: &[u8]) {
     let _ = otarig_server::release_store::verify_log_lines(&signed, keys());
 }
 
-/// A sink whose reads and writes fail from its `fail_at`th operation on, as a flash that
-/// wears out mid-patch does.
-struct FailingSink {
-    ops: u32,
-    fail_at: u32,
-    written: u64,
-}
-
-impl Sink for FailingSink {
-    fn read_old(&mut self, offset: u32, buf: &mut [u8]) -> Result<(), SinkError> {
-        self.ops += 1;
-        if self.ops >= self.fail_at || offset as u64 + buf.len() as u64 > 64 * 1024 {
-            return Err(SinkError);
-        }
-        buf.fill(0x5A);
-        Ok(())
-    }
-    fn write_new(&mut self, data: &[u8]) -> Result<(), SinkError> {
-        self.ops += 1;
-        if self.ops >= self.fail_at {
-            return Err(SinkError);
-        }
-        self.written += data.len() as u64;
-        Ok(())
-    }
-    fn checkpoint(&mut self, _: Resume) {}
-}
-
 /// A patch applied from a fuzzed resume point (as a corrupted but CRC-valid journal, or a
 /// journal of another patch, would give), into a sink that fails after a fuzzed number of
 /// operations: errors, never a panic or a write past the new image.
@@ -236,11 +229,7 @@ pub fn applier_resume(data: &[u8]) {
     let fail_at = u32::from(data[Resume::ENCODED_LEN]).saturating_add(1);
     let patch = &data[Resume::ENCODED_LEN + 1..];
     let mut a = Applier::resume(4096, at);
-    let mut sink = FailingSink {
-        ops: 0,
-        fail_at,
-        written: 0,
-    };
+    let mut sink = TestSink::failing_at(fail_at);
     // Serve the patch from wherever the applier asks, as the agent's range requests do.
     for _ in 0..10_000 {
         let pos = a.next_offset();

@@ -211,7 +211,7 @@ pub enum SetupError {
 fn fl(e: FlashError) -> EspError {
     match e {
         FlashError::OutOfBounds { .. } | FlashError::Unaligned { .. } => EspError::InvalidArg,
-        FlashError::PowerLost { .. } => EspError::FlashOpFail,
+        FlashError::PowerLost { .. } | FlashError::Worn { .. } => EspError::FlashOpFail,
     }
 }
 
@@ -786,6 +786,13 @@ impl Board {
             info,
             behaviour,
         }
+    }
+
+    /// The agent's data partition wears out: every erase or program of it fails from now on
+    /// (`ESP_ERR_FLASH_OP_FAIL`), reads still work.
+    pub fn wear_out_agent_partition(&mut self) {
+        let (base, size) = self.agent_partition();
+        self.flash.wear_out(base..base + size);
     }
 
     fn agent_partition(&self) -> (u32, u32) {

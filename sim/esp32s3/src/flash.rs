@@ -55,6 +55,8 @@ pub enum FlashError {
     OutOfBounds { addr: u32, len: u32, size: u32 },
     #[error("erase at 0x{addr:08x} is not sector aligned")]
     Unaligned { addr: u32 },
+    #[error("flash at 0x{addr:08x} is worn out: the erase or program failed")]
+    Worn { addr: u32 },
 }
 
 /// A program over bytes that were not erased (strict mode).
@@ -151,6 +153,8 @@ pub struct Flash {
     last_cut: Option<CutReport>,
     strict: bool,
     violations: Vec<Violation>,
+    /// Addresses whose erases and programs fail ([`Flash::wear_out`]).
+    worn: Option<std::ops::Range<u32>>,
 }
 
 impl std::fmt::Debug for Flash {
@@ -181,7 +185,14 @@ impl Flash {
             last_cut: None,
             strict: true,
             violations: Vec::new(),
+            worn: None,
         }
+    }
+
+    /// From now on every erase or program that touches `range` fails ([`FlashError::Worn`])
+    /// and changes nothing, as sectors past their erase endurance do; reads still work.
+    pub fn wear_out(&mut self, range: std::ops::Range<u32>) {
+        self.worn = Some(range);
     }
 
     pub fn size(&self) -> u32 {
@@ -362,7 +373,7 @@ impl Flash {
         if !addr.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
             return Err(FlashError::Unaligned { addr });
         }
-        self.check_bounds(addr, len)?;
+        self.check_writable(addr, len)?;
         let (mut at, end) = (addr, addr + len);
         while at < end {
             let (kind, n) = if at.is_multiple_of(BLOCK_SIZE) && end - at >= BLOCK_SIZE {
@@ -385,7 +396,7 @@ impl Flash {
     /// Program `data` at `addr`: one operation per slice of at most 64 bytes that does not
     /// cross a 256-byte page (`memspi_host_write_data_slicer`).
     pub fn program(&mut self, addr: u32, data: &[u8]) -> Result<(), FlashError> {
-        self.check_bounds(addr, data.len() as u32)?;
+        self.check_writable(addr, data.len() as u32)?;
         let mut done = 0usize;
         while done < data.len() {
             let a = addr + done as u32;
@@ -410,6 +421,20 @@ impl Flash {
                 len,
                 size: self.size,
             });
+        }
+        Ok(())
+    }
+
+    /// [`Flash::check_bounds`], and not worn out: what an erase or program needs.
+    fn check_writable(&self, addr: u32, len: u32) -> Result<(), FlashError> {
+        self.check_bounds(addr, len)?;
+        let end = addr + len;
+        if self
+            .worn
+            .as_ref()
+            .is_some_and(|w| addr < w.end && w.start < end)
+        {
+            return Err(FlashError::Worn { addr });
         }
         Ok(())
     }

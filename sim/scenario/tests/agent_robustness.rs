@@ -7,9 +7,7 @@ use std::sync::Arc;
 
 use otarig_agent::manifest::{DeltaRef, Manifest};
 use otarig_agent::protocol::CommandKind;
-use otarig_agent::{
-    Action, Agent, Config, EspError, EspResult, Event, Input, OtaImgState, Platform, Slot, SlotKind,
-};
+use otarig_agent::{Action, Agent, Config, Event, Input, Platform, SlotKind};
 use otarig_esp32s3::appimage::{self, AppSpec};
 use otarig_esp32s3::board::{Board, BoardEvent, BootConfig, BootOutcome};
 use otarig_esp32s3::partition::PartitionTable;
@@ -374,73 +372,16 @@ fn the_longest_intervals_do_not_overflow_the_timers() {
     );
 }
 
-/// The board with its agent data partition refusing every write, as a worn-out sector does
-/// (`ESP_ERR_FLASH_OP_FAIL`); everything else goes to the board.
-struct WornState<'a>(&'a mut Board);
-
-impl Platform for WornState<'_> {
-    fn running_slot(&self) -> Slot {
-        self.0.running_slot()
-    }
-    fn next_update_slot(&self) -> Option<Slot> {
-        self.0.next_update_slot()
-    }
-    fn slot_state(&mut self, s: Slot) -> EspResult<Option<OtaImgState>> {
-        self.0.slot_state(s)
-    }
-    fn ota_begin(&mut self, s: Slot) -> EspResult<()> {
-        self.0.ota_begin(s)
-    }
-    fn ota_resume(&mut self, s: Slot, o: u32) -> EspResult<()> {
-        self.0.ota_resume(s, o)
-    }
-    fn ota_write(&mut self, d: &[u8]) -> EspResult<()> {
-        self.0.ota_write(d)
-    }
-    fn ota_end(&mut self) -> EspResult<()> {
-        self.0.ota_end()
-    }
-    fn ota_abort(&mut self) {
-        self.0.ota_abort()
-    }
-    fn set_boot_partition(&mut self, s: Slot) -> EspResult<()> {
-        self.0.set_boot_partition(s)
-    }
-    fn mark_app_valid_cancel_rollback(&mut self) -> EspResult<()> {
-        self.0.mark_app_valid_cancel_rollback()
-    }
-    fn mark_app_invalid_rollback(&mut self) -> EspResult<()> {
-        self.0.mark_app_invalid_rollback()
-    }
-    fn slot_read(&mut self, s: Slot, o: u32, b: &mut [u8]) -> EspResult<()> {
-        self.0.slot_read(s, o, b)
-    }
-    fn state_size(&self) -> u32 {
-        self.0.state_size()
-    }
-    fn state_read(&mut self, o: u32, b: &mut [u8]) -> EspResult<()> {
-        self.0.state_read(o, b)
-    }
-    fn state_erase_sector(&mut self, _: u32) -> EspResult<()> {
-        Err(EspError::FlashOpFail)
-    }
-    fn state_write(&mut self, _: u32, _: &[u8]) -> EspResult<()> {
-        Err(EspError::FlashOpFail)
-    }
-    fn efuse_secure_version(&mut self) -> u32 {
-        self.0.efuse_secure_version()
-    }
-}
-
 /// A storage error halts updating; the agent must still obey `reboot` (it ignored every
 /// input once halted, so only a power cycle could bring such a board back).
 #[test]
 fn a_halted_agent_still_reboots_on_command() {
     let mut rig = Rig::new();
     let m = rig.manifest.clone();
-    let mut worn = WornState(&mut rig.board);
-    rig.agent.handle(&mut worn, NOW + 100, Input::Online);
-    rig.agent.handle(&mut worn, NOW + 200, Input::Manifest(&m));
+    rig.board.wear_out_agent_partition();
+    let worn = &mut rig.board;
+    rig.agent.handle(worn, NOW + 100, Input::Online);
+    rig.agent.handle(worn, NOW + 200, Input::Manifest(&m));
     let mut actions = Vec::new();
     while let Some(a) = rig.agent.poll_action() {
         actions.push(a);
@@ -456,7 +397,7 @@ fn a_halted_agent_still_reboots_on_command() {
         payload: &reboot,
         retained: false,
     };
-    rig.agent.handle(&mut worn, NOW + 300, cmd);
+    rig.agent.handle(worn, NOW + 300, cmd);
     let after: Vec<Action> = std::iter::from_fn(|| rig.agent.poll_action()).collect();
     assert_eq!(after, vec![Action::Reboot]);
 }

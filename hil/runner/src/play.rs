@@ -135,7 +135,8 @@ impl Player<'_> {
             }
             Step::Fault(n) => match &self.s.faults[*n].kind {
                 FaultKind::Command(c) => {
-                    let payload = c.payload(*n, &id)?;
+                    // One board: its one payload.
+                    let payload = c.payloads(*n, [id.as_str()])?.concat();
                     for _ in 0..c.repeat {
                         let topic = protocol::device_topic(PREFIX, &id, Leaf::Cmd);
                         self.control

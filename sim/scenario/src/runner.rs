@@ -521,8 +521,11 @@ pub fn run_prepared(
         let targets = (0..s.devices).filter(|i| f.devices.contains(*i));
         match &f.kind {
             FaultKind::Command(c) => {
-                for i in targets {
-                    let payload = Arc::new(c.payload(n, &s.device_id(i))?);
+                let targets: Vec<u32> = targets.collect();
+                let ids: Vec<String> = targets.iter().map(|i| s.device_id(*i)).collect();
+                let payloads = c.payloads(n, ids.iter().map(String::as_str))?;
+                for (i, payload) in targets.into_iter().zip(payloads) {
+                    let payload = Arc::new(payload);
                     if c.retained {
                         world.devs[i as usize].retained_cmd = Some(payload.clone());
                     }

@@ -306,10 +306,10 @@ impl Operator {
         targets: &[u32],
         c: &CommandFault,
     ) -> anyhow::Result<()> {
-        for i in targets {
-            let device = s.device_id(*i);
-            let payload = c.payload(n, &device)?;
-            let topic = protocol::device_topic(PREFIX, &device, Leaf::Cmd);
+        let ids: Vec<String> = targets.iter().map(|i| s.device_id(*i)).collect();
+        let payloads = c.payloads(n, ids.iter().map(String::as_str))?;
+        for (device, payload) in ids.iter().zip(payloads) {
+            let topic = protocol::device_topic(PREFIX, device, Leaf::Cmd);
             for _ in 0..c.repeat {
                 self.client
                     .publish(topic.clone(), QoS::AtLeastOnce, c.retained, payload.clone())

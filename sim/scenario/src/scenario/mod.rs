@@ -162,21 +162,24 @@ pub struct CommandFault {
 }
 
 impl CommandFault {
-    /// The payload for board `device_id`, from fault number `n`.
-    pub fn payload(&self, n: usize, device_id: &str) -> anyhow::Result<Vec<u8>> {
+    /// The payloads for boards `device_ids`, from fault number `n` (the signing key is read
+    /// once for all of them).
+    pub fn payloads<'a>(
+        &self,
+        n: usize,
+        device_ids: impl IntoIterator<Item = &'a str>,
+    ) -> anyhow::Result<Vec<Vec<u8>>> {
         let key = otarig_server::keys::NamedKey::load(
             &otarig_server::keys::fixture_dir(),
             &self.signed_by,
         )?;
-        let device = self.device.as_deref().unwrap_or(device_id);
         let issued_ms = crate::runner::EPOCH_MS + self.at_ms;
-        Ok(signed_command(
-            &key,
-            device,
-            self.cmd,
-            (issued_ms, n as u64),
-            self.expires_in_ms,
-        ))
+        let sign = |id: &str| {
+            let device = self.device.as_deref().unwrap_or(id);
+            let issued = (issued_ms, n as u64);
+            signed_command(&key, device, self.cmd, issued, self.expires_in_ms)
+        };
+        Ok(device_ids.into_iter().map(sign).collect())
     }
 }
 

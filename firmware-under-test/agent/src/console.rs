@@ -296,6 +296,9 @@ fn event_from_json(kind: &str, v: &Value) -> Option<Event> {
             check: Check::from_name(&s("check")?)?,
             detail: s("detail")?,
         },
+        "keys-adopted" => Event::KeysAdopted {
+            version: n32("version")?,
+        },
         "retrying" => Event::Retrying {
             sequence: n("sequence")?,
             version: s("version")?,
@@ -387,6 +390,7 @@ mod tests {
                 version: "2.0.0".into(),
                 detail: "no network".into(),
             },
+            Event::KeysAdopted { version: 3 },
             Event::DeltaFailed {
                 sequence: 2,
                 reason: "bad patch".into(),

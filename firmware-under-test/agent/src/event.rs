@@ -50,6 +50,14 @@ pub enum Check {
     Replayed,
     /// A retained message on a command topic: commands are never retained.
     Retained,
+    /// The release is on the device type's signed revocation list.
+    Revoked,
+    /// No fresh timestamp vouches for the manifest (a frozen or stale answer), or the
+    /// revocation list is older than one the board has seen.
+    Freshness,
+    /// The answer's key set is not signed by a root key, or is older than one the board
+    /// adopted (a rotated-out key), or is missing though the board moved past its own keys.
+    Keys,
 }
 
 impl Check {
@@ -73,10 +81,13 @@ impl Check {
             Check::Device => "device",
             Check::Replayed => "replayed",
             Check::Retained => "retained",
+            Check::Revoked => "revoked",
+            Check::Freshness => "freshness",
+            Check::Keys => "keys",
         }
     }
 
-    pub const ALL: [Check; 18] = [
+    pub const ALL: [Check; 21] = [
         Check::Malformed,
         Check::Signature,
         Check::DeviceType,
@@ -95,6 +106,9 @@ impl Check {
         Check::Device,
         Check::Replayed,
         Check::Retained,
+        Check::Revoked,
+        Check::Freshness,
+        Check::Keys,
     ];
 
     pub fn from_name(name: &str) -> Option<Check> {
@@ -216,6 +230,11 @@ pub enum Event {
         id: u64,
         check: Check,
         detail: String,
+    },
+    /// The board adopted a new key set signed by a root key: manifests, revocation lists and
+    /// commands are checked against its keys from now on.
+    KeysAdopted {
+        version: u32,
     },
     /// An MQTT payload could not be read; it was ignored.
     BadMessage {

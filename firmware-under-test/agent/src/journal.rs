@@ -1,24 +1,29 @@
 //! The agent's persistent state, written power-safely to its own data partition.
 //!
 //! Two copies live in two 4 KiB sectors. A write goes to the sector holding the *older* copy:
-//! erase it, then program one 320-byte record carrying a write counter and a CRC-32. A power cut tears at most the copy being written; the other still has a valid
+//! erase it, then program one 384-byte record carrying a write counter and a CRC-32. A power cut tears at most the copy being written; the other still has a valid
 //! CRC, so reading picks the valid copy with the highest counter and loses at most the write
 //! that was cut. This is the same two-sector scheme ESP-IDF uses for `otadata`.
 //!
 //! The record says what the agent was doing (idle, downloading, installed and awaiting
 //! confirmation), how far a download durably got, the highest manifest sequence number ever
-//! accepted (replay protection across reboots), the last signed command acted on, and a
-//! bounded set of images that failed on this board.
+//! accepted (replay protection across reboots), the last signed command acted on, a
+//! bounded set of images that failed on this board, and how far the board's trust moved: the
+//! newest key set, revocation list and timestamp it took ([`crate::trust`]).
 
 use crate::platform::{EspResult, Platform};
 
 pub const SECTOR: u32 = 4096;
-/// "OTJ2": the current layout.
-const MAGIC: u32 = 0x324A_544F;
-/// "OTRJ": the first layout (224 bytes, one known-bad image), read once and rewritten as v2
-/// on the next store, so an update of the agent keeps the board's replay protection.
+/// "OTJ3": the current layout.
+const MAGIC: u32 = 0x334A_544F;
+/// "OTJ2": the second layout (320 bytes: no trust high-water marks), read and rewritten as
+/// the current one on the next store.
+const MAGIC_V2: u32 = 0x324A_544F;
+/// "OTRJ": the first layout (224 bytes, one known-bad image), read once and rewritten on the
+/// next store, so an update of the agent keeps the board's replay protection.
 const MAGIC_V1: u32 = 0x4A52_544F;
-pub const RECORD_LEN: usize = 320;
+pub const RECORD_LEN: usize = 384;
+const V2_LEN: usize = 320;
 
 /// What the agent was doing when the record was written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +109,13 @@ pub struct Record {
     /// The id of the last signed command acted on: a command must carry a higher one, so a
     /// retained or replayed command never acts twice, across reboots too.
     pub last_command: u64,
+    /// The newest key set adopted: its version (0: the firmware's own keys) and digest.
+    pub keys_version: u32,
+    pub keys_digest: [u8; 16],
+    /// The highest revocation-list serial seen when an install started.
+    pub revocations_serial: u64,
+    /// The `issued_at` of the timestamp an install last started under (Unix seconds).
+    pub timestamp_at: u64,
 }
 
 impl Record {
@@ -136,6 +148,10 @@ impl Record {
             seek: 0,
         },
         last_command: 0,
+        keys_version: 0,
+        keys_digest: [0; 16],
+        revocations_serial: 0,
+        timestamp_at: 0,
     };
 
     fn encode(&self, counter: u32) -> [u8; RECORD_LEN] {
@@ -166,6 +182,10 @@ impl Record {
         for (i, e) in self.known_bad.0.iter().enumerate() {
             b[188 + 16 * i..204 + 16 * i].copy_from_slice(e);
         }
+        b[316..320].copy_from_slice(&self.keys_version.to_le_bytes());
+        b[320..336].copy_from_slice(&self.keys_digest);
+        b[336..344].copy_from_slice(&self.revocations_serial.to_le_bytes());
+        b[344..352].copy_from_slice(&self.timestamp_at.to_le_bytes());
         let crc = crc32fast::hash(&b[..RECORD_LEN - 4]);
         b[RECORD_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -175,11 +195,33 @@ impl Record {
     /// either layout (erased, torn, corrupted). Public for the fuzz targets.
     pub fn decode(b: &[u8; RECORD_LEN]) -> Option<(u32, Record)> {
         let f = Fields(b);
-        match f.u32_at(0) {
-            MAGIC if f.u32_at(RECORD_LEN - 4) == crc32fast::hash(&b[..RECORD_LEN - 4]) => {}
+        let (counter, rec) = match f.u32_at(0) {
+            MAGIC if f.u32_at(RECORD_LEN - 4) == crc32fast::hash(&b[..RECORD_LEN - 4]) => {
+                Self::decode_v2_fields(f)?
+            }
+            MAGIC_V2 if f.u32_at(V2_LEN - 4) == crc32fast::hash(&b[..V2_LEN - 4]) => {
+                return Self::decode_v2_fields(f);
+            }
             MAGIC_V1 => return Self::decode_v1(f),
             _ => return None,
-        }
+        };
+        let mut keys_digest = [0; 16];
+        keys_digest.copy_from_slice(&b[320..336]);
+        Some((
+            counter,
+            Record {
+                keys_version: f.u32_at(316),
+                keys_digest,
+                revocations_serial: f.u64_at(336),
+                timestamp_at: f.u64_at(344),
+                ..rec
+            },
+        ))
+    }
+
+    /// The fields the second and current layouts share, at the same places.
+    fn decode_v2_fields(f: Fields<'_>) -> Option<(u32, Record)> {
+        let b = f.0;
         let mut known_bad = KnownBad::default();
         for (i, e) in known_bad.0.iter_mut().enumerate() {
             e.copy_from_slice(&b[188 + 16 * i..204 + 16 * i]);
@@ -368,6 +410,10 @@ mod tests {
                 seek: -40,
             },
             last_command: 1_700_000_000_123,
+            keys_version: 3,
+            keys_digest: [9; 16],
+            revocations_serial: 12,
+            timestamp_at: 1_800_000_000,
         };
         let mut bytes = rec.encode(42);
         assert_eq!(Record::decode(&bytes), Some((42, rec)));
@@ -401,6 +447,34 @@ mod tests {
         assert_eq!((rec.resume.phase, rec.resume.seek), (2, -3));
         b[100] ^= 1;
         assert_eq!(Record::decode(&b), None, "the v1 CRC is checked");
+    }
+
+    /// A v2 record (320 bytes) keeps everything but the trust marks, which start at zero.
+    #[test]
+    fn a_second_layout_record_is_read() {
+        let rec = Record {
+            highest_seq: 41,
+            last_command: 77,
+            known_bad: KnownBad::default().with(&[8; 32]),
+            keys_version: 5,
+            ..Record::EMPTY
+        };
+        let mut b = rec.encode(3);
+        b[0..4].copy_from_slice(&MAGIC_V2.to_le_bytes());
+        b[V2_LEN..].fill(0xFF);
+        let crc = crc32fast::hash(&b[..V2_LEN - 4]);
+        b[V2_LEN - 4..V2_LEN].copy_from_slice(&crc.to_le_bytes());
+        let (counter, got) = Record::decode(&b).expect("v2 record");
+        assert_eq!(counter, 3);
+        assert_eq!(
+            got,
+            Record {
+                keys_version: 0,
+                ..rec
+            }
+        );
+        b[30] ^= 1;
+        assert_eq!(Record::decode(&b), None, "the v2 CRC is checked");
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub mod journal;
 pub mod manifest;
 pub mod platform;
 pub mod protocol;
+pub mod trust;
 
 pub use agent::{Action, Activity, Agent, Config, Input, Telemetry, MAX_SEQUENCE_STEP};
 pub use event::{Ack, Check, Event, Outcome};

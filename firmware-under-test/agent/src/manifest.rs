@@ -248,6 +248,12 @@ pub enum Context {
     Manifest,
     LogEntry,
     Command,
+    /// A root key's statement of the release and timestamp keys ([`crate::trust`]).
+    KeySet,
+    /// A release key's list of withdrawn releases.
+    Revocations,
+    /// The server's short-lived statement of what is current.
+    Timestamp,
 }
 
 impl Context {
@@ -256,6 +262,9 @@ impl Context {
             Context::Manifest => b"otarig/manifest/v1",
             Context::LogEntry => b"otarig/release-log-entry/v1",
             Context::Command => b"otarig/command/v1",
+            Context::KeySet => b"otarig/key-set/v1",
+            Context::Revocations => b"otarig/revocations/v1",
+            Context::Timestamp => b"otarig/timestamp/v1",
         }
     }
 
@@ -282,6 +291,15 @@ pub fn verify_envelope(
     }
     let env: SignedManifest = serde_json::from_slice(bytes)
         .map_err(|e| EnvelopeError::Malformed(alloc::format!("envelope: {e}")))?;
+    verify_parsed(&env, keys, ctx)
+}
+
+/// [`verify_envelope`] for an envelope already parsed (from a payload that carries several).
+pub fn verify_parsed(
+    env: &SignedManifest,
+    keys: &[TrustedKey],
+    ctx: Context,
+) -> Result<Vec<u8>, EnvelopeError> {
     let b64 = base64::engine::general_purpose::STANDARD;
     // Decoded behind the context label, so the message is built without a second copy.
     let mut msg = ctx.message(&[]);
@@ -323,7 +341,17 @@ pub fn verify_envelope(
 ///
 /// Nothing inside the manifest is looked at before the signature verifies.
 pub fn open(bytes: &[u8], keys: &[TrustedKey]) -> Result<Manifest, EnvelopeError> {
-    let body = verify_envelope(bytes, keys, Context::Manifest)?;
+    if bytes.len() > MAX_SIGNED_MANIFEST_LEN {
+        return Err(EnvelopeError::TooLarge(bytes.len()));
+    }
+    let env: SignedManifest = serde_json::from_slice(bytes)
+        .map_err(|e| EnvelopeError::Malformed(alloc::format!("envelope: {e}")))?;
+    open_parsed(&env, keys)
+}
+
+/// [`open`] for an envelope already parsed.
+pub fn open_parsed(env: &SignedManifest, keys: &[TrustedKey]) -> Result<Manifest, EnvelopeError> {
+    let body = verify_parsed(env, keys, Context::Manifest)?;
     let manifest: Manifest = serde_json::from_slice(&body)
         .map_err(|e| EnvelopeError::Malformed(alloc::format!("manifest body: {e}")))?;
     if manifest.format != FORMAT {

@@ -4,7 +4,7 @@
 //!
 //! | topic | direction | retained | payload |
 //! |---|---|---|---|
-//! | `{prefix}/release/{device_type}/{channel}` | server → boards | yes | [`SignedPayload`]: `{"v":1,"signed":<signed manifest>}` |
+//! | `{prefix}/release/{device_type}/{channel}` | server → boards | yes | [`ReleasePayload`]: `{"v":1,"signed":<signed manifest>,"keys":<key set>,"revocations":<list>}` (the last two optional; the answer to `GET /firmware/latest` is the same object, with a fresh `"timestamp"`) |
 //! | `{prefix}/device/{device_id}/cmd` | server → board | no | a signed command: `{"v":1,"signed":<envelope of {"device":"…","id":17,"cmd":"update-now","expires_at":…}>}` (`update-now`, `reboot`, `report`; [`CommandBody`]) |
 //! | `{prefix}/device/{device_id}/status` | board → server | no | an event: `{"v":1,"device":"…","t_ms":…,"kind":"downloading",…}` ([`event_json`]) |
 //! | `{prefix}/device/{device_id}/ack` | board → server | no | an ack: `{"v":1,"device":"…","sequence":7,"version":"2.0.0","outcome":"installed","detail":""}` |
@@ -82,13 +82,72 @@ impl core::fmt::Display for PayloadError {
     }
 }
 
-/// A signed envelope as it travels on MQTT, `{"v":1,"signed":<envelope>}`: a retained release
-/// announcement (the envelope holds a manifest) or a command (it holds a [`CommandBody`]).
+/// A signed command as it travels on MQTT, `{"v":1,"signed":<envelope of a [`CommandBody`]>}`
+/// (a release travels as a [`ReleasePayload`], which starts the same way).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignedPayload {
     pub v: u32,
     pub signed: SignedManifest,
+}
+
+/// A release as boards receive it, on the release topic or from `GET /firmware/latest`: the
+/// signed manifest and the statements that decide whether to believe it ([`crate::trust`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleasePayload {
+    pub v: u32,
+    /// The manifest.
+    pub signed: SignedManifest,
+    /// The key set the manifest's key belongs to (signed by a root key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<SignedManifest>,
+    /// The device type's revocation list (signed by a release key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocations: Option<SignedManifest>,
+    /// The server's short-lived statement that this manifest is current (a timestamp key's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<SignedManifest>,
+}
+
+/// Read a release payload; every envelope inside is still to be verified.
+pub fn parse_release(bytes: &[u8]) -> Result<ReleasePayload, PayloadError> {
+    parse_versioned(bytes, |r: &ReleasePayload| r.v)
+}
+
+/// A payload of at most [`MAX_PAYLOAD`] bytes, of this format version (`v`).
+fn parse_versioned<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    v: impl Fn(&T) -> u32,
+) -> Result<T, PayloadError> {
+    check_len(bytes)?;
+    let p: T = serde_json::from_slice(bytes).map_err(|e| PayloadError::NotJson(e.to_string()))?;
+    match v(&p) {
+        VERSION => Ok(p),
+        other => Err(PayloadError::Version(other)),
+    }
+}
+
+/// Host side: the release payload for a signed manifest and the statements served with it
+/// (each the JSON bytes of a signed envelope).
+pub fn release_payload(
+    manifest: &[u8],
+    keys: Option<&[u8]>,
+    revocations: Option<&[u8]>,
+    timestamp: Option<&[u8]>,
+) -> Result<alloc::vec::Vec<u8>, PayloadError> {
+    let env = |b: &[u8]| -> Result<SignedManifest, PayloadError> {
+        serde_json::from_slice(b).map_err(|e| PayloadError::NotJson(e.to_string()))
+    };
+    let opt = |b: Option<&[u8]>| b.map(env).transpose();
+    let r = ReleasePayload {
+        v: VERSION,
+        signed: env(manifest)?,
+        keys: opt(keys)?,
+        revocations: opt(revocations)?,
+        timestamp: opt(timestamp)?,
+    };
+    serde_json::to_vec(&r).map_err(|e| PayloadError::NotJson(e.to_string()))
 }
 
 /// What a command asks for.
@@ -139,21 +198,9 @@ fn check_len(bytes: &[u8]) -> Result<(), PayloadError> {
     Ok(())
 }
 
-/// Read an announcement or a command payload; the envelope inside is still to be verified.
+/// Read a command payload; the envelope inside is still to be verified.
 pub fn parse_signed(bytes: &[u8]) -> Result<SignedPayload, PayloadError> {
-    check_len(bytes)?;
-    let a: SignedPayload =
-        serde_json::from_slice(bytes).map_err(|e| PayloadError::NotJson(e.to_string()))?;
-    if a.v != VERSION {
-        return Err(PayloadError::Version(a.v));
-    }
-    Ok(a)
-}
-
-/// The envelope bytes inside a payload, as [`crate::Input::Manifest`] and
-/// [`crate::manifest::verify_envelope`] take them.
-pub fn envelope_bytes(a: &SignedPayload) -> alloc::vec::Vec<u8> {
-    serde_json::to_vec(&a.signed).unwrap_or_default()
+    parse_versioned(bytes, |a: &SignedPayload| a.v)
 }
 
 /// Wrap a signed envelope (its JSON bytes: a signed manifest, or a signed command body) into
@@ -166,8 +213,8 @@ pub fn signed_payload(envelope: &[u8]) -> Result<String, PayloadError> {
 
 /// Read a command payload and verify its signature; nothing in the body is looked at first.
 pub fn parse_command(bytes: &[u8], keys: &[TrustedKey]) -> Result<Command, CommandError> {
-    let env = envelope_bytes(&parse_signed(bytes).map_err(CommandError::Payload)?);
-    let body = crate::manifest::verify_envelope(&env, keys, Context::Command)
+    let env = parse_signed(bytes).map_err(CommandError::Payload)?;
+    let body = crate::manifest::verify_parsed(&env.signed, keys, Context::Command)
         .map_err(CommandError::Envelope)?;
     let b: CommandBody = serde_json::from_slice(&body)
         .map_err(|e| CommandError::Payload(PayloadError::NotJson(e.to_string())))?;
@@ -266,6 +313,7 @@ pub fn event_json(device: &str, t_ms: u64, e: &Event) -> Value {
             detail,
         } => json!({"kind": "retrying", "sequence": sequence, "version": version,
             "detail": detail}),
+        Event::KeysAdopted { version } => json!({"kind": "keys-adopted", "version": version}),
         Event::DeltaFailed { sequence, reason } => {
             json!({"kind": "delta-failed", "sequence": sequence, "reason": reason})
         }

@@ -87,6 +87,24 @@ fn trusted_keys() -> Vec<TrustedKey> {
     keys
 }
 
+/// The root key that signs key sets (key rotation) and the server's timestamp key, compiled in
+/// like the release keys (TEST ONLY fixtures).
+fn root_and_timestamp_keys() -> (Vec<TrustedKey>, Vec<TrustedKey>) {
+    let one = |id: &str, raw: &[u8; 32]| {
+        PublicKey::ed25519(raw)
+            .map(|key| TrustedKey { id: id.into(), key })
+            .into_iter()
+            .collect()
+    };
+    (
+        one("ed25519-root", include_bytes!("../keys/ed25519-root.ed25519")),
+        one(
+            "ed25519-timestamp",
+            include_bytes!("../keys/ed25519-timestamp.ed25519"),
+        ),
+    )
+}
+
 /// Everything that reaches the main loop.
 enum Msg {
     Console(String),
@@ -188,6 +206,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         })?;
 
     let mut cfg = Config::new(&device, DEVICE_TYPE, trusted_keys());
+    (cfg.root_keys, cfg.timestamp_keys) = root_and_timestamp_keys();
     if let Some(p) = &prov {
         cfg.channel = p.channel.clone();
     }

@@ -131,12 +131,30 @@ pub fn bsdiff40(data: &[u8]) {
     let _ = otarig_server::delta::import_bsdiff40(&[0u8; 4096], data);
 }
 
-/// MQTT payloads a board reads: release announcements and commands.
+/// Payloads a board reads: releases (announcements and poll answers, with their key set,
+/// revocation list and timestamp) and commands.
 pub fn mqtt_payloads(data: &[u8]) {
-    if let Ok(a) = otarig_agent::protocol::parse_signed(data) {
-        let _ = otarig_agent::manifest::open(&otarig_agent::protocol::envelope_bytes(&a), keys());
+    if let Ok(r) = otarig_agent::protocol::parse_release(data) {
+        let _ = otarig_agent::manifest::open_parsed(&r.signed, keys());
+        open_statements(&r);
     }
     let _ = otarig_agent::protocol::parse_command(data, keys());
+}
+
+/// Every statement of a release payload, verified with the fuzz key in every role.
+fn open_statements(r: &otarig_agent::protocol::ReleasePayload) {
+    use otarig_agent::trust;
+    if let Some(k) = &r.keys {
+        let _ = trust::open_keyset(k, keys());
+    }
+    if let Some(l) = &r.revocations {
+        if let Ok(list) = trust::open_revocations(l, keys()) {
+            let _ = list.revokes(u64::MAX, &[0xAB; 32]);
+        }
+    }
+    if let Some(t) = &r.timestamp {
+        let _ = trust::open_timestamp(t, keys());
+    }
 }
 
 /// `body` in a valid envelope signed for `ctx` by the trusted key.
@@ -158,6 +176,19 @@ pub fn signed_bodies(data: &[u8]) {
     let cmd = signed(Context::Command, data);
     if let Ok(payload) = otarig_agent::protocol::signed_payload(&cmd) {
         let _ = otarig_agent::protocol::parse_command(payload.as_bytes(), keys());
+    }
+    // The same body as a key set, a revocation list and a timestamp, each signed for its own
+    // purpose, in one release payload.
+    let statement = |ctx| signed(ctx, data);
+    if let Ok(payload) = otarig_agent::protocol::release_payload(
+        &manifest,
+        Some(&statement(Context::KeySet)),
+        Some(&statement(Context::Revocations)),
+        Some(&statement(Context::Timestamp)),
+    ) {
+        if let Ok(r) = otarig_agent::protocol::parse_release(&payload) {
+            open_statements(&r);
+        }
     }
     let crossed = otarig_agent::manifest::verify_envelope(&cmd, keys(), Context::Manifest);
     assert!(
@@ -343,6 +374,7 @@ fn server_under_test() -> &'static (axum::Router, tokio::runtime::Runtime) {
                 ack_log_bytes: 1 << 20,
                 ..Default::default()
             },
+            Default::default(),
         );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

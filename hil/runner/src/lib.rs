@@ -195,6 +195,12 @@ fn bench_faults(s: &Scenario, prep: &Prepared) -> anyhow::Result<(Vec<CountedFau
                 )
                 .into())
             }
+            FaultKind::Freeze { .. } => {
+                return Err(SimOnly(
+                    "a frozen mirror's answer goes stale on the scenario's calendar, and a bench run skips idle time: simulator only".into(),
+                )
+                .into())
+            }
             FaultKind::Outage { .. } => {
                 return Err(SimOnly(
                     "an outage takes a board's network down at a boot: simulator only".into(),
@@ -229,6 +235,8 @@ impl Services {
         let store = Arc::new(ReleaseStore::open(dir.path())?);
         prep.stage_into(&store)?;
         let server = Server::start(store.clone(), std::net::SocketAddr::new(host, 0)).await?;
+        // A bench board's clock is real time (SNTP): timestamps on the system clock.
+        server.timestamps.sign_with(s.trust.signer()?, None);
         if !faults.is_empty() {
             server.faults.set(&s.device_id(DEVICE), faults);
         }

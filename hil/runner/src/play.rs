@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use otarig_agent::protocol::{self, Leaf};
 use otarig_scenario::runner::Prepared;
-use otarig_scenario::scenario::{FaultKind, PayloadTopic, Scenario, Step};
+use otarig_scenario::scenario::{FaultKind, PayloadTopic, Scenario, StatementKind, Step};
 use rumqttc::{AsyncClient, QoS};
 
 use crate::console::Console;
@@ -126,12 +126,22 @@ impl Player<'_> {
                 self.services
                     .store
                     .set_latest(&r.device_type, &r.channel, &r.manifest)?;
-                let payload =
-                    protocol::signed_payload(&r.manifest).map_err(|e| anyhow::anyhow!("{e}"))?;
-                let topic = protocol::release_topic(PREFIX, &r.device_type, &r.channel);
-                self.control
-                    .publish(topic, QoS::AtLeastOnce, true, payload)
+                self.announce(&r.device_type, &r.channel, &r.manifest)
                     .await?;
+            }
+            Step::Statement(n) => {
+                let store = &self.services.store;
+                match self.s.statements[*n].kind {
+                    StatementKind::KeySet { .. } => store.set_keys(&self.prep.statements[*n])?,
+                    StatementKind::Revocations { .. } => {
+                        store.set_revocations(&self.s.device_type, &self.prep.statements[*n])?
+                    }
+                }
+                // Renew the retained announcement with the new statement.
+                let (dt, ch) = (&self.s.device_type, self.s.channel_for(DEVICE));
+                if let Some(m) = store.latest(dt, ch)? {
+                    self.announce(dt, ch, &m).await?;
+                }
             }
             Step::Fault(n) => match &self.s.faults[*n].kind {
                 FaultKind::Command(c) => {
@@ -158,6 +168,17 @@ impl Player<'_> {
                 _ => {}
             },
         }
+        Ok(())
+    }
+
+    /// Publish the retained announcement of `manifest`, with the store's statements.
+    async fn announce(&self, dt: &str, ch: &str, manifest: &[u8]) -> anyhow::Result<()> {
+        let statements = self.services.store.statements(dt)?;
+        let payload = statements.borrow().announcement(manifest)?;
+        let topic = protocol::release_topic(PREFIX, dt, ch);
+        self.control
+            .publish(topic, QoS::AtLeastOnce, true, payload)
+            .await?;
         Ok(())
     }
 

@@ -55,6 +55,8 @@ struct Seen {
     /// When the first download started and when its image was verified.
     download_started: Option<u64>,
     download_verified: Option<u64>,
+    /// The newest key set version adopted.
+    keys_version: u32,
 }
 
 fn distil<'a>(records: impl IntoIterator<Item = &'a Record>) -> Seen {
@@ -97,6 +99,9 @@ fn distil<'a>(records: impl IntoIterator<Item = &'a Record>) -> Seen {
             What::Board(BoardEvent::BootRejected { reason, .. }) => s.rejected.push(reason.clone()),
             What::Board(BoardEvent::BootloaderStarted { .. }) => s.boots += 1,
             What::Agent(Event::BadMessage { .. }) => s.bad_messages += 1,
+            What::Agent(Event::KeysAdopted { version }) => {
+                s.keys_version = s.keys_version.max(*version)
+            }
             What::Agent(Event::Report { .. }) => s.reports += 1,
             What::Agent(Event::FetchFailed { .. }) => s.fetch_retries += 1,
             What::Board(BoardEvent::BootloaderAborted { .. }) => s.rolled_back = true,
@@ -232,6 +237,11 @@ fn check_one(c: &Check, d: &DeviceReport, s: &Seen) -> Verdict {
         }
         Check::BadMessages(n) => count(*n, s.bad_messages, "bad-message status event(s)"),
         Check::MinDownloadMs(ms) => min_download(*ms, s),
+        Check::KeysAdopted(v) => verdict(
+            s.keys_version == *v,
+            || format!("key set v{v} adopted"),
+            || format!("v{}", s.keys_version),
+        ),
         Check::FetchRetries(n) => count(*n, s.fetch_retries, "failed request(s) retried"),
         Check::Reports(n) => count(*n, s.reports, "report(s)"),
         Check::Boots(n) => count(*n, s.boots, "boot(s)"),
@@ -372,5 +382,6 @@ pub fn falsified(c: &Check) -> Check {
         Check::Reports(n) => Check::Reports(n + 1),
         Check::FetchRetries(n) => Check::FetchRetries(n + 1),
         Check::MinDownloadMs(ms) => Check::MinDownloadMs(ms * 100 + 1),
+        Check::KeysAdopted(v) => Check::KeysAdopted(v + 1),
     }
 }

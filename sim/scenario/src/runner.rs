@@ -169,6 +169,10 @@ enum Ev {
     FetchFailed(String, u64),
     Timer,
     Release(usize),
+    /// `statements[n]` starts being served.
+    Statement(usize),
+    /// The server's answers to this board freeze as they are now.
+    Freeze,
     /// Judge the current wave of the rollout of release k.
     WaveCheck(usize),
     Force {
@@ -204,6 +208,8 @@ pub struct Dev {
     pub retained_cmd: Option<Arc<Vec<u8>>>,
     /// Bumped when the agent cancels a fetch: answers of older generations are dropped.
     pub fetch_gen: u64,
+    /// A frozen mirror's answer to this board's polls (`Some(None)`: it answers 404).
+    pub frozen: Option<Option<Arc<Vec<u8>>>>,
 }
 
 impl Dev {
@@ -247,6 +253,7 @@ struct World {
     rollouts: Vec<Option<otarig_server::rollout::Rollout>>,
     scenario: Scenario,
     images: BTreeMap<String, Arc<Vec<u8>>>,
+    statements: Vec<Vec<u8>>,
 }
 
 /// Build the image of one scenario firmware.
@@ -301,6 +308,8 @@ pub struct Prepared {
     pub releases: Vec<SignedRelease>,
     /// The slot the factory-flashed board holds its starting firmware in.
     pub start_slot: SlotKind,
+    /// The scenario's key sets and revocation lists, signed, in scenario order.
+    pub statements: Vec<Vec<u8>>,
 }
 
 impl Prepared {
@@ -344,6 +353,8 @@ pub fn agent_config(s: &Scenario) -> anyhow::Result<Config> {
         .map(|id| NamedKey::load(&key_dir, id)?.trusted())
         .collect::<anyhow::Result<_>>()?;
     let mut cfg = Config::new("", &s.device_type, keys);
+    (cfg.root_keys, cfg.timestamp_keys) = s.trust.firmware_keys()?;
+    cfg.require_timestamp = s.trust.require_timestamp;
     cfg.channel = s.channel.clone();
     cfg.poll_interval_ms = s.poll_interval_ms;
     cfg.chunk_size = s.range_size;
@@ -388,6 +399,7 @@ pub fn prepare_with(
     .with_context(|| format!("flashing firmware '{}'", s.start_firmware))?;
 
     let mut store = Store::new();
+    store.set_timestamps(s.trust.signer()?);
     let mut releases = Vec::new();
     for r in &s.releases {
         let fw = &s.firmware[&r.firmware];
@@ -452,6 +464,11 @@ pub fn prepare_with(
         });
     }
 
+    let statements = s
+        .statements
+        .iter()
+        .map(|st| st.sign(&s.device_type))
+        .collect::<anyhow::Result<_>>()?;
     Ok(Prepared {
         keys,
         images,
@@ -460,6 +477,7 @@ pub fn prepare_with(
         store,
         releases,
         start_slot,
+        statements,
     })
 }
 
@@ -488,6 +506,7 @@ pub fn run_prepared(
         cfg_template,
         store,
         releases,
+        statements,
         ..
     } = prep.clone();
     let mut world = World {
@@ -503,6 +522,7 @@ pub fn run_prepared(
         rollouts: vec![None; s.releases.len()],
         scenario: s.clone(),
         images,
+        statements,
     };
     let first_size = s
         .releases
@@ -516,6 +536,9 @@ pub fn run_prepared(
     }
     for (k, r) in s.releases.iter().enumerate() {
         world.schedule(usize::MAX, r.at_ms, Ev::Release(k));
+    }
+    for (n, st) in s.statements.iter().enumerate() {
+        world.schedule(usize::MAX, st.at_ms, Ev::Statement(n));
     }
     for (n, f) in s.faults.iter().enumerate() {
         let targets = (0..s.devices).filter(|i| f.devices.contains(*i));
@@ -555,6 +578,11 @@ pub fn run_prepared(
             }
             _ => {}
         }
+        if let FaultKind::Freeze { at_ms } = f.kind {
+            for i in (0..s.devices).filter(|i| f.devices.contains(*i)) {
+                world.schedule(i as usize, at_ms, Ev::Freeze);
+            }
+        }
         if let FaultKind::ForceInstall { firmware, at_ms } = &f.kind {
             for i in (0..s.devices).filter(|i| f.devices.contains(*i)) {
                 world.schedule(
@@ -573,8 +601,9 @@ pub fn run_prepared(
             break;
         }
         world.now = t;
-        let broker_delivery = matches!(ev, Ev::Command { .. });
-        if d != usize::MAX && world.devs[d].epoch != epoch && !broker_delivery {
+        // The broker's deliveries and the server's freeze do not depend on the board's boot.
+        let not_of_a_boot = matches!(ev, Ev::Command { .. } | Ev::Freeze);
+        if d != usize::MAX && world.devs[d].epoch != epoch && !not_of_a_boot {
             continue; // addressed to a boot that has since ended
         }
         world.dispatch(d, ev);
@@ -657,6 +686,7 @@ impl Dev {
             outages: Vec::new(),
             network_down_until: 0,
             retained_cmd: None,
+            frozen: None,
             fetch_gen: 0,
         }
     }
@@ -722,7 +752,6 @@ impl World {
     }
 
     fn dispatch(&mut self, d: usize, ev: Ev) {
-        let now = self.now;
         match ev {
             Ev::PowerOn => self.power_on(d),
             Ev::Release(k) if self.scenario.releases[k].rollout.is_some() => self.start_rollout(k),
@@ -743,20 +772,25 @@ impl World {
                         version,
                     },
                 );
-                // Retained announcement: every board that is up hears it.
-                let payload = match otarig_agent::protocol::signed_payload(&signed) {
-                    Ok(p) => Arc::new(p.into_bytes()),
-                    Err(_) => return,
-                };
-                for i in 0..self.devs.len() {
-                    if self.devs[i].agent.is_some()
-                        && dt == self.cfg_template.device_type
-                        && ch == self.devs[i].channel
-                    {
-                        self.schedule(i, now + LATENCY_MS, Ev::Announcement(payload.clone()));
+                self.announce(&dt, &ch, &signed);
+            }
+            Ev::Statement(n) => {
+                let signed = self.statements[n].clone();
+                let dt = self.scenario.device_type.clone();
+                match self.scenario.statements[n].kind {
+                    crate::scenario::StatementKind::KeySet { .. } => self.store.set_keys(signed),
+                    crate::scenario::StatementKind::Revocations { .. } => {
+                        self.store.set_revocations(&dt, signed)
+                    }
+                }
+                // The server renews the retained announcements with the new statement.
+                for ch in self.scenario.channels() {
+                    if let Some(m) = self.store.latest(&dt, &ch) {
+                        self.announce(&dt, &ch, &m);
                     }
                 }
             }
+            Ev::Freeze => self.devs[d].frozen = Some(self.answer(d)),
             Ev::Force { firmware } => {
                 let img = self.images[&firmware].clone();
                 let dev = &mut self.devs[d];
@@ -881,6 +915,36 @@ impl World {
     }
 
     /// The manifest of a rollout whose waves include board `d`, newest release first.
+    /// Publish the retained announcement of `manifest` for a device type and channel: every
+    /// board of it that is up and online hears it.
+    fn announce(&mut self, dt: &str, ch: &str, manifest: &[u8]) {
+        let payload = match self.store.statements(dt).announcement(manifest) {
+            Ok(p) => Arc::new(p),
+            Err(_) => return,
+        };
+        for i in 0..self.devs.len() {
+            // A board whose network is down hears nothing; it polls when it is back.
+            if self.devs[i].agent.is_some()
+                && self.now >= self.devs[i].network_down_until
+                && dt == self.cfg_template.device_type
+                && ch == self.devs[i].channel
+            {
+                self.schedule(i, self.now + LATENCY_MS, Ev::Announcement(payload.clone()));
+            }
+        }
+    }
+
+    /// What the server answers board `d`'s poll now: its rollout offer or its channel's
+    /// latest release, with the statements and a fresh timestamp.
+    fn answer(&self, d: usize) -> Option<Arc<Vec<u8>>> {
+        let dt = &self.cfg_template.device_type;
+        let manifest = self
+            .rollout_offer(d)
+            .or_else(|| self.store.latest(dt, &self.devs[d].channel))?;
+        let now_s = (EPOCH_MS + self.now) / 1000;
+        self.store.answer(dt, &manifest, now_s).map(Arc::new)
+    }
+
     fn rollout_offer(&self, d: usize) -> Option<Arc<Vec<u8>>> {
         (0..self.rollouts.len()).rev().find_map(|k| {
             let r = self.rollouts[k].as_ref()?;
@@ -1073,11 +1137,11 @@ impl World {
                 self.schedule(d, now + SELF_TEST_MS, Ev::SelfTestDone(passed));
             }
             Action::PollManifest => {
-                let c = &self.cfg_template;
-                if let Some(m) = self
-                    .rollout_offer(d)
-                    .or_else(|| self.store.latest(&c.device_type, &self.devs[d].channel))
-                {
+                let answer = match &self.devs[d].frozen {
+                    Some(frozen) => frozen.clone(),
+                    None => self.answer(d),
+                };
+                if let Some(m) = answer {
                     self.schedule(d, now + LATENCY_MS, Ev::Manifest(m));
                 }
             }

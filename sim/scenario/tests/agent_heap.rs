@@ -165,8 +165,41 @@ fn peak_heap_of_update(delta: bool) -> isize {
         expires_at: NOW / 1000 + 3600,
     });
 
+    // The answer as a server with every statement sends it: a key set naming the release key,
+    // a full revocation list and a timestamp, which the board requires.
+    let root = NamedKey::load(&fixture_dir(), "ed25519-root").unwrap();
+    let stamper = NamedKey::load(&fixture_dir(), "ed25519-timestamp").unwrap();
+    let keys = otarig_server::statements::key_set(
+        &root,
+        1,
+        std::slice::from_ref(&key),
+        std::slice::from_ref(&stamper),
+        None,
+    )
+    .unwrap();
+    let revoked = otarig_agent::trust::RevocationsBody {
+        device_type: "heap".into(),
+        serial: 1,
+        sequences: (100..100 + otarig_agent::trust::MAX_REVOKED as u64).collect(),
+        images: vec![hex::encode([7u8; 32]); otarig_agent::trust::MAX_REVOKED],
+    };
+    let revocations = otarig_server::statements::revocation_list(&key, &revoked).unwrap();
+    let signer = otarig_server::statements::TimestampSigner {
+        key: stamper.clone(),
+        valid_for_s: 600,
+    };
+    let statements = otarig_server::statements::Statements {
+        keys: Some(&keys),
+        revocations: Some(&revocations),
+    };
+    let manifest = statements
+        .answer(&manifest, Some(&signer), NOW / 1000)
+        .unwrap();
+    let mut cfg = Config::new("dev-0", "heap", trusted.clone());
+    cfg.root_keys = vec![root.trusted().unwrap()];
+    cfg.require_timestamp = true;
     let mut actions: Vec<Action> = Vec::with_capacity(64);
-    let mut agent = tracked(|| Agent::new(Config::new("dev-0", "heap", trusted.clone())));
+    let mut agent = tracked(|| Agent::new(cfg.clone()));
     let mut inputs: Vec<Input> = vec![Input::Boot, Input::Online, Input::Manifest(&manifest)];
     let mut fetched_patch = false;
     let mut rebooted = false;

@@ -97,6 +97,11 @@ struct Rig {
     cfg: Config,
 }
 
+/// A signed manifest as a server answers a poll (no statements).
+fn answer(manifest: &[u8]) -> Vec<u8> {
+    otarig_agent::protocol::release_payload(manifest, None, None, None).unwrap()
+}
+
 impl Rig {
     fn new() -> Rig {
         Rig::configured(|_| {})
@@ -113,7 +118,7 @@ impl Rig {
                 .unwrap();
         assert!(matches!(board.boot(), BootOutcome::App(_)));
         let key = NamedKey::load(&fixture_dir(), "ed25519-test").unwrap();
-        let manifest = key.sign_manifest(&release(&v2, Vec::new()));
+        let manifest = answer(&key.sign_manifest(&release(&v2, Vec::new())));
         let mut cfg = Config::new("robust-0", "robust", vec![key.trusted().unwrap()]);
         tweak(&mut cfg);
         let mut agent = Agent::new(cfg.clone());
@@ -250,7 +255,7 @@ impl Rig {
             url: None,
         };
         let key = NamedKey::load(&fixture_dir(), "ed25519-test").unwrap();
-        self.manifest = key.sign_manifest(&release(&self.v2, vec![delta]));
+        self.manifest = answer(&key.sign_manifest(&release(&self.v2, vec![delta])));
         self.patch = patch;
     }
 

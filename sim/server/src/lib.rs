@@ -19,4 +19,5 @@ pub mod keys;
 pub mod release_store;
 pub mod rollout;
 pub mod server;
+pub mod statements;
 pub mod store;

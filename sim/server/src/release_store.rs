@@ -4,6 +4,8 @@
 //! DIR/blobs/<sha256>                       images and delta patches, by content
 //! DIR/cids/<cid>                           the SHA-256 of the blob whose IPFS CIDv1 is <cid>
 //! DIR/manifests/<device_type>/<channel>.json   the latest signed manifest
+//! DIR/keys.json                            the fleet's key set, signed by a root key
+//! DIR/revocations/<device_type>.json       the device type's signed revocation list
 //! DIR/releases.log                         append-only, hash-chained, signed release log
 //! DIR/acks.jsonl                           what boards reported
 //! ```
@@ -47,6 +49,22 @@ pub struct LogEntry {
     pub image_cid: String,
     pub manifest_sha256: String,
     pub deltas_from: Vec<String>,
+}
+
+/// The statements a store serves with a device type's manifests.
+#[derive(Clone, Debug, Default)]
+pub struct StoredStatements {
+    pub keys: Option<Vec<u8>>,
+    pub revocations: Option<Vec<u8>>,
+}
+
+impl StoredStatements {
+    pub fn borrow(&self) -> crate::statements::Statements<'_> {
+        crate::statements::Statements {
+            keys: self.keys.as_deref(),
+            revocations: self.revocations.as_deref(),
+        }
+    }
 }
 
 /// A store directory.
@@ -218,6 +236,59 @@ impl ReleaseStore {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).context("reading the latest manifest"),
+        }
+    }
+
+    /// Make a signed key set the one every answer carries (`otarig keys rotate`). Refuses a
+    /// version not above the current one: boards would refuse it.
+    pub fn set_keys(&self, signed: &[u8]) -> anyhow::Result<()> {
+        let version = |env: &[u8]| -> anyhow::Result<u32> {
+            let body = crate::statements::body_unverified(env)?;
+            let ks: otarig_agent::trust::KeySetBody =
+                serde_json::from_slice(&body).context("not a key set")?;
+            Ok(ks.version)
+        };
+        let new = version(signed)?;
+        if let Some(old) = self.keys()? {
+            let old = version(&old)?;
+            if new <= old {
+                bail!("key set v{new} is not above v{old} already served (boards would refuse it)");
+            }
+        }
+        write_atomically(&self.root.join("keys.json"), signed)
+    }
+
+    /// The key set every answer carries, if any.
+    pub fn keys(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        self.read_optional(&self.root.join("keys.json"))
+    }
+
+    /// Make a signed revocation list the one served to `device_type` (`otarig release revoke`).
+    pub fn set_revocations(&self, device_type: &str, signed: &[u8]) -> anyhow::Result<()> {
+        check_name("device type", device_type)?;
+        let dir = self.root.join("revocations");
+        std::fs::create_dir_all(&dir)?;
+        write_atomically(&dir.join(format!("{device_type}.json")), signed)
+    }
+
+    /// The key set and `device_type`'s revocation list, as stored (signed envelopes).
+    pub fn statements(&self, device_type: &str) -> anyhow::Result<StoredStatements> {
+        check_name("device type", device_type)?;
+        let revocations = self
+            .root
+            .join("revocations")
+            .join(format!("{device_type}.json"));
+        Ok(StoredStatements {
+            keys: self.keys()?,
+            revocations: self.read_optional(&revocations)?,
+        })
+    }
+
+    fn read_optional(&self, path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
+        match std::fs::read(path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
 

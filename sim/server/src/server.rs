@@ -2,7 +2,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /firmware/latest?deviceType=T[&channel=C][&deviceId=D]` | the latest signed manifest for T/C (channel defaults to `stable`); 404 when there is none |
+//! | `GET /firmware/latest?deviceType=T[&channel=C][&deviceId=D]` | the latest release for T/C (channel defaults to `stable`) as a [`ReleasePayload`](otarig_agent::protocol::ReleasePayload): the signed manifest, the store's key set and the device type's revocation list, and a timestamp signed now when the server has a timestamp key; 404 when there is none |
 //! | `GET /blobs/<sha256>[?deviceId=D]` | an image or patch, with single `Range` (206; 416 past the end), strong `ETag` (the blob's SHA-256), `If-None-Match` (304), `If-Match` (412) and `If-Range` (a changed blob comes whole): a resume never mixes two blobs |
 //! | `GET /ipfs/<cid>[?deviceId=D]` | the same blob by its IPFS CIDv1 (as `ipfs add --cid-version 1` names it), same headers and faults |
 //! | `POST /ack` | a board's ack (the MQTT `ack` payload); 204, or 400 saying what is wrong |
@@ -35,6 +35,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::release_store::{Blob, ReleaseStore};
+use crate::statements::TimestampSigner;
 
 /// A fault and how many more requests it applies to (None: all of them).
 /// How the firmware server misbehaves on a blob request.
@@ -166,21 +167,76 @@ impl ServerFaults {
     }
 }
 
-/// Manifests offered to single devices ahead of everyone else: the waves of a staged rollout.
+/// A clock in Unix seconds, for servers that run on a scenario's calendar.
+pub type UnixClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Whether, with which key and on which clock the server signs a timestamp into its answers
+/// (set after start, like the faults: a fleet's clock starts after its server).
+#[derive(Default)]
+pub struct Timestamps {
+    signer: Mutex<Option<(Arc<TimestampSigner>, Option<UnixClock>)>>,
+}
+
+impl std::fmt::Debug for Timestamps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Timestamps")
+    }
+}
+
+impl Timestamps {
+    /// Sign with `signer` from now on, at `clock`'s time (None: the system clock).
+    pub fn sign_with(&self, signer: TimestampSigner, clock: Option<UnixClock>) {
+        *self.signer.lock().unwrap_or_else(|p| p.into_inner()) = Some((Arc::new(signer), clock));
+    }
+
+    /// The signer and the time to sign at, if the server signs timestamps.
+    pub fn now(&self) -> (Option<Arc<TimestampSigner>>, u64) {
+        let guard = self.signer.lock().unwrap_or_else(|p| p.into_inner());
+        let now = match guard.as_ref().and_then(|(_, c)| c.as_ref()) {
+            Some(clock) => clock(),
+            None => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        (guard.as_ref().map(|(s, _)| s.clone()), now)
+    }
+}
+
+/// What one device is answered instead of its channel's latest release.
+#[derive(Clone, Debug)]
+enum Offer {
+    /// A signed manifest ahead of everyone else (a wave of a staged rollout), served with the
+    /// statements and a fresh timestamp like any release.
+    Manifest(Vec<u8>),
+    /// A whole answer served as it is, however stale (None: 404): a frozen mirror (fault
+    /// injection).
+    Frozen(Option<Vec<u8>>),
+}
+
+/// Answers offered to single devices: the waves of a staged rollout, and frozen answers.
 #[derive(Default, Debug)]
 pub struct Offers {
-    by_device: Mutex<HashMap<String, Vec<u8>>>,
+    by_device: Mutex<HashMap<String, Offer>>,
 }
 
 impl Offers {
     pub fn offer(&self, device: &str, signed_manifest: Vec<u8>) {
+        self.put(device, Offer::Manifest(signed_manifest));
+    }
+
+    /// Answer `device` with `answer` from now on, word for word (a mirror frozen in time).
+    pub fn freeze(&self, device: &str, answer: Option<Vec<u8>>) {
+        self.put(device, Offer::Frozen(answer));
+    }
+
+    fn put(&self, device: &str, offer: Offer) {
         self.by_device
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(device.to_string(), signed_manifest);
+            .insert(device.to_string(), offer);
     }
 
-    fn get(&self, device: &str) -> Option<Vec<u8>> {
+    fn get(&self, device: &str) -> Option<Offer> {
         self.by_device
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -194,6 +250,7 @@ struct App {
     store: Arc<ReleaseStore>,
     faults: Arc<ServerFaults>,
     offers: Arc<Offers>,
+    timestamps: Arc<Timestamps>,
     ack_log_bytes: u64,
     tracked_devices: usize,
 }
@@ -212,20 +269,46 @@ struct LatestQuery {
 }
 
 async fn latest(
-    State(App { store, offers, .. }): State<App>,
+    State(App {
+        store,
+        offers,
+        timestamps,
+        ..
+    }): State<App>,
     Query(q): Query<LatestQuery>,
 ) -> Response {
-    if let Some(m) = q.device_id.as_deref().and_then(|d| offers.get(d)) {
-        return ([(header::CONTENT_TYPE, "application/json")], m).into_response();
+    let offer = q.device_id.as_deref().and_then(|d| offers.get(d));
+    match offer {
+        Some(Offer::Frozen(Some(answer))) => {
+            return ([(header::CONTENT_TYPE, "application/json")], answer).into_response()
+        }
+        Some(Offer::Frozen(None)) => {
+            return error(StatusCode::NOT_FOUND, "no release (a frozen mirror)")
+        }
+        _ => {}
     }
     let Some(device_type) = q.device_type else {
         return error(StatusCode::BAD_REQUEST, "missing query parameter deviceType (e.g. /firmware/latest?deviceType=otarig-devkit-s3)");
     };
     let channel = q.channel.unwrap_or_else(|| "stable".into());
     tracing::debug!(%device_type, %channel, device = q.device_id.as_deref().unwrap_or("-"), "latest manifest");
-    let store2 = store.clone();
     let (dt, ch) = (device_type.clone(), channel.clone());
-    match tokio::task::spawn_blocking(move || store2.latest(&dt, &ch)).await {
+    let (signer, now_s) = timestamps.now();
+    let answer = move || -> anyhow::Result<Option<Vec<u8>>> {
+        let manifest = match offer {
+            Some(Offer::Manifest(m)) => m,
+            _ => match store.latest(&dt, &ch)? {
+                Some(m) => m,
+                None => return Ok(None),
+            },
+        };
+        let statements = store.statements(&dt)?;
+        let answer = statements
+            .borrow()
+            .answer(&manifest, signer.as_deref(), now_s)?;
+        Ok(Some(answer))
+    };
+    match tokio::task::spawn_blocking(answer).await {
         Ok(Ok(Some(bytes))) => {
             ([(header::CONTENT_TYPE, "application/json")], bytes).into_response()
         }
@@ -597,6 +680,7 @@ pub fn router(
     faults: Arc<ServerFaults>,
     offers: Arc<Offers>,
     limits: Limits,
+    timestamps: Arc<Timestamps>,
 ) -> Router {
     Router::new()
         .route("/firmware/latest", get(latest))
@@ -611,6 +695,7 @@ pub fn router(
             store,
             faults,
             offers,
+            timestamps,
             ack_log_bytes: limits.ack_log_bytes,
             tracked_devices: limits.tracked_devices,
         })
@@ -621,6 +706,7 @@ pub struct Server {
     pub addr: SocketAddr,
     pub faults: Arc<ServerFaults>,
     pub offers: Arc<Offers>,
+    pub timestamps: Arc<Timestamps>,
     stop: Option<tokio::sync::watch::Sender<bool>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -645,12 +731,20 @@ impl Server {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let faults = Arc::new(ServerFaults::default());
         let offers = Arc::new(Offers::default());
-        let app = router(store, faults.clone(), offers.clone(), limits);
+        let timestamps = Arc::new(Timestamps::default());
+        let app = router(
+            store,
+            faults.clone(),
+            offers.clone(),
+            limits,
+            timestamps.clone(),
+        );
         let task = tokio::spawn(accept_loop(listener, app, limits, stopped));
         Ok(Server {
             addr,
             faults,
             offers,
+            timestamps,
             stop: Some(stop),
             task,
         })

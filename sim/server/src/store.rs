@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use otarig_agent::Ack;
+
+use crate::statements::{Statements, TimestampSigner};
 use sha2::{Digest, Sha256};
 
 /// What a range request gets back.
@@ -33,6 +35,11 @@ pub struct AckRecord {
 pub struct Store {
     blobs: HashMap<[u8; 32], Arc<Vec<u8>>>,
     manifests: HashMap<(String, String), Arc<Vec<u8>>>,
+    /// The fleet's current key set (a signed envelope).
+    keys: Option<Arc<Vec<u8>>>,
+    /// Each device type's current revocation list.
+    revocations: HashMap<String, Arc<Vec<u8>>>,
+    timestamps: Option<Arc<TimestampSigner>>,
     acks: Vec<AckRecord>,
     served_bytes: u64,
 }
@@ -80,6 +87,37 @@ impl Store {
         self.manifests
             .get(&(device_type.to_string(), channel.to_string()))
             .cloned()
+    }
+
+    /// Make `signed` the key set every answer carries.
+    pub fn set_keys(&mut self, signed: Vec<u8>) {
+        self.keys = Some(Arc::new(signed));
+    }
+
+    /// Make `signed` the revocation list of `device_type`'s answers.
+    pub fn set_revocations(&mut self, device_type: &str, signed: Vec<u8>) {
+        self.revocations
+            .insert(device_type.to_string(), Arc::new(signed));
+    }
+
+    /// Sign a timestamp into every answer from now on.
+    pub fn set_timestamps(&mut self, signer: TimestampSigner) {
+        self.timestamps = Some(Arc::new(signer));
+    }
+
+    /// The key set and revocation list served to `device_type`.
+    pub fn statements(&self, device_type: &str) -> Statements<'_> {
+        Statements {
+            keys: self.keys.as_deref().map(Vec::as_slice),
+            revocations: self.revocations.get(device_type).map(|r| r.as_slice()),
+        }
+    }
+
+    /// The answer to a poll that serves `manifest` to a board of `device_type` at `now_s`.
+    pub fn answer(&self, device_type: &str, manifest: &[u8], now_s: u64) -> Option<Vec<u8>> {
+        self.statements(device_type)
+            .answer(manifest, self.timestamps.as_deref(), now_s)
+            .ok()
     }
 
     /// Serve `len` bytes of blob `sha` from `offset` (a single HTTP Range).

@@ -121,7 +121,12 @@ async fn the_latest_manifest_is_signed_and_offers_a_patch() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let m = manifest::open(&r.bytes().await.unwrap(), &[key.trusted().unwrap()]).unwrap();
+    let answer = otarig_agent::protocol::parse_release(&r.bytes().await.unwrap()).unwrap();
+    let m = manifest::open_parsed(&answer.signed, &[key.trusted().unwrap()]).unwrap();
+    assert!(
+        answer.keys.is_none() && answer.revocations.is_none() && answer.timestamp.is_none(),
+        "a store without statements and a server without a timestamp key add none"
+    );
     assert_eq!(
         (m.version.as_str(), m.sequence, m.size as usize),
         ("2.0.0", 2, v2.len())
@@ -505,4 +510,84 @@ async fn dropping_the_handle_keeps_the_server_up() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let r = get(&http, format!("{base}/healthz"), &[]).await;
     assert_eq!(r.status(), StatusCode::OK);
+}
+
+/// With a key set and a revocation list in the store and a timestamp key, every answer carries
+/// both statements and a timestamp signed now that names the manifest and the list; a frozen
+/// offer is served word for word.
+#[tokio::test]
+async fn answers_carry_the_statements_and_a_fresh_timestamp() {
+    use otarig_agent::trust;
+    let Served {
+        dir,
+        server,
+        http,
+        base,
+        key,
+        ..
+    } = Served::start().await;
+    let store = ReleaseStore::open(dir.path()).unwrap();
+    let root = NamedKey::load(&fixture_dir(), "ed25519-root").unwrap();
+    let stamper = NamedKey::load(&fixture_dir(), "ed25519-timestamp").unwrap();
+    let keys = otarig_server::statements::key_set(
+        &root,
+        1,
+        std::slice::from_ref(&key),
+        std::slice::from_ref(&stamper),
+        None,
+    )
+    .unwrap();
+    store.set_keys(&keys).unwrap();
+    let older = otarig_server::statements::key_set(&root, 1, std::slice::from_ref(&key), &[], None)
+        .unwrap();
+    let e = store.set_keys(&older).unwrap_err().to_string();
+    assert!(e.contains("not above v1"), "{e}");
+    let list = trust::RevocationsBody {
+        device_type: "srv-board".into(),
+        serial: 4,
+        sequences: vec![1],
+        images: Vec::new(),
+    };
+    let revocations = otarig_server::statements::revocation_list(&key, &list).unwrap();
+    store.set_revocations("srv-board", &revocations).unwrap();
+    server.timestamps.sign_with(
+        otarig_server::statements::TimestampSigner {
+            key: stamper.clone(),
+            valid_for_s: 300,
+        },
+        Some(Arc::new(|| 1_800_000_000)),
+    );
+    let latest = format!("{base}/firmware/latest?deviceType=srv-board&deviceId=d0");
+    let fetch = || async { http.get(&latest).send().await.unwrap() };
+    let body = fetch().await.bytes().await.unwrap();
+    let answer = otarig_agent::protocol::parse_release(&body).unwrap();
+    let ks = trust::open_keyset(answer.keys.as_ref().unwrap(), &[root.trusted().unwrap()]).unwrap();
+    assert_eq!(ks.version, 1);
+    let m = manifest::open_parsed(&answer.signed, &ks.release).unwrap();
+    let got = trust::open_revocations(answer.revocations.as_ref().unwrap(), &ks.release).unwrap();
+    assert_eq!(got, list);
+    let ts = trust::open_timestamp(answer.timestamp.as_ref().unwrap(), &ks.timestamp).unwrap();
+    assert_eq!(
+        (
+            ts.sequence,
+            ts.sha256.as_str(),
+            ts.revocations,
+            ts.issued_at,
+            ts.expires_at
+        ),
+        (
+            m.sequence,
+            m.sha256.as_str(),
+            4,
+            1_800_000_000,
+            1_800_000_300
+        )
+    );
+    // A frozen mirror answers with what it answered then, whatever the store holds now.
+    server.offers.freeze("d0", Some(body.to_vec()));
+    store.set_revocations("srv-board", b"{}").unwrap();
+    assert_eq!(fetch().await.bytes().await.unwrap(), body);
+    server.offers.freeze("d0", None);
+    let r = fetch().await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }

@@ -24,7 +24,7 @@ impl Agent {
                 "retained message on the command topic",
             );
         }
-        let cmd = match crate::protocol::parse_command(payload, &self.cfg.trusted_keys) {
+        let cmd = match crate::protocol::parse_command(payload, self.release_keys()) {
             Ok(c) => c,
             Err(CommandError::Payload(e)) => {
                 return self.emit(Event::BadMessage {

@@ -4,6 +4,7 @@
 use alloc::format;
 use alloc::string::{String, ToString};
 
+use super::trust::Marks;
 use super::*;
 
 #[derive(Debug)]
@@ -92,7 +93,13 @@ impl<P: Platform> delta::Sink for PatchSink<'_, P> {
 }
 
 impl Agent {
-    pub(super) fn start<P: Platform>(&mut self, p: &mut P, m: Manifest, sha: [u8; 32]) {
+    pub(super) fn start<P: Platform>(
+        &mut self,
+        p: &mut P,
+        m: Manifest,
+        sha: [u8; 32],
+        marks: Marks,
+    ) {
         let Some(slot) = p.next_update_slot() else {
             return;
         };
@@ -104,7 +111,7 @@ impl Agent {
             (0, 0)
         };
         let patch = self.pick_delta(&m).filter(|_| attempts == 0);
-        let next = Record {
+        let next = marks.raise(Record {
             phase: Phase::Downloading,
             attempts,
             installs: 0,
@@ -120,7 +127,7 @@ impl Agent {
             patch_sha256: patch.as_ref().map_or([0; 32], |d| d.patch_sha256),
             resume: Resume::default(),
             ..rec
-        };
+        });
         // Journal first: a cut inside esp_ota_begin then resumes at 0, which re-erases.
         if let Err(e) = self.store(p, next) {
             return self.halt("writing the journal", e);
@@ -156,6 +163,7 @@ impl Agent {
         m: Manifest,
         sha: [u8; 32],
         rec: Record,
+        marks: Marks,
     ) {
         let Some(slot) = p.next_update_slot() else {
             return;
@@ -174,7 +182,7 @@ impl Agent {
                     patch = Some(d);
                 }
                 // The patch is no longer offered: start over with the full image.
-                None => return self.start(p, m, sha),
+                None => return self.start(p, m, sha, marks),
             }
         }
         let from = rec.checkpoint - rec.checkpoint % SECTOR;

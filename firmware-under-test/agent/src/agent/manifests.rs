@@ -3,6 +3,7 @@
 use alloc::format;
 use alloc::string::{String, ToString};
 
+use super::trust::Vouch;
 use super::*;
 
 impl Agent {
@@ -13,11 +14,34 @@ impl Agent {
         }
     }
 
-    pub(super) fn on_manifest<P: Platform>(&mut self, p: &mut P, now: u64, bytes: &[u8]) {
+    /// A release payload from a poll answer or (`announced`) the release topic: adopt its key
+    /// set, verify the manifest and its statements, then install, resume or refuse.
+    pub(super) fn on_release<P: Platform>(
+        &mut self,
+        p: &mut P,
+        now: u64,
+        bytes: &[u8],
+        announced: bool,
+    ) {
         if !matches!(self.state, State::Ready | State::AwaitManifest) {
             return; // busy: a download, a self-test or a reboot is under way
         }
-        let m = match manifest::open(bytes, &self.cfg.trusted_keys) {
+        let r = match crate::protocol::parse_release(bytes) {
+            Ok(r) => r,
+            Err(e) if announced => {
+                return self.emit(Event::BadMessage {
+                    topic: "release",
+                    reason: e.to_string(),
+                })
+            }
+            Err(e) => return self.refuse(0, "?", Check::Malformed, e.to_string()),
+        };
+        match self.adopt_keys(p, r.keys.as_ref()) {
+            Ok(()) => {}
+            Err(None) => return, // halted on a storage error
+            Err(Some(detail)) => return self.refuse(0, "?", Check::Keys, detail),
+        }
+        let m = match manifest::open_parsed(&r.signed, self.release_keys()) {
             Ok(m) => m,
             Err(e) => {
                 let check = if e.is_signature() {
@@ -29,19 +53,25 @@ impl Agent {
             }
         };
         let Some(sha) = m.sha256_bytes() else { return };
+        let vouch = match self.open_statements(&r, announced) {
+            Ok(v) => v,
+            Err((check, detail)) => return self.refuse(m.sequence, &m.version, check, detail),
+        };
+        drop(r); // the download's buffers come next: keep the peak heap down
         let rec = *self.record();
-        if matches!(self.state, State::AwaitManifest)
+        let resuming = matches!(self.state, State::AwaitManifest)
             && m.sequence == rec.target_seq
-            && sha == rec.sha256
-        {
-            if let Err((check, detail)) = self.evaluate(p, now, &m, &sha) {
-                return self.refuse(m.sequence, &m.version, check, detail);
-            }
-            return self.resume(p, m, sha, rec);
-        }
-        match self.evaluate(p, now, &m, &sha) {
-            Ok(()) => self.start(p, m, sha),
-            Err((Check::AlreadyInstalled, _)) => {} // the steady state, nothing to say
+            && sha == rec.sha256;
+        let verdict = self.evaluate(p, now, &m, &sha, &vouch);
+        let (pending, marks) = (vouch.timestamp_pending, vouch.marks());
+        drop(vouch);
+        match verdict {
+            // A retained announcement without a timestamp, on a board that requires one:
+            // everything else passed, so ask the server for the answer it vouches for.
+            Ok(()) if pending => self.poll(now),
+            Ok(()) if resuming => self.resume(p, m, sha, rec, marks),
+            Ok(()) => self.start(p, m, sha, marks),
+            Err((Check::AlreadyInstalled, _)) if !resuming => {} // the steady state
             Err((check, detail)) => self.refuse(m.sequence, &m.version, check, detail),
         }
     }
@@ -53,6 +83,7 @@ impl Agent {
         now: u64,
         m: &Manifest,
         sha: &[u8; 32],
+        vouch: &Vouch,
     ) -> Result<(), (Check, String)> {
         let rec = self.record();
         let running = self.running.as_ref();
@@ -99,6 +130,7 @@ impl Agent {
                 format!("{} is already running", m.version),
             ));
         }
+        self.check_vouch(now, m, sha, vouch)?;
         if m.sequence <= rec.highest_seq {
             return Err((
                 Check::Sequence,

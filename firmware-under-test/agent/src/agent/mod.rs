@@ -28,6 +28,7 @@ mod boot;
 mod commands;
 mod download;
 mod manifests;
+mod trust;
 
 use download::Download;
 
@@ -52,7 +53,18 @@ pub struct Config {
     pub device_type: String,
     /// Release channel this board follows ("stable", "beta", …).
     pub channel: String,
+    /// The release keys the firmware ships with (key set version 0): they sign manifests,
+    /// revocation lists and commands until a key set signed by a root key replaces them.
     pub trusted_keys: Vec<TrustedKey>,
+    /// Keys that sign key sets ([`crate::trust`]); none: the release keys can never be rotated.
+    pub root_keys: Vec<TrustedKey>,
+    /// Keys that sign timestamps until a key set names others.
+    pub timestamp_keys: Vec<TrustedKey>,
+    /// Install only what a fresh timestamp vouches for (once the clock is set): a mirror
+    /// cannot then freeze the board on an old release or hide a revocation for longer than a
+    /// timestamp lives. Needs a server that signs timestamps (`otarig serve --timestamp-key`);
+    /// a retained announcement then only makes the board poll.
+    pub require_timestamp: bool,
     /// Bytes asked for in one range request.
     pub chunk_size: u32,
     /// Bytes between two durable resume points; a multiple of the 4 KiB sector.
@@ -98,6 +110,9 @@ impl Config {
             device_type: device_type.to_string(),
             channel: "stable".to_string(),
             trusted_keys,
+            root_keys: Vec::new(),
+            timestamp_keys: Vec::new(),
+            require_timestamp: false,
             chunk_size: 16 * 1024,
             checkpoint_interval: 64 * 1024,
             confirm_requires_network: true,
@@ -129,9 +144,9 @@ pub enum Input<'a> {
     /// The network (Wi-Fi + broker/server) is reachable.
     Online,
     Offline,
-    /// A signed manifest arrived (poll answer).
+    /// The answer to [`Action::PollManifest`]: a [`crate::protocol::ReleasePayload`].
     Manifest(&'a [u8]),
-    /// A payload on the release topic (a retained announcement, [`crate::protocol`]).
+    /// A payload on the release topic (a retained announcement, the same format).
     Announcement(&'a [u8]),
     /// A payload on this board's command topic; `retained` as the broker flagged it.
     Command {
@@ -283,6 +298,8 @@ pub struct Agent {
     out: VecDeque<Action>,
     /// The wall-clock time of the last input, to see the clock get set.
     last_now: Option<u64>,
+    /// The key set of the last answer that carried one (the journal keeps its version).
+    keys: Option<crate::trust::KeySet>,
 }
 
 impl Agent {
@@ -298,6 +315,7 @@ impl Agent {
             reported: Vec::new(),
             out: VecDeque::new(),
             last_now: None,
+            keys: None,
         }
     }
 
@@ -370,17 +388,8 @@ impl Agent {
             Input::SelfTestDone { passed, detail } => self.on_self_test(p, now_ms, passed, detail),
             Input::Online => self.on_online(p, now_ms),
             Input::Offline => self.online = false,
-            Input::Manifest(bytes) => self.on_manifest(p, now_ms, bytes),
-            Input::Announcement(bytes) => match crate::protocol::parse_signed(bytes) {
-                Ok(a) => {
-                    let signed = crate::protocol::envelope_bytes(&a);
-                    self.on_manifest(p, now_ms, &signed)
-                }
-                Err(e) => self.emit(Event::BadMessage {
-                    topic: "release",
-                    reason: e.to_string(),
-                }),
-            },
+            Input::Manifest(bytes) => self.on_release(p, now_ms, bytes, false),
+            Input::Announcement(bytes) => self.on_release(p, now_ms, bytes, true),
             Input::Command { payload, retained } => self.on_command(p, now_ms, payload, retained),
             Input::Body { offset, data } => self.on_body(p, now_ms, offset, data),
             Input::BodyEnd => self.on_body_end(p, now_ms),

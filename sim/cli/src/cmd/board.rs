@@ -19,7 +19,8 @@ pub struct Args {
     #[arg(long, default_value = DEFAULT_CONTROL)]
     control: PathBuf,
     /// Take the firmware's build settings (device type, trusted keys, agent timeouts)
-    /// from a scenario; without it: otarig-devkit-s3, keys ed25519-test and rsa-test.
+    /// from a scenario; without it, as the esp32s3 shell is built: otarig-devkit-s3, release
+    /// keys ed25519-test and rsa-test, root key ed25519-root, timestamp key ed25519-timestamp.
     #[arg(long)]
     scenario: Option<PathBuf>,
 }
@@ -27,16 +28,25 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let opts = match &a.scenario {
         Some(p) => virtual_board::options_for(&Scenario::load(p)?)?,
-        None => BoardOptions {
-            flash_size: 4 << 20,
-            device_type: "otarig-devkit-s3".into(),
-            trusted_keys: ["ed25519-test", "rsa-test"]
-                .iter()
-                .map(|id| NamedKey::load(&fixture_dir(), id)?.trusted())
-                .collect::<anyhow::Result<_>>()?,
-            boot_config: otarig_esp32s3::board::BootConfig::default(),
-            agent: None,
-        },
+        None => {
+            let load = |ids: &[&str]| -> anyhow::Result<Vec<_>> {
+                ids.iter()
+                    .map(|id| NamedKey::load(&fixture_dir(), id)?.trusted())
+                    .collect()
+            };
+            let trusted_keys = load(&["ed25519-test", "rsa-test"])?;
+            // As the esp32s3 shell is built: the fixture root and timestamp keys too.
+            let mut agent = otarig_agent::Config::new("", "otarig-devkit-s3", trusted_keys.clone());
+            agent.root_keys = load(&["ed25519-root"])?;
+            agent.timestamp_keys = load(&["ed25519-timestamp"])?;
+            BoardOptions {
+                flash_size: 4 << 20,
+                device_type: "otarig-devkit-s3".into(),
+                trusted_keys,
+                boot_config: otarig_esp32s3::board::BootConfig::default(),
+                agent: Some(agent),
+            }
+        }
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {

@@ -31,6 +31,28 @@ pub enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Rotate the release (and timestamp) keys: sign a key set with a root key the firmware
+    /// embeds, one version above the store's current one, and serve it with every answer.
+    /// Boards adopt it at their next answer and trust only its keys from then on.
+    Rotate {
+        #[arg(long)]
+        store: PathBuf,
+        /// Root key id (ROOT.pem in --dir); keep root keys offline.
+        #[arg(long)]
+        root: String,
+        /// Release key ids (repeatable, 1 to 4).
+        #[arg(long, required = true)]
+        release: Vec<String>,
+        /// Timestamp key ids (repeatable, up to 4).
+        #[arg(long)]
+        timestamp: Vec<String>,
+        /// Boards adopting the set take this as their highest installed sequence: undoes a
+        /// fast-forward signed with a compromised key.
+        #[arg(long)]
+        sequence_base: Option<u64>,
+        #[arg(long, default_value_os_t = fixture_dir())]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -70,6 +92,51 @@ pub fn trusted(dir: &Path, ids: &[String]) -> anyhow::Result<Vec<TrustedKey>> {
         .collect()
 }
 
+fn load_all(dir: &Path, ids: &[String]) -> anyhow::Result<Vec<NamedKey>> {
+    ids.iter().map(|id| NamedKey::load(dir, id)).collect()
+}
+
+/// Sign and store the next key set.
+fn rotate(
+    store: &otarig_server::release_store::ReleaseStore,
+    root: &NamedKey,
+    release: &[NamedKey],
+    timestamp: &[NamedKey],
+    sequence_base: Option<u64>,
+) -> anyhow::Result<()> {
+    let current = match store.keys()? {
+        Some(env) => {
+            let body = otarig_server::statements::body_unverified(&env)?;
+            let ks: otarig_agent::trust::KeySetBody =
+                serde_json::from_slice(&body).context("the stored key set is not one")?;
+            ks.version
+        }
+        None => 0,
+    };
+    let version = current + 1;
+    let signed =
+        otarig_server::statements::key_set(root, version, release, timestamp, sequence_base)?;
+    store.set_keys(&signed)?;
+    let ids = |keys: &[NamedKey]| {
+        keys.iter()
+            .map(|k| k.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "key set v{version} signed by {}: release keys {}; timestamp keys {}{}",
+        root.id,
+        ids(release),
+        if timestamp.is_empty() {
+            "none".into()
+        } else {
+            ids(timestamp)
+        },
+        sequence_base.map_or(String::new(), |b| format!("; sequence base {b}"))
+    );
+    Ok(())
+}
+
 pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
         Cmd::Gen {
@@ -90,6 +157,20 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             write_private(&path, key.to_pem()?.as_bytes())?;
             println!("wrote {}", path.display());
         }
+        Cmd::Rotate {
+            store,
+            root,
+            release,
+            timestamp,
+            sequence_base,
+            dir,
+        } => rotate(
+            &otarig_server::release_store::ReleaseStore::open(&store)?,
+            &NamedKey::load(&dir, &root)?,
+            &load_all(&dir, &release)?,
+            &load_all(&dir, &timestamp)?,
+            sequence_base,
+        )?,
         Cmd::Export { name, dir, out } => {
             let key = NamedKey::load(&dir, &name)?.trusted()?;
             let (file, bytes) = match &key.key {
@@ -145,5 +226,27 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600, "after --force: mode {mode:o}");
         }
         assert!(NamedKey::load(dir.path(), "k").is_ok());
+    }
+}
+
+#[cfg(test)]
+mod rotate_tests {
+    use super::*;
+
+    /// `keys rotate` signs the next version with the root key.
+    #[test]
+    fn rotate_signs_the_next_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = otarig_server::release_store::ReleaseStore::open(dir.path()).unwrap();
+        let fx = fixture_dir();
+        let root = NamedKey::load(&fx, "ed25519-root").unwrap();
+        let release = load_all(&fx, &["ed25519-release-2".into()]).unwrap();
+        rotate(&store, &root, &release, &[], None).unwrap();
+        rotate(&store, &root, &release, &[], Some(4)).unwrap();
+        let env: otarig_agent::SignedManifest =
+            serde_json::from_slice(&store.keys().unwrap().unwrap()).unwrap();
+        let ks = otarig_agent::trust::open_keyset(&env, &[root.trusted().unwrap()]).unwrap();
+        assert_eq!((ks.version, ks.sequence_base), (2, Some(4)));
+        assert_eq!(ks.release[0].id, "ed25519-release-2");
     }
 }

@@ -30,6 +30,27 @@ pub enum Cmd {
         #[arg(long)]
         store: PathBuf,
     },
+    /// Withdraw releases: sign the device type's revocation list with one more entry (its
+    /// serial one above the current list's) and serve it with every answer. Boards refuse a
+    /// listed release (`revoked`) and, once they saw a list, any older one (`freshness`).
+    Revoke {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        device_type: String,
+        /// Release key id (a PEM file KEY.pem in --keys-dir): the list is signed like a
+        /// manifest, by a key the boards trust for releases.
+        #[arg(long)]
+        key: String,
+        #[arg(long, default_value_os_t = fixture_dir())]
+        keys_dir: PathBuf,
+        /// Release sequences to withdraw (repeatable).
+        #[arg(long)]
+        sequence: Vec<u64>,
+        /// SHA-256 (hex) of images to withdraw (repeatable).
+        #[arg(long)]
+        image: Vec<String>,
+    },
     /// Verify the release log (signatures and hash chain) and print it.
     Log {
         #[arg(long)]
@@ -128,7 +149,67 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             trust,
             keys_dir,
         } => log(&store, &trust, &keys_dir),
+        Cmd::Revoke {
+            store,
+            device_type,
+            key,
+            keys_dir,
+            sequence,
+            image,
+        } => revoke(
+            &ReleaseStore::open(&store)?,
+            &device_type,
+            &NamedKey::load(&keys_dir, &key)?,
+            &sequence,
+            &image,
+        ),
     }
+}
+
+/// Add `sequences` and `images` to the device type's revocation list, re-signed with `key`
+/// under the next serial.
+fn revoke(
+    store: &ReleaseStore,
+    device_type: &str,
+    key: &NamedKey,
+    sequences: &[u64],
+    images: &[String],
+) -> anyhow::Result<ExitCode> {
+    if sequences.is_empty() && images.is_empty() {
+        anyhow::bail!("name what to withdraw: --sequence N or --image SHA256 (repeatable)");
+    }
+    let mut list = match store.statements(device_type)?.revocations {
+        Some(env) => {
+            let body = otarig_server::statements::body_unverified(&env)?;
+            serde_json::from_slice(&body).context("the stored revocation list is not one")?
+        }
+        None => otarig_agent::trust::RevocationsBody {
+            device_type: device_type.to_string(),
+            ..Default::default()
+        },
+    };
+    for img in images {
+        let mut sha = [0u8; 32];
+        hex::decode_to_slice(img, &mut sha)
+            .with_context(|| format!("--image {img} is not a SHA-256 (64 hex digits)"))?;
+        list.images.push(hex::encode(sha));
+    }
+    list.sequences.extend_from_slice(sequences);
+    list.sequences.sort_unstable();
+    list.sequences.dedup();
+    list.images.sort();
+    list.images.dedup();
+    list.serial += 1;
+    let signed = otarig_server::statements::revocation_list(key, &list)?;
+    store.set_revocations(device_type, &signed)?;
+    println!(
+        "revocation list {} of {device_type}: {} sequence(s), {} image(s), signed by {}",
+        list.serial,
+        list.sequences.len(),
+        list.images.len(),
+        key.id
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn add(
@@ -181,4 +262,31 @@ fn log(
         entries.len()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each revocation adds to the list under the next serial, signed by the release key.
+    #[test]
+    fn revoke_accumulates_under_growing_serials() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ReleaseStore::open(dir.path()).unwrap();
+        let key = NamedKey::load(&fixture_dir(), "ed25519-test").unwrap();
+        revoke(&store, "board", &key, &[3], &[]).unwrap();
+        let sha = hex::encode([0xAB; 32]);
+        revoke(&store, "board", &key, &[3, 5], std::slice::from_ref(&sha)).unwrap();
+        let env = store.statements("board").unwrap().revocations.unwrap();
+        let env: otarig_agent::SignedManifest = serde_json::from_slice(&env).unwrap();
+        let list = otarig_agent::trust::open_revocations(&env, &[key.trusted().unwrap()]).unwrap();
+        assert_eq!(
+            (list.serial, list.sequences, list.images),
+            (2, vec![3, 5], vec![sha])
+        );
+        let e = revoke(&store, "board", &key, &[], &["xyz".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a SHA-256"), "{e}");
+    }
 }

@@ -23,6 +23,15 @@ pub struct Args {
     /// MiB of acks.jsonl past which acks are refused (507) until it is rotated.
     #[arg(long, default_value_t = 64)]
     ack_quota_mib: u64,
+    /// Sign a timestamp into every answer with this key (KEY.pem in --keys-dir): boards that
+    /// require one refuse a frozen or stripped answer. Keep it on this host only.
+    #[arg(long)]
+    timestamp_key: Option<String>,
+    #[arg(long, default_value_os_t = otarig_server::keys::fixture_dir())]
+    keys_dir: PathBuf,
+    /// How long each timestamp is valid.
+    #[arg(long, default_value = "10m")]
+    timestamp_valid_for: String,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
@@ -36,6 +45,18 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             ..Limits::default()
         };
         let server = Server::start_with(store.clone(), a.listen, limits).await?;
+        if let Some(id) = &a.timestamp_key {
+            let valid_for = otarig_scenario::scenario::parse_duration(&a.timestamp_valid_for)
+                .map_err(anyhow::Error::msg)?;
+            let key = otarig_server::keys::NamedKey::load(&a.keys_dir, id)?;
+            server.timestamps.sign_with(
+                otarig_server::statements::TimestampSigner {
+                    key,
+                    valid_for_s: (valid_for / 1000).max(1),
+                },
+                None,
+            );
+        }
         println!(
             "serving {} on {} (Ctrl-C stops)",
             store.root().display(),

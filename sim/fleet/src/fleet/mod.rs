@@ -38,7 +38,7 @@ use otarig_scenario::runner::{
     self, new_device, prepare, report, Dev, Prepared, Run, RunOptions, SignedRelease, What,
 };
 use otarig_scenario::scenario::{
-    CommandFault, FaultKind, FloodTarget, PayloadTopic, Scenario, Step,
+    CommandFault, FaultKind, FloodTarget, PayloadTopic, Scenario, StatementKind, Step,
 };
 use rollout::{announce, run_rollout, RolloutCtx};
 use setup::{broker_address, FirmwareServer};
@@ -157,6 +157,11 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     });
     if let Some(p) = &opts.progress {
         p.boards.store(s.devices as u64, Ordering::Relaxed);
+    }
+    if let Some((local, _)) = &server.local {
+        let sh = shared.clone();
+        let clock = Arc::new(move || sh.wall.read(sh.clock.now()) / 1000);
+        local.timestamps.sign_with(s.trust.signer()?, Some(clock));
     }
     let speaks = opts.shard.is_none_or(|sh| sh.speaks());
     let operator = Operator::connect(&s, opts, &broker, speaks).await?;
@@ -444,8 +449,36 @@ async fn play_timeline(
                     },
                 );
                 if speaks {
-                    announce(&operator.client, &r.device_type, &r.channel, &r.manifest).await?;
+                    let store = server.local.as_ref().map(|(_, st)| st.as_ref());
+                    announce(
+                        &operator.client,
+                        store,
+                        &r.device_type,
+                        &r.channel,
+                        &r.manifest,
+                    )
+                    .await?;
                 }
+            }
+            Step::Statement(n) => {
+                let (_, store) = server.local.as_ref().with_context(|| {
+                    format!("{}: key sets and revocation lists are served by the embedded firmware server; run without --server", s.path.display())
+                })?;
+                match s.statements[n].kind {
+                    StatementKind::KeySet { .. } => store.set_keys(&prep.statements[n])?,
+                    StatementKind::Revocations { .. } => {
+                        store.set_revocations(&s.device_type, &prep.statements[n])?
+                    }
+                }
+                // The server renews the retained announcements with the new statement.
+                for ch in s.channels().iter().filter(|_| speaks) {
+                    if let Some(m) = store.latest(&s.device_type, ch)? {
+                        announce(&operator.client, Some(store), &s.device_type, ch, &m).await?;
+                    }
+                }
+            }
+            Step::Fault(n) if matches!(s.faults[n].kind, FaultKind::Freeze { .. }) => {
+                server.freeze(s, n)?
             }
             Step::Fault(n) => inject(s, prep, operator, boards, n).await?,
         }
@@ -530,7 +563,10 @@ async fn inject(
                 FloodTarget::Server => crate::flood::server(&boards.server, n, stop),
             }
         }
-        FaultKind::PowerLoss(_) | FaultKind::Server { .. } | FaultKind::Outage { .. } => {}
+        FaultKind::PowerLoss(_)
+        | FaultKind::Server { .. }
+        | FaultKind::Outage { .. }
+        | FaultKind::Freeze { .. } => {}
     }
     Ok(())
 }

@@ -11,14 +11,21 @@ use rumqttc::{AsyncClient, QoS};
 use super::board::Shared;
 use super::PREFIX;
 
-/// Make a signed manifest the retained release announcement of a device type and channel.
+/// Make a signed manifest the retained release announcement of a device type and channel,
+/// with the key set and revocation list of `store` (the embedded server's; none for an
+/// external server, whose answers to polls carry them).
 pub(super) async fn announce(
     control: &AsyncClient,
+    store: Option<&ReleaseStore>,
     device_type: &str,
     channel: &str,
     signed: &[u8],
 ) -> anyhow::Result<()> {
-    let payload = protocol::signed_payload(signed).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let statements = match store {
+        Some(store) => store.statements(device_type)?,
+        None => Default::default(),
+    };
+    let payload = statements.borrow().announcement(signed)?;
     let topic = protocol::release_topic(PREFIX, device_type, channel);
     control
         .publish(topic, QoS::AtLeastOnce, true, payload)
@@ -119,7 +126,7 @@ pub(super) async fn run_rollout(
             }
             otarig_server::rollout::Step::Done => {
                 cx.store.set_latest(&dt, &ch, &cx.signed)?;
-                announce(&cx.control, &dt, &ch, &cx.signed).await?;
+                announce(&cx.control, Some(&cx.store), &dt, &ch, &cx.signed).await?;
                 sh.record(
                     u32::MAX,
                     What::Rollout {

@@ -52,6 +52,29 @@ impl FirmwareServer {
     }
 }
 
+impl FirmwareServer {
+    /// Freeze the embedded server's answers to the boards of fault `n` as they are now.
+    pub(super) fn freeze(&self, s: &Scenario, n: usize) -> anyhow::Result<()> {
+        let (server, store) = self.local.as_ref().with_context(|| {
+            format!(
+                "{}: a frozen mirror is played by the embedded firmware server; run without --server",
+                s.path.display()
+            )
+        })?;
+        let (signer, now_s) = server.timestamps.now();
+        let statements = store.statements(&s.device_type)?;
+        let f = &s.faults[n];
+        for i in (0..s.devices).filter(|i| f.devices.contains(*i)) {
+            let answer = match store.latest(&s.device_type, s.channel_for(i))? {
+                Some(m) => Some(statements.borrow().answer(&m, signer.as_deref(), now_s)?),
+                None => None,
+            };
+            server.offers.freeze(&s.device_id(i), answer);
+        }
+        Ok(())
+    }
+}
+
 /// The broker: the external one (credentials from its URL, if any), or an embedded rumqttd
 /// started with room for two connections per board, which admits only its own clients.
 pub(super) async fn broker_address(

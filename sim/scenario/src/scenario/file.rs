@@ -19,6 +19,12 @@ pub(super) struct FileDef {
     pub(super) release: Vec<ReleaseDef>,
     #[serde(default)]
     pub(super) fault: Vec<FaultDef>,
+    /// Key sets a root key signs during the run (key rotation).
+    #[serde(default)]
+    pub(super) keys: Vec<Spanned<KeySetDef>>,
+    /// Revocation lists a release key signs during the run.
+    #[serde(default)]
+    pub(super) revoke: Vec<Spanned<RevokeDef>>,
     #[serde(default)]
     pub(super) expect: Vec<Spanned<ExpectDef>>,
 }
@@ -66,6 +72,47 @@ pub(super) struct FleetDef {
     /// Bytes a board asks for in one HTTP range request (the agent's `chunk_size`).
     #[serde(default)]
     pub(super) range_size: Option<Spanned<SizeDef>>,
+    /// Keys that sign key sets (default: ed25519-root).
+    #[serde(default)]
+    pub(super) root_keys: Option<Vec<Spanned<String>>>,
+    /// Keys that sign timestamps until a key set names others; the server signs with the
+    /// first (default: ed25519-timestamp).
+    #[serde(default)]
+    pub(super) timestamp_keys: Option<Vec<Spanned<String>>>,
+    /// Boards install only what a fresh timestamp vouches for.
+    #[serde(default)]
+    pub(super) require_timestamp: bool,
+    /// How long each timestamp the server signs is valid (default 10m).
+    #[serde(default)]
+    pub(super) timestamp_valid_for: Option<Spanned<String>>,
+}
+
+/// `[[keys]]`: at `at`, the server starts serving a key set signed by a root key.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct KeySetDef {
+    pub(super) at: Spanned<String>,
+    pub(super) version: u32,
+    pub(super) release: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) timestamp: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(super) sequence_base: Option<u64>,
+    #[serde(default)]
+    pub(super) signed_by: Option<Spanned<String>>,
+}
+
+/// `[[revoke]]`: at `at`, the server starts serving a revocation list of the fleet's device
+/// type that withdraws these release sequences.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct RevokeDef {
+    pub(super) at: Spanned<String>,
+    pub(super) sequences: Vec<u64>,
+    #[serde(default)]
+    pub(super) serial: Option<u64>,
+    #[serde(default)]
+    pub(super) signed_by: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -165,6 +212,10 @@ pub(super) struct FaultDef {
     pub(super) outage: Option<Spanned<OutageDef>>,
     #[serde(default)]
     pub(super) flood: Option<Spanned<FloodDef>>,
+    /// `freeze = "2s"`: from then on the server answers the boards' polls with the answer it
+    /// gave then, word for word (a mirror frozen in time).
+    #[serde(default)]
+    pub(super) freeze: Option<Spanned<String>>,
 }
 
 /// `flood = { at = "5s", connections = 40, target = "broker" }`: strangers flood the MQTT
@@ -313,4 +364,6 @@ pub(super) struct ExpectDef {
     pub(super) fetch_retries: Option<u32>,
     #[serde(default)]
     pub(super) min_download_time: Option<String>,
+    #[serde(default)]
+    pub(super) keys_adopted: Option<u32>,
 }

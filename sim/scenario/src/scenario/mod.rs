@@ -129,6 +129,106 @@ pub enum FaultKind {
         connections: u32,
         target: FloodTarget,
     },
+    /// From `at_ms` on, the server answers the boards' polls with the answer it gave then,
+    /// word for word: a mirror frozen in time (TUF's indefinite freeze).
+    Freeze {
+        at_ms: u64,
+    },
+}
+
+/// How the boards decide which keys and statements to believe ([`otarig_agent::trust`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Trust {
+    /// Key ids (fixtures/keys) compiled into the firmware as root keys.
+    pub root_keys: Vec<String>,
+    /// Key ids that sign timestamps until a key set names others; the server signs with the
+    /// first.
+    pub timestamp_keys: Vec<String>,
+    pub require_timestamp: bool,
+    pub timestamp_valid_for_ms: u64,
+}
+
+/// A signed statement the server starts to serve at `at_ms`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Statement {
+    pub at_ms: u64,
+    /// Key id in fixtures/keys.
+    pub signed_by: String,
+    pub kind: StatementKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StatementKind {
+    /// A key set (signed by a root key).
+    KeySet {
+        version: u32,
+        release: Vec<String>,
+        timestamp: Vec<String>,
+        sequence_base: Option<u64>,
+    },
+    /// The fleet device type's revocation list (signed by a release key).
+    Revocations { serial: u64, sequences: Vec<u64> },
+}
+
+impl Statement {
+    /// The signed envelope.
+    pub fn sign(&self, device_type: &str) -> anyhow::Result<Vec<u8>> {
+        use otarig_server::keys::{fixture_dir, NamedKey};
+        let dir = fixture_dir();
+        let key = NamedKey::load(&dir, &self.signed_by)?;
+        let load = |ids: &[String]| -> anyhow::Result<Vec<NamedKey>> {
+            ids.iter().map(|id| NamedKey::load(&dir, id)).collect()
+        };
+        match &self.kind {
+            StatementKind::KeySet {
+                version,
+                release,
+                timestamp,
+                sequence_base,
+            } => otarig_server::statements::key_set(
+                &key,
+                *version,
+                &load(release)?,
+                &load(timestamp)?,
+                *sequence_base,
+            ),
+            StatementKind::Revocations { serial, sequences } => {
+                otarig_server::statements::revocation_list(
+                    &key,
+                    &otarig_agent::trust::RevocationsBody {
+                        device_type: device_type.to_string(),
+                        serial: *serial,
+                        sequences: sequences.clone(),
+                        images: Vec::new(),
+                    },
+                )
+            }
+        }
+    }
+}
+
+impl Trust {
+    /// The server's timestamp signer.
+    pub fn signer(&self) -> anyhow::Result<otarig_server::statements::TimestampSigner> {
+        let id = self.timestamp_keys.first().map_or("", String::as_str);
+        Ok(otarig_server::statements::TimestampSigner {
+            key: otarig_server::keys::NamedKey::load(&otarig_server::keys::fixture_dir(), id)?,
+            valid_for_s: self.timestamp_valid_for_ms / 1000,
+        })
+    }
+
+    /// The public halves the firmware embeds: (root keys, timestamp keys).
+    pub fn firmware_keys(
+        &self,
+    ) -> anyhow::Result<(Vec<otarig_agent::TrustedKey>, Vec<otarig_agent::TrustedKey>)> {
+        use otarig_server::keys::{fixture_dir, NamedKey};
+        let load = |ids: &[String]| -> anyhow::Result<Vec<otarig_agent::TrustedKey>> {
+            ids.iter()
+                .map(|id| NamedKey::load(&fixture_dir(), id)?.trusted())
+                .collect()
+        };
+        Ok((load(&self.root_keys)?, load(&self.timestamp_keys)?))
+    }
 }
 
 /// What a `flood` fault hammers.
@@ -259,6 +359,8 @@ pub enum Check {
     /// The first download took at least this long (from its start to the image's hash check):
     /// proves a throttle really paced the bytes.
     MinDownloadMs(u64),
+    /// The newest key set version the board adopted (0: never adopted one).
+    KeysAdopted(u32),
 }
 
 impl Check {
@@ -283,6 +385,7 @@ impl Check {
             Check::Reports(_) => "reports",
             Check::FetchRetries(_) => "fetch-retries",
             Check::MinDownloadMs(_) => "min-download-time",
+            Check::KeysAdopted(_) => "keys-adopted",
         }
     }
 }
@@ -294,6 +397,8 @@ pub enum Step {
     Release(usize),
     /// `faults[n]` (a command, a payload or a forced install) happens.
     Fault(usize),
+    /// `statements[n]` starts being served.
+    Statement(usize),
 }
 
 /// A board's wall clock. Until `set_at_ms` (virtual time) it is not set and reads the time
@@ -342,6 +447,9 @@ pub struct Scenario {
     pub wall: WallClock,
     pub efuse_secure_version: u32,
     pub trusted_keys: Vec<String>,
+    pub trust: Trust,
+    /// Key sets and revocation lists published during the run.
+    pub statements: Vec<Statement>,
     pub poll_interval_ms: u64,
     pub confirm_timeout_ms: u64,
     /// Bytes per HTTP range request (default 16 KiB).
@@ -429,9 +537,13 @@ impl Scenario {
                 FaultKind::Command(CommandFault { at_ms, .. })
                 | FaultKind::Payload { at_ms, .. }
                 | FaultKind::ForceInstall { at_ms, .. }
-                | FaultKind::Flood { at_ms, .. } => t.push((at_ms, Step::Fault(n))),
+                | FaultKind::Flood { at_ms, .. }
+                | FaultKind::Freeze { at_ms } => t.push((at_ms, Step::Fault(n))),
                 FaultKind::PowerLoss(_) | FaultKind::Server { .. } | FaultKind::Outage { .. } => {}
             }
+        }
+        for (n, st) in self.statements.iter().enumerate() {
+            t.push((st.at_ms, Step::Statement(n)));
         }
         t.sort_by_key(|(at, _)| *at);
         t
@@ -471,6 +583,16 @@ impl Scenario {
     }
 
     /// The channel board `i` follows.
+    /// Every channel some board follows.
+    pub fn channels(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::iter::once(self.channel.clone())
+            .chain(self.channel_of.iter().map(|(c, _)| c.clone()))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     pub fn channel_for(&self, i: u32) -> &str {
         self.channel_of
             .iter()

@@ -14,8 +14,8 @@ use super::file::{ExpectDef, FaultDef, FileDef, OneOrMany, ReleaseDef, ServerFau
 use super::units::{parse_duration, parse_rate, parse_size};
 use super::{
     Check, CommandFault, Expect, Fault, FaultKind, Firmware, PayloadTopic, PowerLoss, Release,
-    Scenario, ScenarioError, Selector, ServerFault, WallClock, KNOWN_HAZARDS, OPERATOR_KEY,
-    SLOT_STATES as STATES,
+    Scenario, ScenarioError, Selector, ServerFault, Statement, StatementKind, Trust, WallClock,
+    KNOWN_HAZARDS, OPERATOR_KEY, SLOT_STATES as STATES,
 };
 
 /// Where errors point: the file and its text (for line and column of a span).
@@ -129,9 +129,14 @@ impl Parser<'_> {
                 "the scenario has no [[expect]] block: a scenario that checks nothing cannot fail",
             ));
         }
+        let trust = self.trust()?;
+        let statements = self.statements(&trust)?;
         let duration_ms = match &raw.scenario.duration {
             Some(s) => cx.duration(s)?,
-            None => last_event(&releases, &faults) + 30 * 60_000,
+            None => {
+                let last = statements.iter().map(|s| s.at_ms).max().unwrap_or(0);
+                last_event(&releases, &faults).max(last) + 30 * 60_000
+            }
         };
         let channel_of = self.channels()?;
         Ok(Scenario {
@@ -152,6 +157,8 @@ impl Parser<'_> {
             },
             efuse_secure_version: self.secure_version(&raw.fleet.efuse_secure_version)?,
             trusted_keys,
+            trust,
+            statements,
             poll_interval_ms: cx.optional_duration(&raw.fleet.poll_interval, 60_000)?,
             confirm_timeout_ms: cx.optional_duration(&raw.fleet.confirm_timeout, 120_000)?,
             range_size: self.range_size()?,
@@ -161,6 +168,96 @@ impl Parser<'_> {
             expects,
             plr_known_hazards: self.known_hazards()?,
         })
+    }
+
+    /// Key names, or `default` when the list is not given.
+    fn keys(&self, list: &Option<Vec<Spanned<String>>>, default: &str) -> Result<Vec<String>> {
+        match list {
+            None => Ok(vec![default.to_string()]),
+            Some(list) => list.iter().map(|k| self.known_key(k)).collect(),
+        }
+    }
+
+    /// `root-keys`, `timestamp-keys`, `require-timestamp`, `timestamp-valid-for`.
+    fn trust(&self) -> Result<Trust> {
+        let f = &self.raw.fleet;
+        let timestamp_keys = self.keys(&f.timestamp_keys, "ed25519-timestamp")?;
+        if timestamp_keys.is_empty() {
+            return Err(self
+                .cx
+                .file("timestamp-keys is empty: the server signs timestamps with the first one"));
+        }
+        Ok(Trust {
+            root_keys: self.keys(&f.root_keys, "ed25519-root")?,
+            timestamp_keys,
+            require_timestamp: f.require_timestamp,
+            timestamp_valid_for_ms: self
+                .cx
+                .optional_duration(&f.timestamp_valid_for, 10 * 60_000)?,
+        })
+    }
+
+    /// `[[keys]]` and `[[revoke]]`, in file order.
+    fn statements(&self, trust: &Trust) -> Result<Vec<Statement>> {
+        let mut out = Vec::new();
+        for k in &self.raw.keys {
+            let d = k.get_ref();
+            if d.version == 0 {
+                return Err(self.cx.span(
+                    k,
+                    "version 0 is the firmware's own keys; a key set starts at 1",
+                ));
+            }
+            if d.release.is_empty() || d.release.len() > otarig_agent::trust::MAX_KEYS {
+                return Err(self.cx.span(
+                    k,
+                    format!("release names 1 to {} keys", otarig_agent::trust::MAX_KEYS),
+                ));
+            }
+            let known = |list: &[Spanned<String>]| -> Result<Vec<String>> {
+                list.iter().map(|k| self.known_key(k)).collect()
+            };
+            out.push(Statement {
+                at_ms: self.cx.duration(&d.at)?,
+                signed_by: match &d.signed_by {
+                    Some(s) => self.known_key(s)?,
+                    None => trust.root_keys.first().cloned().unwrap_or_default(),
+                },
+                kind: StatementKind::KeySet {
+                    version: d.version,
+                    release: known(&d.release)?,
+                    timestamp: match &d.timestamp {
+                        Some(t) => known(t)?,
+                        None => trust.timestamp_keys.clone(),
+                    },
+                    sequence_base: d.sequence_base,
+                },
+            });
+        }
+        for (i, r) in self.raw.revoke.iter().enumerate() {
+            let d = r.get_ref();
+            if d.sequences.len() > otarig_agent::trust::MAX_REVOKED {
+                return Err(self.cx.span(
+                    r,
+                    format!(
+                        "a revocation list holds at most {} sequences",
+                        otarig_agent::trust::MAX_REVOKED
+                    ),
+                ));
+            }
+            out.push(Statement {
+                at_ms: self.cx.duration(&d.at)?,
+                signed_by: match &d.signed_by {
+                    Some(s) => self.known_key(s)?,
+                    None => "ed25519-test".into(),
+                },
+                kind: StatementKind::Revocations {
+                    serial: d.serial.unwrap_or(i as u64 + 1),
+                    sequences: d.sequences.clone(),
+                },
+            });
+        }
+        Ok(out)
     }
 
     /// A secure version the ESP32-S3's 16-bit `SECURE_VERSION` eFuse field can record
@@ -387,11 +484,16 @@ impl Parser<'_> {
             f.server.is_some(),
             f.outage.is_some(),
             f.flood.is_some(),
+            f.freeze.is_some(),
         ];
         if given.iter().filter(|g| **g).count() != 1 {
-            return Err(self.cx.file("each [[fault]] needs exactly one of `power-loss`, `force-install`, `command`, `payload`, `server`, `outage` or `flood`"));
+            return Err(self.cx.file("each [[fault]] needs exactly one of `power-loss`, `force-install`, `command`, `payload`, `server`, `outage`, `flood` or `freeze`"));
         }
-        let kind = if let Some(sv) = &f.server {
+        let kind = if let Some(at) = &f.freeze {
+            FaultKind::Freeze {
+                at_ms: self.cx.duration(at)?,
+            }
+        } else if let Some(sv) = &f.server {
             self.server_fault(sv)?
         } else if let Some(c) = &f.command {
             self.command(c)?
@@ -669,6 +771,7 @@ impl Parser<'_> {
             (d.boots.map(Check::Boots)),
             (d.reports.map(Check::Reports)),
             (d.fetch_retries.map(Check::FetchRetries)),
+            (d.keys_adopted.map(Check::KeysAdopted)),
         ];
         checks.extend(counts.into_iter().flatten());
         if let Some(t) = &d.min_download_time {
@@ -742,7 +845,8 @@ fn last_event(releases: &[Release], faults: &[Fault]) -> u64 {
             FaultKind::ForceInstall { at_ms, .. }
             | FaultKind::Command(CommandFault { at_ms, .. })
             | FaultKind::Payload { at_ms, .. }
-            | FaultKind::Flood { at_ms, .. } => Some(at_ms),
+            | FaultKind::Flood { at_ms, .. }
+            | FaultKind::Freeze { at_ms } => Some(at_ms),
             _ => None,
         }))
         .max()

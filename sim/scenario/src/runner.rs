@@ -991,9 +991,16 @@ impl World {
                 message: format!("wave {} starts: {} board(s)", wave + 1, boards.len()),
             },
         );
-        let signed = Arc::new(self.releases[k].manifest.clone());
-        for b in boards {
-            self.schedule(*b as usize, now + LATENCY_MS, Ev::Manifest(signed.clone()));
+        // The board polls at once (the wire's `update-now`) and gets its offer.
+        let answer = self.store.answer(
+            &self.cfg_template.device_type,
+            &self.releases[k].manifest,
+            (EPOCH_MS + now) / 1000,
+        );
+        if let Some(answer) = answer.map(Arc::new) {
+            for b in boards {
+                self.schedule(*b as usize, now + LATENCY_MS, Ev::Manifest(answer.clone()));
+            }
         }
     }
 

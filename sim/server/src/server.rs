@@ -13,8 +13,9 @@
 //! Whatever clients do, the server stays up ([`Limits`]): a request head must arrive within
 //! the header timeout (which also ends connections idle between requests), open connections
 //! are capped below the descriptor limit, acks.jsonl has a quota, and per-device bookkeeping
-//! is bounded in entries and key length. There is no global rate limit: it would hand a
-//! flooding client the fleet's budget; per-client limits need client identity (TLS).
+//! is bounded in entries and key length, and each connection has a request-rate limit (429).
+//! There is no global rate limit: it would hand a flooding client the fleet's budget;
+//! per-client limits across connections need client identity (TLS).
 //!
 //! Fault injection ([`ServerFaults`]) lives here, so it works the same for simulated and real
 //! boards: per device id, a blob request can fail with an HTTP status, never be answered,
@@ -95,6 +96,12 @@ pub struct Limits {
     pub ack_log_bytes: u64,
     /// Devices whose served bytes are counted.
     pub tracked_devices: usize,
+    /// Requests one connection may make per second (bursts of twice that); more are answered
+    /// 429 with `Retry-After`. Per connection, not global: a global limit would hand a
+    /// flooding client the fleet's budget, and connections are capped already. A real board
+    /// makes a few requests a second at most (16 KiB ranges, a poll a minute); the default
+    /// leaves room for simulated boards, whose clocks run fast.
+    pub requests_per_second: u32,
 }
 
 impl Default for Limits {
@@ -104,6 +111,7 @@ impl Default for Limits {
             max_connections: 16_384,
             ack_log_bytes: 64 << 20,
             tracked_devices: 65_536,
+            requests_per_second: 1_000,
         }
     }
 }
@@ -763,6 +771,40 @@ impl Server {
     }
 }
 
+/// `app` behind a request-rate limit of its own: one per connection.
+fn rate_limited(
+    app: Router,
+    per_second: u32,
+) -> impl tower::Service<
+    Request<hyper::body::Incoming>,
+    Response = Response,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone {
+    use governor::{Quota, RateLimiter};
+    use tower::ServiceExt;
+    let rate = std::num::NonZeroU32::new(per_second.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+    let burst = rate.saturating_mul(std::num::NonZeroU32::new(2).unwrap_or(rate));
+    let limiter = Arc::new(RateLimiter::direct(
+        Quota::per_second(rate).allow_burst(burst),
+    ));
+    tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let (app, limiter) = (app.clone(), limiter.clone());
+        async move {
+            if limiter.check().is_err() {
+                let mut r = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("more than {per_second} requests a second on this connection; retry after a second"),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                return Ok(r);
+            }
+            app.oneshot(req.map(axum::body::Body::new)).await
+        }
+    })
+}
+
 /// Accept connections while fewer than `limits.max_connections` are open, each served by hyper
 /// with the header timeout, until `stop`; then wait for the open ones to end gracefully.
 /// axum's own `serve` cannot set hyper's header timeout, hence this loop.
@@ -795,7 +837,10 @@ async fn accept_loop(
                 }
             },
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let service = hyper_util::service::TowerToHyperService::new(rate_limited(
+            app.clone(),
+            limits.requests_per_second,
+        ));
         let mut conn_stop = stop.clone();
         open.spawn(async move {
             let _permit = permit;

@@ -591,3 +591,31 @@ async fn answers_carry_the_statements_and_a_fresh_timestamp() {
     let r = fetch().await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
+
+/// One connection that makes requests faster than the limit gets 429 with Retry-After; a
+/// new connection is served (the limit is per connection, not global).
+#[tokio::test]
+async fn a_connection_past_its_request_rate_gets_429() {
+    let served = Served::start_with(Limits {
+        requests_per_second: 5,
+        ..Limits::default()
+    })
+    .await;
+    let url = format!("{}/healthz", served.base);
+    let mut limited = None;
+    for _ in 0..40 {
+        let r = served.http.get(&url).send().await.unwrap();
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(r);
+            break;
+        }
+    }
+    let r = limited.expect("40 requests in a row on one connection were never limited");
+    assert_eq!(r.headers().get(header::RETRY_AFTER).unwrap(), "1");
+    let fresh = reqwest::Client::new().get(&url).send().await.unwrap();
+    assert_eq!(
+        fresh.status(),
+        StatusCode::OK,
+        "another connection is not limited"
+    );
+}

@@ -23,6 +23,9 @@ pub struct Args {
     /// MiB of acks.jsonl past which acks are refused (507) until it is rotated.
     #[arg(long, default_value_t = 64)]
     ack_quota_mib: u64,
+    /// Requests one connection may make per second (bursts of twice that); more get 429.
+    #[arg(long, default_value_t = 1_000)]
+    requests_per_second: u32,
     /// Sign a timestamp into every answer with this key (KEY.pem in --keys-dir): boards that
     /// require one refuse a frozen or stripped answer. Keep it on this host only.
     #[arg(long)]
@@ -42,6 +45,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             header_read: std::time::Duration::from_secs(a.header_timeout.max(1)),
             max_connections: a.max_connections.max(1),
             ack_log_bytes: a.ack_quota_mib.saturating_mul(1 << 20),
+            requests_per_second: a.requests_per_second.max(1),
             ..Limits::default()
         };
         let server = Server::start_with(store.clone(), a.listen, limits).await?;

@@ -54,6 +54,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cmd::release::Cmd,
     },
+    /// The fleet's certificate authority: root, intermediate, server and device
+    /// certificates, revocation.
+    Pki {
+        #[command(subcommand)]
+        cmd: cmd::pki::Cmd,
+    },
     /// Signing keys.
     Keys {
         #[command(subcommand)]
@@ -98,6 +104,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => cmd::serve::run(a),
         Cmd::Release { cmd } => cmd::release::run(cmd),
         Cmd::Keys { cmd } => cmd::keys::run(cmd),
+        Cmd::Pki { cmd } => cmd::pki::run(cmd),
         Cmd::Image { cmd } => cmd::image::run(cmd),
         Cmd::Manifest { cmd } => cmd::manifest::run(cmd),
     };

@@ -16,8 +16,10 @@
 pub mod cid;
 pub mod delta;
 pub mod keys;
+pub mod pki;
 pub mod release_store;
 pub mod rollout;
 pub mod server;
 pub mod statements;
 pub mod store;
+pub mod tls;

@@ -347,6 +347,7 @@ async fn ack(
         ack_log_bytes,
         ..
     }): State<App>,
+    peer: Option<axum::Extension<Peer>>,
     body: axum::body::Bytes,
 ) -> Response {
     let wire: AckWire = match serde_json::from_slice(&body) {
@@ -377,6 +378,18 @@ async fn ack(
             StatusCode::BAD_REQUEST,
             format!("device must be 1 to {MAX_DEVICE_ID} characters"),
         );
+    }
+    // Over mutual TLS, a board speaks for itself only.
+    if let Some(id) = peer.and_then(|p| p.0.identity) {
+        if id != wire.device {
+            return error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the client certificate names device '{id}'; it may not ack for '{}'",
+                    wire.device
+                ),
+            );
+        }
     }
     let record = json!({"v": wire.v, "device": wire.device, "sequence": wire.sequence,
         "version": wire.version, "outcome": wire.outcome, "detail": wire.detail});
@@ -715,6 +728,8 @@ pub struct Server {
     pub faults: Arc<ServerFaults>,
     pub offers: Arc<Offers>,
     pub timestamps: Arc<Timestamps>,
+    /// Serving HTTPS.
+    tls: bool,
     stop: Option<tokio::sync::watch::Sender<bool>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -732,6 +747,26 @@ impl Server {
         addr: SocketAddr,
         limits: Limits,
     ) -> anyhow::Result<Server> {
+        Self::start_on(store, addr, limits, None).await
+    }
+
+    /// HTTPS with `tls` ([`crate::tls::server_config`]). When it requires client
+    /// certificates, an ack is accepted only for the device its certificate names.
+    pub async fn start_tls(
+        store: Arc<ReleaseStore>,
+        addr: SocketAddr,
+        limits: Limits,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> anyhow::Result<Server> {
+        Self::start_on(store, addr, limits, Some(tls)).await
+    }
+
+    async fn start_on(
+        store: Arc<ReleaseStore>,
+        addr: SocketAddr,
+        limits: Limits,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> anyhow::Result<Server> {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {addr}: {e} (is another server using the port?)")
         })?;
@@ -747,19 +782,23 @@ impl Server {
             limits,
             timestamps.clone(),
         );
-        let task = tokio::spawn(accept_loop(listener, app, limits, stopped));
+        let secure = tls.is_some();
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+        let task = tokio::spawn(accept_loop(listener, app, limits, tls, stopped));
         Ok(Server {
             addr,
             faults,
             offers,
             timestamps,
+            tls: secure,
             stop: Some(stop),
             task,
         })
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stop accepting, let open connections finish their request in flight, and return.
@@ -771,10 +810,19 @@ impl Server {
     }
 }
 
-/// `app` behind a request-rate limit of its own: one per connection.
+/// Who is at the other end of a connection, as its requests see it (an extension).
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    /// The CN of the client certificate the TLS handshake verified (a device id).
+    pub identity: Option<String>,
+}
+
+/// `app` behind a request-rate limit of its own (one per connection), with `peer` in every
+/// request's extensions.
 fn rate_limited(
     app: Router,
     per_second: u32,
+    peer: Peer,
 ) -> impl tower::Service<
     Request<hyper::body::Incoming>,
     Response = Response,
@@ -788,8 +836,9 @@ fn rate_limited(
     let limiter = Arc::new(RateLimiter::direct(
         Quota::per_second(rate).allow_burst(burst),
     ));
-    tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+    tower::service_fn(move |mut req: Request<hyper::body::Incoming>| {
         let (app, limiter) = (app.clone(), limiter.clone());
+        req.extensions_mut().insert(peer.clone());
         async move {
             if limiter.check().is_err() {
                 let mut r = error(
@@ -805,6 +854,43 @@ fn rate_limited(
     })
 }
 
+/// One connection served by hyper with the header timeout, until it ends or `stop`.
+async fn serve_connection<S, T>(
+    stream: S,
+    service: T,
+    limits: Limits,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tower::Service<
+            Request<hyper::body::Incoming>,
+            Response = Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    T::Future: Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(service);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read);
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        Ok(()) = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, "firmware server connection ended: {e}");
+    }
+}
+
 /// Accept connections while fewer than `limits.max_connections` are open, each served by hyper
 /// with the header timeout, until `stop`; then wait for the open ones to end gracefully.
 /// axum's own `serve` cannot set hyper's header timeout, hence this loop.
@@ -812,6 +898,7 @@ async fn accept_loop(
     listener: tokio::net::TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -837,29 +924,27 @@ async fn accept_loop(
                 }
             },
         };
-        let service = hyper_util::service::TowerToHyperService::new(rate_limited(
-            app.clone(),
-            limits.requests_per_second,
-        ));
-        let mut conn_stop = stop.clone();
+        let (app, stop, tls) = (app.clone(), stop.clone(), tls.clone());
         open.spawn(async move {
             let _permit = permit;
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_read);
-            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let ended = tokio::select! {
-                r = conn.as_mut() => r,
-                Ok(()) = conn_stop.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+            let Some(tls) = tls else {
+                let service = rate_limited(app, limits.requests_per_second, Peer::default());
+                return serve_connection(stream, service, limits, stop, peer).await;
             };
-            if let Err(e) = ended {
-                tracing::debug!(%peer, "firmware server connection ended: {e}");
-            }
+            // The handshake gets the same time as a request head.
+            let stream = match tokio::time::timeout(limits.header_read, tls.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake refused: {e}"),
+                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+            };
+            let identity = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| crate::pki::common_name(c));
+            let service = rate_limited(app, limits.requests_per_second, Peer { identity });
+            serve_connection(stream, service, limits, stop, peer).await
         });
         while open.try_join_next().is_some() {}
     }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::ValueEnum;
 use otarig_agent::TrustedKey;
-use otarig_server::keys::{fixture_dir, NamedKey};
+use otarig_server::keys::{fixture_dir, write_private, NamedKey};
 
 #[derive(clap::Subcommand)]
 pub enum Cmd {
@@ -59,30 +59,6 @@ pub enum Cmd {
 pub enum KeyAlg {
     Ed25519,
     Rsa,
-}
-
-/// Write a private key so that only its owner can read it: created with mode 0600 (not
-/// created 0644 and narrowed after, which leaves a window), and narrowed when `--force`
-/// replaces a key that had wider permissions.
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        opts.mode(0o600);
-        if path.exists() {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .with_context(|| format!("narrowing {} to mode 0600", path.display()))?;
-        }
-    }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The public halves of the named keys in `dir`, as a board trusts them.

@@ -14,6 +14,7 @@ pub mod hil;
 pub mod image;
 pub mod keys;
 pub mod manifest;
+pub mod pki;
 pub mod plr;
 pub mod release;
 pub mod run;

@@ -35,6 +35,39 @@ pub struct Args {
     /// How long each timestamp is valid.
     #[arg(long, default_value = "10m")]
     timestamp_valid_for: String,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first: `otarig pki server` writes
+    /// server/server_chain.pem) and --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require a client certificate from this CA (PEM); an ack is then accepted only for the
+    /// device its certificate names (CN).
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Refuse client certificates on this CRL (`otarig pki revoke` writes crl.pem).
+    #[arg(long, requires = "client_ca")]
+    crl: Option<PathBuf>,
+}
+
+impl Args {
+    /// The TLS configuration the flags describe, if any.
+    fn tls(&self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))
+        };
+        let auth = match &self.client_ca {
+            Some(ca) => Some(otarig_server::tls::ClientAuth {
+                ca_pem: read(ca)?,
+                crl_pem: self.crl.as_ref().map(read).transpose()?,
+            }),
+            None => None,
+        };
+        otarig_server::tls::server_config(&read(cert)?, &read(key)?, auth.as_ref()).map(Some)
+    }
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
@@ -48,7 +81,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             requests_per_second: a.requests_per_second.max(1),
             ..Limits::default()
         };
-        let server = Server::start_with(store.clone(), a.listen, limits).await?;
+        let server = match a.tls()? {
+            Some(tls) => Server::start_tls(store.clone(), a.listen, limits, tls).await?,
+            None => Server::start_with(store.clone(), a.listen, limits).await?,
+        };
         if let Some(id) = &a.timestamp_key {
             let valid_for = otarig_scenario::scenario::parse_duration(&a.timestamp_valid_for)
                 .map_err(anyhow::Error::msg)?;

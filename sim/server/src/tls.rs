@@ -1,0 +1,113 @@
+//! TLS configurations from the fleet's PKI files ([`crate::pki`]): the firmware server's
+//! (HTTPS, optionally requiring a client certificate checked against the CA and its CRL) and a
+//! board's (the CA that verifies servers, and its own certificate).
+//!
+//! rustls with ring as the one crypto provider, passed explicitly: with more than one provider
+//! compiled into a process, rustls will not pick one by itself.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Every certificate of a PEM text (a chain: leaf first).
+pub fn certs(pem: &str, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{what} is not PEM certificates"))?;
+    if certs.is_empty() {
+        anyhow::bail!("{what} holds no certificate (-----BEGIN CERTIFICATE-----)");
+    }
+    Ok(certs)
+}
+
+fn key(pem: &str, what: &str) -> anyhow::Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes())
+        .with_context(|| format!("{what} is not a PEM private key (PKCS#8, SEC1 or PKCS#1)"))
+}
+
+fn roots(ca_pem: &str) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca_pem, "the CA file")? {
+        roots.add(c).context("a CA certificate rustls cannot use")?;
+    }
+    Ok(roots)
+}
+
+/// Who may connect to a TLS server, besides anyone who can reach it.
+#[derive(Clone, Debug)]
+pub struct ClientAuth {
+    /// The CA (PEM) a client certificate must chain to.
+    pub ca_pem: String,
+    /// Revoked certificates (a PEM CRL from `otarig pki revoke`).
+    pub crl_pem: Option<String>,
+}
+
+/// The server's TLS configuration: its chain and key (PEM), and with `client_auth` a client
+/// certificate from that CA, not on its CRL, is required.
+pub fn server_config(
+    chain_pem: &str,
+    key_pem: &str,
+    client_auth: Option<&ClientAuth>,
+) -> anyhow::Result<Arc<ServerConfig>> {
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)?;
+    let builder = match client_auth {
+        None => builder.with_no_client_auth(),
+        Some(auth) => {
+            let crls = match &auth.crl_pem {
+                Some(pem) => CertificateRevocationListDer::pem_slice_iter(pem.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .context("the CRL is not PEM")?,
+                None => Vec::new(),
+            };
+            let verifier = WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots(&auth.ca_pem)?),
+                provider(),
+            )
+            .with_crls(crls)
+            // The CRL is the issuing CA's and lists device certificates; nothing revokes
+            // the intermediate itself (a compromised intermediate means a new PKI).
+            .only_check_end_entity_revocation()
+            .build()
+            .context("the client CA or CRL cannot be used")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder
+        .with_single_cert(
+            certs(chain_pem, "the server chain")?,
+            key(key_pem, "the server key")?,
+        )
+        .context("the server key does not match its certificate")?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A board's (or operator's) TLS configuration: servers must chain to `ca_pem`; with
+/// `identity` (certificate and key, PEM) it authenticates itself.
+pub fn client_config(
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> anyhow::Result<Arc<ClientConfig>> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
+        .with_root_certificates(roots(ca_pem)?);
+    let cfg = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, k)) => builder
+            .with_client_auth_cert(
+                certs(cert, "the device certificate")?,
+                key(k, "the device key")?,
+            )
+            .context("the device key does not match its certificate")?,
+    };
+    Ok(Arc::new(cfg))
+}

@@ -1,0 +1,200 @@
+//! HTTPS with the fleet's PKI: who gets through the handshake, and whose acks count.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use otarig_server::pki::Pki;
+use otarig_server::release_store::ReleaseStore;
+use otarig_server::server::{Limits, Server};
+use otarig_server::tls::{client_config, server_config, ClientAuth};
+use rustls_pki_types::ServerName;
+
+/// One HTTPS request on a fresh connection; any TLS refusal is an error.
+async fn request(
+    addr: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    host: &str,
+    req: hyper::Request<Full<Bytes>>,
+) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(host.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    let resp = send.send_request(req).await?;
+    let status = resp.status();
+    Ok((status, resp.into_body().collect().await?.to_bytes()))
+}
+
+fn get(path: &str) -> hyper::Request<Full<Bytes>> {
+    hyper::Request::get(format!("https://localhost{path}"))
+        .body(Full::default())
+        .unwrap()
+}
+
+fn ack(device: &str) -> hyper::Request<Full<Bytes>> {
+    let body = format!(
+        r#"{{"v":1,"device":"{device}","sequence":1,"version":"1.0.0","outcome":"installed","detail":""}}"#
+    );
+    hyper::Request::post("https://localhost/ack")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+struct Bench {
+    dir: tempfile::TempDir,
+    root: String,
+    server: Server,
+}
+
+/// A PKI with an intermediate, a server certificate valid `server_days`, and the server
+/// requiring client certificates (with the CRL, once something was revoked).
+async fn bench(server_days: u32, revoke: &[&str]) -> Bench {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), true, 30).unwrap();
+    for id in ["dev-1", "dev-2"] {
+        let d = pki.device(id, 30).unwrap();
+        pki.write_device(id, &d).unwrap();
+    }
+    let mut crl = None; // the last CRL lists every revocation
+    for id in revoke {
+        crl = Some(pki.revoke_device(id).unwrap());
+    }
+    let s = pki
+        .server(&["localhost".into(), "127.0.0.1".into()], server_days)
+        .unwrap();
+    let root = pki.root_pem().unwrap();
+    let auth = ClientAuth {
+        ca_pem: root.clone(),
+        crl_pem: crl,
+    };
+    let tls = server_config(&pki.chain_pem(&s), &s.key_pem, Some(&auth)).unwrap();
+    let store = Arc::new(ReleaseStore::open(&dir.path().join("store")).unwrap());
+    let server = Server::start_tls(
+        store,
+        "127.0.0.1:0".parse().unwrap(),
+        Limits::default(),
+        tls,
+    )
+    .await
+    .unwrap();
+    Bench { dir, root, server }
+}
+
+impl Bench {
+    /// A board's TLS configuration with device `id`'s files, as `otarig pki device` wrote them.
+    fn board(&self, id: &str) -> Arc<rustls::ClientConfig> {
+        let dir = self.dir.path().join("pki/devices").join(id);
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        let ca = read("ca_cert.pem");
+        assert_eq!(ca, self.root);
+        client_config(&ca, Some((&read("device.crt"), &read("device.key")))).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_board_with_its_certificate_is_served_and_acks_only_for_itself() {
+    let b = bench(30, &[]).await;
+    assert!(b.server.url().starts_with("https://"));
+    let cfg = b.board("dev-1");
+    let (st, body) = request(b.server.addr, cfg.clone(), "localhost", get("/healthz"))
+        .await
+        .unwrap();
+    assert_eq!((st.as_u16(), &body[..]), (200, &b"ok"[..]));
+    // By IP too: the certificate has an IP SAN.
+    let (st, _) = request(b.server.addr, cfg.clone(), "127.0.0.1", get("/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(st.as_u16(), 200);
+    let (st, _) = request(b.server.addr, cfg.clone(), "localhost", ack("dev-1"))
+        .await
+        .unwrap();
+    assert_eq!(st.as_u16(), 204);
+    let (st, body) = request(b.server.addr, cfg, "localhost", ack("dev-2"))
+        .await
+        .unwrap();
+    assert_eq!(st.as_u16(), 403, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("names device 'dev-1'"));
+}
+
+#[tokio::test]
+async fn the_handshake_refuses_every_broken_trust() {
+    let b = bench(30, &["dev-2"]).await;
+    let addr = b.server.addr;
+    let other = tempfile::tempdir().unwrap();
+    let stranger = Pki::init(other.path(), false, 30).unwrap();
+    let foreign = stranger.device("dev-1", 30).unwrap();
+    let cases: Vec<(&str, Arc<rustls::ClientConfig>, &str)> = vec![
+        ("revoked device certificate", b.board("dev-2"), "localhost"),
+        (
+            "no client certificate",
+            client_config(&b.root, None).unwrap(),
+            "localhost",
+        ),
+        (
+            "device certificate from another CA",
+            client_config(&b.root, Some((&foreign.cert_pem, &foreign.key_pem))).unwrap(),
+            "localhost",
+        ),
+        (
+            "board trusting another CA (wrong CA)",
+            client_config(&stranger.root_pem().unwrap(), None).unwrap(),
+            "localhost",
+        ),
+        ("hostname mismatch", b.board("dev-1"), "firmware.example"),
+    ];
+    for (what, cfg, host) in cases {
+        let r = request(addr, cfg, host, get("/healthz")).await;
+        assert!(r.is_err(), "{what}: served {r:?}");
+    }
+    // The same board, well configured, still gets through.
+    let ok = request(addr, b.board("dev-1"), "localhost", get("/healthz")).await;
+    assert_eq!(ok.unwrap().0.as_u16(), 200);
+}
+
+#[tokio::test]
+async fn an_expired_server_certificate_is_refused_by_the_board() {
+    let b = bench(0, &[]).await;
+    let e = request(
+        b.server.addr,
+        b.board("dev-1"),
+        "localhost",
+        get("/healthz"),
+    )
+    .await
+    .unwrap_err();
+    assert!(format!("{e:#}").to_lowercase().contains("expired"), "{e:#}");
+}
+
+#[test]
+fn private_keys_are_written_0600_and_a_ca_is_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(dir.path(), true, 30).unwrap();
+    let d = pki.device("dev-7", 30).unwrap();
+    let out = pki.write_device("dev-7", &d).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in [
+            dir.path().join("ca_key.pem"),
+            dir.path().join("intermediate_key.pem"),
+            out.join("device.key"),
+        ] {
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+        }
+    }
+    assert_eq!(
+        otarig_server::pki::serial_of(&std::fs::read_to_string(out.join("device.crt")).unwrap())
+            .unwrap(),
+        d.serial
+    );
+    let e = Pki::init(dir.path(), false, 30).err().unwrap().to_string();
+    assert!(e.contains("already holds a CA"), "{e}");
+}

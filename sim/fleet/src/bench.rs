@@ -13,13 +13,14 @@
 //! whole fleet; peak RSS is the sum of every process's peak (broker included), which is at
 //! least the real combined peak.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::fleet::{check_open_files, run_fleet, FleetOptions, Shard};
+use crate::mosquitto::Mosquitto;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use otarig_agent::Event;
@@ -339,78 +340,4 @@ fn peak_rss(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-/// A Mosquitto broker in its own process on a free loopback port, stopped when dropped.
-struct Mosquitto {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    fn start() -> anyhow::Result<Mosquitto> {
-        let exe = ["mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| {
-                Command::new(p)
-                    .arg("-h")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok()
-            })
-            .context("more boards than one process holds need Mosquitto as the broker, and `mosquitto` is not installed: run scripts/setup.sh (or apt install mosquitto), or pass --broker mqtt://HOST:PORT")?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let dir = tempfile::tempdir()?;
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n"
-            ),
-        )?;
-        // Its log goes to a file: a pipe nobody reads would stall it once full.
-        let log_path = dir.path().join("mosquitto.log");
-        let log = std::fs::File::create(&log_path)?;
-        let mut child = Command::new(&exe)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", exe.display()))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = child.try_wait()? {
-                let err = std::fs::read_to_string(&log_path).unwrap_or_default();
-                bail!(
-                    "mosquitto exited ({status}) before accepting connections: {}",
-                    err.trim()
-                );
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("mosquitto did not accept connections on 127.0.0.1:{port} within 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Mosquitto {
-            child,
-            port,
-            _dir: dir,
-        })
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

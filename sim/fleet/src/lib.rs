@@ -17,4 +17,5 @@ pub mod board_http;
 pub mod broker;
 pub mod fleet;
 pub mod flood;
+pub mod mosquitto;
 pub mod virtual_board;

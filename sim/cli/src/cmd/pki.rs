@@ -41,6 +41,21 @@ pub enum Cmd {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Write a Mosquitto configuration for mutual TLS with this PKI: OUT/mosquitto.conf and
+    /// OUT/acl (each device reads its own commands and the announcements, writes its own
+    /// status, ack and telemetry; the operator certificate, CN otarig-operator, everything).
+    /// Run it with `mosquitto -c OUT/mosquitto.conf`; issue the server certificate first.
+    Mosquitto {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 8883)]
+        port: u16,
+        /// Address to listen on (0.0.0.0 for a bench LAN).
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: String,
+    },
     /// Revoke a device's certificate: add it to DIR/revoked.txt and sign DIR/crl.pem, which
     /// `otarig serve --crl` and the broker honour.
     Revoke {
@@ -90,6 +105,48 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     out.display()
                 );
             }
+        }
+        Cmd::Mosquitto {
+            dir,
+            out,
+            port,
+            bind,
+        } => {
+            let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+            let dir = abs(dir);
+            for f in [
+                "ca_cert.pem",
+                "server/server_chain.pem",
+                "server/server.key",
+            ] {
+                if !dir.join(f).exists() {
+                    anyhow::bail!(
+                        "{} is missing: run `otarig pki init` and `otarig pki server` first",
+                        dir.join(f).display()
+                    );
+                }
+            }
+            let crl = dir.join("crl.pem");
+            let tls = otarig_fleet::mosquitto::MutualTls {
+                cafile: dir.join("ca_cert.pem"),
+                certfile: dir.join("server/server_chain.pem"),
+                keyfile: dir.join("server/server.key"),
+                crlfile: crl.exists().then_some(crl),
+            };
+            std::fs::create_dir_all(&out)?;
+            let out = abs(out);
+            let acl = out.join("acl");
+            std::fs::write(&acl, otarig_fleet::mosquitto::acl(&[]))?;
+            std::fs::write(
+                out.join("mosquitto.conf"),
+                otarig_fleet::mosquitto::config(&bind, port, Some((&tls, &acl))),
+            )?;
+            println!(
+                "wrote {0}/mosquitto.conf and {0}/acl: mosquitto -c {0}/mosquitto.conf; the operator needs a certificate with CN {1} (`otarig pki device --dir {2} {1}`)",
+                out.display(),
+                otarig_fleet::mosquitto::OPERATOR_CN,
+                dir.display()
+            );
         }
         Cmd::Revoke { dir, id } => {
             Pki::open(&dir)?.revoke_device(&id)?;

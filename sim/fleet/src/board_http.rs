@@ -22,7 +22,24 @@ pub const READ_BUFFER: usize = 16 * 1024;
 /// One board's HTTP client. Cloning shares the connection (as tasks of one board do).
 #[derive(Clone)]
 pub struct BoardHttp {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Inner,
+}
+
+/// Plain HTTP, or HTTPS with the board's TLS configuration (its CA and device certificate),
+/// as `esp_http_client` with `cert_pem`, `client_cert_pem` and `client_key_pem`.
+#[derive(Clone)]
+enum Inner {
+    Plain(Client<HttpConnector, Full<Bytes>>),
+    Tls(Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>),
+}
+
+impl Inner {
+    async fn request(&self, req: Request<Full<Bytes>>) -> anyhow::Result<Response<Incoming>> {
+        Ok(match self {
+            Inner::Plain(c) => c.request(req).await?,
+            Inner::Tls(c) => c.request(req).await?,
+        })
+    }
 }
 
 impl Default for BoardHttp {
@@ -33,11 +50,28 @@ impl Default for BoardHttp {
 
 impl BoardHttp {
     pub fn new() -> BoardHttp {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(1)
-            .http1_max_buf_size(READ_BUFFER)
-            .build_http();
-        BoardHttp { client }
+        let client = Self::builder().build_http();
+        BoardHttp {
+            client: Inner::Plain(client),
+        }
+    }
+
+    /// HTTPS only, with `tls` ([`otarig_server::tls::client_config`]).
+    pub fn with_tls(tls: std::sync::Arc<rustls::ClientConfig>) -> BoardHttp {
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_only()
+            .enable_http1()
+            .build();
+        BoardHttp {
+            client: Inner::Tls(Self::builder().build(https)),
+        }
+    }
+
+    fn builder() -> hyper_util::client::legacy::Builder {
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_max_idle_per_host(1).http1_max_buf_size(READ_BUFFER);
+        b
     }
 
     /// `GET url`, with `Range: bytes=first-last` when given.
@@ -50,7 +84,7 @@ impl BoardHttp {
         if let Some((first, last)) = range {
             req = req.header(hyper::header::RANGE, format!("bytes={first}-{last}"));
         }
-        Ok(self.client.request(req.body(Full::default())?).await?)
+        self.client.request(req.body(Full::default())?).await
     }
 
     /// `POST url` with a JSON body; the answer's status.

@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     pub(super) offline: bool,
     /// Where a virtual board prints its console (events as console-protocol lines).
     pub(super) console: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    /// Each board's HTTPS configuration (its device certificate), by index; empty: plain HTTP.
+    pub(super) board_tls: Vec<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Shared {
@@ -92,6 +94,7 @@ impl Shared {
             wall: WallClock::default(),
             offline,
             console: Some(console),
+            board_tls: Vec::new(),
         })
     }
 
@@ -297,7 +300,10 @@ impl<'a> Boot<'a> {
             dev,
             sh,
             agent: Agent::new(cfg),
-            http: BoardHttp::new(),
+            http: match sh.board_tls.get(i as usize) {
+                Some(tls) => BoardHttp::with_tls(tls.clone()),
+                None => BoardHttp::new(),
+            },
             io_tx,
             client: None,
             tasks: Vec::new(),

@@ -154,6 +154,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         wall: s.wall,
         offline: false,
         console: None,
+        board_tls: server.board_tls.clone(),
     });
     if let Some(p) = &opts.progress {
         p.boards.store(s.devices as u64, Ordering::Relaxed);

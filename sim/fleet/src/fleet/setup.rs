@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use otarig_scenario::runner;
-use otarig_scenario::scenario::{FaultKind, Scenario};
+use otarig_scenario::scenario::{FaultKind, Scenario, Transport};
 use otarig_server::release_store::ReleaseStore;
-use otarig_server::server::Server;
+use otarig_server::server::{Limits, Server};
 
 use super::FleetOptions;
 use crate::board_http::BoardHttp;
@@ -19,6 +19,8 @@ use crate::broker::{BrokerEndpoint, EmbeddedBroker};
 pub(super) struct FirmwareServer {
     pub(super) url: String,
     pub(super) local: Option<(Server, Arc<ReleaseStore>)>,
+    /// Each board's HTTPS configuration, by index, when the scenario runs over TLS.
+    pub(super) board_tls: Vec<Arc<rustls::ClientConfig>>,
 }
 
 impl FirmwareServer {
@@ -30,14 +32,26 @@ impl FirmwareServer {
     ) -> anyhow::Result<FirmwareServer> {
         if let Some(url) = &opts.server {
             check_external_server(s, prep, url).await?;
+            if s.transport == Transport::Tls {
+                bail!("{}: transport = \"tls\" makes its PKI per run for the embedded firmware server; run without --server", s.path.display());
+            }
             return Ok(FirmwareServer {
                 url: url.trim_end_matches('/').to_string(),
                 local: None,
+                board_tls: Vec::new(),
             });
         }
         let store = Arc::new(ReleaseStore::open(dir)?);
         prep.stage_into(&store)?;
-        let server = Server::start(store.clone(), "127.0.0.1:0".parse()?).await?;
+        let addr = "127.0.0.1:0".parse()?;
+        let (server, board_tls) = match s.transport {
+            Transport::Plain => (Server::start(store.clone(), addr).await?, Vec::new()),
+            Transport::Tls => {
+                let (tls, boards) = run_pki(s, &dir.join("pki"))?;
+                let server = Server::start_tls(store.clone(), addr, Limits::default(), tls);
+                (server.await?, boards)
+            }
+        };
         server.faults.set_speedup(opts.speedup.max(1.0));
         for i in 0..s.devices {
             let faults = s.server_faults_for(i);
@@ -48,8 +62,34 @@ impl FirmwareServer {
         Ok(FirmwareServer {
             url: server.url(),
             local: Some((server, store)),
+            board_tls,
         })
     }
+}
+
+/// A PKI for one run in `dir`: the server's TLS configuration (a certificate for 127.0.0.1
+/// from an intermediate, client certificates required) and each board's (the root, and a
+/// device certificate whose CN is its id).
+fn run_pki(
+    s: &Scenario,
+    dir: &std::path::Path,
+) -> anyhow::Result<(Arc<rustls::ServerConfig>, Vec<Arc<rustls::ClientConfig>>)> {
+    let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
+    let root = pki.root_pem()?;
+    let leaf = pki.server(&["127.0.0.1".into(), "localhost".into()], 30)?;
+    let auth = otarig_server::tls::ClientAuth {
+        ca_pem: root.clone(),
+        crl_pem: None,
+    };
+    let server =
+        otarig_server::tls::server_config(&pki.chain_pem(&leaf), &leaf.key_pem, Some(&auth))?;
+    let boards = (0..s.devices)
+        .map(|i| {
+            let d = pki.device(&s.device_id(i), 30)?;
+            otarig_server::tls::client_config(&root, Some((&pki.chain_pem(&d), &d.key_pem)))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok((server, boards))
 }
 
 impl FirmwareServer {

@@ -85,6 +85,10 @@ pub(super) struct FleetDef {
     /// How long each timestamp the server signs is valid (default 10m).
     #[serde(default)]
     pub(super) timestamp_valid_for: Option<Spanned<String>>,
+    /// `"tls"`: on the wire, boards reach the firmware server over HTTPS with a device
+    /// certificate each (default `"plain"`).
+    #[serde(default)]
+    pub(super) transport: super::Transport,
 }
 
 /// `[[keys]]`: at `at`, the server starts serving a key set signed by a root key.

@@ -136,6 +136,18 @@ pub enum FaultKind {
     },
 }
 
+/// How boards reach the firmware server on the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    #[default]
+    Plain,
+    /// HTTPS with the run's own PKI: the server proves itself with a certificate for
+    /// 127.0.0.1 from a fresh root CA (through an intermediate), each board with a device
+    /// certificate (CN = its id), and acks count only for the device a certificate names.
+    Tls,
+}
+
 /// How the boards decide which keys and statements to believe ([`otarig_agent::trust`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Trust {
@@ -448,6 +460,8 @@ pub struct Scenario {
     pub efuse_secure_version: u32,
     pub trusted_keys: Vec<String>,
     pub trust: Trust,
+    /// Plain or TLS on the wire (the in-process runner has no sockets).
+    pub transport: Transport,
     /// Key sets and revocation lists published during the run.
     pub statements: Vec<Statement>,
     pub poll_interval_ms: u64,

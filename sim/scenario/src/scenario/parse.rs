@@ -158,6 +158,7 @@ impl Parser<'_> {
             efuse_secure_version: self.secure_version(&raw.fleet.efuse_secure_version)?,
             trusted_keys,
             trust,
+            transport: raw.fleet.transport,
             statements,
             poll_interval_ms: cx.optional_duration(&raw.fleet.poll_interval, 60_000)?,
             confirm_timeout_ms: cx.optional_duration(&raw.fleet.confirm_timeout, 120_000)?,

@@ -105,6 +105,13 @@ pub enum Login {
         pass: String,
     },
     Anonymous,
+    /// Mutual TLS (Mosquitto): a board presents its own device certificate, found by its
+    /// client id; the harness's own clients (the operator) present the operator's.
+    Certificates {
+        devices:
+            std::sync::Arc<std::collections::HashMap<String, std::sync::Arc<rustls::ClientConfig>>>,
+        operator: std::sync::Arc<rustls::ClientConfig>,
+    },
 }
 
 /// Where a broker is and how to log in to it.
@@ -160,6 +167,12 @@ impl BrokerEndpoint {
                 o.set_credentials(user.clone(), pass.clone());
             }
             Login::Anonymous => {}
+            Login::Certificates { devices, operator } => {
+                let tls = devices.get(id).unwrap_or(operator).clone();
+                o.set_transport(rumqttc::Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(tls),
+                ));
+            }
         }
         o
     }
@@ -172,6 +185,7 @@ impl BrokerEndpoint {
             Login::Derived(auth) => format!("mqtt://{id}:{}@{host}:{port}", auth.password(id)),
             Login::Fixed { user, pass } => format!("mqtt://{user}:{pass}@{host}:{port}"),
             Login::Anonymous => format!("mqtt://{host}:{port}"),
+            Login::Certificates { .. } => format!("mqtts://{host}:{port}"),
         }
     }
 }

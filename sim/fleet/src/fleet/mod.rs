@@ -38,10 +38,10 @@ use otarig_scenario::runner::{
     self, new_device, prepare, report, Dev, Prepared, Run, RunOptions, SignedRelease, What,
 };
 use otarig_scenario::scenario::{
-    CommandFault, FaultKind, FloodTarget, PayloadTopic, Scenario, StatementKind, Step,
+    CommandFault, FaultKind, FloodTarget, PayloadTopic, Scenario, StatementKind, Step, Transport,
 };
 use rollout::{announce, run_rollout, RolloutCtx};
-use setup::{broker_address, FirmwareServer};
+use setup::{broker_address, FirmwareServer, RunPki};
 
 const PREFIX: &str = protocol::DEFAULT_PREFIX;
 
@@ -137,8 +137,13 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     let s = fleet_scenario(scenario, opts)?;
     let prep = prepare(&s)?;
     let dir = tempfile::tempdir().context("creating the store directory")?;
-    let server = FirmwareServer::start(&s, &prep, opts, dir.path()).await?;
-    let broker = broker_address(&s, opts).await?;
+    let pki = match s.transport {
+        Transport::Plain => None,
+        Transport::Tls => Some(RunPki::make(&s, &dir.path().join("pki"))?),
+    };
+    let server = FirmwareServer::start(&s, &prep, opts, dir.path(), pki.as_ref()).await?;
+    // Kept to the end of the run: dropping it stops Mosquitto.
+    let (broker, _mosquitto) = broker_address(&s, opts, pki.as_ref()).await?;
     let shared = Arc::new(Shared {
         clock: Clock {
             start: start_instant(opts.epoch).await,

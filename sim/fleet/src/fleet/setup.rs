@@ -29,6 +29,7 @@ impl FirmwareServer {
         prep: &runner::Prepared,
         opts: &FleetOptions,
         dir: &std::path::Path,
+        pki: Option<&RunPki>,
     ) -> anyhow::Result<FirmwareServer> {
         if let Some(url) = &opts.server {
             check_external_server(s, prep, url).await?;
@@ -44,12 +45,12 @@ impl FirmwareServer {
         let store = Arc::new(ReleaseStore::open(dir)?);
         prep.stage_into(&store)?;
         let addr = "127.0.0.1:0".parse()?;
-        let (server, board_tls) = match s.transport {
-            Transport::Plain => (Server::start(store.clone(), addr).await?, Vec::new()),
-            Transport::Tls => {
-                let (tls, boards) = run_pki(s, &dir.join("pki"))?;
+        let (server, board_tls) = match pki {
+            None => (Server::start(store.clone(), addr).await?, Vec::new()),
+            Some(pki) => {
+                let tls = pki.server_tls.clone();
                 let server = Server::start_tls(store.clone(), addr, Limits::default(), tls);
-                (server.await?, boards)
+                (server.await?, pki.boards.clone())
             }
         };
         server.faults.set_speedup(opts.speedup.max(1.0));
@@ -67,29 +68,48 @@ impl FirmwareServer {
     }
 }
 
-/// A PKI for one run in `dir`: the server's TLS configuration (a certificate for 127.0.0.1
-/// from an intermediate, client certificates required) and each board's (the root, and a
-/// device certificate whose CN is its id).
-fn run_pki(
-    s: &Scenario,
-    dir: &std::path::Path,
-) -> anyhow::Result<(Arc<rustls::ServerConfig>, Vec<Arc<rustls::ClientConfig>>)> {
-    let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
-    let root = pki.root_pem()?;
-    let leaf = pki.server(&["127.0.0.1".into(), "localhost".into()], 30)?;
-    let auth = otarig_server::tls::ClientAuth {
-        ca_pem: root.clone(),
-        crl_pem: None,
-    };
-    let server =
-        otarig_server::tls::server_config(&pki.chain_pem(&leaf), &leaf.key_pem, Some(&auth))?;
-    let boards = (0..s.devices)
-        .map(|i| {
-            let d = pki.device(&s.device_id(i), 30)?;
-            otarig_server::tls::client_config(&root, Some((&pki.chain_pem(&d), &d.key_pem)))
+/// The PKI of one run over TLS: made in a temporary directory, a root CA and an
+/// intermediate that issues a certificate for 127.0.0.1 (the firmware server and the broker),
+/// one device certificate per board (CN = its id) and the operator's.
+pub(super) struct RunPki {
+    /// HTTPS, client certificates required.
+    pub(super) server_tls: Arc<rustls::ServerConfig>,
+    /// Each board's TLS configuration (the root, its certificate), by index.
+    pub(super) boards: Vec<Arc<rustls::ClientConfig>>,
+    pub(super) operator: Arc<rustls::ClientConfig>,
+    /// The files Mosquitto reads.
+    pub(super) mosquitto: crate::mosquitto::MutualTls,
+}
+
+impl RunPki {
+    pub(super) fn make(s: &Scenario, dir: &std::path::Path) -> anyhow::Result<RunPki> {
+        use otarig_server::tls::{client_config, server_config, ClientAuth};
+        let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
+        let root = pki.root_pem()?;
+        let leaf = pki.server(&["127.0.0.1".into(), "localhost".into()], 30)?;
+        pki.write_server(&leaf)?;
+        let auth = ClientAuth {
+            ca_pem: root.clone(),
+            crl_pem: None,
+        };
+        let client = |id: &str| {
+            let d = pki.device(id, 30)?;
+            client_config(&root, Some((&pki.chain_pem(&d), &d.key_pem)))
+        };
+        Ok(RunPki {
+            server_tls: server_config(&pki.chain_pem(&leaf), &leaf.key_pem, Some(&auth))?,
+            boards: (0..s.devices)
+                .map(|i| client(&s.device_id(i)))
+                .collect::<anyhow::Result<_>>()?,
+            operator: client(crate::mosquitto::OPERATOR_CN)?,
+            mosquitto: crate::mosquitto::MutualTls {
+                cafile: dir.join("ca_cert.pem"),
+                certfile: dir.join("server/server_chain.pem"),
+                keyfile: dir.join("server/server.key"),
+                crlfile: None,
+            },
         })
-        .collect::<anyhow::Result<_>>()?;
-    Ok((server, boards))
+    }
 }
 
 impl FirmwareServer {
@@ -117,17 +137,52 @@ impl FirmwareServer {
 
 /// The broker: the external one (credentials from its URL, if any), or an embedded rumqttd
 /// started with room for two connections per board, which admits only its own clients.
+/// Over TLS it is Mosquitto with mutual TLS and the per-device ACL (started from `PATH`,
+/// returned so it lives as long as the run): the embedded rumqttd cannot keep a board to its
+/// own topics ([`crate::mosquitto`]).
 pub(super) async fn broker_address(
     s: &Scenario,
     opts: &FleetOptions,
-) -> anyhow::Result<BrokerEndpoint> {
+    pki: Option<&RunPki>,
+) -> anyhow::Result<(BrokerEndpoint, Option<crate::mosquitto::Mosquitto>)> {
+    if let Some(pki) = pki {
+        if opts.broker.is_some() {
+            bail!("{}: transport = \"tls\" starts its own Mosquitto with the run's PKI; run without --broker", s.path.display());
+        }
+        let tls = pki.mosquitto.clone();
+        let channels: Vec<(String, String, String)> = (0..s.devices)
+            .map(|i| {
+                (
+                    s.device_id(i),
+                    s.device_type.clone(),
+                    s.channel_for(i).to_string(),
+                )
+            })
+            .collect();
+        let m = tokio::task::spawn_blocking(move || {
+            crate::mosquitto::Mosquitto::start_tls(&tls, &channels)
+        })
+        .await??;
+        let devices = (0..s.devices)
+            .map(|i| (s.device_id(i), pki.boards[i as usize].clone()))
+            .collect();
+        let endpoint = BrokerEndpoint {
+            host: "127.0.0.1".into(),
+            port: m.port,
+            login: crate::broker::Login::Certificates {
+                devices: Arc::new(devices),
+                operator: pki.operator.clone(),
+            },
+        };
+        return Ok((endpoint, Some(m)));
+    }
     match &opts.broker {
-        Some(b) => Ok(b.clone()),
+        Some(b) => Ok((b.clone(), None)),
         None => {
             let devices = s.devices as usize;
             let b =
                 tokio::task::spawn_blocking(move || EmbeddedBroker::start(devices * 2)).await??;
-            Ok(b.endpoint())
+            Ok((b.endpoint(), None))
         }
     }
 }

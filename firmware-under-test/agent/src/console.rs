@@ -296,6 +296,11 @@ fn event_from_json(kind: &str, v: &Value) -> Option<Event> {
             check: Check::from_name(&s("check")?)?,
             detail: s("detail")?,
         },
+        "transport-refused" => Event::TransportRefused {
+            peer: known(v["peer"].as_str()?, &["server", "broker"]),
+            check: Check::from_name(&s("check")?)?,
+            detail: s("detail")?,
+        },
         "keys-adopted" => Event::KeysAdopted {
             version: n32("version")?,
         },
@@ -391,6 +396,11 @@ mod tests {
                 detail: "no network".into(),
             },
             Event::KeysAdopted { version: 3 },
+            Event::TransportRefused {
+                peer: "broker",
+                check: Check::Tls,
+                detail: "invalid peer certificate: UnknownIssuer".into(),
+            },
             Event::DeltaFailed {
                 sequence: 2,
                 reason: "bad patch".into(),

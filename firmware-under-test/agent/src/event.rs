@@ -58,6 +58,9 @@ pub enum Check {
     /// The answer's key set is not signed by a root key, or is older than one the board
     /// adopted (a rotated-out key), or is missing though the board moved past its own keys.
     Keys,
+    /// A TLS handshake with the firmware server or the broker failed: this board refused the
+    /// peer's certificate (unknown CA, expired, another name), or the peer refused the board's.
+    Tls,
 }
 
 impl Check {
@@ -84,10 +87,11 @@ impl Check {
             Check::Revoked => "revoked",
             Check::Freshness => "freshness",
             Check::Keys => "keys",
+            Check::Tls => "tls",
         }
     }
 
-    pub const ALL: [Check; 21] = [
+    pub const ALL: [Check; 22] = [
         Check::Malformed,
         Check::Signature,
         Check::DeviceType,
@@ -109,6 +113,7 @@ impl Check {
         Check::Revoked,
         Check::Freshness,
         Check::Keys,
+        Check::Tls,
     ];
 
     pub fn from_name(name: &str) -> Option<Check> {
@@ -235,6 +240,13 @@ pub enum Event {
     /// commands are checked against its keys from now on.
     KeysAdopted {
         version: u32,
+    },
+    /// A connection to `peer` (`server` or `broker`) failed its TLS handshake (check `tls`);
+    /// reported once per peer and boot, however often the shell retries.
+    TransportRefused {
+        peer: &'static str,
+        check: Check,
+        detail: String,
     },
     /// An MQTT payload could not be read; it was ignored.
     BadMessage {

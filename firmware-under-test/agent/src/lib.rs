@@ -41,7 +41,7 @@ pub mod platform;
 pub mod protocol;
 pub mod trust;
 
-pub use agent::{Action, Activity, Agent, Config, Input, Telemetry, MAX_SEQUENCE_STEP};
+pub use agent::{Action, Activity, Agent, Config, Input, Peer, Telemetry, MAX_SEQUENCE_STEP};
 pub use event::{Ack, Check, Event, Outcome};
 pub use manifest::{Manifest, PublicKey, SignedManifest, TrustedKey};
 pub use platform::{EspError, EspResult, OtaImgState, Platform, Slot, SlotKind};

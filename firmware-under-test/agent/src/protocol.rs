@@ -314,6 +314,12 @@ pub fn event_json(device: &str, t_ms: u64, e: &Event) -> Value {
         } => json!({"kind": "retrying", "sequence": sequence, "version": version,
             "detail": detail}),
         Event::KeysAdopted { version } => json!({"kind": "keys-adopted", "version": version}),
+        Event::TransportRefused {
+            peer,
+            check,
+            detail,
+        } => json!({"kind": "transport-refused", "peer": peer, "check": check.name(),
+            "detail": detail}),
         Event::DeltaFailed { sequence, reason } => {
             json!({"kind": "delta-failed", "sequence": sequence, "reason": reason})
         }

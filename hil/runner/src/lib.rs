@@ -153,6 +153,12 @@ fn one_board(scenario: &Scenario) -> (Scenario, Vec<String>) {
 /// The server faults for the board, and the download progress (percent) at which a power cut
 /// lands; a fault only the simulator can realise is [`SimOnly`].
 fn bench_faults(s: &Scenario, prep: &Prepared) -> anyhow::Result<(Vec<CountedFault>, Option<u32>)> {
+    if s.transport == otarig_scenario::scenario::Transport::Tls {
+        return Err(SimOnly(
+            "transport = \"tls\": the bench's board speaks plain HTTP and MQTT (the esp32s3 shell's ESP-TLS is not built yet): simulator only".into(),
+        )
+        .into());
+    }
     if s.wall.set_at_ms > 0 {
         return Err(SimOnly(
             "clock-set-after holds a board's clock back; on a bench SNTP sets it: simulator only"

@@ -100,6 +100,27 @@ impl BoardHttp {
     }
 }
 
+/// What the TLS stack said, if `e` (or an error under it) is a TLS failure: a handshake this
+/// board refused (unknown CA, expired, another name) or the peer refused (an alert).
+pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(t.to_string());
+        }
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if let Some(found) = tls_failure(inner) {
+                return Some(found);
+            }
+        }
+        next = err.source();
+    }
+    None
+}
+
 /// The next piece of a body as it arrives (`None` at its end); trailers are skipped.
 pub async fn next_chunk(body: &mut Incoming) -> Result<Option<Bytes>, hyper::Error> {
     while let Some(frame) = body.frame().await {

@@ -78,7 +78,9 @@ fn distil<'a>(records: impl IntoIterator<Item = &'a Record>) -> Seen {
                 s.acks.push((ack.outcome.name().to_string(), detail));
             }
             What::Agent(
-                Event::Refused { check, detail, .. } | Event::CommandRefused { check, detail, .. },
+                Event::Refused { check, detail, .. }
+                | Event::CommandRefused { check, detail, .. }
+                | Event::TransportRefused { check, detail, .. },
             ) => s.refusals.push((check.name().to_string(), detail.clone())),
             What::Agent(Event::RollingBack { reason, .. }) => {
                 s.rolled_back = true;

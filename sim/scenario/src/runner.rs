@@ -173,6 +173,8 @@ enum Ev {
     Statement(usize),
     /// The server's answers to this board freeze as they are now.
     Freeze,
+    /// A connection of the board failed its TLS handshake.
+    TlsFailed(otarig_agent::Peer, &'static str),
     /// Judge the current wave of the rollout of release k.
     WaveCheck(usize),
     Force {
@@ -210,6 +212,8 @@ pub struct Dev {
     pub fetch_gen: u64,
     /// A frozen mirror's answer to this board's polls (`Some(None)`: it answers 404).
     pub frozen: Option<Option<Arc<Vec<u8>>>>,
+    /// Broken trust: this board's TLS handshakes fail, so it never comes online.
+    pub tls_fault: Option<crate::scenario::TlsFault>,
 }
 
 impl Dev {
@@ -660,6 +664,7 @@ pub fn new_device(s: &Scenario, proto: &Board, opts: &RunOptions, first_size: u6
         off_for_ms,
         server_faults: s.server_faults_for(i),
         outages: s.outages_for(i),
+        tls_fault: s.tls_fault_for(i),
         ..Dev::for_board(&s.device_id(i), s.channel_for(i), board)
     }
 }
@@ -687,6 +692,7 @@ impl Dev {
             network_down_until: 0,
             retained_cmd: None,
             frozen: None,
+            tls_fault: None,
             fetch_gen: 0,
         }
     }
@@ -824,7 +830,10 @@ impl World {
                 }
             }
             Ev::Manifest(bytes) => self.feed(d, Input::Manifest(&bytes)),
+            Ev::TlsFailed(peer, detail) => self.feed(d, Input::TlsFailed { peer, detail }),
             Ev::Announcement(bytes) => self.feed(d, Input::Announcement(&bytes)),
+            // A board the broker refused at the handshake gets no commands.
+            Ev::Command { .. } if self.devs[d].tls_fault.is_some_and(|t| !t.server_side()) => {}
             Ev::Command { payload, retained } => self.feed(
                 d,
                 Input::Command {
@@ -915,6 +924,22 @@ impl World {
     }
 
     /// The manifest of a rollout whose waves include board `d`, newest release first.
+    /// Whether board `i` is connected to the broker now: running, its network up, and its
+    /// TLS handshake with the broker not broken.
+    fn hears_broker(&self, i: usize) -> bool {
+        let dev = &self.devs[i];
+        dev.agent.is_some()
+            && self.now >= dev.network_down_until
+            && dev.tls_fault.is_none_or(|t| t.server_side())
+    }
+
+    /// What board `d`'s TLS stack says of the firmware server, when its certificate is broken
+    /// (the request never gets through).
+    fn server_refused(&self, d: usize) -> Option<&'static str> {
+        let t = self.devs[d].tls_fault?;
+        t.server_side().then(|| t.detail())
+    }
+
     /// Publish the retained announcement of `manifest` for a device type and channel: every
     /// board of it that is up and online hears it.
     fn announce(&mut self, dt: &str, ch: &str, manifest: &[u8]) {
@@ -924,8 +949,7 @@ impl World {
         };
         for i in 0..self.devs.len() {
             // A board whose network is down hears nothing; it polls when it is back.
-            if self.devs[i].agent.is_some()
-                && self.now >= self.devs[i].network_down_until
+            if self.hears_broker(i)
                 && dt == self.cfg_template.device_type
                 && ch == self.devs[i].channel
             {
@@ -1081,7 +1105,11 @@ impl World {
                 let dev = &mut self.devs[d];
                 let up = dev.network_up_at(booted.info.version(), now);
                 if dev.agent.is_some() && dev.behaviour.network == NetworkBehaviour::Ok {
-                    self.schedule(d, up + CONNECT_MS, Ev::Online);
+                    let ev = match dev.tls_fault.filter(|t| !t.server_side()) {
+                        Some(t) => Ev::TlsFailed(otarig_agent::Peer::Broker, t.detail()),
+                        None => Ev::Online,
+                    };
+                    self.schedule(d, up + CONNECT_MS, ev);
                 }
             }
             BootOutcome::Bricked(reason) => self.devs[d].bricked = Some(reason),
@@ -1143,6 +1171,12 @@ impl World {
                 let passed = self.devs[d].behaviour.self_test == SelfTest::Pass;
                 self.schedule(d, now + SELF_TEST_MS, Ev::SelfTestDone(passed));
             }
+            Action::PollManifest if self.server_refused(d).is_some() => {
+                if let Some(detail) = self.server_refused(d) {
+                    let ev = Ev::TlsFailed(otarig_agent::Peer::Server, detail);
+                    self.schedule(d, now + LATENCY_MS, ev);
+                }
+            }
             Action::PollManifest => {
                 let answer = match &self.devs[d].frozen {
                     Some(frozen) => frozen.clone(),
@@ -1150,6 +1184,15 @@ impl World {
                 };
                 if let Some(m) = answer {
                     self.schedule(d, now + LATENCY_MS, Ev::Manifest(m));
+                }
+            }
+            Action::Fetch { .. } if self.server_refused(d).is_some() => {
+                if let Some(detail) = self.server_refused(d) {
+                    let gen = self.devs[d].fetch_gen;
+                    let ev = Ev::TlsFailed(otarig_agent::Peer::Server, detail);
+                    self.schedule(d, now + LATENCY_MS, ev);
+                    let why = format!("request failed: {detail}");
+                    self.schedule(d, now + LATENCY_MS, Ev::FetchFailed(why, gen));
                 }
             }
             Action::Fetch {

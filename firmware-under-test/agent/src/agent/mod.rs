@@ -166,6 +166,28 @@ pub enum Input<'a> {
     },
     /// A time asked for with [`Action::WakeAt`] has come.
     Timer,
+    /// A connection to the firmware server or the broker failed its TLS handshake; the shell
+    /// retries as usual, the agent reports it (once per peer and boot).
+    TlsFailed {
+        peer: Peer,
+        detail: &'a str,
+    },
+}
+
+/// Who a board connects to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Server,
+    Broker,
+}
+
+impl Peer {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Peer::Server => "server",
+            Peer::Broker => "broker",
+        }
+    }
 }
 
 /// Something the agent asks its shell to do.
@@ -395,11 +417,31 @@ impl Agent {
             Input::BodyEnd => self.on_body_end(p, now_ms),
             Input::FetchFailed { reason } => self.on_fetch_failed(p, now_ms, reason),
             Input::Timer => self.on_timer(p, now_ms),
+            Input::TlsFailed { peer, detail } => self.on_tls_failed(peer, detail),
         }
         self.sync_wake();
     }
 
     // ---- helpers -----------------------------------------------------------------------
+
+    fn on_tls_failed(&mut self, peer: Peer, detail: &str) {
+        // Keyed like a refusal, with the peer in place of a sequence number.
+        let key = (peer as u64, Check::Tls);
+        if self.reported.contains(&key) {
+            return;
+        }
+        self.reported.push(key);
+        // The detail comes from the TLS stack: kept short.
+        let cut = detail
+            .char_indices()
+            .nth(160)
+            .map_or(detail.len(), |(i, _)| i);
+        self.emit(Event::TransportRefused {
+            peer: peer.name(),
+            check: Check::Tls,
+            detail: detail[..cut].to_string(),
+        });
+    }
 
     /// Whether `now` is a set clock's time (see [`Config::time_floor_ms`]).
     pub(super) fn clock_is_set(&self, now: u64) -> bool {

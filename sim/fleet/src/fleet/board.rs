@@ -133,6 +133,8 @@ enum Net {
     ConnAck,
     /// Topic, payload, and whether the broker flagged it retained.
     Publish(String, Vec<u8>, bool),
+    /// A connection attempt failed its TLS handshake (what the TLS stack said).
+    TlsFailed(String),
 }
 
 /// How one boot of a board ended.
@@ -339,9 +341,13 @@ impl<'a> Boot<'a> {
                         Net::Publish(p.topic, p.payload.to_vec(), p.retain)
                     }
                     Ok(_) => continue,
-                    Err(_) => {
+                    Err(e) => {
+                        // rumqttc reconnects at the next poll, as esp-mqtt does.
                         tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
+                        match crate::board_http::tls_failure(&e) {
+                            Some(detail) => Net::TlsFailed(detail),
+                            None => continue,
+                        }
                     }
                 };
                 if net_tx.send(net).await.is_err() {
@@ -498,6 +504,10 @@ impl<'a> Boot<'a> {
                 })
             }
             Net::Publish(_, payload, _) => self.feed(Input::Announcement(&payload)),
+            Net::TlsFailed(detail) => self.feed(Input::TlsFailed {
+                peer: otarig_agent::Peer::Broker,
+                detail: &detail,
+            }),
         }
     }
 
@@ -513,6 +523,10 @@ impl<'a> Boot<'a> {
                 Ok(())
             }
             Io::FetchFailed(reason, _) => self.feed(Input::FetchFailed { reason: &reason }),
+            Io::TlsFailed(detail) => self.feed(Input::TlsFailed {
+                peer: otarig_agent::Peer::Server,
+                detail: &detail,
+            }),
         }
     }
 

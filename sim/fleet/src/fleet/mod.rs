@@ -572,7 +572,8 @@ async fn inject(
         FaultKind::PowerLoss(_)
         | FaultKind::Server { .. }
         | FaultKind::Outage { .. }
-        | FaultKind::Freeze { .. } => {}
+        | FaultKind::Freeze { .. }
+        | FaultKind::Tls(_) => {}
     }
     Ok(())
 }

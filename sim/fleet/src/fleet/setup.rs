@@ -82,31 +82,59 @@ pub(super) struct RunPki {
 }
 
 impl RunPki {
+    /// The run's PKI, with trust broken where the scenario's `tls` faults say.
     pub(super) fn make(s: &Scenario, dir: &std::path::Path) -> anyhow::Result<RunPki> {
+        use otarig_scenario::scenario::TlsFault;
         use otarig_server::tls::{client_config, server_config, ClientAuth};
         let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
+        // Another CA, for boards that trust it or carry its certificates.
+        let stranger = otarig_server::pki::Pki::init(&dir.join("stranger"), false, 30)?;
         let root = pki.root_pem()?;
-        let leaf = pki.server(&["127.0.0.1".into(), "localhost".into()], 30)?;
-        pki.write_server(&leaf)?;
+        let server_side =
+            (0..s.devices).find_map(|i| s.tls_fault_for(i).filter(|f| f.server_side()));
+        let (names, days) = match server_side {
+            Some(TlsFault::HostnameMismatch) => (vec!["firmware.example".to_string()], 30),
+            Some(TlsFault::ExpiredServerCertificate) => (vec!["127.0.0.1".into()], 0),
+            _ => (vec!["127.0.0.1".into(), "localhost".into()], 30),
+        };
+        // The broker's certificate is always good: a server-side fault breaks the firmware
+        // server's (and the operator must reach the broker anyway).
+        let leaf = pki.server(&names, days)?;
+        pki.write_server(&pki.server(&["127.0.0.1".into(), "localhost".into()], 30)?)?;
+        let mut crl = None;
+        let mut board = |id: &str, fault: Option<TlsFault>| -> anyhow::Result<_> {
+            let issuer = if fault == Some(TlsFault::ForeignCertificate) {
+                &stranger
+            } else {
+                &pki
+            };
+            let d = issuer.device(id, 30)?;
+            if fault == Some(TlsFault::RevokedCertificate) {
+                crl = Some(pki.revoke(&d.serial, id)?);
+            }
+            let trusted = match fault {
+                Some(TlsFault::WrongCa) => stranger.root_pem()?,
+                _ => root.clone(),
+            };
+            client_config(&trusted, Some((&issuer.chain_pem(&d), &d.key_pem)))
+        };
+        let boards = (0..s.devices)
+            .map(|i| board(&s.device_id(i), s.tls_fault_for(i)))
+            .collect::<anyhow::Result<_>>()?;
+        let operator = board(crate::mosquitto::OPERATOR_CN, None)?;
         let auth = ClientAuth {
             ca_pem: root.clone(),
-            crl_pem: None,
-        };
-        let client = |id: &str| {
-            let d = pki.device(id, 30)?;
-            client_config(&root, Some((&pki.chain_pem(&d), &d.key_pem)))
+            crl_pem: crl.clone(),
         };
         Ok(RunPki {
             server_tls: server_config(&pki.chain_pem(&leaf), &leaf.key_pem, Some(&auth))?,
-            boards: (0..s.devices)
-                .map(|i| client(&s.device_id(i)))
-                .collect::<anyhow::Result<_>>()?,
-            operator: client(crate::mosquitto::OPERATOR_CN)?,
+            boards,
+            operator,
             mosquitto: crate::mosquitto::MutualTls {
                 cafile: dir.join("ca_cert.pem"),
                 certfile: dir.join("server/server_chain.pem"),
                 keyfile: dir.join("server/server.key"),
-                crlfile: None,
+                crlfile: crl.map(|_| dir.join("crl.pem")),
             },
         })
     }

@@ -25,6 +25,8 @@ pub(super) enum Io {
         fetch: u64,
     },
     FetchFailed(String, u64),
+    /// A request failed its TLS handshake (what the TLS stack said).
+    TlsFailed(String),
 }
 
 /// A body being read into the agent: where its next byte goes, and when waiting for it
@@ -65,10 +67,16 @@ pub(super) fn spawn_poll(
             "{}/firmware/latest?deviceType={}&channel={}&deviceId={device}",
             sh.server, sh.cfg.device_type, channel
         );
-        if let Ok(r) = http.get(&url, None).await {
-            if r.status().is_success() {
+        match http.get(&url, None).await {
+            Ok(r) if r.status().is_success() => {
                 if let Ok(b) = board_http::read_all(r).await {
                     let _ = tx.send(Io::Manifest(b.to_vec())).await;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if let Some(detail) = board_http::tls_failure(e.as_ref()) {
+                    let _ = tx.send(Io::TlsFailed(detail)).await;
                 }
             }
         }
@@ -107,6 +115,9 @@ pub(super) fn spawn_fetch(
         let resp = match tokio::time::timeout(timeout, http.get(&url, Some(range))).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
+                if let Some(detail) = board_http::tls_failure(e.as_ref()) {
+                    let _ = tx.send(Io::TlsFailed(detail)).await;
+                }
                 let _ = tx
                     .send(Io::FetchFailed(format!("request failed: {e}"), fetch))
                     .await;

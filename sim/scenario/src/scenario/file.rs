@@ -220,6 +220,9 @@ pub(super) struct FaultDef {
     /// gave then, word for word (a mirror frozen in time).
     #[serde(default)]
     pub(super) freeze: Option<Spanned<String>>,
+    /// `tls = "wrong-ca"`: trust breaks for these boards (needs `transport = "tls"`).
+    #[serde(default)]
+    pub(super) tls: Option<Spanned<super::TlsFault>>,
 }
 
 /// `flood = { at = "5s", connections = 40, target = "broker" }`: strangers flood the MQTT

@@ -134,6 +134,9 @@ pub enum FaultKind {
     Freeze {
         at_ms: u64,
     },
+    /// Trust is broken for these boards from the start ([`TlsFault`]): their TLS handshakes
+    /// with the server and the broker fail, so they never come online.
+    Tls(TlsFault),
 }
 
 /// How boards reach the firmware server on the wire.
@@ -146,6 +149,45 @@ pub enum Transport {
     /// 127.0.0.1 from a fresh root CA (through an intermediate), each board with a device
     /// certificate (CN = its id), and acks count only for the device a certificate names.
     Tls,
+}
+
+/// How trust breaks on a `transport = "tls"` run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsFault {
+    /// The board's firmware embeds another root CA: it refuses the server and the broker.
+    WrongCa,
+    /// The board presents a certificate from another CA: the server and broker refuse it.
+    ForeignCertificate,
+    /// The board's certificate is on the CRL: the server and broker refuse it.
+    RevokedCertificate,
+    /// The firmware server's certificate has expired (every board at once); the broker's is
+    /// good, so boards hear of releases but cannot fetch them.
+    ExpiredServerCertificate,
+    /// The firmware server's certificate names another host (every board at once).
+    HostnameMismatch,
+}
+
+impl TlsFault {
+    /// Whether it breaks the firmware server's certificate, so every board at once (the
+    /// others break the board's side: it reaches neither server nor broker).
+    pub fn server_side(self) -> bool {
+        matches!(
+            self,
+            TlsFault::ExpiredServerCertificate | TlsFault::HostnameMismatch
+        )
+    }
+
+    /// What the board's TLS stack says, as the simulator reports it (rustls's words).
+    pub fn detail(self) -> &'static str {
+        match self {
+            TlsFault::WrongCa => "invalid peer certificate: UnknownIssuer",
+            TlsFault::ForeignCertificate => "received fatal alert: UnknownCA",
+            TlsFault::RevokedCertificate => "received fatal alert: CertificateRevoked",
+            TlsFault::ExpiredServerCertificate => "invalid peer certificate: Expired",
+            TlsFault::HostnameMismatch => "invalid peer certificate: NotValidForName",
+        }
+    }
 }
 
 /// How the boards decide which keys and statements to believe ([`otarig_agent::trust`]).
@@ -553,7 +595,10 @@ impl Scenario {
                 | FaultKind::ForceInstall { at_ms, .. }
                 | FaultKind::Flood { at_ms, .. }
                 | FaultKind::Freeze { at_ms } => t.push((at_ms, Step::Fault(n))),
-                FaultKind::PowerLoss(_) | FaultKind::Server { .. } | FaultKind::Outage { .. } => {}
+                FaultKind::PowerLoss(_)
+                | FaultKind::Server { .. }
+                | FaultKind::Outage { .. }
+                | FaultKind::Tls(_) => {}
             }
         }
         for (n, st) in self.statements.iter().enumerate() {
@@ -578,6 +623,14 @@ impl Scenario {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The TLS fault breaking board `i`'s connections, if any.
+    pub fn tls_fault_for(&self, i: u32) -> Option<TlsFault> {
+        self.faults.iter().find_map(|f| match f.kind {
+            FaultKind::Tls(t) if f.devices.contains(i) => Some(t),
+            _ => None,
+        })
     }
 
     /// The network outages planned for board `i`, none begun.

@@ -486,11 +486,14 @@ impl Parser<'_> {
             f.outage.is_some(),
             f.flood.is_some(),
             f.freeze.is_some(),
+            f.tls.is_some(),
         ];
         if given.iter().filter(|g| **g).count() != 1 {
-            return Err(self.cx.file("each [[fault]] needs exactly one of `power-loss`, `force-install`, `command`, `payload`, `server`, `outage`, `flood` or `freeze`"));
+            return Err(self.cx.file("each [[fault]] needs exactly one of `power-loss`, `force-install`, `command`, `payload`, `server`, `outage`, `flood`, `freeze` or `tls`"));
         }
-        let kind = if let Some(at) = &f.freeze {
+        let kind = if let Some(t) = &f.tls {
+            self.tls_fault(t, &devices)?
+        } else if let Some(at) = &f.freeze {
             FaultKind::Freeze {
                 at_ms: self.cx.duration(at)?,
             }
@@ -520,6 +523,23 @@ impl Parser<'_> {
             return Err(self.cx.file("each [[fault]] needs one kind"));
         };
         Ok(Fault { devices, kind })
+    }
+
+    /// `tls = "..."`: only on a TLS run; a server-side break covers every board.
+    fn tls_fault(&self, t: &Spanned<super::TlsFault>, devices: &Selector) -> Result<FaultKind> {
+        if self.raw.fleet.transport != super::Transport::Tls {
+            return Err(self
+                .cx
+                .span(t, "a tls fault needs transport = \"tls\" in [fleet]"));
+        }
+        let fault = *t.get_ref();
+        if fault.server_side() && (0..self.devices).any(|i| !devices.contains(i)) {
+            return Err(self.cx.span(
+                t,
+                "this fault breaks the server's certificate, so every board at once: leave out `devices`",
+            ));
+        }
+        Ok(FaultKind::Tls(fault))
     }
 
     fn outage(&self, o: &Spanned<super::file::OutageDef>) -> Result<FaultKind> {

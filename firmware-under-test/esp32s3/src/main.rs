@@ -36,6 +36,7 @@ use idf::http::Method;
 use idf::mqtt::client::{Details, EspMqttClient, EventPayload, MqttClientConfiguration, QoS};
 use idf::nvs::{EspDefaultNvsPartition, EspNvs, NvsDefault};
 use idf::sntp::EspSntp;
+use idf::tls::X509;
 use idf::wifi::{BlockingWifi, ClientConfiguration, Configuration, EspWifi};
 use otarig_agent::console::{self, HostCommand};
 use otarig_agent::manifest::{PublicKey, TrustedKey};
@@ -127,7 +128,8 @@ fn current(fetch: u32) -> bool {
     CANCELLED.load(Ordering::Relaxed) == fetch
 }
 
-/// Provisioning, as stored in NVS namespace `otarig`.
+/// Provisioning, as stored in NVS namespace `otarig` (by the console's `provision`, or by a
+/// factory image from `otarig pki nvs`).
 struct Provisioning {
     device: String,
     broker: String,
@@ -135,12 +137,37 @@ struct Provisioning {
     channel: String,
     ssid: String,
     password: String,
+    /// The fleet's root CA and this device's certificate and key, when provisioned.
+    identity: Option<Identity>,
 }
+
+/// What ESP-TLS needs for mutual TLS, as esp-mqtt and esp_http_client take it: the root that
+/// verifies the server and broker (`cert_pem`), the device's certificate chain
+/// (`client_cert_pem`) and key (`client_key_pem`).
+#[derive(Clone, Copy)]
+struct Identity {
+    ca: X509<'static>,
+    cert: X509<'static>,
+    key: X509<'static>,
+}
+
+/// The identity, once read at boot: every HTTP request's thread needs it.
+static IDENTITY: std::sync::OnceLock<Identity> = std::sync::OnceLock::new();
 
 fn load(nvs: &EspNvs<NvsDefault>) -> Option<Provisioning> {
     let get = |k: &str| {
-        let mut buf = [0u8; 256];
+        // A PEM chain fits: NVS strings are at most 4000 bytes.
+        let mut buf = vec![0u8; 4096];
         nvs.get_str(k, &mut buf).ok().flatten().map(str::to_string)
+    };
+    // Kept for the life of the firmware (ESP-TLS reads them at every handshake).
+    let pem = |k: &str| -> Option<X509<'static>> {
+        let c = std::ffi::CString::new(get(k)?).ok()?;
+        Some(X509::pem(Box::leak(c.into_boxed_c_str())))
+    };
+    let identity = match (pem("ca_cert"), pem("device_crt"), pem("device_key")) {
+        (Some(ca), Some(cert), Some(key)) => Some(Identity { ca, cert, key }),
+        _ => None,
     };
     Some(Provisioning {
         device: get("device")?,
@@ -149,6 +176,7 @@ fn load(nvs: &EspNvs<NvsDefault>) -> Option<Provisioning> {
         channel: get("channel").unwrap_or_else(|| "stable".into()),
         ssid: get("ssid").unwrap_or_default(),
         password: get("password").unwrap_or_default(),
+        identity,
     })
 }
 
@@ -244,9 +272,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         install_bench_ca()?;
         _wifi = Some(wifi);
         let mqtt_tx = tx.clone();
+        let id = p.identity;
+        if let Some(id) = id {
+            let _ = IDENTITY.set(id);
+        }
         let conf = MqttClientConfiguration {
             client_id: Some(&p.device),
-            use_global_ca_store: !BENCH_CA.is_empty(),
+            use_global_ca_store: id.is_none() && !BENCH_CA.is_empty(),
+            server_certificate: id.map(|i| i.ca),
+            client_certificate: id.map(|i| i.cert),
+            private_key: id.map(|i| i.key),
             ..Default::default()
         };
         let mut pieces = Reassembly::default();
@@ -576,10 +611,14 @@ fn http(
     body: Option<&[u8]>,
     sink: &mut dyn FnMut(u16, &[u8]) -> bool,
 ) -> Result<u16, String> {
+    let id = IDENTITY.get().copied();
     let mut conn = EspHttpConnection::new(&HttpConfig {
         timeout: Some(Duration::from_secs(30)),
         buffer_size: Some(4096),
-        use_global_ca_store: !BENCH_CA.is_empty(),
+        use_global_ca_store: id.is_none() && !BENCH_CA.is_empty(),
+        server_certificate: id.map(|i| i.ca),
+        client_certificate: id.map(|i| i.cert),
+        private_key: id.map(|i| i.key),
         ..Default::default()
     })
     .map_err(|e| e.to_string())?;

@@ -19,5 +19,6 @@ pub mod appimage;
 pub mod board;
 pub mod boot_log;
 pub mod flash;
+pub mod nvs;
 pub mod otadata;
 pub mod partition;

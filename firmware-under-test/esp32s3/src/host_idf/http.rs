@@ -19,6 +19,9 @@ pub mod client {
         pub buffer_size_tx: Option<usize>,
         pub timeout: Option<core::time::Duration>,
         pub use_global_ca_store: bool,
+        pub client_certificate: Option<crate::idf::tls::X509<'static>>,
+        pub server_certificate: Option<crate::idf::tls::X509<'static>>,
+        pub private_key: Option<crate::idf::tls::X509<'static>>,
         pub raw_request_body: bool,
         pub keep_alive_enable: bool,
     }

@@ -18,6 +18,7 @@ pub mod mqtt;
 pub mod nvs;
 pub mod sntp;
 pub mod sys;
+pub mod tls;
 pub mod wifi;
 
 /// What a host-only declaration does if it were ever called: nothing can be run on the host.

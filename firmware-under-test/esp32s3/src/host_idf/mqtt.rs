@@ -74,9 +74,9 @@ pub mod client {
         pub buffer_size: usize,
         pub out_buffer_size: usize,
         pub use_global_ca_store: bool,
-        pub server_certificate: Option<&'a str>,
-        pub client_certificate: Option<&'a str>,
-        pub private_key: Option<&'a str>,
+        pub server_certificate: Option<crate::idf::tls::X509<'static>>,
+        pub client_certificate: Option<crate::idf::tls::X509<'static>>,
+        pub private_key: Option<crate::idf::tls::X509<'static>>,
     }
 
     pub struct EspMqttClient<'a>(core::marker::PhantomData<&'a ()>);

@@ -56,6 +56,34 @@ pub enum Cmd {
         #[arg(long, default_value = "127.0.0.1")]
         bind: String,
     },
+    /// Write a device's factory provisioning as an ESP-IDF NVS partition image (the format
+    /// `nvs_partition_gen.py` writes), namespace `otarig`: device, broker, server, channel,
+    /// ssid, password, and ca_cert, device_crt, device_key from DIR/devices/ID (issue the
+    /// certificate first). Flash it at the `nvs` partition's offset.
+    Nvs {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The device id (its certificate's CN).
+        #[arg(long)]
+        device: String,
+        /// mqtts://HOST:8883
+        #[arg(long)]
+        broker: String,
+        /// https://HOST:PORT
+        #[arg(long)]
+        server: String,
+        #[arg(long, default_value = "stable")]
+        channel: String,
+        #[arg(long, default_value = "")]
+        ssid: String,
+        #[arg(long, default_value = "")]
+        password: String,
+        /// The `nvs` partition's size (0x6000 in ESP-IDF's default tables).
+        #[arg(long, default_value = "0x6000", value_parser = parse_size)]
+        size: usize,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
     /// Revoke a device's certificate: add it to DIR/revoked.txt and sign DIR/crl.pem, which
     /// `otarig serve --crl` and the broker honour.
     Revoke {
@@ -63,6 +91,56 @@ pub enum Cmd {
         dir: PathBuf,
         id: String,
     },
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let n = match s.strip_prefix("0x") {
+        Some(hex) => usize::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    n.map_err(|e| format!("'{s}' is not a size in bytes (0x6000 or 24576): {e}"))
+}
+
+/// The NVS image of one device's provisioning.
+fn nvs_image(dir: &std::path::Path, p: &Provision<'_>, size: usize) -> anyhow::Result<Vec<u8>> {
+    use otarig_esp32s3::nvs::NvsWriter;
+    let files = dir.join("devices").join(p.device);
+    let read = |f: &str| {
+        std::fs::read_to_string(files.join(f)).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e} (issue it with `otarig pki device --dir {} {}`)",
+                files.join(f).display(),
+                dir.display(),
+                p.device
+            )
+        })
+    };
+    let mut w = NvsWriter::new(size)?;
+    w.namespace("otarig")?;
+    for (k, v) in [
+        ("device", p.device),
+        ("broker", p.broker),
+        ("server", p.server),
+        ("channel", p.channel),
+        ("ssid", p.ssid),
+        ("password", p.password),
+        ("ca_cert", read("ca_cert.pem")?.as_str()),
+        ("device_crt", read("device.crt")?.as_str()),
+        ("device_key", read("device.key")?.as_str()),
+    ] {
+        w.string(k, v)?;
+    }
+    Ok(w.finish())
+}
+
+/// What a board is provisioned with.
+struct Provision<'a> {
+    device: &'a str,
+    broker: &'a str,
+    server: &'a str,
+    channel: &'a str,
+    ssid: &'a str,
+    password: &'a str,
 }
 
 pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
@@ -148,6 +226,33 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 dir.display()
             );
         }
+        Cmd::Nvs {
+            dir,
+            device,
+            broker,
+            server,
+            channel,
+            ssid,
+            password,
+            size,
+            out,
+        } => {
+            let p = Provision {
+                device: &device,
+                broker: &broker,
+                server: &server,
+                channel: &channel,
+                ssid: &ssid,
+                password: &password,
+            };
+            let image = nvs_image(&dir, &p, size)?;
+            // It holds the device's private key.
+            otarig_server::keys::write_private(&out, &image)?;
+            println!(
+                "wrote {} ({size:#x} bytes, NVS namespace otarig, mode 0600): flash it at the nvs partition's offset (0x9000 in ESP-IDF's default table)",
+                out.display()
+            );
+        }
         Cmd::Revoke { dir, id } => {
             Pki::open(&dir)?.revoke_device(&id)?;
             println!(
@@ -157,4 +262,48 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use otarig_esp32s3::nvs::{read, NvsValue};
+
+    /// The factory image carries the provisioning and the device's identity, as the shell
+    /// reads them back (namespace `otarig`).
+    #[test]
+    fn the_nvs_image_holds_the_devices_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(dir.path(), true, 30).unwrap();
+        let d = pki.device("dev-9", 30).unwrap();
+        pki.write_device("dev-9", &d).unwrap();
+        let p = Provision {
+            device: "dev-9",
+            broker: "mqtts://10.0.0.2:8883",
+            server: "https://10.0.0.2:8443",
+            channel: "beta",
+            ssid: "bench",
+            password: "secret",
+        };
+        let image = nvs_image(dir.path(), &p, 0x6000).unwrap();
+        assert_eq!(image.len(), 0x6000);
+        let values = read(&image);
+        let get = |k: &str| match values.get(&("otarig".to_string(), k.to_string())) {
+            Some(NvsValue::Str(s)) => s.clone(),
+            other => panic!("{k}: {other:?}"),
+        };
+        assert_eq!(get("device"), "dev-9");
+        assert_eq!(get("channel"), "beta");
+        assert_eq!(get("device_key"), d.key_pem);
+        assert_eq!(get("device_crt"), pki.chain_pem(&d));
+        assert_eq!(get("ca_cert"), pki.root_pem().unwrap());
+        let missing = Provision {
+            device: "dev-10",
+            ..p
+        };
+        let e = nvs_image(dir.path(), &missing, 0x6000)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("otarig pki device"), "{e}");
+    }
 }

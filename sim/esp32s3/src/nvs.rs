@@ -113,7 +113,7 @@ pub struct NvsWriter {
 impl NvsWriter {
     /// An empty image for a partition of `size` bytes.
     pub fn new(size: usize) -> Result<NvsWriter, NvsError> {
-        if size % PAGE != 0 || size < 3 * PAGE {
+        if !size.is_multiple_of(PAGE) || size < 3 * PAGE {
             return Err(NvsError::Size(size));
         }
         Ok(NvsWriter {

@@ -49,9 +49,10 @@ pub fn firmware_file(
 pub(crate) async fn flash_starting_state(
     s: &Scenario,
     prep: &Prepared,
+    nvs: Option<&[u8]>,
     opts: &HilOptions,
 ) -> anyhow::Result<()> {
-    let images = starting_images(s, prep, opts)?;
+    let images = starting_images(s, prep, nvs, opts)?;
     opts.reset.download_mode()?;
     let (port, target, show) = (opts.port.clone(), opts.target, opts.progress);
     tokio::task::spawn_blocking(move || {
@@ -68,7 +69,12 @@ pub(crate) async fn flash_starting_state(
     Ok(())
 }
 
-fn starting_images(s: &Scenario, prep: &Prepared, opts: &HilOptions) -> anyhow::Result<Vec<Image>> {
+fn starting_images(
+    s: &Scenario,
+    prep: &Prepared,
+    nvs: Option<&[u8]>,
+    opts: &HilOptions,
+) -> anyhow::Result<Vec<Image>> {
     let mut images = Vec::new();
     if let (Target::Hardware, Some(dir)) = (opts.target, &opts.firmware_dir) {
         // ESP32-S3's second-stage bootloader lives at 0x0 (built with app rollback enabled).
@@ -96,10 +102,17 @@ fn starting_images(s: &Scenario, prep: &Prepared, opts: &HilOptions) -> anyhow::
         table.find("nvs"),
     ];
     for p in erased.into_iter().flatten() {
+        // Over TLS, NVS gets the factory image that provisions the board instead.
+        let (name, data) = match nvs {
+            Some(image) if p.label == "nvs" => {
+                ("nvs (factory provisioning)".to_string(), image.to_vec())
+            }
+            _ => (format!("{} (erased)", p.label), vec![0xFF; p.size as usize]),
+        };
         images.push(Image {
-            name: format!("{} (erased)", p.label),
+            name,
             addr: p.offset,
-            data: vec![0xFF; p.size as usize],
+            data,
         });
     }
     let start_slot = table

@@ -33,13 +33,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use otarig_agent::console::HostCommand;
-use otarig_fleet::broker::EmbeddedBroker;
+use std::net::SocketAddr;
+
+use otarig_fleet::broker::{BrokerEndpoint, EmbeddedBroker, Login};
 use otarig_scenario::runner::{prepare, prepare_with, Prepared, Run};
-use otarig_scenario::scenario::{Check, FaultKind, Scenario, ServerFault};
+use otarig_scenario::scenario::{Check, FaultKind, Scenario, ServerFault, Transport};
 use otarig_serial::flasher::Target;
 use otarig_serial::reset::ResetMethod;
 use otarig_server::release_store::ReleaseStore;
-use otarig_server::server::{CountedFault, Server};
+use otarig_server::server::{CountedFault, Limits, Server};
 
 use console::Console;
 pub use flashing::firmware_file;
@@ -102,12 +104,15 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
         ),
     };
     let (faults, cut_at) = bench_faults(&s, &prep)?;
-    let services = Services::start(opts.host, &s, &prep, faults).await?;
+    let services = Services::start(opts.host, &s, &prep, faults, opts).await?;
     tracing::info!(broker = %services.broker.url(), server = %services.server.url(), "bench services for {}", s.name);
-    flashing::flash_starting_state(&s, &prep, opts).await?;
+    flashing::flash_starting_state(&s, &prep, services.nvs.as_deref(), opts).await?;
     let mut con = Console::open(&opts.port)?;
     let t0 = Instant::now();
-    provision(&mut con, &s, &services, opts).await?;
+    // A factory NVS image provisions the board over TLS; else its console does.
+    if services.nvs.is_none() {
+        provision(&mut con, &s, &services, opts).await?;
+    }
     let played = play::play(t0, &s, &prep, &services, &mut con, cut_at, opts).await;
     let fetched = services.server.faults.served(&s.device_id(DEVICE));
     services.server.shutdown().await;
@@ -153,12 +158,6 @@ fn one_board(scenario: &Scenario) -> (Scenario, Vec<String>) {
 /// The server faults for the board, and the download progress (percent) at which a power cut
 /// lands; a fault only the simulator can realise is [`SimOnly`].
 fn bench_faults(s: &Scenario, prep: &Prepared) -> anyhow::Result<(Vec<CountedFault>, Option<u32>)> {
-    if s.transport == otarig_scenario::scenario::Transport::Tls {
-        return Err(SimOnly(
-            "transport = \"tls\": the bench's board speaks plain HTTP and MQTT (the esp32s3 shell's ESP-TLS is not built yet): simulator only".into(),
-        )
-        .into());
-    }
     if s.wall.set_at_ms > 0 {
         return Err(SimOnly(
             "clock-set-after holds a board's clock back; on a bench SNTP sets it: simulator only"
@@ -221,11 +220,129 @@ fn bench_faults(s: &Scenario, prep: &Prepared) -> anyhow::Result<(Vec<CountedFau
 
 /// The broker and firmware server of one scenario, on an address the board can reach.
 struct Services {
-    broker: EmbeddedBroker,
+    broker: BenchBroker,
     store: Arc<ReleaseStore>,
     server: Server,
-    /// Holds the store's files until the run ends.
+    /// With `transport = "tls"`: the board's factory NVS image (its provisioning and identity),
+    /// flashed instead of console provisioning.
+    nvs: Option<Vec<u8>>,
+    /// Holds the store's (and the PKI's) files until the run ends.
     _dir: tempfile::TempDir,
+}
+
+/// The bench's broker: the embedded rumqttd, or over TLS Mosquitto with mutual TLS and the
+/// per-device ACL (rumqttd cannot keep a board to its own topics).
+enum BenchBroker {
+    Embedded(EmbeddedBroker),
+    Mosquitto(otarig_fleet::mosquitto::Mosquitto, BrokerEndpoint),
+}
+
+impl BenchBroker {
+    fn endpoint(&self) -> BrokerEndpoint {
+        match self {
+            BenchBroker::Embedded(b) => b.endpoint(),
+            BenchBroker::Mosquitto(_, e) => e.clone(),
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            BenchBroker::Embedded(b) => b.url(),
+            BenchBroker::Mosquitto(m, _) => m.url(),
+        }
+    }
+}
+
+/// A bench run over mutual TLS: its PKI (root, intermediate, a certificate for `host`, the
+/// board's and the operator's), the HTTPS server, Mosquitto, and the board's NVS image.
+struct TlsBench {
+    server: Server,
+    broker: BenchBroker,
+    nvs: Vec<u8>,
+}
+
+impl TlsBench {
+    async fn start(
+        host: std::net::IpAddr,
+        s: &Scenario,
+        prep: &Prepared,
+        store: Arc<ReleaseStore>,
+        dir: &std::path::Path,
+        opts: (&str, &str),
+    ) -> anyhow::Result<TlsBench> {
+        use otarig_fleet::mosquitto::{Mosquitto, MutualTls, OPERATOR_CN};
+        use otarig_server::tls::{client_config, server_config, ClientAuth};
+        let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
+        let root = pki.root_pem()?;
+        let mut names = vec![
+            host.to_string(),
+            "127.0.0.1".to_string(),
+            "localhost".to_string(),
+        ];
+        names.dedup();
+        let leaf = pki.server(&names, 30)?;
+        pki.write_server(&leaf)?;
+        let id = s.device_id(DEVICE);
+        let device = pki.device(&id, 30)?;
+        let operator = pki.device(OPERATOR_CN, 30)?;
+        let auth = ClientAuth {
+            ca_pem: root.clone(),
+            crl_pem: None,
+        };
+        let tls = server_config(&pki.chain_pem(&leaf), &leaf.key_pem, Some(&auth))?;
+        let server =
+            Server::start_tls(store, SocketAddr::new(host, 0), Limits::default(), tls).await?;
+        let files = MutualTls {
+            cafile: dir.join("ca_cert.pem"),
+            certfile: dir.join("server/server_chain.pem"),
+            keyfile: dir.join("server/server.key"),
+            crlfile: None,
+        };
+        let channels = [(
+            id.clone(),
+            s.device_type.clone(),
+            s.channel_for(DEVICE).to_string(),
+        )];
+        let m =
+            tokio::task::spawn_blocking(move || Mosquitto::start_tls_on(host, &files, &channels))
+                .await??;
+        let operator_tls =
+            client_config(&root, Some((&pki.chain_pem(&operator), &operator.key_pem)))?;
+        let endpoint = BrokerEndpoint {
+            host: host.to_string(),
+            port: m.port,
+            login: Login::Certificates {
+                devices: Arc::default(),
+                operator: operator_tls,
+            },
+        };
+        let nvs_part = prep
+            .proto
+            .table()
+            .find("nvs")
+            .context("transport = \"tls\" provisions the board with an NVS image: the partition table needs an `nvs` partition")?;
+        let mut w = otarig_esp32s3::nvs::NvsWriter::new(nvs_part.size as usize)?;
+        w.namespace("otarig")?;
+        let (ssid, password) = opts;
+        for (k, v) in [
+            ("device", id.as_str()),
+            ("broker", m.url().as_str()),
+            ("server", server.url().as_str()),
+            ("channel", s.channel_for(DEVICE)),
+            ("ssid", ssid),
+            ("password", password),
+            ("ca_cert", root.as_str()),
+            ("device_crt", pki.chain_pem(&device).as_str()),
+            ("device_key", device.key_pem.as_str()),
+        ] {
+            w.string(k, v)?;
+        }
+        Ok(TlsBench {
+            server,
+            broker: BenchBroker::Mosquitto(m, endpoint),
+            nvs: w.finish(),
+        })
+    }
 }
 
 impl Services {
@@ -234,13 +351,22 @@ impl Services {
         s: &Scenario,
         prep: &Prepared,
         faults: Vec<CountedFault>,
+        opts: &HilOptions,
     ) -> anyhow::Result<Services> {
-        let broker =
-            tokio::task::spawn_blocking(move || EmbeddedBroker::start_on(host, 8)).await??;
         let dir = tempfile::tempdir()?;
         let store = Arc::new(ReleaseStore::open(dir.path())?);
         prep.stage_into(&store)?;
-        let server = Server::start(store.clone(), std::net::SocketAddr::new(host, 0)).await?;
+        let (server, broker, nvs) = if s.transport == Transport::Tls {
+            let wifi = (opts.wifi_ssid.as_str(), opts.wifi_password.as_str());
+            let pki = dir.path().join("pki");
+            let t = TlsBench::start(host, s, prep, store.clone(), &pki, wifi).await?;
+            (t.server, t.broker, Some(t.nvs))
+        } else {
+            let broker =
+                tokio::task::spawn_blocking(move || EmbeddedBroker::start_on(host, 8)).await??;
+            let server = Server::start(store.clone(), SocketAddr::new(host, 0)).await?;
+            (server, BenchBroker::Embedded(broker), None)
+        };
         // A bench board's clock is real time (SNTP): timestamps on the system clock.
         server.timestamps.sign_with(s.trust.signer()?, None);
         if !faults.is_empty() {
@@ -250,6 +376,7 @@ impl Services {
             broker,
             store,
             server,
+            nvs,
             _dir: dir,
         })
     }

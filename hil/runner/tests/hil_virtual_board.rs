@@ -102,3 +102,18 @@ async fn power_loss_mid_download_resumes_on_the_virtual_board() {
         "boots: first, after the cut, after the update"
     );
 }
+
+/// Over mutual TLS: the runner writes the board's factory NVS image (provisioning, root CA,
+/// device certificate and key) with espflash instead of provisioning it over the console; the
+/// virtual board reads it at boot, as the shell does, and updates over HTTPS and MQTTS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_board_provisioned_by_its_nvs_image_updates_over_mutual_tls() {
+    let hil = run_on_virtual_board("tls-update.toml").await;
+    let d = &hil.run.devices[0];
+    assert_eq!(d.version.as_deref(), Some("3.0.0"));
+    let console = hil.console.join("\n");
+    assert!(
+        !console.contains("\"kind\":\"provisioned\""),
+        "provisioned by NVS, not the console: {console}"
+    );
+}

@@ -124,10 +124,17 @@ pub struct BrokerEndpoint {
 
 impl BrokerEndpoint {
     /// `mqtt://[user:pass@]HOST[:PORT]` (or `tcp://`, or bare `HOST[:PORT]`; port 1883 when
-    /// left out).
+    /// left out), or `mqtts://HOST[:PORT]` (port 8883; the login is then the client's
+    /// certificate, which the caller sets: [`Login::Certificates`]).
     pub fn parse(url: &str) -> Result<BrokerEndpoint, String> {
+        let default_port = if url.starts_with("mqtts://") {
+            "8883"
+        } else {
+            "1883"
+        };
         let rest = url
             .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("mqtts://"))
             .or_else(|| url.strip_prefix("tcp://"))
             .unwrap_or(url)
             .trim_end_matches('/');
@@ -142,7 +149,9 @@ impl BrokerEndpoint {
             }
             None => (Login::Anonymous, rest),
         };
-        let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "1883"));
+        let (host, port) = hostport
+            .rsplit_once(':')
+            .unwrap_or((hostport, default_port));
         let port = port
             .parse()
             .map_err(|_| format!("broker URL '{url}': port '{port}' is not a number"))?;

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use otarig_agent::protocol::{Leaf, DEFAULT_PREFIX};
 
+const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 /// The CN of the operator's certificate: the one client allowed on every topic (release
 /// announcements, commands, reading what boards report).
 pub const OPERATOR_CN: &str = "otarig-operator";
@@ -112,6 +114,7 @@ pub fn executable() -> anyhow::Result<PathBuf> {
 /// A Mosquitto broker in its own process, stopped when dropped.
 pub struct Mosquitto {
     pub child: Child,
+    pub host: std::net::IpAddr,
     pub port: u16,
     tls: bool,
     _dir: tempfile::TempDir,
@@ -120,7 +123,7 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Anonymous, on a free loopback port.
     pub fn start() -> anyhow::Result<Mosquitto> {
-        Self::launch(None, &[])
+        Self::launch(LOOPBACK, None, &[])
     }
 
     /// Mutual TLS with the ACL of [`acl`], on a free loopback port.
@@ -128,21 +131,31 @@ impl Mosquitto {
         tls: &MutualTls,
         channels: &[(String, String, String)],
     ) -> anyhow::Result<Mosquitto> {
-        Self::launch(Some(tls), channels)
+        Self::launch(LOOPBACK, Some(tls), channels)
+    }
+
+    /// [`Mosquitto::start_tls`] on `host` (a bench's address the board reaches).
+    pub fn start_tls_on(
+        host: std::net::IpAddr,
+        tls: &MutualTls,
+        channels: &[(String, String, String)],
+    ) -> anyhow::Result<Mosquitto> {
+        Self::launch(host, Some(tls), channels)
     }
 
     fn launch(
+        host: std::net::IpAddr,
         tls: Option<&MutualTls>,
         channels: &[(String, String, String)],
     ) -> anyhow::Result<Mosquitto> {
         let exe = executable()?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = TcpListener::bind((host, 0))?.local_addr()?.port();
         let dir = tempfile::tempdir()?;
         let conf = dir.path().join("mosquitto.conf");
         let acl_file = dir.path().join("acl");
         std::fs::write(&acl_file, acl(channels))?;
         let tls = tls.map(|t| (t, acl_file.as_path()));
-        std::fs::write(&conf, config("127.0.0.1", port, tls))?;
+        std::fs::write(&conf, config(&host.to_string(), port, tls))?;
         // Its log goes to a file: a pipe nobody reads would stall it once full.
         let log_path = dir.path().join("mosquitto.log");
         let log = std::fs::File::create(&log_path)?;
@@ -154,7 +167,7 @@ impl Mosquitto {
             .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while TcpStream::connect((host, port)).is_err() {
             if let Some(status) = child.try_wait()? {
                 let err = std::fs::read_to_string(&log_path).unwrap_or_default();
                 bail!(
@@ -164,12 +177,13 @@ impl Mosquitto {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                bail!("mosquitto did not accept connections on 127.0.0.1:{port} within 10 s");
+                bail!("mosquitto did not accept connections on {host}:{port} within 10 s");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(Mosquitto {
             child,
+            host,
             port,
             tls: tls.is_some(),
             _dir: dir,
@@ -178,7 +192,7 @@ impl Mosquitto {
 
     pub fn url(&self) -> String {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };
-        format!("{scheme}://127.0.0.1:{}", self.port)
+        format!("{scheme}://{}:{}", self.host, self.port)
     }
 }
 

@@ -88,11 +88,51 @@ enum Control {
     PowerOn,
 }
 
+#[derive(Clone)]
 struct Provisioned {
     device: String,
     channel: String,
     broker: crate::broker::BrokerEndpoint,
     server: String,
+    /// Mutual TLS with the identity a factory NVS image carries.
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Provisioned {
+    /// What a factory NVS image (`otarig pki nvs`) in the board's `nvs` partition says, as
+    /// the esp32s3 shell reads it at boot (namespace `otarig`); None without one.
+    fn from_nvs(board: &Board) -> Option<Provisioned> {
+        use otarig_esp32s3::nvs::{read, NvsValue};
+        let part = board.table().find("nvs")?;
+        let mut image = vec![0u8; part.size as usize];
+        board.flash.peek(part.offset, &mut image);
+        let values = read(&image);
+        let get = |k: &str| match values.get(&("otarig".to_string(), k.to_string())) {
+            Some(NvsValue::Str(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let device = get("device")?;
+        let mut broker = crate::broker::BrokerEndpoint::parse(&get("broker")?).ok()?;
+        let tls = match (get("ca_cert"), get("device_crt"), get("device_key")) {
+            (Some(ca), Some(crt), Some(key)) => {
+                otarig_server::tls::client_config(&ca, Some((&crt, &key))).ok()
+            }
+            _ => None,
+        };
+        if let Some(t) = &tls {
+            broker.login = crate::broker::Login::Certificates {
+                devices: Arc::new([(device.clone(), t.clone())].into()),
+                operator: t.clone(),
+            };
+        }
+        Some(Provisioned {
+            device,
+            channel: get("channel").unwrap_or_else(|| "stable".into()),
+            broker,
+            server: get("server")?,
+            tls,
+        })
+    }
 }
 
 enum Mode {
@@ -271,13 +311,16 @@ impl Chip {
                 return None;
             }
         };
-        let (id, channel, network) = match &self.provisioned {
-            Some(p) => (
-                p.device.clone(),
-                p.channel.clone(),
-                Some((p.broker.clone(), p.server.clone())),
+        // A factory image in NVS first, as the shell reads it; else the console's.
+        let prov = Provisioned::from_nvs(&board).or_else(|| self.provisioned.clone());
+        let (id, channel, network, tls) = match prov {
+            Some(p) => (p.device, p.channel, Some((p.broker, p.server)), p.tls),
+            None => (
+                "unprovisioned".to_string(),
+                "stable".to_string(),
+                None,
+                None,
             ),
-            None => ("unprovisioned".to_string(), "stable".to_string(), None),
         };
         let opts = &self.opts;
         let mut cfg = opts
@@ -287,7 +330,7 @@ impl Chip {
         cfg.device_id = id.clone();
         cfg.device_type = opts.device_type.clone();
         cfg.trusted_keys = opts.trusted_keys.clone();
-        let sh = match Shared::for_virtual_board(cfg, network, self.console.clone()) {
+        let sh = match Shared::for_virtual_board(cfg, network, tls, self.console.clone()) {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 tracing::error!("virtual board: {e:#}");
@@ -391,6 +434,7 @@ impl Chip {
                         channel,
                         broker: b,
                         server,
+                        tls: None,
                     });
                     self.halt().await;
                     self.start_app();

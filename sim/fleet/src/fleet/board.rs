@@ -68,6 +68,7 @@ impl Shared {
     pub(crate) fn for_virtual_board(
         cfg: Config,
         network: Option<(crate::broker::BrokerEndpoint, String)>,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
         console: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> anyhow::Result<Shared> {
         let offline = network.is_none();
@@ -94,7 +95,7 @@ impl Shared {
             wall: WallClock::default(),
             offline,
             console: Some(console),
-            board_tls: Vec::new(),
+            board_tls: tls.into_iter().collect(),
         })
     }
 

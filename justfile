@@ -69,6 +69,11 @@ bench-fleet *SIZES="1000 10000":
     cargo build --release -p otarig
     status=0; for n in {{SIZES}}; do ./target/release/otarig bench fleet --devices $n || status=1; done; exit $status
 
+# The same over mutual TLS: HTTPS and MQTTS (Mosquitto), a certificate per board.
+bench-fleet-tls *SIZES="1000 10000":
+    cargo build --release -p otarig
+    status=0; for n in {{SIZES}}; do ./target/release/otarig bench fleet --devices $n --tls || status=1; done; exit $status
+
 # A virtual ESP32-S3 behind a pty, for `just hil` without hardware (Linux). Prints its port.
 board *ARGS:
     cargo run --release -p otarig -- board --pty {{ARGS}}

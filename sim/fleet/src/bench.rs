@@ -41,15 +41,46 @@ pub const EMBEDDED_MAX: u32 = 1_000;
 
 /// Virtual ms of quiet (no event on any board) that end a run.
 const QUIET_MS: u64 = 5_000;
+/// The same over TLS: connecting ten thousand boards with a handshake each (Mosquitto's are
+/// one at a time) is quiet for longer than that before the first board acts.
+const QUIET_TLS_MS: u64 = 30_000;
+
+fn quiet_ms(tls: bool) -> u64 {
+    if tls {
+        QUIET_TLS_MS
+    } else {
+        QUIET_MS
+    }
+}
 
 /// Time the shards get to start and build the scenario before the shared timeline's zero.
 const SHARD_START: Duration = Duration::from_secs(6);
+/// The same over TLS, where each shard also issues its boards' certificates (2,500 ECDSA
+/// keys and signatures each, four processes on two cores).
+const SHARD_START_TLS: Duration = Duration::from_secs(20);
 
-fn scenario(devices: u32) -> anyhow::Result<Scenario> {
+fn scenario(devices: u32, tls: bool) -> anyhow::Result<Scenario> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/bench/fleet-1mib.toml");
     let mut s = Scenario::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
     s.set_devices(devices);
+    if tls {
+        s.transport = otarig_scenario::scenario::Transport::Tls;
+    }
     Ok(s)
+}
+
+/// The benchmark's PKI in `dir`: a root, an intermediate, a certificate for 127.0.0.1 (the
+/// server's and the broker's); the files Mosquitto reads.
+fn bench_pki(dir: &Path) -> anyhow::Result<crate::mosquitto::MutualTls> {
+    let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
+    let leaf = pki.server(&["127.0.0.1".into(), "localhost".into()], 30)?;
+    pki.write_server(&leaf)?;
+    Ok(crate::mosquitto::MutualTls {
+        cafile: dir.join("ca_cert.pem"),
+        certfile: dir.join("server/server_chain.pem"),
+        keyfile: dir.join("server/server.key"),
+        crlfile: None,
+    })
 }
 
 /// What one process measured.
@@ -92,6 +123,8 @@ pub struct ShardLaunch {
     pub broker: String,
     pub server: String,
     pub epoch_ms: u64,
+    /// Over mutual TLS: the PKI directory whose issuing CA makes the shard's certificates.
+    pub pki: Option<std::path::PathBuf>,
 }
 
 /// The benchmark. `launch` makes the command that starts one shard process (the CLI re-runs
@@ -100,6 +133,7 @@ pub fn fleet(
     devices: u32,
     broker: Option<String>,
     shards: Option<u32>,
+    tls: bool,
     launch: &dyn Fn(&ShardLaunch) -> Command,
 ) -> anyhow::Result<ExitCode> {
     if cfg!(debug_assertions) {
@@ -112,7 +146,12 @@ pub fn fleet(
         None if devices <= EMBEDDED_MAX => None,
         None => Some(devices.div_ceil(BOARDS_PER_PROCESS)),
     };
-    let s = scenario(devices)?;
+    if tls && broker.is_some() {
+        bail!(
+            "--tls starts its own Mosquitto with mutual TLS and the run's PKI: leave out --broker"
+        );
+    }
+    let s = scenario(devices, tls)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -127,16 +166,25 @@ pub fn fleet(
     spinner.set_message(format!("{devices} boards updating"));
     spinner.enable_steady_tick(Duration::from_millis(200));
     let (figures, broker_name, broker_rss) = if let Some(shards) = shards {
-        let mosquitto = match &broker {
-            Some(_) => None,
-            None => Some(Mosquitto::start()?),
+        // Over TLS: one PKI for the run; each shard issues its own boards' certificates.
+        let pki = tempfile::tempdir()?;
+        let mutual = if tls {
+            Some(bench_pki(pki.path())?)
+        } else {
+            None
+        };
+        let mosquitto = match (&broker, &mutual) {
+            (Some(_), _) => None,
+            (None, Some(files)) => Some(Mosquitto::start_tls(files, &[])?),
+            (None, None) => Some(Mosquitto::start()?),
         };
         let broker_url = match (&broker, &mosquitto) {
             (Some(url), _) => url.clone(),
             (None, Some(m)) => m.url(),
             (None, None) => unreachable!("started above"),
         };
-        let figures = run_shards(&rt, &s, shards, &broker_url, &spinner, launch)?;
+        let pki_dir = mutual.as_ref().map(|_| pki.path());
+        let figures = run_shards(&rt, &s, shards, &broker_url, pki_dir, &spinner, launch)?;
         let name = match &mosquitto {
             Some(m) => format!("Mosquitto (own process, {})", m.url()),
             None => broker_url,
@@ -144,7 +192,11 @@ pub fn fleet(
         let rss = mosquitto.as_ref().and_then(|m| peak_rss(m.child.id()));
         (figures, name, rss)
     } else {
-        let which = broker.clone().unwrap_or_else(|| "embedded rumqttd".into());
+        let which = match (&broker, tls) {
+            (Some(b), _) => b.clone(),
+            (None, true) => "Mosquitto with mutual TLS (own process)".into(),
+            (None, false) => "embedded rumqttd".into(),
+        };
         let broker = broker
             .as_deref()
             .map(crate::broker::BrokerEndpoint::parse)
@@ -153,7 +205,7 @@ pub fn fleet(
         let opts = FleetOptions {
             broker,
             speedup: 1.0,
-            quiet_ms: QUIET_MS,
+            quiet_ms: quiet_ms(tls),
             ..Default::default()
         };
         let run = rt.block_on(run_fleet(&s, &opts))?;
@@ -171,6 +223,7 @@ fn run_shards(
     s: &Scenario,
     shards: u32,
     broker: &str,
+    pki: Option<&Path>,
     spinner: &ProgressBar,
     launch: &dyn Fn(&ShardLaunch) -> Command,
 ) -> anyhow::Result<Vec<Figures>> {
@@ -181,8 +234,33 @@ fn run_shards(
     let dir = tempfile::tempdir().context("creating the store directory")?;
     let store = Arc::new(ReleaseStore::open(dir.path())?);
     prep.stage_into(&store)?;
-    let server = rt.block_on(Server::start(store, SocketAddr::from(([127, 0, 0, 1], 0))))?;
-    let epoch = SystemTime::now() + SHARD_START;
+    let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    let server = match pki {
+        None => rt.block_on(Server::start(store, addr))?,
+        Some(dir) => {
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.join(f))
+                    .with_context(|| format!("reading {}", dir.join(f).display()))
+            };
+            let auth = otarig_server::tls::ClientAuth {
+                ca_pem: read("ca_cert.pem")?,
+                crl_pem: None,
+            };
+            let chain = read("server/server_chain.pem")?;
+            let tls = otarig_server::tls::server_config(
+                &chain,
+                &read("server/server.key")?,
+                Some(&auth),
+            )?;
+            rt.block_on(Server::start_tls(store, addr, Default::default(), tls))?
+        }
+    };
+    let epoch = SystemTime::now()
+        + if pki.is_some() {
+            SHARD_START_TLS
+        } else {
+            SHARD_START
+        };
     let epoch_ms = epoch.duration_since(UNIX_EPOCH)?.as_millis() as u64;
     let mut children = Vec::new();
     for index in 0..shards {
@@ -195,6 +273,7 @@ fn run_shards(
             broker: broker.to_string(),
             server: server.url(),
             epoch_ms,
+            pki: pki.map(Path::to_path_buf),
         });
         let child = cmd
             .stdout(Stdio::piped())
@@ -220,7 +299,14 @@ fn run_shards(
             )),
         }
     }
+    let (handshakes, span) = server.handshakes.summary();
     rt.block_on(server.shutdown());
+    if handshakes > 0 {
+        println!(
+            "  HTTPS handshakes {handshakes} (server side, ECDSA P-256, client certificates), {:.0}/s from the first to the last",
+            handshakes as f64 / span.as_secs_f64().max(1e-3)
+        );
+    }
     if !errors.is_empty() {
         bail!("{}", errors.join("; "));
     }
@@ -235,16 +321,17 @@ fn run_shards(
 /// One shard of a sharded benchmark, in its own process; prints its [`Figures`] as one JSON
 /// line.
 pub fn fleet_shard(l: ShardLaunch) -> anyhow::Result<ExitCode> {
-    let s = scenario(l.devices)?;
+    let s = scenario(l.devices, l.pki.is_some())?;
     let opts = FleetOptions {
         broker: Some(
             crate::broker::BrokerEndpoint::parse(&l.broker).map_err(|e| anyhow::anyhow!(e))?,
         ),
         server: Some(l.server),
         speedup: 1.0,
-        quiet_ms: QUIET_MS,
+        quiet_ms: quiet_ms(l.pki.is_some()),
         shard: Some(l.shard),
         epoch: Some(UNIX_EPOCH + Duration::from_millis(l.epoch_ms)),
+        pki: l.pki,
         ..Default::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -322,7 +409,7 @@ fn report(
     }
     println!(
         "  wall           {wall:.1} s (whole run: building the scenario, connecting, {:.0} s of quiet at the end)",
-        QUIET_MS as f64 / 1000.0
+        quiet_ms(s.transport == otarig_scenario::scenario::Transport::Tls) as f64 / 1000.0
     );
     for f in failures.iter().take(5) {
         println!("  FAILED: {f}");

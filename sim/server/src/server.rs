@@ -210,6 +210,33 @@ impl Timestamps {
     }
 }
 
+/// TLS handshakes the server completed, and when the first and the last did: the scale
+/// benchmark's handshakes per second.
+#[derive(Debug, Default)]
+pub struct Handshakes {
+    inner: Mutex<(u64, Option<std::time::Instant>, Option<std::time::Instant>)>,
+}
+
+impl Handshakes {
+    fn record(&self) {
+        let now = std::time::Instant::now();
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 += 1;
+        g.1.get_or_insert(now);
+        g.2 = Some(now);
+    }
+
+    /// How many, and over how long from the first to the last.
+    pub fn summary(&self) -> (u64, Duration) {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let span = match (g.1, g.2) {
+            (Some(a), Some(b)) => b.duration_since(a),
+            _ => Duration::ZERO,
+        };
+        (g.0, span)
+    }
+}
+
 /// What one device is answered instead of its channel's latest release.
 #[derive(Clone, Debug)]
 enum Offer {
@@ -728,6 +755,8 @@ pub struct Server {
     pub faults: Arc<ServerFaults>,
     pub offers: Arc<Offers>,
     pub timestamps: Arc<Timestamps>,
+    /// TLS handshakes completed (HTTPS only).
+    pub handshakes: Arc<Handshakes>,
     /// Serving HTTPS.
     tls: bool,
     stop: Option<tokio::sync::watch::Sender<bool>>,
@@ -784,12 +813,20 @@ impl Server {
         );
         let secure = tls.is_some();
         let tls = tls.map(tokio_rustls::TlsAcceptor::from);
-        let task = tokio::spawn(accept_loop(listener, app, limits, tls, stopped));
+        let handshakes = Arc::new(Handshakes::default());
+        let task = tokio::spawn(accept_loop(
+            listener,
+            app,
+            limits,
+            tls.map(|t| (t, handshakes.clone())),
+            stopped,
+        ));
         Ok(Server {
             addr,
             faults,
             offers,
             timestamps,
+            handshakes,
             tls: secure,
             stop: Some(stop),
             task,
@@ -898,7 +935,7 @@ async fn accept_loop(
     listener: tokio::net::TcpListener,
     app: Router,
     limits: Limits,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<(tokio_rustls::TlsAcceptor, Arc<Handshakes>)>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -927,13 +964,16 @@ async fn accept_loop(
         let (app, stop, tls) = (app.clone(), stop.clone(), tls.clone());
         open.spawn(async move {
             let _permit = permit;
-            let Some(tls) = tls else {
+            let Some((tls, handshakes)) = tls else {
                 let service = rate_limited(app, limits.requests_per_second, Peer::default());
                 return serve_connection(stream, service, limits, stop, peer).await;
             };
             // The handshake gets the same time as a request head.
             let stream = match tokio::time::timeout(limits.header_read, tls.accept(stream)).await {
-                Ok(Ok(s)) => s,
+                Ok(Ok(s)) => {
+                    handshakes.record();
+                    s
+                }
                 Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake refused: {e}"),
                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
             };

@@ -37,6 +37,10 @@ pub enum Cmd {
         /// in this process and the broker (Mosquitto, or --broker) in its own.
         #[arg(long)]
         shards: Option<u32>,
+        /// Everything over mutual TLS (HTTPS and MQTTS with a certificate per board; the
+        /// broker is Mosquitto with the per-device ACL).
+        #[arg(long)]
+        tls: bool,
     },
     /// One shard of a sharded `bench fleet` (started by it; prints its figures as JSON).
     #[command(hide = true)]
@@ -54,6 +58,9 @@ pub enum Cmd {
         /// Virtual time 0, in ms since the Unix epoch.
         #[arg(long)]
         epoch_ms: u64,
+        /// Over mutual TLS: the PKI directory that issues this shard's certificates.
+        #[arg(long)]
+        pki: Option<std::path::PathBuf>,
     },
 }
 
@@ -65,7 +72,8 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             devices,
             broker,
             shards,
-        } => fleet_bench::fleet(devices, broker, shards, &shard_command),
+            tls,
+        } => fleet_bench::fleet(devices, broker, shards, tls, &shard_command),
         Cmd::FleetShard {
             devices,
             shard,
@@ -73,6 +81,7 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             broker,
             server,
             epoch_ms,
+            pki,
         } => fleet_bench::fleet_shard(ShardLaunch {
             devices,
             shard: Shard {
@@ -82,6 +91,7 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             broker,
             server,
             epoch_ms,
+            pki,
         }),
     }
 }
@@ -96,6 +106,9 @@ fn shard_command(l: &ShardLaunch) -> Command {
         .args(["--shards", &l.shard.count.to_string()])
         .args(["--broker", &l.broker, "--server", &l.server])
         .args(["--epoch-ms", &l.epoch_ms.to_string()]);
+    if let Some(p) = &l.pki {
+        c.arg("--pki").arg(p);
+    }
     c
 }
 

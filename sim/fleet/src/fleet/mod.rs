@@ -73,6 +73,10 @@ pub struct FleetOptions {
     /// The wall-clock time of virtual time 0, so that shards in different processes share one
     /// timeline (the run waits for it if it is ahead). `None`: when the boards are created.
     pub epoch: Option<std::time::SystemTime>,
+    /// With `transport = "tls"` against an external server and broker (the scale
+    /// benchmark's shards): the `otarig pki` directory whose issuing CA makes this process's
+    /// boards' certificates.
+    pub pki: Option<std::path::PathBuf>,
 }
 
 /// One of `count` processes that together simulate a fleet: it runs boards `i` with
@@ -87,7 +91,7 @@ pub struct Shard {
 }
 
 impl Shard {
-    fn holds(&self, device: u32) -> bool {
+    pub(crate) fn holds(&self, device: u32) -> bool {
         device % self.count == self.index
     }
     fn speaks(&self) -> bool {
@@ -107,6 +111,7 @@ impl Default for FleetOptions {
             progress: None,
             shard: None,
             epoch: None,
+            pki: None,
         }
     }
 }
@@ -137,9 +142,10 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     let s = fleet_scenario(scenario, opts)?;
     let prep = prepare(&s)?;
     let dir = tempfile::tempdir().context("creating the store directory")?;
-    let pki = match s.transport {
-        Transport::Plain => None,
-        Transport::Tls => Some(RunPki::make(&s, &dir.path().join("pki"))?),
+    let pki = match (s.transport, &opts.pki) {
+        (Transport::Plain, _) => None,
+        (Transport::Tls, Some(shared)) => Some(RunPki::issued_by(&s, shared, opts.shard)?),
+        (Transport::Tls, None) => Some(RunPki::make(&s, &dir.path().join("pki"))?),
     };
     let server = FirmwareServer::start(&s, &prep, opts, dir.path(), pki.as_ref()).await?;
     // Kept to the end of the run: dropping it stops Mosquitto.
@@ -173,6 +179,11 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     let operator = Operator::connect(&s, opts, &broker, speaks).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let boards = spawn_boards(&s, &prep, &shared, opts, stop_rx);
+    // Quiet counts from now: a shard that got here after the shared timeline's zero (issuing
+    // thousands of certificates takes a while) would otherwise look quiet at once and end.
+    shared
+        .last_activity
+        .fetch_max(shared.clock.now(), Ordering::Relaxed);
     let rollouts = play_timeline(&s, &prep, &shared, &operator, &server, &boards, speaks).await?;
     wait_for_quiet(&s, &shared, opts, &rollouts).await;
     let end_ms = shared.clock.now().min(s.duration_ms);

@@ -32,14 +32,17 @@ impl FirmwareServer {
         pki: Option<&RunPki>,
     ) -> anyhow::Result<FirmwareServer> {
         if let Some(url) = &opts.server {
-            check_external_server(s, prep, url).await?;
-            if s.transport == Transport::Tls {
+            if s.transport == Transport::Tls && pki.is_none() {
                 bail!("{}: transport = \"tls\" makes its PKI per run for the embedded firmware server; run without --server", s.path.display());
+            }
+            let board_tls = pki.map(|p| p.boards.clone()).unwrap_or_default();
+            if board_tls.is_empty() {
+                check_external_server(s, prep, url).await?;
             }
             return Ok(FirmwareServer {
                 url: url.trim_end_matches('/').to_string(),
                 local: None,
-                board_tls: Vec::new(),
+                board_tls,
             });
         }
         let store = Arc::new(ReleaseStore::open(dir)?);
@@ -82,6 +85,50 @@ pub(super) struct RunPki {
 }
 
 impl RunPki {
+    /// This process's share of a PKI made by the scale benchmark (`dir`, from `otarig pki
+    /// init` and `pki server`): a certificate for each of its boards, and the operator's.
+    /// Other shards' boards get the operator's configuration, never used here.
+    pub(super) fn issued_by(
+        s: &Scenario,
+        dir: &std::path::Path,
+        shard: Option<super::Shard>,
+    ) -> anyhow::Result<RunPki> {
+        use otarig_server::tls::{client_config, server_config};
+        let pki = otarig_server::pki::Pki::open(dir)?;
+        let root = pki.root_pem()?;
+        let client = |id: &str| {
+            let d = pki.device(id, 30)?;
+            client_config(&root, Some((&pki.chain_pem(&d), &d.key_pem)))
+        };
+        let operator = client(crate::mosquitto::OPERATOR_CN)?;
+        let boards = (0..s.devices)
+            .map(|i| match shard {
+                Some(sh) if !sh.holds(i) => Ok(operator.clone()),
+                _ => client(&s.device_id(i)),
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .with_context(|| format!("reading {}", dir.join(f).display()))
+        };
+        Ok(RunPki {
+            // Not served from here: the parent process holds the HTTPS server.
+            server_tls: server_config(
+                &read("server/server_chain.pem")?,
+                &read("server/server.key")?,
+                None,
+            )?,
+            boards,
+            operator,
+            mosquitto: crate::mosquitto::MutualTls {
+                cafile: dir.join("ca_cert.pem"),
+                certfile: dir.join("server/server_chain.pem"),
+                keyfile: dir.join("server/server.key"),
+                crlfile: None,
+            },
+        })
+    }
+
     /// The run's PKI, with trust broken where the scenario's `tls` faults say.
     pub(super) fn make(s: &Scenario, dir: &std::path::Path) -> anyhow::Result<RunPki> {
         use otarig_scenario::scenario::TlsFault;
@@ -173,10 +220,21 @@ pub(super) async fn broker_address(
     opts: &FleetOptions,
     pki: Option<&RunPki>,
 ) -> anyhow::Result<(BrokerEndpoint, Option<crate::mosquitto::Mosquitto>)> {
+    if let (Some(pki), Some(b)) = (pki, &opts.broker) {
+        // The benchmark's shards: a Mosquitto with mutual TLS started by the parent.
+        let devices = (0..s.devices)
+            .map(|i| (s.device_id(i), pki.boards[i as usize].clone()))
+            .collect();
+        let endpoint = BrokerEndpoint {
+            login: crate::broker::Login::Certificates {
+                devices: Arc::new(devices),
+                operator: pki.operator.clone(),
+            },
+            ..b.clone()
+        };
+        return Ok((endpoint, None));
+    }
     if let Some(pki) = pki {
-        if opts.broker.is_some() {
-            bail!("{}: transport = \"tls\" starts its own Mosquitto with the run's PKI; run without --broker", s.path.display());
-        }
         let tls = pki.mosquitto.clone();
         let channels: Vec<(String, String, String)> = (0..s.devices)
             .map(|i| {

@@ -292,12 +292,7 @@ impl TlsBench {
         let tls = server_config(&pki.chain_pem(&leaf), &leaf.key_pem, Some(&auth))?;
         let server =
             Server::start_tls(store, SocketAddr::new(host, 0), Limits::default(), tls).await?;
-        let files = MutualTls {
-            cafile: dir.join("ca_cert.pem"),
-            certfile: dir.join("server/server_chain.pem"),
-            keyfile: dir.join("server/server.key"),
-            crlfile: None,
-        };
+        let files = MutualTls::of_pki(dir);
         let channels = [(
             id.clone(),
             s.device_type.clone(),

@@ -75,12 +75,7 @@ fn bench_pki(dir: &Path) -> anyhow::Result<crate::mosquitto::MutualTls> {
     let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
     let leaf = pki.server(&["127.0.0.1".into(), "localhost".into()], 30)?;
     pki.write_server(&leaf)?;
-    Ok(crate::mosquitto::MutualTls {
-        cafile: dir.join("ca_cert.pem"),
-        certfile: dir.join("server/server_chain.pem"),
-        keyfile: dir.join("server/server.key"),
-        crlfile: None,
-    })
+    Ok(crate::mosquitto::MutualTls::of_pki(dir))
 }
 
 /// What one process measured.

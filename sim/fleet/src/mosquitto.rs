@@ -33,6 +33,20 @@ pub struct MutualTls {
     pub crlfile: Option<PathBuf>,
 }
 
+impl MutualTls {
+    /// The files of an `otarig pki` directory: its root, its server certificate and key, and
+    /// its CRL when something was revoked.
+    pub fn of_pki(dir: &Path) -> MutualTls {
+        let crl = dir.join("crl.pem");
+        MutualTls {
+            cafile: dir.join("ca_cert.pem"),
+            certfile: dir.join("server/server_chain.pem"),
+            keyfile: dir.join("server/server.key"),
+            crlfile: crl.exists().then_some(crl),
+        }
+    }
+}
+
 /// The access rules: a device (username = its certificate's CN) writes only its own
 /// `status`, `ack` and `telemetry`, reads only its own `cmd` and the release announcements;
 /// the operator may do anything under the prefix. `channels` narrows a device to its own

@@ -70,12 +70,8 @@ async fn each_device_is_held_to_its_own_topics_and_strangers_stay_out() {
     };
     let (operator, dev1, dev3) = (cfg(OPERATOR_CN), cfg("dev-1"), cfg("dev-3"));
     pki.revoke_device("dev-3").unwrap();
-    let tls = MutualTls {
-        cafile: dir.path().join("ca_cert.pem"),
-        certfile: dir.path().join("server/server_chain.pem"),
-        keyfile: dir.path().join("server/server.key"),
-        crlfile: Some(dir.path().join("crl.pem")),
-    };
+    let tls = MutualTls::of_pki(dir.path());
+    assert!(tls.crlfile.is_some(), "the CRL is loaded");
     let broker = Mosquitto::start_tls(&tls, &[]).expect("mosquitto with mutual TLS");
     let port = broker.port;
 

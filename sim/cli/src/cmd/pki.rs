@@ -204,13 +204,7 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
-            let crl = dir.join("crl.pem");
-            let tls = otarig_fleet::mosquitto::MutualTls {
-                cafile: dir.join("ca_cert.pem"),
-                certfile: dir.join("server/server_chain.pem"),
-                keyfile: dir.join("server/server.key"),
-                crlfile: crl.exists().then_some(crl),
-            };
+            let tls = otarig_fleet::mosquitto::MutualTls::of_pki(&dir);
             std::fs::create_dir_all(&out)?;
             let out = abs(out);
             let acl = out.join("acl");

@@ -120,12 +120,7 @@ impl RunPki {
             )?,
             boards,
             operator,
-            mosquitto: crate::mosquitto::MutualTls {
-                cafile: dir.join("ca_cert.pem"),
-                certfile: dir.join("server/server_chain.pem"),
-                keyfile: dir.join("server/server.key"),
-                crlfile: None,
-            },
+            mosquitto: crate::mosquitto::MutualTls::of_pki(dir),
         })
     }
 
@@ -177,12 +172,8 @@ impl RunPki {
             server_tls: server_config(&pki.chain_pem(&leaf), &leaf.key_pem, Some(&auth))?,
             boards,
             operator,
-            mosquitto: crate::mosquitto::MutualTls {
-                cafile: dir.join("ca_cert.pem"),
-                certfile: dir.join("server/server_chain.pem"),
-                keyfile: dir.join("server/server.key"),
-                crlfile: crl.map(|_| dir.join("crl.pem")),
-            },
+            // With the CRL when a board's certificate was revoked.
+            mosquitto: crate::mosquitto::MutualTls::of_pki(dir),
         })
     }
 }

@@ -243,6 +243,13 @@ fn a_revoked_release_is_refused_and_an_older_list_after_an_install() {
         Some(&revocations(3, vec![4])),
     )));
     assert_eq!(refusals(&a)[0].0, Check::Revoked, "{a:?}");
+    let serial = |rig: &mut Rig| {
+        Journal::load(&mut rig.board)
+            .unwrap()
+            .record()
+            .revocations_serial
+    };
+    assert_eq!(serial(&mut rig), 3, "kept as soon as seen");
     // A list that withdraws something else lets it install; its serial is kept.
     let a = rig.feed(Input::Manifest(&answer(
         &v2,
@@ -250,13 +257,7 @@ fn a_revoked_release_is_refused_and_an_older_list_after_an_install() {
         Some(&revocations(5, vec![9])),
     )));
     assert!(started(&a), "{a:?}");
-    assert_eq!(
-        Journal::load(&mut rig.board)
-            .unwrap()
-            .record()
-            .revocations_serial,
-        5
-    );
+    assert_eq!(serial(&mut rig), 5);
     rig.restart();
     let v3 = rig.manifest("ed25519-test", 6);
     for (list, text) in [
@@ -272,6 +273,13 @@ fn a_revoked_release_is_refused_and_an_older_list_after_an_install() {
             "{r:?}"
         );
     }
+    // A key set replaces the keys that signed those lists: their serials no longer count.
+    rig.restart();
+    let v4 = rig.manifest("ed25519-release-2", 7);
+    let set = key_set(1, "ed25519-release-2", None);
+    let a = rig.feed(Input::Manifest(&answer(&v4, Some(&set), None)));
+    assert!(started(&a), "{a:?}");
+    assert_eq!(serial(&mut rig), 0);
 }
 
 #[test]

@@ -58,6 +58,9 @@ impl Agent {
             Err((check, detail)) => return self.refuse(m.sequence, &m.version, check, detail),
         };
         drop(r); // the download's buffers come next: keep the peak heap down
+        if let Err(e) = self.note_revocations(p, &vouch) {
+            return self.halt("writing the journal", e);
+        }
         let rec = *self.record();
         let resuming = matches!(self.state, State::AwaitManifest)
             && m.sequence == rec.target_seq

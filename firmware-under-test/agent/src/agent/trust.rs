@@ -106,6 +106,9 @@ impl Agent {
                 keys_version: ks.version,
                 keys_digest: ks.digest,
                 highest_seq: ks.sequence_base.unwrap_or(rec.highest_seq),
+                // Lists signed by a rotated-out key no longer count: one that pushed the
+                // serial to the top would otherwise make every later list look stale.
+                revocations_serial: 0,
                 ..rec
             };
             if let Err(e) = self.store(p, next) {
@@ -151,6 +154,31 @@ impl Agent {
             revocations,
             timestamp,
         })
+    }
+
+    /// Keep a newer revocation list's serial in the journal (one write per list), so an older
+    /// list, or none, is refused from now on. `Err` when the journal could not be written.
+    pub(super) fn note_revocations<P: Platform>(
+        &mut self,
+        p: &mut P,
+        v: &Vouch,
+    ) -> Result<(), EspError> {
+        let rec = *self.record();
+        match &v.revocations {
+            Some(list)
+                if list.device_type == self.cfg.device_type
+                    && list.serial > rec.revocations_serial =>
+            {
+                self.store(
+                    p,
+                    Record {
+                        revocations_serial: list.serial,
+                        ..rec
+                    },
+                )
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Whether the revocation list withdraws the release, and whether what vouches for it is

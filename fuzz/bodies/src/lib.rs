@@ -383,3 +383,36 @@ fn server_under_test() -> &'static (axum::Router, tokio::runtime::Runtime) {
         (router, rt)
     })
 }
+
+/// NVS partition images (a board's factory provisioning): any bytes as a partition, never a
+/// panic; and strings cut from the input, written and read back unchanged.
+pub fn nvs_image(data: &[u8]) {
+    use otarig_esp32s3::nvs::{read, NvsValue, NvsWriter, PAGE};
+    let mut raw = data.to_vec();
+    raw.resize(raw.len().max(3 * PAGE).next_multiple_of(PAGE), 0xFF);
+    let _ = read(&raw);
+    let Ok(mut w) = NvsWriter::new(0x6000) else {
+        return;
+    };
+    if w.namespace("fuzz").is_err() {
+        return;
+    }
+    let mut written = Vec::new();
+    for (n, chunk) in data.chunks(97).enumerate() {
+        let (key, value) = (
+            format!("k{n}"),
+            String::from_utf8_lossy(chunk).replace('\0', ""),
+        );
+        if w.string(&key, &value).is_ok() {
+            written.push((key, value));
+        }
+    }
+    let values = read(&w.finish());
+    for (key, value) in written {
+        assert_eq!(
+            values.get(&("fuzz".to_string(), key.clone())),
+            Some(&NvsValue::Str(value)),
+            "NVS string {key} did not read back"
+        );
+    }
+}

@@ -57,6 +57,7 @@ proptest! {
         fuzzing::release_log(&data);
         fuzzing::applier_resume(&data);
         fuzzing::http_server(&data);
+        fuzzing::nvs_image(&data);
     }
 
     /// Plausible requests with hostile parts: every route, odd queries, Range and conditional

@@ -51,7 +51,10 @@ impl FirmwareServer {
         let (server, board_tls) = match pki {
             None => (Server::start(store.clone(), addr).await?, Vec::new()),
             Some(pki) => {
-                let tls = pki.server_tls.clone();
+                let tls = pki
+                    .server_tls
+                    .clone()
+                    .context("this PKI serves no HTTPS from here (a benchmark shard's)")?;
                 let server = Server::start_tls(store.clone(), addr, Limits::default(), tls);
                 (server.await?, pki.boards.clone())
             }
@@ -75,8 +78,8 @@ impl FirmwareServer {
 /// intermediate that issues a certificate for 127.0.0.1 (the firmware server and the broker),
 /// one device certificate per board (CN = its id) and the operator's.
 pub(super) struct RunPki {
-    /// HTTPS, client certificates required.
-    pub(super) server_tls: Arc<rustls::ServerConfig>,
+    /// HTTPS, client certificates required (None in a benchmark shard: its parent serves).
+    pub(super) server_tls: Option<Arc<rustls::ServerConfig>>,
     /// Each board's TLS configuration (the root, its certificate), by index.
     pub(super) boards: Vec<Arc<rustls::ClientConfig>>,
     pub(super) operator: Arc<rustls::ClientConfig>,
@@ -93,7 +96,7 @@ impl RunPki {
         dir: &std::path::Path,
         shard: Option<super::Shard>,
     ) -> anyhow::Result<RunPki> {
-        use otarig_server::tls::{client_config, server_config};
+        use otarig_server::tls::client_config;
         let pki = otarig_server::pki::Pki::open(dir)?;
         let root = pki.root_pem()?;
         let client = |id: &str| {
@@ -107,17 +110,8 @@ impl RunPki {
                 _ => client(&s.device_id(i)),
             })
             .collect::<anyhow::Result<_>>()?;
-        let read = |f: &str| {
-            std::fs::read_to_string(dir.join(f))
-                .with_context(|| format!("reading {}", dir.join(f).display()))
-        };
         Ok(RunPki {
-            // Not served from here: the parent process holds the HTTPS server.
-            server_tls: server_config(
-                &read("server/server_chain.pem")?,
-                &read("server/server.key")?,
-                None,
-            )?,
+            server_tls: None,
             boards,
             operator,
             mosquitto: crate::mosquitto::MutualTls::of_pki(dir),
@@ -169,7 +163,11 @@ impl RunPki {
             crl_pem: crl.clone(),
         };
         Ok(RunPki {
-            server_tls: server_config(&pki.chain_pem(&leaf), &leaf.key_pem, Some(&auth))?,
+            server_tls: Some(server_config(
+                &pki.chain_pem(&leaf),
+                &leaf.key_pem,
+                Some(&auth),
+            )?),
             boards,
             operator,
             // With the CRL when a board's certificate was revoked.

@@ -4,7 +4,6 @@
 use alloc::format;
 use alloc::string::{String, ToString};
 
-use super::trust::Marks;
 use super::*;
 
 #[derive(Debug)]
@@ -98,7 +97,7 @@ impl Agent {
         p: &mut P,
         m: Manifest,
         sha: [u8; 32],
-        marks: Marks,
+        timestamp_at: u64,
     ) {
         let Some(slot) = p.next_update_slot() else {
             return;
@@ -111,7 +110,7 @@ impl Agent {
             (0, 0)
         };
         let patch = self.pick_delta(&m).filter(|_| attempts == 0);
-        let next = marks.raise(Record {
+        let next = Record {
             phase: Phase::Downloading,
             attempts,
             installs: 0,
@@ -126,8 +125,9 @@ impl Agent {
             delta: patch.is_some(),
             patch_sha256: patch.as_ref().map_or([0; 32], |d| d.patch_sha256),
             resume: Resume::default(),
+            timestamp_at: rec.timestamp_at.max(timestamp_at),
             ..rec
-        });
+        };
         // Journal first: a cut inside esp_ota_begin then resumes at 0, which re-erases.
         if let Err(e) = self.store(p, next) {
             return self.halt("writing the journal", e);
@@ -163,7 +163,7 @@ impl Agent {
         m: Manifest,
         sha: [u8; 32],
         rec: Record,
-        marks: Marks,
+        timestamp_at: u64,
     ) {
         let Some(slot) = p.next_update_slot() else {
             return;
@@ -182,7 +182,7 @@ impl Agent {
                     patch = Some(d);
                 }
                 // The patch is no longer offered: start over with the full image.
-                None => return self.start(p, m, sha, marks),
+                None => return self.start(p, m, sha, timestamp_at),
             }
         }
         let from = rec.checkpoint - rec.checkpoint % SECTOR;

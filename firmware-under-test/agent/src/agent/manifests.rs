@@ -66,14 +66,14 @@ impl Agent {
             && m.sequence == rec.target_seq
             && sha == rec.sha256;
         let verdict = self.evaluate(p, now, &m, &sha, &vouch);
-        let (pending, marks) = (vouch.timestamp_pending, vouch.marks());
+        let (pending, timestamp_at) = (vouch.timestamp_pending, vouch.timestamp_at());
         drop(vouch);
         match verdict {
             // A retained announcement without a timestamp, on a board that requires one:
             // everything else passed, so ask the server for the answer it vouches for.
             Ok(()) if pending => self.poll(now),
-            Ok(()) if resuming => self.resume(p, m, sha, rec, marks),
-            Ok(()) => self.start(p, m, sha, marks),
+            Ok(()) if resuming => self.resume(p, m, sha, rec, timestamp_at),
+            Ok(()) => self.start(p, m, sha, timestamp_at),
             Err((Check::AlreadyInstalled, _)) if !resuming => {} // the steady state
             Err((check, detail)) => self.refuse(m.sequence, &m.version, check, detail),
         }

@@ -18,30 +18,12 @@ pub(super) struct Vouch {
     pub(super) timestamp_pending: bool,
 }
 
-/// How far an install moves the journal's high-water marks of revocation list and timestamp.
-#[derive(Clone, Copy, Debug, Default)]
-pub(super) struct Marks {
-    revocations_serial: u64,
-    timestamp_at: u64,
-}
-
-impl Marks {
-    /// `rec` with the marks raised (never lowered).
-    pub(super) fn raise(self, rec: Record) -> Record {
-        Record {
-            revocations_serial: rec.revocations_serial.max(self.revocations_serial),
-            timestamp_at: rec.timestamp_at.max(self.timestamp_at),
-            ..rec
-        }
-    }
-}
-
 impl Vouch {
-    pub(super) fn marks(&self) -> Marks {
-        Marks {
-            revocations_serial: self.revocations.as_ref().map_or(0, |r| r.serial),
-            timestamp_at: self.timestamp.as_ref().map_or(0, |t| t.issued_at),
-        }
+    /// When the timestamp an install starts under was issued (0: none), for the journal's
+    /// high-water mark. The revocation list's serial is kept as soon as it is seen
+    /// ([`Agent::note_revocations`]), so it needs nothing here.
+    pub(super) fn timestamp_at(&self) -> u64 {
+        self.timestamp.as_ref().map_or(0, |t| t.issued_at)
     }
 }
 

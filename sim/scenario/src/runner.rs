@@ -1166,16 +1166,22 @@ impl World {
 
     fn act(&mut self, d: usize, a: Action) {
         let now = self.now;
+        // A firmware server whose certificate the board refuses: no request gets through.
+        if let Some(detail) = self.server_refused(d) {
+            if matches!(a, Action::PollManifest | Action::Fetch { .. }) {
+                let ev = Ev::TlsFailed(otarig_agent::Peer::Server, detail);
+                self.schedule(d, now + LATENCY_MS, ev);
+                if matches!(a, Action::Fetch { .. }) {
+                    let (why, gen) = (format!("request failed: {detail}"), self.devs[d].fetch_gen);
+                    self.schedule(d, now + LATENCY_MS, Ev::FetchFailed(why, gen));
+                }
+                return;
+            }
+        }
         match a {
             Action::RunSelfTest => {
                 let passed = self.devs[d].behaviour.self_test == SelfTest::Pass;
                 self.schedule(d, now + SELF_TEST_MS, Ev::SelfTestDone(passed));
-            }
-            Action::PollManifest if self.server_refused(d).is_some() => {
-                if let Some(detail) = self.server_refused(d) {
-                    let ev = Ev::TlsFailed(otarig_agent::Peer::Server, detail);
-                    self.schedule(d, now + LATENCY_MS, ev);
-                }
             }
             Action::PollManifest => {
                 let answer = match &self.devs[d].frozen {
@@ -1184,15 +1190,6 @@ impl World {
                 };
                 if let Some(m) = answer {
                     self.schedule(d, now + LATENCY_MS, Ev::Manifest(m));
-                }
-            }
-            Action::Fetch { .. } if self.server_refused(d).is_some() => {
-                if let Some(detail) = self.server_refused(d) {
-                    let gen = self.devs[d].fetch_gen;
-                    let ev = Ev::TlsFailed(otarig_agent::Peer::Server, detail);
-                    self.schedule(d, now + LATENCY_MS, ev);
-                    let why = format!("request failed: {detail}");
-                    self.schedule(d, now + LATENCY_MS, Ev::FetchFailed(why, gen));
                 }
             }
             Action::Fetch {

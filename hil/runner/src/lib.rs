@@ -271,9 +271,9 @@ impl TlsBench {
         opts: (&str, &str),
     ) -> anyhow::Result<TlsBench> {
         use otarig_fleet::mosquitto::{Mosquitto, MutualTls, OPERATOR_CN};
-        use otarig_server::tls::{client_config, server_config, ClientAuth};
+        use otarig_server::tls::{device_client, server_config, ClientAuth};
         let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
-        let root = pki.root_pem()?;
+        let root = pki.root_pem().to_string();
         let mut names = vec![
             host.to_string(),
             "127.0.0.1".to_string(),
@@ -284,7 +284,6 @@ impl TlsBench {
         pki.write_server(&leaf)?;
         let id = s.device_id(DEVICE);
         let device = pki.device(&id, 30)?;
-        let operator = pki.device(OPERATOR_CN, 30)?;
         let auth = ClientAuth {
             ca_pem: root.clone(),
             crl_pem: None,
@@ -301,8 +300,7 @@ impl TlsBench {
         let m =
             tokio::task::spawn_blocking(move || Mosquitto::start_tls_on(host, &files, &channels))
                 .await??;
-        let operator_tls =
-            client_config(&root, Some((&pki.chain_pem(&operator), &operator.key_pem)))?;
+        let operator_tls = device_client(&pki, OPERATOR_CN, 30)?;
         let endpoint = BrokerEndpoint {
             host: host.to_string(),
             port: m.port,

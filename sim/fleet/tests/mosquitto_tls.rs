@@ -65,8 +65,7 @@ async fn each_device_is_held_to_its_own_topics_and_strangers_stay_out() {
         let d = pki.device(id, 30).unwrap();
         pki.write_device(id, &d).unwrap();
         let chain = pki.chain_pem(&d);
-        otarig_server::tls::client_config(&pki.root_pem().unwrap(), Some((&chain, &d.key_pem)))
-            .unwrap()
+        otarig_server::tls::client_config(pki.root_pem(), Some((&chain, &d.key_pem))).unwrap()
     };
     let (operator, dev1, dev3) = (cfg(OPERATOR_CN), cfg("dev-1"), cfg("dev-3"));
     pki.revoke_device("dev-3").unwrap();
@@ -137,16 +136,16 @@ async fn each_device_is_held_to_its_own_topics_and_strangers_stay_out() {
     let other = tempfile::tempdir().unwrap();
     let stranger_pki = Pki::init(other.path(), false, 30).unwrap();
     let s = stranger_pki.device("dev-2", 30).unwrap();
-    let root = pki.root_pem().unwrap();
+    let root = pki.root_pem();
     let strangers = [
         (
             "no certificate",
-            otarig_server::tls::client_config(&root, None).unwrap(),
+            otarig_server::tls::client_config(root, None).unwrap(),
         ),
         ("revoked certificate", dev3),
         (
             "certificate from another CA",
-            otarig_server::tls::client_config(&root, Some((&s.cert_pem, &s.key_pem))).unwrap(),
+            otarig_server::tls::client_config(root, Some((&s.cert_pem, &s.key_pem))).unwrap(),
         ),
     ];
     for (what, cfg) in strangers {

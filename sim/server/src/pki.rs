@@ -43,6 +43,8 @@ pub struct Pki {
     /// The issuing CA's certificate when it is an intermediate (servers send it with their
     /// leaf; boards hold only the root).
     intermediate_pem: Option<String>,
+    /// The root certificate, PEM (read once: every device's files and TLS setup need it).
+    root_pem: String,
 }
 
 fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -145,6 +147,7 @@ impl Pki {
         let issuer = Issuer::from_ca_cert_pem(&cert, key)
             .context("the CA certificate cannot be read back")?;
         Ok(Pki {
+            root_pem: read(&dir.join("ca_cert.pem"))?,
             dir: dir.to_path_buf(),
             issuer,
             intermediate_pem,
@@ -152,8 +155,8 @@ impl Pki {
     }
 
     /// The root certificate, PEM: what boards embed to verify servers.
-    pub fn root_pem(&self) -> anyhow::Result<String> {
-        read(&self.dir.join("ca_cert.pem"))
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
     }
 
     /// A leaf issued by the issuing CA.
@@ -218,7 +221,7 @@ impl Pki {
         let dir = self.dir.join("devices").join(device_id);
         write_public(&dir.join("device.crt"), &self.chain_pem(d))?;
         write_private(&dir.join("device.key"), d.key_pem.as_bytes())?;
-        write_public(&dir.join("ca_cert.pem"), &self.root_pem()?)?;
+        write_public(&dir.join("ca_cert.pem"), self.root_pem())?;
         Ok(dir)
     }
 

@@ -91,6 +91,17 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
+/// A new device certificate from `pki` (CN = `id`, valid `days`) and the TLS configuration
+/// that presents it (with the intermediate) and trusts `pki`'s root.
+pub fn device_client(
+    pki: &crate::pki::Pki,
+    id: &str,
+    days: u32,
+) -> anyhow::Result<Arc<ClientConfig>> {
+    let d = pki.device(id, days)?;
+    client_config(pki.root_pem(), Some((&pki.chain_pem(&d), &d.key_pem)))
+}
+
 /// A board's (or operator's) TLS configuration: servers must chain to `ca_pem`; with
 /// `identity` (certificate and key, PEM) it authenticates itself.
 pub fn client_config(

@@ -290,7 +290,7 @@ mod tests {
         assert_eq!(get("channel"), "beta");
         assert_eq!(get("device_key"), d.key_pem);
         assert_eq!(get("device_crt"), pki.chain_pem(&d));
-        assert_eq!(get("ca_cert"), pki.root_pem().unwrap());
+        assert_eq!(get("ca_cert"), pki.root_pem());
         let missing = Provision {
             device: "dev-10",
             ..p

@@ -96,13 +96,9 @@ impl RunPki {
         dir: &std::path::Path,
         shard: Option<super::Shard>,
     ) -> anyhow::Result<RunPki> {
-        use otarig_server::tls::client_config;
+        use otarig_server::tls::device_client;
         let pki = otarig_server::pki::Pki::open(dir)?;
-        let root = pki.root_pem()?;
-        let client = |id: &str| {
-            let d = pki.device(id, 30)?;
-            client_config(&root, Some((&pki.chain_pem(&d), &d.key_pem)))
-        };
+        let client = |id: &str| device_client(&pki, id, 30);
         let operator = client(crate::mosquitto::OPERATOR_CN)?;
         let boards = (0..s.devices)
             .map(|i| match shard {
@@ -125,7 +121,7 @@ impl RunPki {
         let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
         // Another CA, for boards that trust it or carry its certificates.
         let stranger = otarig_server::pki::Pki::init(&dir.join("stranger"), false, 30)?;
-        let root = pki.root_pem()?;
+        let root = pki.root_pem().to_string();
         let server_side =
             (0..s.devices).find_map(|i| s.tls_fault_for(i).filter(|f| f.server_side()));
         let (names, days) = match server_side {
@@ -149,7 +145,7 @@ impl RunPki {
                 crl = Some(pki.revoke(&d.serial, id)?);
             }
             let trusted = match fault {
-                Some(TlsFault::WrongCa) => stranger.root_pem()?,
+                Some(TlsFault::WrongCa) => stranger.root_pem().to_string(),
                 _ => root.clone(),
             };
             client_config(&trusted, Some((&issuer.chain_pem(&d), &d.key_pem)))

@@ -179,11 +179,6 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
     let operator = Operator::connect(&s, opts, &broker, speaks).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let boards = spawn_boards(&s, &prep, &shared, opts, stop_rx);
-    // Quiet counts from now: a shard that got here after the shared timeline's zero (issuing
-    // thousands of certificates takes a while) would otherwise look quiet at once and end.
-    shared
-        .last_activity
-        .fetch_max(shared.clock.now(), Ordering::Relaxed);
     let rollouts = play_timeline(&s, &prep, &shared, &operator, &server, &boards, speaks).await?;
     wait_for_quiet(&s, &shared, opts, &rollouts).await;
     let end_ms = shared.clock.now().min(s.duration_ms);

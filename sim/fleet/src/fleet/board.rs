@@ -60,6 +60,9 @@ pub(crate) struct Shared {
     pub(super) console: Option<tokio::sync::mpsc::UnboundedSender<String>>,
     /// Each board's HTTPS configuration (its device certificate), by index; empty: plain HTTP.
     pub(super) board_tls: Vec<std::sync::Arc<rustls::ClientConfig>>,
+    /// Bounds the boards connecting to the broker at once (see
+    /// [`super::FleetOptions::connects_in_flight`]); `None`: no bound (one virtual board).
+    pub(super) connect_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Shared {
@@ -96,6 +99,7 @@ impl Shared {
             offline,
             console: Some(console),
             board_tls: tls.into_iter().collect(),
+            connect_gate: None,
         })
     }
 
@@ -332,11 +336,22 @@ impl<'a> Boot<'a> {
         o.set_keep_alive(Duration::from_secs(60));
         o.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
         let (client, mut events) = AsyncClient::new(o, 64);
+        let gate = self.sh.connect_gate.clone();
         self.tasks.push(tokio::spawn(async move {
             // rumqttc connects on the first poll.
             clock.sleep_until(up).await;
+            let mut connected = false;
             loop {
-                let net = match events.poll().await {
+                // A permit is held from dialling until CONNACK or failure: rumqttc's first
+                // poll after dialling ends at one of them.
+                let dialling = match (&gate, connected) {
+                    (Some(gate), false) => gate.clone().acquire_owned().await.ok(),
+                    _ => None,
+                };
+                let polled = events.poll().await;
+                drop(dialling);
+                connected = polled.is_ok();
+                let net = match polled {
                     Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => Net::ConnAck,
                     Ok(rumqttc::Event::Incoming(Packet::Publish(p))) => {
                         Net::Publish(p.topic, p.payload.to_vec(), p.retain)

@@ -77,6 +77,13 @@ pub struct FleetOptions {
     /// benchmark's shards): the `otarig pki` directory whose issuing CA makes this process's
     /// boards' certificates.
     pub pki: Option<std::path::PathBuf>,
+    /// How many boards of the whole fleet may be connecting to the broker at once (TCP, TLS
+    /// handshake, CONNECT until CONNACK); a shard takes its share. Mosquitto accepts with a
+    /// backlog of 100 (`listen(sock, 100)` in its `net.c`): ten thousand boards dialling at
+    /// once overflow it, time out, and redial, and the kernel then spends the run searching
+    /// for free ephemeral ports among tens of thousands of half-closed sockets. The gate is
+    /// the bench's: a real fleet's boards power on over minutes, not in one millisecond.
+    pub connects_in_flight: usize,
 }
 
 /// One of `count` processes that together simulate a fleet: it runs boards `i` with
@@ -112,8 +119,15 @@ impl Default for FleetOptions {
             shard: None,
             epoch: None,
             pki: None,
+            connects_in_flight: 64,
         }
     }
+}
+
+/// This process's share of [`FleetOptions::connects_in_flight`] (at least one).
+fn connect_share(opts: &FleetOptions) -> usize {
+    let shards = opts.shard.map_or(1, |sh| sh.count.max(1) as usize);
+    (opts.connects_in_flight / shards).max(1)
 }
 
 /// Refuse early, saying what to do, when `boards` connections at `per_board` descriptors each
@@ -166,6 +180,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         offline: false,
         console: None,
         board_tls: server.board_tls.clone(),
+        connect_gate: Some(Arc::new(tokio::sync::Semaphore::new(connect_share(opts)))),
     });
     if let Some(p) = &opts.progress {
         p.boards.store(s.devices as u64, Ordering::Relaxed);

@@ -46,16 +46,20 @@ fuzz-plr DURATION="10m":
 
 # libFuzzer on one parser: just fuzz manifest 60 (targets: manifest patch image scenario
 # partition_table bsdiff40 mqtt_payloads serial signed_bodies journal_and_otadata release_log
-# applier_resume http_server nvs_image). Needs `cargo install cargo-fuzz`; RUSTC_BOOTSTRAP lets stable
+# applier_resume http_server nvs_image encrypted_image). Needs `cargo install cargo-fuzz`; RUSTC_BOOTSTRAP lets stable
 # Rust take the nightly flags cargo-fuzz passes.
 fuzz TARGET SECONDS="60":
     RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz/targets {{TARGET}} -- -max_total_time={{SECONDS}}
 
-# Exhaustive power-loss runs over a 1 MiB full and a 1 MiB delta update, then patch sizes and
+# Exhaustive power-loss runs over 1 MiB full, delta and encrypted (both formats) updates, then patch sizes and
 # apply throughput against Python bsdiff4.
 bench-plr:
     cargo run --release -p otarig -- bench plr
     cargo run --release -p otarig -- bench delta
+
+# Decrypt throughput of encrypted images (AES-256-CBC, esp_encrypted_img) next to SHA-256.
+bench-crypto:
+    cargo run --release -p otarig -- bench crypto
 
 # Patch sizes and apply throughput against Python bsdiff4 (pip install bsdiff4).
 bench-delta:

@@ -61,6 +61,10 @@ pub enum Check {
     /// A TLS handshake with the firmware server or the broker failed: this board refused the
     /// peer's certificate (unknown CA, expired, another name), or the peer refused the board's.
     Tls,
+    /// An encrypted image could not be decrypted: no key for it on this board, a header or
+    /// padding that is not right, a GCM tag that does not match, or plaintext whose SHA-256
+    /// differs from the manifest (altered ciphertext or the wrong key).
+    Decrypt,
 }
 
 impl Check {
@@ -88,10 +92,11 @@ impl Check {
             Check::Freshness => "freshness",
             Check::Keys => "keys",
             Check::Tls => "tls",
+            Check::Decrypt => "decrypt",
         }
     }
 
-    pub const ALL: [Check; 22] = [
+    pub const ALL: [Check; 23] = [
         Check::Malformed,
         Check::Signature,
         Check::DeviceType,
@@ -114,6 +119,7 @@ impl Check {
         Check::Freshness,
         Check::Keys,
         Check::Tls,
+        Check::Decrypt,
     ];
 
     pub fn from_name(name: &str) -> Option<Check> {

@@ -29,6 +29,7 @@
 extern crate alloc;
 
 mod agent;
+pub mod cipher;
 pub mod console;
 pub mod delta;
 pub mod event;

@@ -48,10 +48,52 @@ pub struct Manifest {
     /// Delta patches to this image, keyed by the SHA-256 of the image each applies to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deltas: Vec<DeltaRef>,
+    /// Set when the image travels encrypted: what is fetched is then ciphertext, while
+    /// `size` and `sha256` still describe the plaintext image that lands in the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
     /// Unix seconds at which the release was signed.
     pub issued_at: u64,
     /// Unix seconds after which a board refuses the manifest.
     pub expires_at: u64,
+}
+
+/// How an encrypted image is fetched and decrypted ([`crate::cipher`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encryption {
+    pub scheme: Scheme,
+    /// Which image key decrypts it ([`crate::cipher::ImageKeys::key_id`]): a board without
+    /// that key refuses the release before fetching a byte.
+    pub key_id: String,
+    /// SHA-256 of the ciphertext, lowercase hex: its address in the release store.
+    pub sha256: String,
+    /// Ciphertext length in bytes.
+    pub size: u32,
+    /// AES-256-CBC: the release's IV, 32 hex digits. esp_encrypted_img carries its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iv: Option<String>,
+}
+
+/// The encryption formats a board can decrypt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Scheme {
+    /// AES-256-CBC with PKCS#7 padding under a fleet key; the IV is in the manifest.
+    #[serde(rename = "aes-256-cbc")]
+    Aes256Cbc,
+    /// ESP-IDF's pre-encrypted OTA format (component `esp_encrypted_img`, RSA-3072 scheme):
+    /// a 512-byte header with the AES-256-GCM key wrapped for the board's RSA key.
+    #[serde(rename = "esp-encrypted-img")]
+    EspEncryptedImg,
+}
+
+impl Scheme {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Scheme::Aes256Cbc => "aes-256-cbc",
+            Scheme::EspEncryptedImg => "esp-encrypted-img",
+        }
+    }
 }
 
 /// A delta patch offered by a manifest.
@@ -110,6 +152,7 @@ impl Manifest {
             url: None,
             cid: None,
             deltas: Vec::new(),
+            encryption: None,
             issued_at,
             expires_at: issued_at.saturating_add(valid_for),
         }

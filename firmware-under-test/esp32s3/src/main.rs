@@ -38,6 +38,7 @@ use idf::nvs::{EspDefaultNvsPartition, EspNvs, NvsDefault};
 use idf::sntp::EspSntp;
 use idf::tls::X509;
 use idf::wifi::{BlockingWifi, ClientConfiguration, Configuration, EspWifi};
+use otarig_agent::cipher::ImageKeys;
 use otarig_agent::console::{self, HostCommand};
 use otarig_agent::manifest::{PublicKey, TrustedKey};
 use otarig_agent::protocol::{self, Leaf};
@@ -139,6 +140,8 @@ struct Provisioning {
     password: String,
     /// The fleet's root CA and this device's certificate and key, when provisioned.
     identity: Option<Identity>,
+    /// Keys for encrypted releases (`image_aes`, `image_rsa`; `otarig pki nvs --image-key`).
+    image_keys: ImageKeys,
 }
 
 /// What ESP-TLS needs for mutual TLS, as esp-mqtt and esp_http_client take it: the root that
@@ -177,7 +180,43 @@ fn load(nvs: &EspNvs<NvsDefault>) -> Option<Provisioning> {
         ssid: get("ssid").unwrap_or_default(),
         password: get("password").unwrap_or_default(),
         identity,
+        // Without keys in NVS, the TEST ONLY fixture keys the simulated boards hold, so the
+        // encrypted scenarios run on a bench provisioned over the console.
+        image_keys: image_keys(
+            get("image_aes").or_else(|| Some(TEST_IMAGE_AES.trim().to_string())),
+            get("image_rsa").or_else(|| Some(TEST_IMAGE_RSA.to_string())),
+        ),
     })
+}
+
+/// TEST ONLY image keys (fixtures/keys), as every simulated board holds them.
+const TEST_IMAGE_AES: &str = include_str!("../../../fixtures/keys/aes-256-image.hex");
+const TEST_IMAGE_RSA: &str = include_str!("../../../fixtures/keys/rsa-3072-image.pem");
+
+/// The image keys from their NVS strings; one that does not parse is left out (and logged),
+/// so the board refuses releases encrypted for it (`decrypt`) instead of failing to boot.
+/// Decryption itself is the agent's RustCrypto code: AES and GHASH run in software (the
+/// ESP32-S3's AES accelerator sits behind mbedTLS, which the agent does not link).
+fn image_keys(aes_hex: Option<String>, rsa_pem: Option<String>) -> ImageKeys {
+    let mut keys = ImageKeys::default();
+    if let Some(hex) = aes_hex {
+        let bytes: Option<Vec<u8>> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+            .collect();
+        match bytes.and_then(|b| <[u8; 32]>::try_from(b).ok()) {
+            Some(k) => keys = keys.with_aes256(k),
+            None => log::error!("otarig: NVS image_aes is not 64 hex digits; ignored"),
+        }
+    }
+    if let Some(pem) = rsa_pem {
+        use rsa::pkcs8::DecodePrivateKey;
+        match rsa::RsaPrivateKey::from_pkcs8_pem(&pem) {
+            Ok(k) => keys = keys.with_rsa(k),
+            Err(e) => log::error!("otarig: NVS image_rsa is not a PKCS#8 RSA key ({e}); ignored"),
+        }
+    }
+    keys
 }
 
 fn unix_ms() -> u64 {
@@ -237,6 +276,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     (cfg.root_keys, cfg.timestamp_keys) = root_and_timestamp_keys();
     if let Some(p) = &prov {
         cfg.channel = p.channel.clone();
+        cfg.image_keys = p.image_keys.clone();
     }
     let mut agent = Agent::new(cfg);
     let mut board = platform::EspPlatform::new()?;

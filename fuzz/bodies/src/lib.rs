@@ -10,6 +10,8 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
+use rand::SeedableRng;
+
 use otarig_agent::delta::{Applier, Resume, Sink, SinkError};
 use otarig_agent::{PublicKey, TrustedKey};
 
@@ -415,4 +417,93 @@ pub fn nvs_image(data: &[u8]) {
             "NVS string {key} did not read back"
         );
     }
+}
+
+/// Encrypted images: any bytes as AES-256-CBC and as esp_encrypted_img ciphertext (a header
+/// with the right magic when the first byte asks for one, so the RSA unwrap is reached), fed
+/// in pieces the input chooses: an error or plaintext, never a panic, and never more
+/// plaintext than the manifest's size. And a CBC round trip of the input, in pieces.
+pub fn encrypted_image(data: &[u8]) {
+    use otarig_agent::cipher::{ciphertext_len, esp_img, Decryptor, Encryption, Scheme};
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let (keys, aes) = image_keys();
+    let piece = usize::from(first % 61) + 1;
+    let feed = |enc: &Encryption, plain_size: u32, ct: &[u8]| {
+        let Ok(mut d) = Decryptor::new(enc, plain_size, keys, 0) else {
+            return None;
+        };
+        let mut out = Vec::new();
+        let mut sink = |p: &[u8]| -> Result<(), ()> {
+            out.extend_from_slice(p);
+            Ok(())
+        };
+        for chunk in ct.chunks(piece) {
+            d.feed(chunk, &mut sink).ok()?;
+        }
+        d.finish(&mut sink).ok()?;
+        assert!(
+            out.len() <= plain_size as usize,
+            "more plaintext than the image"
+        );
+        Some(out)
+    };
+    let entry = |scheme, ct: &[u8], iv| Encryption {
+        scheme,
+        key_id: keys.key_id(scheme).unwrap_or_default(),
+        sha256: hex_sha256(ct),
+        size: ct.len() as u32,
+        iv,
+    };
+    // Any bytes as CBC ciphertext of the longest image they could hold.
+    let cbc_plain = (rest.len() as u32 / 16).saturating_sub(1) * 16;
+    if ciphertext_len(Scheme::Aes256Cbc, cbc_plain) == Some(rest.len() as u32) {
+        let _ = feed(
+            &entry(Scheme::Aes256Cbc, rest, Some("00".repeat(16))),
+            cbc_plain,
+            rest,
+        );
+    }
+    // Any bytes as esp_encrypted_img.
+    let mut img = rest.to_vec();
+    if first == 0xE5 && img.len() >= 4 {
+        img[..4].copy_from_slice(&esp_img::MAGIC.to_le_bytes());
+    }
+    let plain = (img.len() as u32).saturating_sub(esp_img::HEADER_LEN as u32);
+    let _ = feed(&entry(Scheme::EspEncryptedImg, &img, None), plain, &img);
+    // Round trip.
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(u64::from(first));
+    if let Ok(enc) = otarig_server::encrypt::encrypt(aes, rest, &mut rng) {
+        let out = feed(&enc.entry, rest.len() as u32, &enc.ciphertext);
+        assert_eq!(out.as_deref(), Some(rest), "AES-256-CBC round trip");
+    }
+}
+
+fn hex_sha256(data: &[u8]) -> String {
+    otarig_server::store::sha256(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The fixture image keys (fixtures/keys), loaded once.
+fn image_keys() -> &'static (
+    otarig_agent::cipher::ImageKeys,
+    otarig_server::encrypt::ImageKey,
+) {
+    use otarig_server::encrypt::{load_board_rsa, ImageKey};
+    static KEYS: OnceLock<(otarig_agent::cipher::ImageKeys, ImageKey)> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let dir = otarig_server::keys::fixture_dir();
+        let aes = ImageKey::load(&dir.join("aes-256-image.hex"))
+            .unwrap_or_else(|e| panic!("the fuzz target's AES key: {e:#}"));
+        let rsa = load_board_rsa(&dir.join("rsa-3072-image.pem"))
+            .unwrap_or_else(|e| panic!("the fuzz target's RSA key: {e:#}"));
+        let mut keys = otarig_agent::cipher::ImageKeys::default().with_rsa(rsa);
+        if let ImageKey::Aes256(k) = &aes {
+            keys = keys.with_aes256(*k);
+        }
+        (keys, aes)
+    })
 }

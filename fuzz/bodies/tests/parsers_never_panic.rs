@@ -58,6 +58,7 @@ proptest! {
         fuzzing::applier_resume(&data);
         fuzzing::http_server(&data);
         fuzzing::nvs_image(&data);
+        fuzzing::encrypted_image(&data);
     }
 
     /// Plausible requests with hostile parts: every route, odd queries, Range and conditional

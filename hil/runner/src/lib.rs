@@ -330,6 +330,17 @@ impl TlsBench {
         ] {
             w.string(k, v)?;
         }
+        // The image keys a factory puts beside the identity, when a release is encrypted
+        // (`otarig pki nvs --image-key`): the fixture keys the scenario encrypts for.
+        if s.releases.iter().any(|r| r.encrypt.is_some()) {
+            let keys = otarig_server::keys::fixture_dir();
+            let read = |f: &str| {
+                std::fs::read_to_string(keys.join(f))
+                    .with_context(|| format!("reading the image key fixtures/keys/{f}"))
+            };
+            w.string("image_aes", read("aes-256-image.hex")?.trim())?;
+            w.string("image_rsa", &read("rsa-3072-image.pem")?)?;
+        }
         Ok(TlsBench {
             server,
             broker: BenchBroker::Mosquitto(m, endpoint),

@@ -96,6 +96,8 @@ struct Provisioned {
     server: String,
     /// Mutual TLS with the identity a factory NVS image carries.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// Image keys from the NVS image (`image_aes`, `image_rsa`), when it holds any.
+    image_keys: Option<otarig_agent::cipher::ImageKeys>,
 }
 
 impl Provisioned {
@@ -125,12 +127,16 @@ impl Provisioned {
                 operator: t.clone(),
             };
         }
+        let (aes, rsa) = (get("image_aes"), get("image_rsa"));
+        let image_keys = (aes.is_some() || rsa.is_some())
+            .then(|| otarig_server::encrypt::board_keys(aes.as_deref(), rsa.as_deref()));
         Some(Provisioned {
             device,
             channel: get("channel").unwrap_or_else(|| "stable".into()),
             broker,
             server: get("server")?,
             tls,
+            image_keys,
         })
     }
 }
@@ -313,11 +319,18 @@ impl Chip {
         };
         // A factory image in NVS first, as the shell reads it; else the console's.
         let prov = Provisioned::from_nvs(&board).or_else(|| self.provisioned.clone());
-        let (id, channel, network, tls) = match prov {
-            Some(p) => (p.device, p.channel, Some((p.broker, p.server)), p.tls),
+        let (id, channel, network, tls, image_keys) = match prov {
+            Some(p) => (
+                p.device,
+                p.channel,
+                Some((p.broker, p.server)),
+                p.tls,
+                p.image_keys,
+            ),
             None => (
                 "unprovisioned".to_string(),
                 "stable".to_string(),
+                None,
                 None,
                 None,
             ),
@@ -330,6 +343,9 @@ impl Chip {
         cfg.device_id = id.clone();
         cfg.device_type = opts.device_type.clone();
         cfg.trusted_keys = opts.trusted_keys.clone();
+        if let Some(keys) = image_keys {
+            cfg.image_keys = keys;
+        }
         let sh = match Shared::for_virtual_board(cfg, network, tls, self.console.clone()) {
             Ok(s) => Arc::new(s),
             Err(e) => {
@@ -435,6 +451,8 @@ impl Chip {
                         broker: b,
                         server,
                         tls: None,
+                        // Console provisioning carries no image keys: the firmware's own.
+                        image_keys: None,
                     });
                     self.halt().await;
                     self.start_app();

@@ -57,6 +57,9 @@ pub struct Golden {
     /// The scenario's server ignores `Range` for the board, so every resume starts over from
     /// byte 0 and may re-download the whole image: that is the bound per cut then.
     pub ranges_ignored: bool,
+    /// A release of the scenario is encrypted in a format that cannot resume
+    /// (esp_encrypted_img): a cut starts its download over, header included.
+    pub restarts: bool,
     /// Bytes an answer carries past the blob's end (an endless server's junk, which the board
     /// receives before it cuts the answer): added to the bound per cut.
     pub junk_per_answer: u64,
@@ -134,6 +137,11 @@ pub fn golden(s: &Scenario) -> anyhow::Result<Golden> {
     let faults = s.server_faults_for(0);
     let endless = faults.iter().any(|(f, _)| *f == ServerFault::Endless);
     let ranges_ignored = endless || faults.iter().any(|(f, _)| *f == ServerFault::NoRange);
+    let restarts = s.releases.iter().any(|r| {
+        r.encrypt
+            .as_ref()
+            .is_some_and(|e| !otarig_agent::cipher::resumable(e.scheme))
+    });
     let junk_per_answer = if endless {
         crate::runner::ENDLESS_JUNK as u64
     } else {
@@ -143,6 +151,7 @@ pub fn golden(s: &Scenario) -> anyhow::Result<Golden> {
         prepared,
         fetched: d.fetched_bytes,
         ranges_ignored,
+        restarts,
         junk_per_answer,
         ops: d.flash_ops,
         final_version: d.version.clone().unwrap_or_default(),
@@ -153,9 +162,16 @@ pub fn golden(s: &Scenario) -> anyhow::Result<Golden> {
 
 impl Golden {
     /// Bytes a resume may re-download per cut, and why: [`refetch_bound`], or the whole image
-    /// when the server ignores `Range` (every resume starts over from byte 0).
+    /// when the server ignores `Range` or the image is encrypted with AES-GCM (every resume
+    /// starts over from byte 0).
     pub fn refetch_per_cut(&self) -> (u64, &'static str) {
-        if self.ranges_ignored {
+        if self.restarts {
+            let header = otarig_agent::cipher::esp_img::HEADER_LEN as u64;
+            (
+                (self.image_size + header).max(refetch_bound()),
+                "the whole ciphertext: an esp_encrypted_img download cannot resume",
+            )
+        } else if self.ranges_ignored {
             (
                 self.image_size.max(refetch_bound()) + self.junk_per_answer,
                 "the whole image (and an endless answer's junk): this server ignores Range",

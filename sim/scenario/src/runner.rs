@@ -363,6 +363,7 @@ pub fn agent_config(s: &Scenario) -> anyhow::Result<Config> {
     cfg.poll_interval_ms = s.poll_interval_ms;
     cfg.chunk_size = s.range_size;
     cfg.confirm_timeout_ms = s.confirm_timeout_ms;
+    cfg.image_keys = board_image_keys(s)?;
     Ok(cfg)
 }
 
@@ -412,13 +413,23 @@ pub fn prepare_with(
             Some(TamperDef::TruncateSigned(n)) => full[..n as usize].to_vec(),
             _ => full.clone(),
         };
-        let sha = store.put_blob(signed_image.clone());
+        // What the server holds: the image, or its ciphertext (the manifest's hash and size
+        // describe the plaintext either way).
+        let (served, encryption) = match &r.encrypt {
+            Some(e) => {
+                let enc = encrypt_release(e, &signed_image, r.sequence)?;
+                (enc.ciphertext, Some(enc.entry))
+            }
+            None => (signed_image.clone(), None),
+        };
+        let sha = otarig_server::store::sha256(&signed_image);
+        let blob = store.put_blob(served.clone());
         match r.tamper {
-            Some(TamperDef::Truncate(n)) => store.put_blob_as(sha, full[..n as usize].to_vec()),
+            Some(TamperDef::Truncate(n)) => store.put_blob_as(blob, served[..n as usize].to_vec()),
             Some(TamperDef::CorruptByte(n)) => {
-                let mut bad = full.clone();
+                let mut bad = served.clone();
                 bad[n as usize] ^= 0x40;
-                store.put_blob_as(sha, bad);
+                store.put_blob_as(blob, bad);
             }
             _ => {}
         }
@@ -454,6 +465,7 @@ pub fn prepare_with(
             url: None,
             cid: None,
             deltas,
+            encryption,
             issued_at: issued_ms / 1000,
             expires_at: (expires_ms.max(0) as u64) / 1000,
         };
@@ -483,6 +495,44 @@ pub fn prepare_with(
         start_slot,
         statements,
     })
+}
+
+/// Encrypt a release's image for its key, reproducibly (the IV and the GCM key come from a
+/// generator seeded with the release's sequence, so a scenario replays byte for byte).
+fn encrypt_release(
+    e: &crate::scenario::EncryptDef,
+    image: &[u8],
+    sequence: u64,
+) -> anyhow::Result<otarig_server::encrypt::Encrypted> {
+    use rand::SeedableRng;
+    let key =
+        otarig_server::encrypt::ImageKey::load(&e.key_path(&otarig_server::keys::fixture_dir()))?;
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(sequence);
+    otarig_server::encrypt::encrypt(&key, image, &mut rng)
+}
+
+/// The image keys every simulated board holds (fixtures/keys), when a scenario encrypts.
+fn board_image_keys(s: &Scenario) -> anyhow::Result<otarig_agent::cipher::ImageKeys> {
+    use otarig_agent::cipher::{ImageKeys, Scheme};
+    let mut keys = ImageKeys::default();
+    if s.releases.iter().all(|r| r.encrypt.is_none()) {
+        return Ok(keys);
+    }
+    let dir = otarig_server::keys::fixture_dir();
+    let aes = dir.join(format!(
+        "{}.hex",
+        crate::scenario::EncryptDef::default_key(Scheme::Aes256Cbc)
+    ));
+    if let otarig_server::encrypt::ImageKey::Aes256(k) =
+        otarig_server::encrypt::ImageKey::load(&aes)?
+    {
+        keys = keys.with_aes256(k);
+    }
+    let rsa = dir.join(format!(
+        "{}.pem",
+        crate::scenario::EncryptDef::default_key(Scheme::EspEncryptedImg)
+    ));
+    Ok(keys.with_rsa(otarig_server::encrypt::load_board_rsa(&rsa)?))
 }
 
 /// Run a scenario to its end.

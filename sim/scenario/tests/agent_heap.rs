@@ -10,6 +10,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Arc;
 
+use otarig_agent::cipher::{ImageKeys, Scheme};
 use otarig_agent::manifest::Manifest;
 use otarig_agent::{
     Action, Agent, Config, EspResult, Input, OtaImgState, Platform, Slot, SlotKind,
@@ -17,6 +18,7 @@ use otarig_agent::{
 use otarig_esp32s3::appimage::{self, AppSpec};
 use otarig_esp32s3::board::{Board, BootConfig, BootOutcome};
 use otarig_esp32s3::partition::PartitionTable;
+use otarig_server::encrypt::ImageKey;
 use otarig_server::keys::{fixture_dir, NamedKey};
 
 struct Counting;
@@ -124,8 +126,42 @@ impl Platform for Untracked<'_> {
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// What kind of update [`peak_heap_of_update`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Full,
+    Delta,
+    Encrypted(Scheme),
+}
+
+/// The image keys the board holds, and the update encrypted for them.
+fn encrypted(scheme: Scheme, image: &[u8]) -> (ImageKeys, otarig_server::encrypt::Encrypted) {
+    use rand::SeedableRng;
+    let dir = fixture_dir();
+    let (keys, key) = match scheme {
+        Scheme::Aes256Cbc => {
+            let key = ImageKey::load(&dir.join("aes-256-image.hex")).unwrap();
+            let ImageKey::Aes256(k) = key else {
+                panic!("an AES key")
+            };
+            (ImageKeys::default().with_aes256(k), key)
+        }
+        Scheme::EspEncryptedImg => {
+            let private = otarig_server::encrypt::load_board_rsa(&dir.join("rsa-3072-image.pem"));
+            let key = ImageKey::load(&dir.join("rsa-3072-image.pem")).unwrap();
+            (ImageKeys::default().with_rsa(private.unwrap()), key)
+        }
+    };
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+    (
+        keys,
+        otarig_server::encrypt::encrypt(&key, image, &mut rng).unwrap(),
+    )
+}
+
 /// Run one 1 MiB update through the agent and return its peak heap in bytes.
-fn peak_heap_of_update(delta: bool) -> isize {
+fn peak_heap_of_update(kind: Kind) -> isize {
+    let delta = kind == Kind::Delta;
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     CURRENT.store(0, Ordering::Relaxed);
     PEAK.store(0, Ordering::Relaxed);
@@ -140,6 +176,13 @@ fn peak_heap_of_update(delta: bool) -> isize {
     let key = NamedKey::load(&fixture_dir(), "rsa-test").unwrap();
     let trusted = vec![key.trusted().unwrap()];
     let patch_sha = otarig_server::store::sha256(&patch);
+    let (image_keys, served, encryption) = match kind {
+        Kind::Encrypted(scheme) => {
+            let (keys, enc) = encrypted(scheme, &v2);
+            (keys, enc.ciphertext, Some(enc.entry))
+        }
+        _ => (ImageKeys::default(), v2.clone(), None),
+    };
     let manifest = key.sign_manifest(&Manifest {
         format: 1,
         device_type: "heap".into(),
@@ -161,6 +204,7 @@ fn peak_heap_of_update(delta: bool) -> isize {
         } else {
             Vec::new()
         },
+        encryption,
         issued_at: NOW / 1000,
         expires_at: NOW / 1000 + 3600,
     });
@@ -198,6 +242,7 @@ fn peak_heap_of_update(delta: bool) -> isize {
     let mut cfg = Config::new("dev-0", "heap", trusted.clone());
     cfg.root_keys = vec![root.trusted().unwrap()];
     cfg.require_timestamp = true;
+    cfg.image_keys = image_keys;
     let mut actions: Vec<Action> = Vec::with_capacity(64);
     let mut agent = tracked(|| Agent::new(cfg.clone()));
     let mut inputs: Vec<Input> = vec![Input::Boot, Input::Online, Input::Manifest(&manifest)];
@@ -219,7 +264,11 @@ fn peak_heap_of_update(delta: bool) -> isize {
                 ..
             } = &a
             {
-                let blob: &[u8] = if *sha256 == patch_sha { &patch } else { &v2 };
+                let blob: &[u8] = if *sha256 == patch_sha {
+                    &patch
+                } else {
+                    &served
+                };
                 fetched_patch |= *sha256 == patch_sha;
                 let (o, l) = (*offset as usize, *len as usize);
                 inputs.push(Input::Body {
@@ -243,10 +292,14 @@ fn peak_heap_of_update(delta: bool) -> isize {
         peak > 0,
         "nothing was counted: the allocator hook is not working"
     );
+    let what = match kind {
+        Kind::Full => "full",
+        Kind::Delta => "delta",
+        Kind::Encrypted(s) => s.name(),
+    };
     println!(
-        "agent peak heap during a {} byte {} update: {peak} bytes ({:.1} KiB)",
+        "agent peak heap during a {} byte {what} update: {peak} bytes ({:.1} KiB)",
         v2.len(),
-        if delta { "delta" } else { "full" },
         peak as f64 / 1024.0
     );
     peak
@@ -254,7 +307,7 @@ fn peak_heap_of_update(delta: bool) -> isize {
 
 #[test]
 fn peak_agent_heap_during_a_1_mib_full_update() {
-    let peak = peak_heap_of_update(false);
+    let peak = peak_heap_of_update(Kind::Full);
     assert!(
         peak < 32 * 1024,
         "agent peak heap {peak} bytes exceeds 32 KiB"
@@ -263,9 +316,30 @@ fn peak_agent_heap_during_a_1_mib_full_update() {
 
 #[test]
 fn peak_agent_heap_during_a_1_mib_delta_update() {
-    let peak = peak_heap_of_update(true);
+    let peak = peak_heap_of_update(Kind::Delta);
     assert!(
         peak <= 32 * 1024,
         "agent peak heap {peak} bytes exceeds 32 KiB"
+    );
+}
+
+/// Encrypted updates may take 16 KiB more than the 22.8 KiB a plain one took when they came.
+const ENCRYPTED_BUDGET: isize = (22_800 + 16 * 1024) as isize;
+
+#[test]
+fn peak_agent_heap_during_a_1_mib_aes_256_cbc_update() {
+    let peak = peak_heap_of_update(Kind::Encrypted(Scheme::Aes256Cbc));
+    assert!(
+        peak <= ENCRYPTED_BUDGET,
+        "agent peak heap {peak} bytes exceeds {ENCRYPTED_BUDGET}"
+    );
+}
+
+#[test]
+fn peak_agent_heap_during_a_1_mib_esp_encrypted_img_update() {
+    let peak = peak_heap_of_update(Kind::Encrypted(Scheme::EspEncryptedImg));
+    assert!(
+        peak <= ENCRYPTED_BUDGET,
+        "agent peak heap {peak} bytes exceeds {ENCRYPTED_BUDGET}"
     );
 }

@@ -78,6 +78,7 @@ fn release(v2: &[u8], deltas: Vec<DeltaRef>) -> Manifest {
         url: None,
         cid: None,
         deltas,
+        encryption: None,
         issued_at: NOW / 1000,
         expires_at: NOW / 1000 + 86_400,
     }

@@ -15,6 +15,7 @@
 
 pub mod cid;
 pub mod delta;
+pub mod encrypt;
 pub mod keys;
 pub mod pki;
 pub mod release_store;

@@ -316,11 +316,29 @@ impl ReleaseStore {
     pub fn publish(
         &self,
         key: &NamedKey,
-        mut m: Manifest,
+        m: Manifest,
         image: &[u8],
         deltas_from: &[Vec<u8>],
         now: u64,
     ) -> anyhow::Result<LogEntry> {
+        self.publish_with(key, m, image, deltas_from, None, now)
+    }
+
+    /// [`Self::publish`], the image encrypted for `encrypt` when given: only the ciphertext
+    /// is stored, and the manifest's hash and size still describe the plaintext. Deltas of
+    /// encrypted releases are refused (a patch against plaintext would give it away).
+    pub fn publish_with(
+        &self,
+        key: &NamedKey,
+        mut m: Manifest,
+        image: &[u8],
+        deltas_from: &[Vec<u8>],
+        encrypt: Option<&crate::encrypt::ImageKey>,
+        now: u64,
+    ) -> anyhow::Result<LogEntry> {
+        if encrypt.is_some() && !deltas_from.is_empty() {
+            bail!("an encrypted release offers no delta patches: leave out --delta-from (a patch against the plaintext would give the image away)");
+        }
         check_name("device type", &m.device_type)?;
         check_name("channel", &m.channel)?;
         let lines = self.log_lines()?;
@@ -338,9 +356,18 @@ impl ReleaseStore {
                 m.device_type
             );
         }
-        let image_sha = self.put_blob(image)?;
-        m.sha256 = hex::encode(image_sha);
-        m.size = image.len() as u32;
+        m.sha256 = hex::encode(sha256(image));
+        m.size = u32::try_from(image.len()).context("the image is over 4 GiB")?;
+        // What is stored and served: the image, or only its ciphertext.
+        let (served, encryption) = match encrypt {
+            Some(k) => {
+                let enc = crate::encrypt::encrypt(k, image, &mut rand::rngs::OsRng)?;
+                (std::borrow::Cow::Owned(enc.ciphertext), Some(enc.entry))
+            }
+            None => (std::borrow::Cow::Borrowed(image), None),
+        };
+        self.put_blob(&served)?;
+        m.encryption = encryption;
         m.deltas.clear();
         for old in deltas_from {
             let patch = crate::delta::make(old, image);
@@ -368,7 +395,8 @@ impl ReleaseStore {
             version: m.version.clone(),
             sequence: m.sequence,
             image_sha256: m.sha256.clone(),
-            image_cid: crate::cid::cid_v1(image),
+            // The CID of what the store holds (the ciphertext of an encrypted release).
+            image_cid: crate::cid::cid_v1(&served),
             manifest_sha256: hex::encode(sha256(&signed)),
             deltas_from: m.deltas.iter().map(|d| d.from_sha256.clone()).collect(),
         };

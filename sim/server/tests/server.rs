@@ -619,3 +619,47 @@ async fn a_connection_past_its_request_rate_gets_429() {
         "another connection is not limited"
     );
 }
+
+#[test]
+fn an_encrypted_release_stores_only_its_ciphertext_and_refuses_patches() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReleaseStore::open(dir.path()).unwrap();
+    let key = NamedKey::load(&fixture_dir(), "ed25519-test").unwrap();
+    let image_key =
+        otarig_server::encrypt::ImageKey::load(&fixture_dir().join("aes-256-image.hex")).unwrap();
+    let v1 = build(&AppSpec::new("srv", "1.0.0", 40_000));
+    let v2 = build(&AppSpec::new("srv", "2.0.0", 50_000));
+    let err = store
+        .publish_with(
+            &key,
+            manifest("1.0.0", 1),
+            &v1,
+            std::slice::from_ref(&v2),
+            Some(&image_key),
+            1,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("no delta patches"), "{err}");
+    let entry = store
+        .publish_with(&key, manifest("2.0.0", 2), &v2, &[], Some(&image_key), 2)
+        .unwrap();
+    let plain = otarig_server::store::sha256(&v2);
+    assert_eq!(entry.image_sha256, hex::encode(plain));
+    assert!(
+        store.blob(&plain).unwrap().is_none(),
+        "the plaintext is not in the store"
+    );
+    let signed = std::fs::read(dir.path().join("manifests/srv-board/stable.json")).unwrap();
+    let m = otarig_agent::manifest::open(&signed, &[key.trusted().unwrap()]).unwrap();
+    let enc = m
+        .encryption
+        .expect("the manifest says how the image is encrypted");
+    assert_eq!(enc.key_id, image_key.key_id());
+    assert_eq!(enc.size as usize, (v2.len() / 16 + 1) * 16);
+    let blob = otarig_agent::cipher::blob_sha256(&enc).unwrap();
+    let stored = store
+        .blob(&blob)
+        .unwrap()
+        .expect("the ciphertext is stored");
+    assert_ne!(&stored.bytes[1000..1100], &v2[1000..1100]);
+}

@@ -5,6 +5,8 @@ use alloc::format;
 use alloc::string::{String, ToString};
 
 use super::*;
+use crate::cipher::{Decryptor, FeedError};
+use alloc::boxed::Box;
 
 #[derive(Debug)]
 pub(super) struct Download {
@@ -18,6 +20,8 @@ pub(super) struct Download {
     pub(super) consecutive_failures: u32,
     pub(super) next_progress_pct: u32,
     pub(super) delta: Option<DeltaDownload>,
+    /// An encrypted image: ciphertext in, plaintext to the slot.
+    decrypt: Option<Box<Decryptor>>,
     /// Bytes taken since the current transfer-rate window began.
     window_bytes: u64,
 }
@@ -43,11 +47,54 @@ impl core::fmt::Debug for DeltaDownload {
 impl Download {
     /// Where the next range starts and where the thing being fetched ends.
     pub(super) fn fetch_window(&self) -> (u32, u32) {
-        match &self.delta {
-            Some(d) => (d.applier.next_offset() as u32, d.patch_size),
-            None => (self.written, self.manifest.size),
+        match (&self.delta, &self.decrypt) {
+            (Some(d), _) => (d.applier.next_offset() as u32, d.patch_size),
+            (None, Some(d)) => (d.next_offset(), d.total()),
+            (None, None) => (self.written, self.manifest.size),
         }
     }
+
+    /// Everything to fetch has been taken.
+    fn fetched_all(&self) -> bool {
+        match (&self.delta, &self.decrypt) {
+            (Some(d), _) => d.applier.is_done(),
+            (None, Some(d)) => d.next_offset() >= d.total(),
+            (None, None) => self.written >= self.manifest.size,
+        }
+    }
+}
+
+/// Write image bytes at the download's position in steps that end at each checkpoint
+/// boundary, making every boundary durable at once (unless `checkpoints` is off: a stream
+/// that cannot resume): one response may carry the whole image (a server that ignores Range),
+/// and a cut in the middle of it must still resume near where it was. A failed write aborts
+/// the OTA handle; a failed journal write leaves it (the caller halts either way).
+fn write_checkpointed<P: Platform>(
+    p: &mut P,
+    journal: &mut Option<Journal>,
+    dl: &mut Download,
+    interval: u32,
+    checkpoints: bool,
+    mut data: &[u8],
+) -> Result<(), (&'static str, EspError)> {
+    while !data.is_empty() {
+        let n = core::cmp::min(data.len(), (interval - dl.written % interval) as usize);
+        if let Err(e) = p.ota_write(&data[..n]) {
+            p.ota_abort();
+            return Err(("esp_ota_write", e));
+        }
+        dl.written += n as u32;
+        data = &data[n..];
+        let boundary = dl.written.is_multiple_of(interval) && dl.written < dl.manifest.size;
+        if let Some(j) = journal.as_mut().filter(|_| boundary && checkpoints) {
+            let rec = Record {
+                checkpoint: dl.written,
+                ..*j.record()
+            };
+            j.store(p, rec).map_err(|e| ("writing the journal", e))?;
+        }
+    }
+    Ok(())
 }
 
 /// What the applier needs from the board while patching: old bytes, the update slot, and
@@ -141,7 +188,9 @@ impl Agent {
     /// The manifest's delta for the running image, if any (and deltas are enabled).
     pub(super) fn pick_delta(&self, m: &Manifest) -> Option<DeltaDownload> {
         let running = self.running.as_ref()?;
-        if !self.cfg.use_deltas {
+        // Deltas of encrypted releases are not applied: a patch against plaintext would give
+        // the plaintext away, and the release store makes none for them.
+        if !self.cfg.use_deltas || m.encryption.is_some() {
             return None;
         }
         let d = m
@@ -168,6 +217,13 @@ impl Agent {
         let Some(slot) = p.next_update_slot() else {
             return;
         };
+        if m.encryption
+            .as_ref()
+            .is_some_and(|e| !cipher::resumable(e.scheme))
+        {
+            // AES-GCM's running hash was in RAM: the image is fetched again from byte 0.
+            return self.start(p, m, sha, timestamp_at);
+        }
         let mut patch = None;
         if rec.delta {
             match self
@@ -214,6 +270,17 @@ impl Agent {
             delta: delta.is_some(),
         });
         let pct = (from as u64 * 100 / m.size.max(1) as u64) as u32;
+        let decrypt = match &m.encryption {
+            Some(enc) => match Decryptor::new(enc, m.size, &self.cfg.image_keys, from) {
+                Ok(d) => Some(Box::new(d)),
+                Err(e) => {
+                    // Checked when the manifest was accepted; only a corrupt journal gets here.
+                    self.state = State::Ready;
+                    return self.refuse(m.sequence, &m.version, Check::Decrypt, e.to_string());
+                }
+            },
+            None => None,
+        };
         let dl = Download {
             manifest: m,
             sha256: sha,
@@ -223,6 +290,7 @@ impl Agent {
             consecutive_failures: 0,
             next_progress_pct: (pct / 10 + 1) * 10,
             delta,
+            decrypt,
             window_bytes: 0,
         };
         self.state = State::Downloading(dl);
@@ -269,9 +337,14 @@ impl Agent {
             self.timers.rate = Some(now.saturating_add(self.cfg.rate_window_ms));
             dl.window_bytes = 0;
         }
+        let blob = dl
+            .manifest
+            .encryption
+            .as_ref()
+            .and_then(cipher::blob_sha256);
         let (sha256, url) = match &dl.delta {
             Some(d) => (d.patch_sha256, d.url.clone()),
-            None => (dl.sha256, dl.manifest.url.clone()),
+            None => (blob.unwrap_or(dl.sha256), dl.manifest.url.clone()),
         };
         self.out.push_back(Action::Fetch {
             sha256,
@@ -331,31 +404,31 @@ impl Agent {
                 (Ok(_), None) => {}
                 (Err(e), None) => return self.delta_failed(p, e),
             }
+        } else if let Some(mut d) = dl.decrypt.take() {
+            let (journal, interval) = (&mut self.journal, self.cfg.checkpoint_interval.max(SECTOR));
+            let resumable = dl
+                .manifest
+                .encryption
+                .as_ref()
+                .is_some_and(|e| cipher::resumable(e.scheme));
+            let res = d.feed(piece, &mut |plain: &[u8]| {
+                write_checkpointed(p, journal, dl, interval, resumable, plain)
+            });
+            dl.decrypt = Some(d);
+            match res {
+                Ok(()) => {}
+                Err(FeedError::Sink((during, e))) => return self.halt(during, e),
+                Err(FeedError::Decrypt(e)) => {
+                    self.out.push_back(Action::CancelFetch);
+                    return self.download_corrupt(p, Check::Decrypt, e.to_string());
+                }
+            }
         } else {
-            // Write in steps that end at each checkpoint boundary and make every boundary
-            // durable at once: one response may carry the whole image (a server that ignores
-            // Range), and a cut in the middle of it must still resume near where it was.
             let interval = self.cfg.checkpoint_interval.max(SECTOR);
-            let mut rest = piece;
-            while !rest.is_empty() {
-                let n = core::cmp::min(rest.len(), (interval - dl.written % interval) as usize);
-                if let Err(e) = p.ota_write(&rest[..n]) {
-                    p.ota_abort();
-                    return self.halt("esp_ota_write", e);
-                }
-                dl.written += n as u32;
-                rest = &rest[n..];
-                if dl.written % interval == 0 && dl.written < dl.manifest.size {
-                    if let Some(j) = self.journal.as_mut() {
-                        let rec = Record {
-                            checkpoint: dl.written,
-                            ..*j.record()
-                        };
-                        if let Err(e) = j.store(p, rec) {
-                            return self.halt("writing the journal", e);
-                        }
-                    }
-                }
+            if let Err((during, e)) =
+                write_checkpointed(p, &mut self.journal, dl, interval, true, piece)
+            {
+                return self.halt(during, e);
             }
         }
         // A request succeeded once its whole range came; bytes alone do not count, or a
@@ -409,11 +482,7 @@ impl Agent {
         let State::Downloading(dl) = &self.state else {
             return;
         };
-        let done = match &dl.delta {
-            Some(d) => d.applier.is_done(),
-            None => dl.written >= dl.manifest.size,
-        };
-        if done {
+        if dl.fetched_all() {
             return self.finish(p);
         }
         let (at, total) = dl.fetch_window();
@@ -516,7 +585,22 @@ impl Agent {
             return;
         };
         let (seq, version) = (dl.manifest.sequence, dl.manifest.version.clone());
-        let rec = *self.record();
+        let mut dl = dl;
+        if let Some(d) = dl.decrypt.take() {
+            let interval = self.cfg.checkpoint_interval.max(SECTOR);
+            let journal = &mut self.journal;
+            let res = d.finish(&mut |tail: &[u8]| {
+                write_checkpointed(p, journal, &mut dl, interval, false, tail)
+            });
+            match res {
+                Ok(()) => {}
+                Err(FeedError::Sink((during, e))) => return self.halt(during, e),
+                Err(FeedError::Decrypt(e)) => {
+                    self.state = State::Downloading(dl);
+                    return self.download_corrupt(p, Check::Decrypt, e.to_string());
+                }
+            }
+        }
         if !self.slot_matches(p, dl.slot, dl.manifest.size, &dl.sha256) {
             if dl.delta.is_some() {
                 self.state = State::Downloading(dl);
@@ -527,42 +611,14 @@ impl Agent {
                     },
                 );
             }
-            p.ota_abort();
-            let attempts = rec.attempts.saturating_add(1);
-            if attempts >= self.cfg.max_attempts {
-                let idle = Record {
-                    phase: Phase::Idle,
-                    attempts,
-                    ..rec
-                };
-                if let Err(e) = self.store(p, idle) {
-                    return self.halt("writing the journal", e);
-                }
-                let detail = format!(
-                    "SHA-256 of the downloaded image does not match the manifest ({attempts} attempts)"
-                );
-                return self.refuse(seq, &version, Check::Hash, detail);
-            }
-            self.emit(Event::FetchFailed {
-                sequence: seq,
-                offset: dl.manifest.size,
-                reason: "SHA-256 mismatch: downloading again from byte 0".to_string(),
-                retry_in_ms: 0,
-            });
-            let again = Record {
-                phase: Phase::Downloading,
-                attempts,
-                checkpoint: 0,
-                ..rec
+            let (check, what) = match dl.manifest.encryption {
+                Some(_) => (Check::Decrypt, "SHA-256 of the decrypted image does not match the manifest (altered ciphertext or the wrong key)"),
+                None => (Check::Hash, "SHA-256 of the downloaded image does not match the manifest"),
             };
-            if let Err(e) = self.store(p, again) {
-                return self.halt("writing the journal", e);
-            }
-            if let Err(e) = p.ota_begin(dl.slot) {
-                return self.halt("esp_ota_begin", e);
-            }
-            return self.begin_download(dl.manifest, dl.sha256, dl.slot, 0, None);
+            self.state = State::Downloading(dl);
+            return self.download_corrupt(p, check, what.to_string());
         }
+        let rec = *self.record();
         match p.ota_end() {
             Ok(()) => {}
             Err(EspError::ValidateFailed) => {
@@ -582,6 +638,53 @@ impl Agent {
             return self.halt("writing the journal", e);
         }
         self.switch_boot(p, dl.slot, seq, &version, installed);
+    }
+
+    /// What was downloaded is not the image (`check`: a hash or decryption failure): fetch it
+    /// again from byte 0, or give the release up after [`Config::max_attempts`].
+    fn download_corrupt<P: Platform>(&mut self, p: &mut P, check: Check, what: String) {
+        let State::Downloading(dl) = core::mem::replace(&mut self.state, State::Ready) else {
+            return;
+        };
+        let (seq, version) = (dl.manifest.sequence, dl.manifest.version.clone());
+        p.ota_abort();
+        let rec = *self.record();
+        let attempts = rec.attempts.saturating_add(1);
+        if attempts >= self.cfg.max_attempts {
+            let idle = Record {
+                phase: Phase::Idle,
+                attempts,
+                ..rec
+            };
+            if let Err(e) = self.store(p, idle) {
+                return self.halt("writing the journal", e);
+            }
+            return self.refuse(
+                seq,
+                &version,
+                check,
+                format!("{what} ({attempts} attempts)"),
+            );
+        }
+        self.emit(Event::FetchFailed {
+            sequence: seq,
+            offset: dl.written,
+            reason: format!("{what}: downloading again from byte 0"),
+            retry_in_ms: 0,
+        });
+        let again = Record {
+            phase: Phase::Downloading,
+            attempts,
+            checkpoint: 0,
+            ..rec
+        };
+        if let Err(e) = self.store(p, again) {
+            return self.halt("writing the journal", e);
+        }
+        if let Err(e) = p.ota_begin(dl.slot) {
+            return self.halt("esp_ota_begin", e);
+        }
+        self.begin_download(dl.manifest, dl.sha256, dl.slot, 0, None);
     }
 
     pub(super) fn switch_boot<P: Platform>(

@@ -183,6 +183,10 @@ impl Agent {
                 ),
             ));
         }
+        if let Some(enc) = &m.encryption {
+            cipher::check(enc, m.size, &self.cfg.image_keys)
+                .map_err(|e| (Check::Decrypt, e.to_string()))?;
+        }
         let slot = p
             .next_update_slot()
             .ok_or((Check::TooLarge, "no OTA slot".to_string()))?;

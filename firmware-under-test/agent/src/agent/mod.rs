@@ -17,6 +17,7 @@ use alloc::collections::VecDeque;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
+use crate::cipher::{self, ImageKeys};
 use crate::delta::{self, Applier, Resume};
 use crate::event::{Ack, Check, Event, Outcome};
 use crate::image;
@@ -65,6 +66,9 @@ pub struct Config {
     /// timestamp lives. Needs a server that signs timestamps (`otarig serve --timestamp-key`);
     /// a retained announcement then only makes the board poll.
     pub require_timestamp: bool,
+    /// Keys for encrypted images ([`crate::cipher`]); none: encrypted releases are refused
+    /// (`decrypt`) before a byte is fetched.
+    pub image_keys: ImageKeys,
     /// Bytes asked for in one range request.
     pub chunk_size: u32,
     /// Bytes between two durable resume points; a multiple of the 4 KiB sector.
@@ -113,6 +117,7 @@ impl Config {
             root_keys: Vec::new(),
             timestamp_keys: Vec::new(),
             require_timestamp: false,
+            image_keys: ImageKeys::default(),
             chunk_size: 16 * 1024,
             checkpoint_interval: 64 * 1024,
             confirm_requires_network: true,

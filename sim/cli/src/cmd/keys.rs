@@ -12,6 +12,9 @@ use otarig_server::keys::{fixture_dir, write_private, NamedKey};
 pub enum Cmd {
     /// Generate a PKCS#8 PEM signing key in DIR/NAME.pem, readable by its owner only (0600).
     /// DIR has no default: a private key must not land in the repository by accident.
+    /// Image keys: `--alg aes-256` writes DIR/NAME.hex (the fleet key for AES-256-CBC
+    /// releases); `--alg rsa-3072` writes DIR/NAME.pem for the boards and DIR/NAME.pub.pem
+    /// for the release host (esp_encrypted_img releases).
     Gen {
         name: String,
         #[arg(long, value_enum, default_value = "ed25519")]
@@ -59,6 +62,12 @@ pub enum Cmd {
 pub enum KeyAlg {
     Ed25519,
     Rsa,
+    /// An image key for `release add --encrypt aes-256-cbc`.
+    #[value(name = "aes-256")]
+    Aes256,
+    /// An image key pair for `release add --encrypt esp-encrypted-img`.
+    #[value(name = "rsa-3072")]
+    Rsa3072,
 }
 
 /// The public halves of the named keys in `dir`, as a board trusts them.
@@ -113,6 +122,30 @@ fn rotate(
     Ok(())
 }
 
+/// `keys gen --alg aes-256|rsa-3072`: an image key (and an RSA key's public half).
+fn image_key(dir: &Path, name: &str, path: &Path, alg: KeyAlg) -> anyhow::Result<ExitCode> {
+    use otarig_agent::cipher::Scheme;
+    let scheme = match alg {
+        KeyAlg::Aes256 => Scheme::Aes256Cbc,
+        _ => Scheme::EspEncryptedImg,
+    };
+    let (private, public) = otarig_server::encrypt::generate(scheme)?;
+    write_private(path, private.as_bytes())?;
+    let id = otarig_server::encrypt::ImageKey::load(path)?.key_id();
+    println!(
+        "wrote {} (key id {id}, for {} releases)",
+        path.display(),
+        scheme.name()
+    );
+    if scheme == Scheme::EspEncryptedImg {
+        let public_path = dir.join(format!("{name}.pub.pem"));
+        std::fs::write(&public_path, public)
+            .with_context(|| format!("writing {}", public_path.display()))?;
+        println!("wrote {} (for the release host)", public_path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
         Cmd::Gen {
@@ -121,15 +154,21 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             dir,
             force,
         } => {
-            let path = dir.join(format!("{name}.pem"));
+            let ext = if matches!(alg, KeyAlg::Aes256) {
+                "hex"
+            } else {
+                "pem"
+            };
+            let path = dir.join(format!("{name}.{ext}"));
             if path.exists() && !force {
                 bail!("{} exists; pass --force to replace it", path.display());
             }
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let key = match alg {
                 KeyAlg::Ed25519 => NamedKey::generate_ed25519(&name),
                 KeyAlg::Rsa => NamedKey::generate_rsa(&name)?,
+                KeyAlg::Aes256 | KeyAlg::Rsa3072 => return image_key(&dir, &name, &path, alg),
             };
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             write_private(&path, key.to_pem()?.as_bytes())?;
             println!("wrote {}", path.display());
         }

@@ -81,6 +81,11 @@ pub enum Cmd {
         /// The `nvs` partition's size (0x6000 in ESP-IDF's default tables).
         #[arg(long, default_value = "0x6000", value_parser = parse_size)]
         size: usize,
+        /// Image keys the board decrypts releases with (repeatable): NAME.hex (AES-256, NVS
+        /// key `image_aes`) and the private NAME.pem (RSA-3072, `image_rsa`) from `otarig
+        /// keys gen NAME --alg aes-256|rsa-3072`.
+        #[arg(long)]
+        image_key: Vec<PathBuf>,
         #[arg(short, long)]
         out: PathBuf,
     },
@@ -130,11 +135,36 @@ fn nvs_image(dir: &std::path::Path, p: &Provision<'_>, size: usize) -> anyhow::R
     ] {
         w.string(k, v)?;
     }
+    for path in p.image_keys {
+        let (k, v) = image_key_entry(path)?;
+        w.string(k, &v)?;
+    }
     Ok(w.finish())
+}
+
+/// An image key file as the NVS entry the shell reads: `image_aes` (64 hex digits) or
+/// `image_rsa` (the PEM private key).
+fn image_key_entry(path: &std::path::Path) -> anyhow::Result<(&'static str, String)> {
+    use otarig_server::encrypt::{load_board_rsa, ImageKey};
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("reading image key {}: {e}", path.display()))?;
+    match ImageKey::load(path)? {
+        ImageKey::Aes256(_) => Ok(("image_aes", text.trim().to_string())),
+        ImageKey::Rsa(_) => {
+            load_board_rsa(path).map_err(|_| {
+                anyhow::anyhow!(
+                    "{} is a public key: the board needs the private NAME.pem to decrypt",
+                    path.display()
+                )
+            })?;
+            Ok(("image_rsa", text))
+        }
+    }
 }
 
 /// What a board is provisioned with.
 struct Provision<'a> {
+    image_keys: &'a [PathBuf],
     device: &'a str,
     broker: &'a str,
     server: &'a str,
@@ -229,9 +259,11 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             ssid,
             password,
             size,
+            image_key,
             out,
         } => {
             let p = Provision {
+                image_keys: &image_key,
                 device: &device,
                 broker: &broker,
                 server: &server,
@@ -271,7 +303,13 @@ mod tests {
         let pki = Pki::init(dir.path(), true, 30).unwrap();
         let d = pki.device("dev-9", 30).unwrap();
         pki.write_device("dev-9", &d).unwrap();
+        let keys = otarig_server::keys::fixture_dir();
+        let image_keys = [
+            keys.join("aes-256-image.hex"),
+            keys.join("rsa-3072-image.pem"),
+        ];
         let p = Provision {
+            image_keys: &image_keys,
             device: "dev-9",
             broker: "mqtts://10.0.0.2:8883",
             server: "https://10.0.0.2:8443",
@@ -291,6 +329,20 @@ mod tests {
         assert_eq!(get("device_key"), d.key_pem);
         assert_eq!(get("device_crt"), pki.chain_pem(&d));
         assert_eq!(get("ca_cert"), pki.root_pem());
+        let aes = std::fs::read_to_string(&image_keys[0]).unwrap();
+        assert_eq!(get("image_aes"), aes.trim());
+        assert!(get("image_rsa").starts_with("-----BEGIN PRIVATE KEY-----"));
+        // The release host's public half is no use to a board.
+        use rsa::pkcs8::{EncodePublicKey, LineEnding};
+        let private = otarig_server::encrypt::load_board_rsa(&image_keys[1]).unwrap();
+        let public = dir.path().join("img.pub.pem");
+        let pem = private
+            .to_public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap();
+        std::fs::write(&public, pem).unwrap();
+        let e = image_key_entry(&public).unwrap_err().to_string();
+        assert!(e.contains("public key"), "{e}");
         let missing = Provision {
             device: "dev-10",
             ..p

@@ -10,6 +10,27 @@ use otarig_scenario::{runner, Scenario};
 use otarig_server::keys::{fixture_dir, NamedKey};
 use otarig_server::release_store::ReleaseStore;
 
+/// `--encrypt`'s formats ([`otarig_agent::cipher::Scheme`]).
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum EncryptArg {
+    /// AES-256-CBC, PKCS#7 padding, a fresh IV per release, under the fleet key.
+    #[value(name = "aes-256-cbc")]
+    Aes256Cbc,
+    /// ESP-IDF's esp_encrypted_img (RSA-3072 scheme): byte-compatible with
+    /// esp_enc_img_gen.py and esp_encrypted_img_decrypt_data.
+    #[value(name = "esp-encrypted-img")]
+    EspEncryptedImg,
+}
+
+impl EncryptArg {
+    fn scheme(self) -> otarig_agent::cipher::Scheme {
+        match self {
+            EncryptArg::Aes256Cbc => otarig_agent::cipher::Scheme::Aes256Cbc,
+            EncryptArg::EspEncryptedImg => otarig_agent::cipher::Scheme::EspEncryptedImg,
+        }
+    }
+}
+
 #[derive(clap::Subcommand)]
 pub enum Cmd {
     /// Store an image (and patches from older images), sign its manifest, make it the latest
@@ -22,6 +43,19 @@ pub enum Cmd {
         /// Older images to offer delta patches from (repeatable).
         #[arg(long)]
         delta_from: Vec<PathBuf>,
+        /// Encrypt the image: only the ciphertext is stored and served; the manifest's
+        /// SHA-256 still covers the plaintext. Needs --image-key.
+        #[arg(
+            long,
+            value_enum,
+            requires = "image_key",
+            conflicts_with = "delta_from"
+        )]
+        encrypt: Option<EncryptArg>,
+        /// The image key (`otarig keys gen NAME --alg aes-256|rsa-3072`): NAME.hex for
+        /// aes-256-cbc, NAME.pub.pem (or the private NAME.pem) for esp-encrypted-img.
+        #[arg(long, requires = "encrypt")]
+        image_key: Option<PathBuf>,
     },
     /// Put every blob a scenario's releases use (images, patches, deliberately tampered blobs)
     /// into a store, so `otarig fleet FILE --server URL` can run against `otarig serve`.
@@ -119,6 +153,7 @@ impl ReleaseArgs {
             url: None,
             cid: None,
             deltas: Vec::new(),
+            encryption: None,
             issued_at: now,
             expires_at: now + ttl,
         };
@@ -132,7 +167,15 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             store,
             release,
             delta_from,
-        } => add(&store, &release, &delta_from),
+            encrypt,
+            image_key,
+        } => {
+            let encrypt = match (encrypt, image_key) {
+                (Some(scheme), Some(path)) => Some(image_key_for(scheme, &path)?),
+                _ => None,
+            };
+            add(&store, &release, &delta_from, encrypt.as_ref())
+        }
         Cmd::Stage { scenario, store } => {
             let s = Scenario::load(&scenario)?;
             let n = runner::prepare(&s)?.stage_into(&ReleaseStore::open(&store)?)?;
@@ -212,10 +255,32 @@ fn revoke(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Load `--image-key` and check it fits `--encrypt`.
+fn image_key_for(
+    scheme: EncryptArg,
+    path: &std::path::Path,
+) -> anyhow::Result<otarig_server::encrypt::ImageKey> {
+    let key = otarig_server::encrypt::ImageKey::load(path)?;
+    if key.scheme() != scheme.scheme() {
+        anyhow::bail!(
+            "--image-key {} is a key for {}, not {} (`otarig keys gen NAME --alg {}` makes one)",
+            path.display(),
+            key.scheme().name(),
+            scheme.scheme().name(),
+            match scheme {
+                EncryptArg::Aes256Cbc => "aes-256",
+                EncryptArg::EspEncryptedImg => "rsa-3072",
+            }
+        );
+    }
+    Ok(key)
+}
+
 fn add(
     store: &std::path::Path,
     release: &ReleaseArgs,
     delta_from: &[PathBuf],
+    encrypt: Option<&otarig_server::encrypt::ImageKey>,
 ) -> anyhow::Result<ExitCode> {
     let (bytes, key, m) = release.load()?;
     let olds = delta_from
@@ -223,7 +288,14 @@ fn add(
         .map(|p| super::read(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let now = m.issued_at;
-    let entry = ReleaseStore::open(store)?.publish(&key, m, &bytes, &olds, now)?;
+    let entry = ReleaseStore::open(store)?.publish_with(&key, m, &bytes, &olds, encrypt, now)?;
+    if let Some(k) = encrypt {
+        println!(
+            "encrypted ({}) for key {}: only the ciphertext is in the store",
+            k.scheme().name(),
+            k.key_id()
+        );
+    }
     println!(
         "released {} {} (sequence {}) on {}: image {} (ipfs {}), {} patch(es), log entry {}",
         entry.device_type,

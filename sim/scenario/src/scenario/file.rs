@@ -168,6 +168,13 @@ pub(super) struct ReleaseDef {
     pub(super) delta_from: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     pub(super) rollout: Option<Spanned<RolloutDef>>,
+    /// Encrypt the image: "aes-256-cbc" or "esp-encrypted-img".
+    #[serde(default)]
+    pub(super) encrypt: Option<Spanned<String>>,
+    /// The image key file in fixtures/keys (without extension); the scheme's fixture key by
+    /// default, which every simulated board holds.
+    #[serde(default)]
+    pub(super) image_key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Debug)]

@@ -77,6 +77,35 @@ pub struct Release {
     pub delta_from: Vec<String>,
     /// Staged rollout; `None`: every board of the channel at once.
     pub rollout: Option<otarig_server::rollout::RolloutPlan>,
+    /// The image travels encrypted.
+    pub encrypt: Option<EncryptDef>,
+}
+
+/// How a release's image is encrypted: the scheme and the fixture key file (in
+/// `fixtures/keys`, without extension) it is encrypted for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncryptDef {
+    pub scheme: otarig_agent::cipher::Scheme,
+    pub key: String,
+}
+
+impl EncryptDef {
+    /// The key every simulated board holds for `scheme` (fixtures/keys).
+    pub const fn default_key(scheme: otarig_agent::cipher::Scheme) -> &'static str {
+        match scheme {
+            otarig_agent::cipher::Scheme::Aes256Cbc => "aes-256-image",
+            otarig_agent::cipher::Scheme::EspEncryptedImg => "rsa-3072-image",
+        }
+    }
+
+    /// The key file: NAME.hex (AES) or NAME.pem (RSA).
+    pub fn key_path(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let ext = match self.scheme {
+            otarig_agent::cipher::Scheme::Aes256Cbc => "hex",
+            otarig_agent::cipher::Scheme::EspEncryptedImg => "pem",
+        };
+        dir.join(format!("{}.{ext}", self.key))
+    }
 }
 
 /// Where a power cut lands. `op` (within a phase) and `flash_op` are simulator-only.

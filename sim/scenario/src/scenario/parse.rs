@@ -395,7 +395,9 @@ impl Parser<'_> {
             self.check_tamper(t, r, &firmware[self.known_fw(&r.firmware)?.as_str()])?;
         }
         let rollout = r.rollout.as_ref().map(|ro| self.rollout(ro)).transpose()?;
+        let encrypt = self.encrypt(r)?;
         Ok(Release {
+            encrypt,
             firmware: self.known_fw(&r.firmware)?,
             at_ms: cx.optional_duration(&r.at, 0)?,
             signed_by: match &r.signed_by {
@@ -423,6 +425,48 @@ impl Parser<'_> {
                 .map(|f| self.known_fw(f))
                 .collect::<Result<_>>()?,
         })
+    }
+
+    /// `encrypt` and `image-key`: a known scheme, a key file that exists, no patches.
+    fn encrypt(&self, r: &ReleaseDef) -> Result<Option<super::EncryptDef>> {
+        use otarig_agent::cipher::Scheme;
+        let Some(name) = &r.encrypt else {
+            if let Some(k) = &r.image_key {
+                return Err(self.cx.span(k, "`image-key` needs `encrypt`"));
+            }
+            return Ok(None);
+        };
+        let scheme = match name.get_ref().as_str() {
+            "aes-256-cbc" => Scheme::Aes256Cbc,
+            "esp-encrypted-img" => Scheme::EspEncryptedImg,
+            other => {
+                return Err(self.cx.span(name, format!(
+                    "unknown encryption '{other}' (expected \"aes-256-cbc\" or \"esp-encrypted-img\")"
+                )))
+            }
+        };
+        if r.delta_from.as_ref().is_some_and(|v| !v.is_empty()) {
+            return Err(self.cx.span(
+                name,
+                "an encrypted release offers no delta patches: leave out `delta-from`",
+            ));
+        }
+        let def = super::EncryptDef {
+            scheme,
+            key: r.image_key.as_ref().map_or_else(
+                || super::EncryptDef::default_key(scheme).to_string(),
+                |k| k.get_ref().clone(),
+            ),
+        };
+        let path = def.key_path(&otarig_server::keys::fixture_dir());
+        if !path.is_file() {
+            let at = r.image_key.as_ref().map_or(name, |k| k);
+            return Err(self.cx.span(at, format!(
+                "no image key {} (fixtures/keys holds the test keys; `otarig keys gen NAME --alg aes-256|rsa-3072 --dir fixtures/keys` makes one)",
+                path.display()
+            )));
+        }
+        Ok(Some(def))
     }
 
     /// A tampering lands inside the firmware, and a corrupt patch needs a patch.

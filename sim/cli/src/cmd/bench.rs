@@ -139,8 +139,9 @@ fn plr(threads: Option<usize>) -> anyhow::Result<ExitCode> {
     for name in [
         "plr-1mib-full.toml",
         "plr-1mib-delta.toml",
-        "plr-1mib-encrypted.toml",
-        "plr-1mib-esp-encrypted.toml",
+        // Benchmark-only: the encrypted-update scenarios cover them under `cargo test`.
+        "bench/plr-1mib-encrypted.toml",
+        "bench/plr-1mib-esp-encrypted.toml",
     ] {
         let s = scenario(name)?;
         let r = plr::exhaustive(&s, 1, threads, &|_, _| {})?;

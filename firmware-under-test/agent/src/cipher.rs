@@ -231,6 +231,8 @@ pub struct Decryptor {
     at: u32,
     /// Ciphertext length.
     total: u32,
+    /// The image's length: the plaintext must come to exactly this.
+    plain_size: u32,
     /// Bytes of an incomplete block (or of the header) carried to the next piece.
     carry: [u8; BLOCK],
     carry_len: usize,
@@ -371,6 +373,7 @@ impl Decryptor {
         Ok(Decryptor {
             at,
             total: enc.size,
+            plain_size,
             carry: [0; BLOCK],
             carry_len: 0,
             state,
@@ -496,11 +499,17 @@ impl Decryptor {
                 if self.at < self.total || buf.is_empty() {
                     return Ok(buf);
                 }
-                // The ciphertext's last block: strip its padding.
+                // The ciphertext's last block: strip its padding, which must leave exactly
+                // the image (valid padding of another length is a wrong key or altered
+                // ciphertext too, and would write past the image or short of it).
                 let last = buf.len() - BLOCK;
                 let kept = Pkcs7::raw_unpad(&buf[last..])
                     .map_err(|_| DecryptError::Padding)?
                     .len();
+                let pad = (BLOCK - kept) as u32;
+                if self.total - pad != self.plain_size {
+                    return Err(DecryptError::Padding);
+                }
                 Ok(&buf[..last + kept])
             }
             State::Gcm(g) => {

@@ -28,8 +28,7 @@ impl ImageKey {
     /// Read a key file: 64 hex digits (AES-256), or an RSA key in PEM (public or private,
     /// PKCS#8 or PKCS#1; of a private key only the public half is kept).
     pub fn load(path: &Path) -> anyhow::Result<ImageKey> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading image key {}", path.display()))?;
+        let text = read_key_file(path)?;
         Self::parse(&text).with_context(|| {
             format!(
                 "{}: not an image key (64 hex digits for AES-256, or an RSA-3072 key in PEM; `otarig keys image` makes both)",
@@ -80,12 +79,32 @@ impl ImageKey {
     }
 }
 
+/// Key files are a few KiB: anything past this is not one, and is not read whole.
+const MAX_KEY_FILE: u64 = 64 * 1024;
+
+fn read_key_file(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("reading image key {}", path.display()))?;
+    let mut text = String::new();
+    f.take(MAX_KEY_FILE + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading image key {} (not UTF-8 text?)", path.display()))?;
+    if text.len() as u64 > MAX_KEY_FILE {
+        bail!(
+            "{} is over {} KiB: not an image key (64 hex digits, or an RSA key in PEM)",
+            path.display(),
+            MAX_KEY_FILE / 1024
+        );
+    }
+    Ok(text)
+}
+
 /// A board's esp_encrypted_img key (PKCS#8 or PKCS#1 PEM, as ESP-IDF's
 /// `rsa_key/private.pem`).
 pub fn load_board_rsa(path: &Path) -> anyhow::Result<rsa::RsaPrivateKey> {
     use rsa::pkcs1::DecodeRsaPrivateKey;
-    let pem = std::fs::read_to_string(path)
-        .with_context(|| format!("reading image key {}", path.display()))?;
+    let pem = read_key_file(path)?;
     rsa::RsaPrivateKey::from_pkcs8_pem(&pem)
         .or_else(|_| rsa::RsaPrivateKey::from_pkcs1_pem(&pem))
         .map_err(|_| anyhow::anyhow!("{} is not an RSA private key in PEM", path.display()))
@@ -240,5 +259,10 @@ mod tests {
             std::fs::read_to_string(crate::keys::fixture_dir().join("rsa-test.pem")).unwrap();
         let err = ImageKey::parse(&rsa2048).unwrap_err();
         assert!(format!("{err:#}").contains("RSA-3072"), "{err:#}");
+        let dir = tempfile::tempdir().unwrap();
+        let huge = dir.path().join("huge.hex");
+        std::fs::write(&huge, "0".repeat(70_000)).unwrap();
+        let err = ImageKey::load(&huge).unwrap_err();
+        assert!(format!("{err:#}").contains("over 64 KiB"), "{err:#}");
     }
 }

@@ -125,6 +125,23 @@ fn cbc_with_the_wrong_key_or_a_cut_stream_is_refused() {
     ));
 }
 
+/// Found by the `encrypted_image` fuzz target: valid padding of another length than the
+/// manifest's size gave more (or less) plaintext than the image, and the excess went to flash.
+#[test]
+fn cbc_padding_must_leave_exactly_the_manifests_size() {
+    let keys = ImageKeys::default().with_aes256(AES_KEY);
+    for (real, claimed) in [(111, 100), (97, 100)] {
+        let ct = cbc_encrypt(&AES_KEY, &plain(real));
+        let enc = cbc_entry(&AES_KEY, &ct);
+        let d = Decryptor::new(&enc, claimed, &keys, 0).unwrap();
+        assert_eq!(
+            run(d, &ct, 16),
+            Err(DecryptError::Padding),
+            "{real} bytes as {claimed}"
+        );
+    }
+}
+
 #[test]
 fn a_manifest_entry_that_does_not_fit_the_image_is_refused() {
     let keys = ImageKeys::default().with_aes256(AES_KEY);

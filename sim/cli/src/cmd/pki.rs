@@ -146,9 +146,11 @@ fn nvs_image(dir: &std::path::Path, p: &Provision<'_>, size: usize) -> anyhow::R
 /// `image_rsa` (the PEM private key).
 fn image_key_entry(path: &std::path::Path) -> anyhow::Result<(&'static str, String)> {
     use otarig_server::encrypt::{load_board_rsa, ImageKey};
+    // Loaded first: it bounds the file's size and says what is wrong with it.
+    let key = ImageKey::load(path)?;
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("reading image key {}: {e}", path.display()))?;
-    match ImageKey::load(path)? {
+    match key {
         ImageKey::Aes256(_) => Ok(("image_aes", text.trim().to_string())),
         ImageKey::Rsa(_) => {
             load_board_rsa(path).map_err(|_| {

@@ -26,6 +26,7 @@
 
 use alloc::boxed::Box;
 use alloc::string::String;
+use alloc::sync::Arc;
 use core::fmt;
 
 use aes::cipher::generic_array::GenericArray;
@@ -58,11 +59,12 @@ pub mod esp_img {
     pub const RSA_BITS: usize = 3072;
 }
 
-/// The keys a board decrypts images with; kept out of `Debug` output.
+/// The keys a board decrypts images with; kept out of `Debug` output. The RSA key is shared,
+/// not copied, by clones (a fleet's configurations, each download's decryptor).
 #[derive(Clone, Default)]
 pub struct ImageKeys {
     aes256: Option<[u8; 32]>,
-    rsa: Option<Box<rsa::RsaPrivateKey>>,
+    rsa: Option<Arc<rsa::RsaPrivateKey>>,
 }
 
 impl fmt::Debug for ImageKeys {
@@ -84,7 +86,7 @@ impl ImageKeys {
     /// The board's RSA-3072 key for [`Scheme::EspEncryptedImg`] (`rsa_key/private.pem` in
     /// ESP-IDF's pre_encrypted_ota example).
     pub fn with_rsa(mut self, key: rsa::RsaPrivateKey) -> ImageKeys {
-        self.rsa = Some(Box::new(key));
+        self.rsa = Some(Arc::new(key));
         self
     }
 
@@ -256,8 +258,7 @@ enum State {
     Cbc(Box<cbc::Decryptor<Aes256>>),
     /// esp_encrypted_img: collecting the header.
     Header {
-        key: Box<rsa::RsaPrivateKey>,
-        plain_size: u32,
+        key: Arc<rsa::RsaPrivateKey>,
         header: Box<[u8; esp_img::HEADER_LEN]>,
     },
     Gcm(Box<Gcm>),
@@ -362,12 +363,7 @@ impl Decryptor {
                 }
                 let key = keys.rsa.clone().ok_or_else(no_key)?;
                 let header = Box::new([0u8; esp_img::HEADER_LEN]);
-                let state = State::Header {
-                    key,
-                    plain_size,
-                    header,
-                };
-                (0, state)
+                (0, State::Header { key, header })
             }
         };
         Ok(Decryptor {
@@ -452,12 +448,7 @@ impl Decryptor {
 
     /// `esp_encrypted_img`'s header is complete: unwrap the key, start GCM.
     fn open_header(&mut self) -> Result<(), DecryptError> {
-        let State::Header {
-            key,
-            plain_size,
-            header,
-        } = &self.state
-        else {
+        let State::Header { key, header } = &self.state else {
             return Ok(());
         };
         let field = |r: core::ops::Range<usize>| &header[r];
@@ -469,7 +460,7 @@ impl Decryptor {
         }
         let size = field(esp_img::BIN_SIZE);
         let size = u32::from_le_bytes([size[0], size[1], size[2], size[3]]);
-        if size != *plain_size {
+        if size != self.plain_size {
             return Err(DecryptError::Header(
                 "its image length differs from the manifest's",
             ));

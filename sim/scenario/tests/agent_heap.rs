@@ -134,8 +134,8 @@ enum Kind {
     Encrypted(Scheme),
 }
 
-/// The image keys the board holds, and the update encrypted for them.
-fn encrypted(scheme: Scheme, image: &[u8]) -> (ImageKeys, otarig_server::encrypt::Encrypted) {
+/// The image key the board holds, and the update encrypted for it.
+fn encrypted(scheme: Scheme, image: &[u8]) -> (BoardKey, otarig_server::encrypt::Encrypted) {
     use rand::SeedableRng;
     let dir = fixture_dir();
     let (keys, key) = match scheme {
@@ -144,12 +144,12 @@ fn encrypted(scheme: Scheme, image: &[u8]) -> (ImageKeys, otarig_server::encrypt
             let ImageKey::Aes256(k) = key else {
                 panic!("an AES key")
             };
-            (ImageKeys::default().with_aes256(k), key)
+            (BoardKey::Aes(k), key)
         }
         Scheme::EspEncryptedImg => {
             let private = otarig_server::encrypt::load_board_rsa(&dir.join("rsa-3072-image.pem"));
             let key = ImageKey::load(&dir.join("rsa-3072-image.pem")).unwrap();
-            (ImageKeys::default().with_rsa(private.unwrap()), key)
+            (BoardKey::Rsa(Box::new(private.unwrap())), key)
         }
     };
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
@@ -157,6 +157,25 @@ fn encrypted(scheme: Scheme, image: &[u8]) -> (ImageKeys, otarig_server::encrypt
         keys,
         otarig_server::encrypt::encrypt(&key, image, &mut rng).unwrap(),
     )
+}
+
+/// A board's image key as loaded (outside the count).
+#[derive(Clone)]
+enum BoardKey {
+    None,
+    Aes([u8; 32]),
+    Rsa(Box<rsa::RsaPrivateKey>),
+}
+
+impl BoardKey {
+    /// A fresh copy, made where the count sees it: the agent holds its key in RAM.
+    fn image_keys(&self) -> ImageKeys {
+        match self.clone() {
+            BoardKey::None => ImageKeys::default(),
+            BoardKey::Aes(k) => ImageKeys::default().with_aes256(k),
+            BoardKey::Rsa(k) => ImageKeys::default().with_rsa(*k),
+        }
+    }
 }
 
 /// Run one 1 MiB update through the agent and return its peak heap in bytes.
@@ -181,7 +200,7 @@ fn peak_heap_of_update(kind: Kind) -> isize {
             let (keys, enc) = encrypted(scheme, &v2);
             (keys, enc.ciphertext, Some(enc.entry))
         }
-        _ => (ImageKeys::default(), v2.clone(), None),
+        _ => (BoardKey::None, v2.clone(), None),
     };
     let manifest = key.sign_manifest(&Manifest {
         format: 1,
@@ -242,9 +261,12 @@ fn peak_heap_of_update(kind: Kind) -> isize {
     let mut cfg = Config::new("dev-0", "heap", trusted.clone());
     cfg.root_keys = vec![root.trusted().unwrap()];
     cfg.require_timestamp = true;
-    cfg.image_keys = image_keys;
     let mut actions: Vec<Action> = Vec::with_capacity(64);
-    let mut agent = tracked(|| Agent::new(cfg.clone()));
+    let mut agent = tracked(|| {
+        let mut cfg = cfg.clone();
+        cfg.image_keys = image_keys.image_keys();
+        Agent::new(cfg)
+    });
     let mut inputs: Vec<Input> = vec![Input::Boot, Input::Online, Input::Manifest(&manifest)];
     let mut fetched_patch = false;
     let mut rebooted = false;

@@ -27,6 +27,7 @@
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 use core::fmt;
 
 use aes::cipher::generic_array::GenericArray;
@@ -88,6 +89,36 @@ impl ImageKeys {
     pub fn with_rsa(mut self, key: rsa::RsaPrivateKey) -> ImageKeys {
         self.rsa = Some(Arc::new(key));
         self
+    }
+
+    /// The keys as a factory NVS image holds them (`image_aes`: 64 hex digits; `image_rsa`:
+    /// an RSA private key in PEM, PKCS#8 or PKCS#1), as the esp32s3 shell and the virtual
+    /// board read them at boot. A value that does not parse is left out and its NVS key
+    /// returned, so the board refuses releases encrypted for it (`decrypt`) instead of failing
+    /// to boot.
+    pub fn from_nvs(
+        aes_hex: Option<&str>,
+        rsa_pem: Option<&str>,
+    ) -> (ImageKeys, Vec<&'static str>) {
+        use rsa::pkcs1::DecodeRsaPrivateKey;
+        use rsa::pkcs8::DecodePrivateKey;
+        let (mut keys, mut ignored) = (ImageKeys::default(), Vec::new());
+        if let Some(text) = aes_hex {
+            let mut key = [0u8; 32];
+            match hex::decode_to_slice(text.trim(), &mut key) {
+                Ok(()) => keys = keys.with_aes256(key),
+                Err(_) => ignored.push("image_aes"),
+            }
+        }
+        if let Some(pem) = rsa_pem {
+            match rsa::RsaPrivateKey::from_pkcs8_pem(pem)
+                .or_else(|_| rsa::RsaPrivateKey::from_pkcs1_pem(pem))
+            {
+                Ok(k) => keys = keys.with_rsa(k),
+                Err(_) => ignored.push("image_rsa"),
+            }
+        }
+        (keys, ignored)
     }
 
     /// The id a manifest names this board's key for `scheme` by, if it holds one.

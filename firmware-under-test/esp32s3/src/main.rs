@@ -193,28 +193,14 @@ fn load(nvs: &EspNvs<NvsDefault>) -> Option<Provisioning> {
 const TEST_IMAGE_AES: &str = include_str!("../../../fixtures/keys/aes-256-image.hex");
 const TEST_IMAGE_RSA: &str = include_str!("../../../fixtures/keys/rsa-3072-image.pem");
 
-/// The image keys from their NVS strings; one that does not parse is left out (and logged),
-/// so the board refuses releases encrypted for it (`decrypt`) instead of failing to boot.
-/// Decryption itself is the agent's RustCrypto code: AES and GHASH run in software (the
-/// ESP32-S3's AES accelerator sits behind mbedTLS, which the agent does not link).
+/// The image keys from their NVS strings ([`ImageKeys::from_nvs`]); one that does not parse
+/// is logged and left out. Decryption itself is the agent's RustCrypto code: AES and GHASH run
+/// in software (the ESP32-S3's AES accelerator sits behind mbedTLS, which the agent does not
+/// link).
 fn image_keys(aes_hex: Option<String>, rsa_pem: Option<String>) -> ImageKeys {
-    let mut keys = ImageKeys::default();
-    if let Some(hex) = aes_hex {
-        let bytes: Option<Vec<u8>> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-            .collect();
-        match bytes.and_then(|b| <[u8; 32]>::try_from(b).ok()) {
-            Some(k) => keys = keys.with_aes256(k),
-            None => log::error!("otarig: NVS image_aes is not 64 hex digits; ignored"),
-        }
-    }
-    if let Some(pem) = rsa_pem {
-        use rsa::pkcs8::DecodePrivateKey;
-        match rsa::RsaPrivateKey::from_pkcs8_pem(&pem) {
-            Ok(k) => keys = keys.with_rsa(k),
-            Err(e) => log::error!("otarig: NVS image_rsa is not a PKCS#8 RSA key ({e}); ignored"),
-        }
+    let (keys, ignored) = ImageKeys::from_nvs(aes_hex.as_deref(), rsa_pem.as_deref());
+    for key in ignored {
+        log::error!("otarig: NVS {key} does not parse; ignored");
     }
     keys
 }

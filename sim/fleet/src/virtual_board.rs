@@ -128,8 +128,14 @@ impl Provisioned {
             };
         }
         let (aes, rsa) = (get("image_aes"), get("image_rsa"));
-        let image_keys = (aes.is_some() || rsa.is_some())
-            .then(|| otarig_server::encrypt::board_keys(aes.as_deref(), rsa.as_deref()));
+        let image_keys = (aes.is_some() || rsa.is_some()).then(|| {
+            let (keys, ignored) =
+                otarig_agent::cipher::ImageKeys::from_nvs(aes.as_deref(), rsa.as_deref());
+            for key in ignored {
+                tracing::error!("virtual board: NVS {key} does not parse; ignored");
+            }
+            keys
+        });
         Some(Provisioned {
             device,
             channel: get("channel").unwrap_or_else(|| "stable".into()),

@@ -110,26 +110,6 @@ pub fn load_board_rsa(path: &Path) -> anyhow::Result<rsa::RsaPrivateKey> {
         .map_err(|_| anyhow::anyhow!("{} is not an RSA private key in PEM", path.display()))
 }
 
-/// A board's image keys from the strings a factory NVS image holds (`image_aes`: 64 hex
-/// digits; `image_rsa`: a PEM private key), as the esp32s3 shell reads them at boot. A value
-/// that does not parse is left out, as the shell leaves it out.
-pub fn board_keys(aes_hex: Option<&str>, rsa_pem: Option<&str>) -> otarig_agent::cipher::ImageKeys {
-    use rsa::pkcs1::DecodeRsaPrivateKey;
-    let mut keys = otarig_agent::cipher::ImageKeys::default();
-    if let Some(Ok(ImageKey::Aes256(k))) = aes_hex.map(ImageKey::parse) {
-        keys = keys.with_aes256(k);
-    }
-    let rsa = rsa_pem.and_then(|pem| {
-        rsa::RsaPrivateKey::from_pkcs8_pem(pem)
-            .or_else(|_| rsa::RsaPrivateKey::from_pkcs1_pem(pem))
-            .ok()
-    });
-    if let Some(k) = rsa {
-        keys = keys.with_rsa(k);
-    }
-    keys
-}
-
 /// New image key files: `(private, public)` contents. AES-256: 64 hex digits, the same in
 /// both (the fleet key is symmetric). RSA-3072: PKCS#8 PEM for the boards (NVS or flash) and
 /// the public key in PEM for the release host, which never needs the private half.

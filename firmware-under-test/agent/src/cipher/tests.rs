@@ -278,3 +278,23 @@ fn streaming_gcm_matches_aes_gcm_and_catches_every_altered_byte() {
         "esp_encrypted_img: AES-GCM tag mismatch (wrong key or altered ciphertext)"
     );
 }
+
+#[test]
+fn keys_from_nvs_strings_leave_out_what_does_not_parse() {
+    let pem = std::fs::read_to_string(fixture("keys/rsa-3072-image.pem")).unwrap();
+    let aes = hex::encode(AES_KEY);
+    let (keys, ignored) = ImageKeys::from_nvs(Some(&aes), Some(&pem));
+    assert!(ignored.is_empty(), "{ignored:?}");
+    assert_eq!(
+        keys.key_id(Scheme::Aes256Cbc),
+        Some(aes256_key_id(&AES_KEY))
+    );
+    assert_eq!(
+        keys.key_id(Scheme::EspEncryptedImg),
+        Some(rsa_key_id(&rsa_key().to_public_key()))
+    );
+    let (keys, ignored) = ImageKeys::from_nvs(Some("12ab"), Some("-----BEGIN nothing"));
+    assert_eq!(ignored, ["image_aes", "image_rsa"]);
+    assert_eq!(keys.key_id(Scheme::Aes256Cbc), None);
+    assert_eq!(keys.key_id(Scheme::EspEncryptedImg), None);
+}

@@ -662,4 +662,6 @@ fn an_encrypted_release_stores_only_its_ciphertext_and_refuses_patches() {
         .unwrap()
         .expect("the ciphertext is stored");
     assert_ne!(&stored.bytes[1000..1100], &v2[1000..1100]);
+    // The log names what the store holds, so an IPFS fetch by the logged CID finds it.
+    assert_eq!(entry.image_cid, otarig_server::cid::cid_v1(&stored.bytes));
 }

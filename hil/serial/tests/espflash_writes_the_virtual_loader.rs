@@ -54,6 +54,36 @@ fn board() -> Board {
     }
 }
 
+/// Waits until the board has handled every frame written before this call.
+///
+/// The board thread records what a frame did after it has written the frame's answer, so
+/// espflash may return (it has its answer) before the flags say what its last `FLASH_END` did;
+/// a CI run read `ran_app` too early. A SYNC written now is handled after every earlier frame
+/// (one ordered byte stream, one thread), so its first answer is the barrier.
+fn settle(pty: &Pty) {
+    let mut port = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(pty.path())
+        .expect("open the pty's slave");
+    let mut sync = vec![0x00, 0x08, 36, 0, 0, 0, 0, 0, 0x07, 0x07, 0x12, 0x20];
+    sync.extend([0x55; 32]);
+    port.write_all(&slip_encode(&sync)).expect("write SYNC");
+    let mut frames = SlipFrames::default();
+    let mut buf = [0u8; 512];
+    loop {
+        let n = port.read(&mut buf).expect("read the SYNC answer");
+        assert!(n > 0, "the board hung up before answering SYNC");
+        if frames
+            .push(&buf[..n])
+            .iter()
+            .any(|f| f.get(1) == Some(&0x08))
+        {
+            return;
+        }
+    }
+}
+
 #[test]
 fn espflash_flashes_through_the_rom_loader_on_a_pty() {
     let Board {
@@ -82,6 +112,7 @@ fn espflash_flashes_through_the_rom_loader_on_a_pty() {
     let path = pty.path().to_str().unwrap().to_string();
     flash_with(&path, Target::Virtual, false, &images, &mut Bars::quiet())
         .expect("espflash writes the images");
+    settle(&pty);
 
     let mem = mem.lock().unwrap();
     assert_eq!(&mem.0[0x8000..0x8000 + table.len()], &table[..]);
@@ -123,6 +154,7 @@ fn espflash_uploads_its_stub_and_writes_compressed() {
     let path = pty.path().to_str().unwrap().to_string();
     flash(&path, Target::Virtual, &images, &mut Bars::quiet())
         .expect("espflash writes via its stub");
+    settle(&pty);
     assert!(*stub.lock().unwrap(), "the stub was uploaded and ran");
     let mem = mem.lock().unwrap();
     assert_eq!(&mem.0[0x20000..0x20000 + app.len()], &app[..]);

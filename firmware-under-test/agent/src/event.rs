@@ -65,6 +65,12 @@ pub enum Check {
     /// padding that is not right, a GCM tag that does not match, or plaintext whose SHA-256
     /// differs from the manifest (altered ciphertext or the wrong key).
     Decrypt,
+    /// A chunk of the chunked protocol whose HMAC-SHA256 does not verify under the board's
+    /// key: altered, forged, re-sized or re-keyed, or made for another device.
+    ChunkMac,
+    /// A genuine chunk that is not the one asked for: replayed from another session or
+    /// release, reordered, duplicated, or of the wrong size.
+    ChunkSequence,
 }
 
 impl Check {
@@ -93,10 +99,12 @@ impl Check {
             Check::Keys => "keys",
             Check::Tls => "tls",
             Check::Decrypt => "decrypt",
+            Check::ChunkMac => "chunk-mac",
+            Check::ChunkSequence => "chunk-sequence",
         }
     }
 
-    pub const ALL: [Check; 23] = [
+    pub const ALL: [Check; 25] = [
         Check::Malformed,
         Check::Signature,
         Check::DeviceType,
@@ -120,6 +128,8 @@ impl Check {
         Check::Keys,
         Check::Tls,
         Check::Decrypt,
+        Check::ChunkMac,
+        Check::ChunkSequence,
     ];
 
     pub fn from_name(name: &str) -> Option<Check> {

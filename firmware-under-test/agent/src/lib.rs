@@ -29,6 +29,7 @@
 extern crate alloc;
 
 mod agent;
+pub mod chunk;
 pub mod cipher;
 pub mod console;
 pub mod delta;
@@ -42,7 +43,9 @@ pub mod platform;
 pub mod protocol;
 pub mod trust;
 
-pub use agent::{Action, Activity, Agent, Config, Input, Peer, Telemetry, MAX_SEQUENCE_STEP};
+pub use agent::{
+    Action, Activity, Agent, Config, FetchMode, Input, Peer, Telemetry, MAX_SEQUENCE_STEP,
+};
 pub use event::{Ack, Check, Event, Outcome};
 pub use manifest::{Manifest, PublicKey, SignedManifest, TrustedKey};
 pub use platform::{EspError, EspResult, OtaImgState, Platform, Slot, SlotKind};

@@ -377,6 +377,12 @@ fn server_under_test() -> &'static (axum::Router, tokio::runtime::Runtime) {
                 ..Default::default()
             },
             Default::default(),
+            {
+                // The chunked protocol's endpoints are fuzzed with the rest.
+                let chunks = otarig_server::chunked::ChunkService::default();
+                chunks.enable(b"fuzz fleet key");
+                std::sync::Arc::new(chunks)
+            },
         );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -89,14 +89,21 @@ impl BoardHttp {
 
     /// `POST url` with a JSON body; the answer's status.
     pub async fn post_json(&self, url: &str, body: String) -> anyhow::Result<StatusCode> {
-        let req = Request::post(url)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))?;
-        let resp = self.client.request(req).await?;
+        let resp = self.post(url, body).await?;
         let status = resp.status();
         // Read the (short) answer so the connection can be reused.
         let _ = resp.into_body().collect().await;
         Ok(status)
+    }
+}
+
+impl BoardHttp {
+    /// `POST url` with a JSON body; the answer.
+    pub async fn post(&self, url: &str, body: String) -> anyhow::Result<Response<Incoming>> {
+        let req = Request::post(url)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        self.client.request(req).await
     }
 }
 
@@ -129,6 +136,16 @@ pub async fn next_chunk(body: &mut Incoming) -> Result<Option<Bytes>, hyper::Err
         }
     }
     Ok(None)
+}
+
+/// A whole body of at most `limit` bytes (what a board's fixed buffer holds); longer is an
+/// error, and nothing past the limit is read.
+pub async fn read_limited(resp: Response<Incoming>, limit: usize) -> Result<Bytes, String> {
+    let body = http_body_util::Limited::new(resp.into_body(), limit);
+    match body.collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => Err(format!("answer unreadable or over {limit} bytes: {e}")),
+    }
 }
 
 /// A whole (small) body.

@@ -166,6 +166,10 @@ enum Ev {
         gen: u64,
     },
     BodyEnd(u64),
+    /// The answer to `/ota/check`, for fetch generation `gen`.
+    Session(Vec<u8>, u64),
+    /// A chunk frame from `/ota/chunk`, for fetch generation `gen`.
+    Chunk(Vec<u8>, u64),
     FetchFailed(String, u64),
     Timer,
     Release(usize),
@@ -258,6 +262,9 @@ struct World {
     scenario: Scenario,
     images: BTreeMap<String, Arc<Vec<u8>>>,
     statements: Vec<Vec<u8>>,
+    /// The chunked protocol's server side, called in-process.
+    chunks: otarig_server::chunked::ChunkService,
+    fleet_key: Option<Arc<Vec<u8>>>,
 }
 
 /// Build the image of one scenario firmware.
@@ -314,6 +321,26 @@ pub struct Prepared {
     pub start_slot: SlotKind,
     /// The scenario's key sets and revocation lists, signed, in scenario order.
     pub statements: Vec<Vec<u8>>,
+    /// The chunked protocol's fleet key (`download = "chunked"`).
+    pub fleet_key: Option<Arc<Vec<u8>>>,
+}
+
+impl Prepared {
+    /// How board `device` fetches: with the chunked protocol, under its own key derived
+    /// from the fleet key.
+    pub fn fetch_mode(&self, device: &str) -> otarig_agent::FetchMode {
+        fetch_mode(self.fleet_key.as_deref().map(|k| &k[..]), device)
+    }
+}
+
+/// How board `device` fetches, given the run's fleet key (none: HTTP ranges).
+pub fn fetch_mode(fleet_key: Option<&[u8]>, device: &str) -> otarig_agent::FetchMode {
+    match fleet_key {
+        Some(k) => {
+            otarig_agent::FetchMode::Chunked(otarig_agent::chunk::ChunkKey::derive(k, device))
+        }
+        None => otarig_agent::FetchMode::Ranges,
+    }
 }
 
 impl Prepared {
@@ -485,6 +512,13 @@ pub fn prepare_with(
         .iter()
         .map(|st| st.sign(&s.device_type))
         .collect::<anyhow::Result<_>>()?;
+    let fleet_key = match s.download {
+        crate::scenario::Download::Chunked => {
+            let path = key_dir.join(otarig_server::chunked::FIXTURE_FLEET_KEY);
+            Some(Arc::new(otarig_server::chunked::load_fleet_key(&path)?))
+        }
+        crate::scenario::Download::Ranges => None,
+    };
     Ok(Prepared {
         keys,
         images,
@@ -494,6 +528,7 @@ pub fn prepare_with(
         releases,
         start_slot,
         statements,
+        fleet_key,
     })
 }
 
@@ -561,8 +596,13 @@ pub fn run_prepared(
         store,
         releases,
         statements,
+        fleet_key,
         ..
     } = prep.clone();
+    let chunks = otarig_server::chunked::ChunkService::default();
+    if let Some(k) = &fleet_key {
+        chunks.enable(k);
+    }
     let mut world = World {
         now: 0,
         seq: 0,
@@ -577,6 +617,8 @@ pub fn run_prepared(
         scenario: s.clone(),
         images,
         statements,
+        chunks,
+        fleet_key,
     };
     let first_size = s
         .releases
@@ -891,8 +933,14 @@ impl World {
                     retained,
                 },
             ),
-            Ev::Body { gen, .. } | Ev::BodyEnd(gen) | Ev::FetchFailed(_, gen)
+            Ev::Body { gen, .. }
+            | Ev::BodyEnd(gen)
+            | Ev::Session(_, gen)
+            | Ev::Chunk(_, gen)
+            | Ev::FetchFailed(_, gen)
                 if gen != self.devs[d].fetch_gen => {} // answers a cancelled fetch
+            Ev::Session(answer, _) => self.feed(d, Input::Session(&answer)),
+            Ev::Chunk(frame, _) => self.feed(d, Input::Chunk(&frame)),
             Ev::Body { offset, data, .. } => self.feed(
                 d,
                 Input::Body {
@@ -903,6 +951,69 @@ impl World {
             Ev::BodyEnd(_) => self.feed(d, Input::BodyEnd),
             Ev::FetchFailed(reason, _) => self.feed(d, Input::FetchFailed { reason: &reason }),
             Ev::Timer => self.feed(d, Input::Timer),
+        }
+    }
+
+    /// `POST /ota/check`, in-process.
+    fn open_session(&mut self, d: usize, sequence: u64, sha256: [u8; 32], from: u32) {
+        let (now, gen) = (self.now, self.devs[d].fetch_gen);
+        let ev = match self.store.blob(&sha256) {
+            None => Ev::FetchFailed("HTTP 404: no such blob".into(), gen),
+            Some(blob) => {
+                let id = &self.devs[d].id;
+                match self
+                    .chunks
+                    .open(id, sequence, sha256, blob.len() as u64, from)
+                {
+                    Ok(answer) => Ev::Session(answer, gen),
+                    Err(e) => Ev::FetchFailed(format!("/ota/check refused: {e}"), gen),
+                }
+            }
+        };
+        self.schedule(d, now + LATENCY_MS, ev);
+    }
+
+    /// `GET /ota/chunk`, in-process, with the board's server faults (an injected status, a
+    /// stall, or a man in the middle's chunk).
+    fn serve_chunk(&mut self, d: usize, session: [u8; 16], index: u32) {
+        let (now, gen) = (self.now, self.devs[d].fetch_gen);
+        let id = self.devs[d].id.clone();
+        let fault = self.devs[d].server_fault(|f| {
+            matches!(
+                f,
+                ServerFault::Chunk(_) | ServerFault::Status(_) | ServerFault::Stall
+            )
+        });
+        let chunk_fault = match fault {
+            Some(ServerFault::Status(st)) => {
+                let ev = Ev::FetchFailed(format!("HTTP {st}"), gen);
+                return self.schedule(d, now + LATENCY_MS, ev);
+            }
+            Some(ServerFault::Stall) => {
+                let why = format!("no answer within {} s", FETCH_TIMEOUT_MS / 1000);
+                return self.schedule(d, now + FETCH_TIMEOUT_MS, Ev::FetchFailed(why, gen));
+            }
+            Some(ServerFault::Chunk(f)) => Some(f),
+            _ => None,
+        };
+        let frame = self
+            .chunks
+            .lookup(&id, &hex::encode(session))
+            .and_then(|found| {
+                let blob = self.store.blob(&found.sha256).unwrap_or_default();
+                self.chunks.frame(&id, index, &blob, chunk_fault)
+            });
+        match frame {
+            Ok(frame) => {
+                let n = frame.len() as u64;
+                self.devs[d].fetched += n;
+                let t = now + LATENCY_MS + n.div_ceil(BYTES_PER_MS);
+                self.schedule(d, t, Ev::Chunk(frame, gen));
+            }
+            Err(e) => {
+                let ev = Ev::FetchFailed(format!("/ota/chunk refused: {e}"), gen);
+                self.schedule(d, now + LATENCY_MS, ev);
+            }
         }
     }
 
@@ -1148,6 +1259,7 @@ impl World {
                 dev.crash_streak = 0;
                 let mut cfg = self.cfg_template.clone();
                 cfg.device_id = dev.id.clone();
+                cfg.fetch = fetch_mode(self.fleet_key.as_deref().map(|k| &k[..]), &dev.id);
                 cfg.channel = dev.channel.clone();
                 cfg.trusted_keys = self.keys.clone();
                 dev.agent = Some(Agent::new(cfg));
@@ -1218,10 +1330,14 @@ impl World {
         let now = self.now;
         // A firmware server whose certificate the board refuses: no request gets through.
         if let Some(detail) = self.server_refused(d) {
-            if matches!(a, Action::PollManifest | Action::Fetch { .. }) {
+            let fetch = matches!(
+                a,
+                Action::Fetch { .. } | Action::OpenSession { .. } | Action::FetchChunk { .. }
+            );
+            if fetch || matches!(a, Action::PollManifest) {
                 let ev = Ev::TlsFailed(otarig_agent::Peer::Server, detail);
                 self.schedule(d, now + LATENCY_MS, ev);
-                if matches!(a, Action::Fetch { .. }) {
+                if fetch {
                     let (why, gen) = (format!("request failed: {detail}"), self.devs[d].fetch_gen);
                     self.schedule(d, now + LATENCY_MS, Ev::FetchFailed(why, gen));
                 }
@@ -1256,7 +1372,7 @@ impl World {
                     ServerFault::DropAfterPercent(p) => {
                         start < cut_of(p) && cut_of(p) < end.min(total)
                     }
-                    f => f.shapes_answer(),
+                    f => f.shapes_answer() && !matches!(f, ServerFault::Chunk(_)),
                 });
                 let throttle = match self.devs[d].server_fault(|f| !f.shapes_answer()) {
                     Some(ServerFault::Throttle(bps)) => Some(bps),
@@ -1283,19 +1399,34 @@ impl World {
                     Some(ServerFault::DropAfterPercent(p)) => {
                         self.serve(d, sha256, offset, len as u64, Some(cut_of(p)), throttle)
                     }
-                    Some(ServerFault::Throttle(_)) | None => {
+                    Some(ServerFault::Throttle(_) | ServerFault::Chunk(_)) | None => {
                         self.serve(d, sha256, offset, len as u64, None, throttle)
                     }
                 }
             }
+            Action::OpenSession {
+                sequence,
+                sha256,
+                from,
+                ..
+            } => self.open_session(d, sequence, sha256, from),
+            Action::FetchChunk { session, index } => self.serve_chunk(d, session, index),
             Action::Report(e) => {
                 if let Event::Downloading { size, .. } = &e {
                     self.devs[d].image_size = *size as u64;
+                }
+                if let Event::Verified { sequence } = &e {
+                    // The shell's `POST /ota/verify`; without a session, nothing to mark.
+                    let _ = self.chunks.verified(&self.devs[d].id, *sequence);
                 }
                 self.record(d, What::Agent(e));
             }
             Action::Ack(ack) => {
                 let id = self.devs[d].id.clone();
+                if self.fleet_key.is_some() {
+                    // `POST /ota/complete` carries the ack with the chunked protocol.
+                    let _ = self.chunks.completed(&id, ack.sequence, ack.outcome.name());
+                }
                 let fresh = self.store.ack(&id, ack.clone());
                 self.record(
                     d,

@@ -7,12 +7,14 @@
 //! - [`release_store`]: the same on disk, with the signed, hash-chained release log;
 //! - [`cid`]: IPFS-compatible CIDs of release blobs;
 //! - [`delta`]: making delta patches (the agent applies them);
+//! - [`chunked`]: the chunked OTA protocol's sessions and frames (`/ota/*`);
 //! - [`rollout`]: staged rollouts that halt on failures;
 //! - [`server`]: the HTTP server around the store, with injectable faults.
 //!
 //! It must never depend on the simulated chip (`otarig-esp32s3`), scenario files, the fleet or
 //! the HIL layer: the server serves real boards exactly as it serves simulated ones.
 
+pub mod chunked;
 pub mod cid;
 pub mod delta;
 pub mod encrypt;

@@ -6,6 +6,7 @@
 //! | `GET /blobs/<sha256>[?deviceId=D]` | an image or patch, with single `Range` (206; 416 past the end), strong `ETag` (the blob's SHA-256), `If-None-Match` (304), `If-Match` (412) and `If-Range` (a changed blob comes whole): a resume never mixes two blobs |
 //! | `GET /ipfs/<cid>[?deviceId=D]` | the same blob by its IPFS CIDv1 (as `ipfs add --cid-version 1` names it), same headers and faults |
 //! | `POST /ack` | a board's ack (the MQTT `ack` payload); 204, or 400 saying what is wrong |
+//! | `POST /ota/check`, `GET /ota/chunk`, `POST /ota/verify`, `POST /ota/complete`, `GET /ota/status` | the chunked protocol ([`crate::chunked`]), once the server has a fleet key |
 //! | `GET /healthz` | 200 `ok` |
 //!
 //! Errors are JSON `{"error": "…"}` that say what was wrong and what to send instead.
@@ -35,7 +36,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::chunked::{ChunkFault, ChunkService};
 use crate::release_store::{Blob, ReleaseStore};
+
+mod ota;
 use crate::statements::TimestampSigner;
 
 /// A fault and how many more requests it applies to (None: all of them).
@@ -56,6 +60,9 @@ pub enum ServerFault {
     /// Endless data: the answer is the blob from the range's start to its end, then junk that
     /// never stops (no Content-Length), as a malicious mirror would send.
     Endless,
+    /// A chunk request of the chunked protocol is answered with another chunk
+    /// ([`ChunkFault`]): a man in the middle.
+    Chunk(ChunkFault),
 }
 
 impl ServerFault {
@@ -286,8 +293,24 @@ struct App {
     faults: Arc<ServerFaults>,
     offers: Arc<Offers>,
     timestamps: Arc<Timestamps>,
+    chunks: Arc<ChunkService>,
     ack_log_bytes: u64,
     tracked_devices: usize,
+}
+
+/// A refused request: its status and what to tell the client (an [`error`] answer).
+struct Refusal(StatusCode, String);
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Refusal {
+        Refusal(status, message.into())
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -369,65 +392,82 @@ struct AckWire {
 }
 
 async fn ack(
-    State(App {
-        store,
-        ack_log_bytes,
-        ..
-    }): State<App>,
+    State(app): State<App>,
     peer: Option<axum::Extension<Peer>>,
     body: axum::body::Bytes,
 ) -> Response {
-    let wire: AckWire = match serde_json::from_slice(&body) {
-        Ok(w) => w,
-        Err(e) => {
-            return error(StatusCode::BAD_REQUEST, format!(
-                "ack is not {{\"v\":1,\"device\":…,\"sequence\":…,\"version\":…,\"outcome\":…,\"detail\":…}}: {e}"
-            ))
-        }
-    };
+    match read_ack(&body, peer.map(|p| p.0)) {
+        Ok(wire) => store_ack(&app, &wire)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// An ack's body, checked: format, outcome, device id, and (over mutual TLS) that the
+/// client certificate names the device it acks for.
+fn read_ack(body: &[u8], peer: Option<Peer>) -> Result<AckWire, Refusal> {
+    let wire: AckWire = serde_json::from_slice(body).map_err(|e| {
+        Refusal::new(StatusCode::BAD_REQUEST, format!(
+            "ack is not {{\"v\":1,\"device\":…,\"sequence\":…,\"version\":…,\"outcome\":…,\"detail\":…}}: {e}"
+        ))
+    })?;
     if wire.v != otarig_agent::protocol::VERSION {
-        return error(
+        return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
             format!("ack format v{}; this server reads v1", wire.v),
-        );
+        ));
     }
     if !["installed", "refused", "rolled-back"].contains(&wire.outcome.as_str()) {
-        return error(
+        return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
             format!(
                 "outcome '{}' is not installed, refused or rolled-back",
                 wire.outcome
             ),
-        );
+        ));
     }
-    if wire.device.is_empty() || wire.device.len() > MAX_DEVICE_ID {
-        return error(
+    check_device_id(&wire.device)?;
+    speaks_for(peer, &wire.device, "ack")?;
+    Ok(wire)
+}
+
+/// A device id the server keeps things under: 1 to [`MAX_DEVICE_ID`] bytes.
+fn check_device_id(device: &str) -> Result<(), Refusal> {
+    if device.is_empty() || device.len() > MAX_DEVICE_ID {
+        return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
             format!("device must be 1 to {MAX_DEVICE_ID} characters"),
-        );
+        ));
     }
-    // Over mutual TLS, a board speaks for itself only.
-    if let Some(id) = peer.and_then(|p| p.0.identity) {
-        if id != wire.device {
-            return error(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "the client certificate names device '{id}'; it may not ack for '{}'",
-                    wire.device
-                ),
-            );
-        }
+    Ok(())
+}
+
+/// Over mutual TLS, a board speaks for itself only: `device` must be the one the client
+/// certificate names.
+fn speaks_for(peer: Option<Peer>, device: &str, what: &str) -> Result<(), Refusal> {
+    match peer.and_then(|p| p.identity) {
+        Some(id) if id != device => Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!("the client certificate names device '{id}'; it may not {what} for '{device}'"),
+        )),
+        _ => Ok(()),
     }
+}
+
+/// Append a checked ack to acks.jsonl (within its quota).
+async fn store_ack(app: &App, wire: &AckWire) -> Result<Response, Refusal> {
     let record = json!({"v": wire.v, "device": wire.device, "sequence": wire.sequence,
         "version": wire.version, "outcome": wire.outcome, "detail": wire.detail});
-    match tokio::task::spawn_blocking(move || store.record_ack(&record, ack_log_bytes)).await {
-        Ok(Ok(true)) => StatusCode::NO_CONTENT.into_response(),
-        Ok(Ok(false)) => error(
+    let (store, quota) = (app.store.clone(), app.ack_log_bytes);
+    match tokio::task::spawn_blocking(move || store.record_ack(&record, quota)).await {
+        Ok(Ok(true)) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Ok(Ok(false)) => Err(Refusal::new(
             StatusCode::INSUFFICIENT_STORAGE,
-            format!("acks.jsonl reached its quota of {ack_log_bytes} bytes: the operator must rotate it; the ack was not stored"),
-        ),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            format!("acks.jsonl reached its quota of {quota} bytes: the operator must rotate it; the ack was not stored"),
+        )),
+        Ok(Err(e)) => Err(Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))),
+        Err(e) => Err(Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
 }
 
@@ -489,27 +529,9 @@ async fn ipfs(
 
 /// Serve the blob stored under `key` (a SHA-256), applying the device's faults.
 async fn serve_blob(app: App, key: [u8; 32], q: BlobQuery, req: Request) -> Response {
-    // Kept in memory after the first read: a fleet asks for the same few blobs thousands of
-    // times, and each answer is then a slice of one shared buffer.
-    let blob = match app.store.cached_blob(&key) {
-        Some(b) => b,
-        None => {
-            let store = app.store.clone();
-            match tokio::task::spawn_blocking(move || store.blob(&key)).await {
-                Ok(Ok(Some(b))) => b,
-                Ok(Ok(None)) => {
-                    return error(
-                        StatusCode::NOT_FOUND,
-                        format!(
-                            "no blob {} in this store (publish it with `otarig release add`)",
-                            hex::encode(key)
-                        ),
-                    )
-                }
-                Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-            }
-        }
+    let blob = match load_blob(&app, key).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
     };
     let total = blob.bytes.len() as u64;
     let (start, end) = range_of(&req).unwrap_or((0, u64::MAX));
@@ -518,7 +540,7 @@ async fn serve_blob(app: App, key: [u8; 32], q: BlobQuery, req: Request) -> Resp
         app.faults.take(d, |f| match f {
             // A drop bites the response that would carry the byte where it happens.
             ServerFault::DropAfterPercent(p) => start < cut_of(p) && cut_of(p) < end.min(total),
-            f => f.shapes_answer(),
+            f => f.shapes_answer() && !matches!(f, ServerFault::Chunk(_)),
         })
     });
     let throttle =
@@ -581,6 +603,34 @@ async fn serve_blob(app: App, key: [u8; 32], q: BlobQuery, req: Request) -> Resp
         parts,
         axum::body::Body::from_stream(futures_util::stream::iter(chunks)),
     )
+}
+
+/// The blob named `sha`, from the cache or the store; 404 when the store has none. Kept in
+/// memory after the first read: a fleet asks for the same few blobs thousands of times, and
+/// each answer is then a slice of one shared buffer.
+async fn load_blob(app: &App, sha: [u8; 32]) -> Result<Blob, Refusal> {
+    if let Some(b) = app.store.cached_blob(&sha) {
+        return Ok(b);
+    }
+    let store = app.store.clone();
+    match tokio::task::spawn_blocking(move || store.blob(&sha)).await {
+        Ok(Ok(Some(b))) => Ok(b),
+        Ok(Ok(None)) => Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no blob {} in this store (publish it with `otarig release add`)",
+                hex::encode(sha)
+            ),
+        )),
+        Ok(Err(e)) => Err(Refusal::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{e:#}"),
+        )),
+        Err(e) => Err(Refusal::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+        )),
+    }
 }
 
 /// The answer to a GET of `blob` under conditional and range headers (RFC 9110): `If-Match`
@@ -729,7 +779,9 @@ pub fn router(
     offers: Arc<Offers>,
     limits: Limits,
     timestamps: Arc<Timestamps>,
+    chunks: Arc<ChunkService>,
 ) -> Router {
+    let small = || DefaultBodyLimit::max(otarig_agent::protocol::MAX_PAYLOAD);
     Router::new()
         .route("/firmware/latest", get(latest))
         .route(
@@ -739,11 +791,17 @@ pub fn router(
         .route("/healthz", get(|| async { "ok" }))
         .route("/blobs/{name}", get(blob))
         .route("/ipfs/{cid}", get(ipfs))
+        .route("/ota/check", post(ota::check).layer(small()))
+        .route("/ota/chunk", get(ota::chunk))
+        .route("/ota/verify", post(ota::verify).layer(small()))
+        .route("/ota/complete", post(ota::complete).layer(small()))
+        .route("/ota/status", get(ota::status))
         .with_state(App {
             store,
             faults,
             offers,
             timestamps,
+            chunks,
             ack_log_bytes: limits.ack_log_bytes,
             tracked_devices: limits.tracked_devices,
         })
@@ -755,6 +813,8 @@ pub struct Server {
     pub faults: Arc<ServerFaults>,
     pub offers: Arc<Offers>,
     pub timestamps: Arc<Timestamps>,
+    /// The chunked protocol's sessions; off until given the fleet key.
+    pub chunks: Arc<ChunkService>,
     /// TLS handshakes completed (HTTPS only).
     pub handshakes: Arc<Handshakes>,
     /// Serving HTTPS.
@@ -804,12 +864,14 @@ impl Server {
         let faults = Arc::new(ServerFaults::default());
         let offers = Arc::new(Offers::default());
         let timestamps = Arc::new(Timestamps::default());
+        let chunks = Arc::new(ChunkService::default());
         let app = router(
             store,
             faults.clone(),
             offers.clone(),
             limits,
             timestamps.clone(),
+            chunks.clone(),
         );
         let secure = tls.is_some();
         let tls = tls.map(tokio_rustls::TlsAcceptor::from);
@@ -826,6 +888,7 @@ impl Server {
             faults,
             offers,
             timestamps,
+            chunks,
             handshakes,
             tls: secure,
             stop: Some(stop),

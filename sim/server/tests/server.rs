@@ -665,3 +665,122 @@ fn an_encrypted_release_stores_only_its_ciphertext_and_refuses_patches() {
     // The log names what the store holds, so an IPFS fetch by the logged CID finds it.
     assert_eq!(entry.image_cid, otarig_server::cid::cid_v1(&stored.bytes));
 }
+
+#[tokio::test]
+async fn the_chunked_protocol_over_http_from_check_to_complete() {
+    use otarig_agent::chunk::{open_session, ChunkKey};
+    let Served {
+        dir,
+        server,
+        http,
+        base,
+        v2,
+        ..
+    } = Served::start().await;
+    let sha = hex::encode(otarig_server::store::sha256(&v2));
+    let check = serde_json::json!({"v":1,"device":"d-7","sequence":2,"sha256":sha,"from":0});
+    // Off until the server has a fleet key, and the answer says how to turn it on.
+    let r = http
+        .post(format!("{base}/ota/check"))
+        .body(check.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(r.text().await.unwrap().contains("--chunk-psk"));
+    server.chunks.enable(b"http fleet key");
+
+    let r = http
+        .post(format!("{base}/ota/check"))
+        .body(check.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let answer = r.bytes().await.unwrap();
+    let mut session = open_session(&answer, 2, v2.len() as u32, 0).expect("a session for v2");
+    let key = ChunkKey::derive(b"http fleet key", "d-7");
+    let mut got = Vec::new();
+    for n in 0..session.chunks() {
+        let url = format!(
+            "{base}/ota/chunk?device=d-7&session={}&n={n}",
+            hex::encode(session.id)
+        );
+        let frame = get(&http, url, &[]).await.bytes().await.unwrap();
+        got.extend_from_slice(session.take(&key, "d-7", &frame).expect("a genuine chunk"));
+    }
+    assert_eq!(got, v2);
+    let json = |b: bytes::Bytes| -> serde_json::Value { serde_json::from_slice(&b).unwrap() };
+    let status = json(
+        get(&http, format!("{base}/ota/status?device=d-7"), &[])
+            .await
+            .bytes()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(status["progress_pct"], 100);
+    assert_eq!(status["state"], "downloading");
+
+    let r = http
+        .post(format!("{base}/ota/verify"))
+        .body(r#"{"v":1,"device":"d-7","sequence":2}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let ack = r#"{"v":1,"device":"d-7","sequence":2,"version":"2.0.0","outcome":"installed","detail":""}"#;
+    let r = http
+        .post(format!("{base}/ota/complete"))
+        .body(ack)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let all = json(
+        get(&http, format!("{base}/ota/status"), &[])
+            .await
+            .bytes()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(all[0]["state"], "complete");
+    assert_eq!(all[0]["outcome"], "installed");
+    let acks = std::fs::read_to_string(dir.path().join("acks.jsonl")).unwrap();
+    assert!(acks.contains("\"d-7\""), "the complete is the ack: {acks}");
+
+    // Wrong requests say what is wrong.
+    let stale = get(
+        &http,
+        format!("{base}/ota/chunk?device=d-7&session={}&n=0", "00".repeat(16)),
+        &[],
+    )
+    .await;
+    assert_eq!(stale.status(), StatusCode::NOT_FOUND);
+    assert!(stale.text().await.unwrap().contains("POST /ota/check"));
+    let past = get(
+        &http,
+        format!(
+            "{base}/ota/chunk?device=d-7&session={}&n=9999",
+            hex::encode(session.id)
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(past.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    let r = http
+        .post(format!("{base}/ota/check"))
+        .body(r#"{"v":1,"device":"d-7"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let unknown = serde_json::json!({"v":1,"device":"d-7","sequence":2,"sha256":"ab".repeat(32)});
+    let r = http
+        .post(format!("{base}/ota/check"))
+        .body(unknown.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    server.shutdown().await;
+}

@@ -5,6 +5,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 
 use super::*;
+use crate::chunk::{self, CHUNK_SIZE};
 use crate::cipher::{Decryptor, FeedError};
 use alloc::boxed::Box;
 
@@ -24,6 +25,12 @@ pub(super) struct Download {
     decrypt: Option<Box<Decryptor>>,
     /// Bytes taken since the current transfer-rate window began.
     window_bytes: u64,
+    /// The chunked protocol's open session (none until `/ota/check` answered; dropped at
+    /// every failure, so a retry opens a new one).
+    session: Option<chunk::Session>,
+    /// The check that refused the last chunk, until a chunk is taken: a download given up
+    /// after refused chunks names it rather than `download`.
+    chunk_refusal: Option<Check>,
 }
 
 /// A delta being applied: patch bytes in, new image bytes out.
@@ -292,6 +299,8 @@ impl Agent {
             delta,
             decrypt,
             window_bytes: 0,
+            session: None,
+            chunk_refusal: None,
         };
         self.state = State::Downloading(dl);
         self.timers.rate = None;
@@ -346,6 +355,29 @@ impl Agent {
             Some(d) => (d.patch_sha256, d.url.clone()),
             None => (blob.unwrap_or(dl.sha256), dl.manifest.url.clone()),
         };
+        if matches!(self.cfg.fetch, FetchMode::Chunked(_)) {
+            // One chunk per request; a position inside a chunk (AES-CBC resumes one block
+            // back) asks for the chunk that holds it.
+            let index = at / CHUNK_SIZE;
+            dl.requested_end =
+                core::cmp::min(index.saturating_add(1).saturating_mul(CHUNK_SIZE), total);
+            let action = match dl.session.as_mut() {
+                Some(s) => {
+                    s.next = index;
+                    Action::FetchChunk {
+                        session: s.id,
+                        index,
+                    }
+                }
+                None => Action::OpenSession {
+                    sequence: dl.manifest.sequence,
+                    sha256,
+                    size: total,
+                    from: index,
+                },
+            };
+            return self.out.push_back(action);
+        }
         self.out.push_back(Action::Fetch {
             sha256,
             url,
@@ -378,6 +410,61 @@ impl Agent {
         if endless && matches!(self.state, State::Downloading(_)) {
             self.out.push_back(Action::CancelFetch);
             self.on_body_end(p, now);
+        }
+    }
+
+    pub(super) fn chunked(&self) -> bool {
+        matches!(self.cfg.fetch, FetchMode::Chunked(_))
+    }
+
+    /// The answer to `/ota/check`: the session the chunks will come in.
+    pub(super) fn on_session<P: Platform>(&mut self, p: &mut P, now: u64, answer: &[u8]) {
+        let chunked = self.chunked();
+        let State::Downloading(dl) = &mut self.state else {
+            return;
+        };
+        if dl.session.is_some() || !chunked {
+            return; // not asked for
+        }
+        let (at, total) = dl.fetch_window();
+        match chunk::open_session(answer, dl.manifest.sequence, total, at / CHUNK_SIZE) {
+            Ok(s) => {
+                dl.session = Some(s);
+                self.request_next();
+            }
+            Err(e) => self.on_fetch_failed(p, now, &e),
+        }
+    }
+
+    /// A chunk frame: written only if its tag verifies under this board's key and it is the
+    /// chunk asked for; otherwise refused (`chunk-mac`, `chunk-sequence`) like a failed
+    /// request, and the retry opens a new session.
+    pub(super) fn on_chunk<P: Platform>(&mut self, p: &mut P, now: u64, frame: &[u8]) {
+        let FetchMode::Chunked(key) = &self.cfg.fetch else {
+            return;
+        };
+        let State::Downloading(dl) = &mut self.state else {
+            return;
+        };
+        let Some(session) = dl.session.as_mut() else {
+            return;
+        };
+        let index = session.next;
+        match session.take(key, &self.cfg.device_id, frame) {
+            Ok(data) => {
+                dl.chunk_refusal = None;
+                self.on_body(p, now, index * CHUNK_SIZE, data);
+                self.on_body_end(p, now);
+            }
+            Err(e) => {
+                dl.chunk_refusal = Some(e.check());
+                self.emit(Event::TransportRefused {
+                    peer: Peer::Server.name(),
+                    check: e.check(),
+                    detail: e.to_string(),
+                });
+                self.on_fetch_failed(p, now, &e.to_string());
+            }
         }
     }
 
@@ -500,6 +587,7 @@ impl Agent {
             return;
         };
         self.timers.rate = None;
+        dl.session = None;
         dl.consecutive_failures += 1;
         if dl.consecutive_failures >= self.cfg.max_fetch_failures {
             // Stop retrying this release (a new release, with a higher sequence, starts over);
@@ -521,7 +609,7 @@ impl Agent {
             return self.refuse(
                 dl.manifest.sequence,
                 &dl.manifest.version,
-                Check::Download,
+                dl.chunk_refusal.unwrap_or(Check::Download),
                 detail,
             );
         }

@@ -17,6 +17,7 @@ use alloc::collections::VecDeque;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
+use crate::chunk::ChunkKey;
 use crate::cipher::{self, ImageKeys};
 use crate::delta::{self, Applier, Resume};
 use crate::event::{Ack, Check, Event, Outcome};
@@ -69,6 +70,8 @@ pub struct Config {
     /// Keys for encrypted images ([`crate::cipher`]); none: encrypted releases are refused
     /// (`decrypt`) before a byte is fetched.
     pub image_keys: ImageKeys,
+    /// How image bytes are fetched: HTTP ranges, or the chunked protocol.
+    pub fetch: FetchMode,
     /// Bytes asked for in one range request.
     pub chunk_size: u32,
     /// Bytes between two durable resume points; a multiple of the 4 KiB sector.
@@ -104,6 +107,18 @@ pub struct Config {
     pub time_floor_ms: u64,
 }
 
+/// How a board fetches the bytes of a release.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FetchMode {
+    /// HTTP range requests of [`Config::chunk_size`] bytes ([`Action::Fetch`]); TLS, where
+    /// used, authenticates the server.
+    Ranges,
+    /// The chunked protocol ([`crate::chunk`]): a session per release, 1 KiB chunks, each
+    /// checked under this board's key before a byte of it is written ([`Action::OpenSession`],
+    /// [`Action::FetchChunk`]). Plain range answers ([`Input::Body`]) are then ignored.
+    Chunked(ChunkKey),
+}
+
 /// 2025-01-01T00:00:00Z: no firmware built with this agent runs earlier.
 pub const TIME_FLOOR_MS: u64 = 1_735_689_600_000;
 
@@ -118,6 +133,7 @@ impl Config {
             timestamp_keys: Vec::new(),
             require_timestamp: false,
             image_keys: ImageKeys::default(),
+            fetch: FetchMode::Ranges,
             chunk_size: 16 * 1024,
             checkpoint_interval: 64 * 1024,
             confirm_requires_network: true,
@@ -165,7 +181,12 @@ pub enum Input<'a> {
     },
     /// The answer to the last [`Action::Fetch`] ended (complete or cut short).
     BodyEnd,
-    /// The last [`Action::Fetch`] failed before or while its body arrived.
+    /// The answer to the last [`Action::OpenSession`] (`POST /ota/check`), as it came.
+    Session(&'a [u8]),
+    /// The answer to the last [`Action::FetchChunk`] (`GET /ota/chunk`): one whole frame.
+    Chunk(&'a [u8]),
+    /// The last [`Action::Fetch`], [`Action::OpenSession`] or [`Action::FetchChunk`] failed
+    /// before or while its answer arrived.
     FetchFailed {
         reason: &'a str,
     },
@@ -212,6 +233,19 @@ pub enum Action {
         /// The whole blob's size (from the signed manifest): no answer may run past it, and
         /// a server that ignores `Range` sends all of it from byte 0.
         total: u32,
+    },
+    /// Open a chunked-protocol session (`POST /ota/check`) for release `sequence`, whose blob
+    /// `sha256` has `size` bytes, starting at chunk `from`; answered with [`Input::Session`].
+    OpenSession {
+        sequence: u64,
+        sha256: [u8; 32],
+        size: u32,
+        from: u32,
+    },
+    /// Fetch chunk `index` of `session` (`GET /ota/chunk`); answered with [`Input::Chunk`].
+    FetchChunk {
+        session: [u8; crate::chunk::SESSION_LEN],
+        index: u32,
     },
     /// Publish a status event.
     Report(Event),
@@ -418,8 +452,12 @@ impl Agent {
             Input::Manifest(bytes) => self.on_release(p, now_ms, bytes, false),
             Input::Announcement(bytes) => self.on_release(p, now_ms, bytes, true),
             Input::Command { payload, retained } => self.on_command(p, now_ms, payload, retained),
+            // With the chunked protocol, only chunks whose tag verifies are written.
+            Input::Body { .. } | Input::BodyEnd if self.chunked() => {}
             Input::Body { offset, data } => self.on_body(p, now_ms, offset, data),
             Input::BodyEnd => self.on_body_end(p, now_ms),
+            Input::Session(answer) => self.on_session(p, now_ms, answer),
+            Input::Chunk(frame) => self.on_chunk(p, now_ms, frame),
             Input::FetchFailed { reason } => self.on_fetch_failed(p, now_ms, reason),
             Input::Timer => self.on_timer(p, now_ms),
             Input::TlsFailed { peer, detail } => self.on_tls_failed(peer, detail),

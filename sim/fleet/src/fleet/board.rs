@@ -16,7 +16,9 @@ use rumqttc::{AsyncClient, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::transfer::{read_next, spawn_fetch, spawn_poll, Io, RangeRequest, Reading};
+use super::transfer::{
+    read_next, spawn_chunked, spawn_fetch, spawn_poll, ChunkedRequest, Io, RangeRequest, Reading,
+};
 use super::PREFIX;
 use crate::board_http::BoardHttp;
 
@@ -63,6 +65,9 @@ pub(crate) struct Shared {
     /// Bounds the boards connecting to the broker at once (see
     /// [`super::FleetOptions::connects_in_flight`]); `None`: no bound (one virtual board).
     pub(super) connect_gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// The chunked protocol's fleet key: each board fetches by chunks under its own key
+    /// derived from it. `None`: as `cfg` says (a virtual board has its key from NVS).
+    pub(super) fleet_key: Option<Arc<Vec<u8>>>,
 }
 
 impl Shared {
@@ -100,6 +105,7 @@ impl Shared {
             console: Some(console),
             board_tls: tls.into_iter().collect(),
             connect_gate: None,
+            fleet_key: None,
         })
     }
 
@@ -301,6 +307,9 @@ impl<'a> Boot<'a> {
         let mut cfg = sh.cfg.clone();
         cfg.device_id = dev.id.clone();
         cfg.channel = dev.channel.clone();
+        if let Some(key) = &sh.fleet_key {
+            cfg.fetch = runner::fetch_mode(Some(key), &dev.id);
+        }
         let booted_at = sh.clock.now();
         Boot {
             i,
@@ -434,6 +443,22 @@ impl<'a> Boot<'a> {
                 let fetch = spawn_fetch(sh.clone(), http, tx, self.dev.id.clone(), req);
                 self.tasks.push(fetch);
             }
+            Action::OpenSession {
+                sequence,
+                sha256,
+                from,
+                ..
+            } => {
+                let req = ChunkedRequest::Open {
+                    sequence,
+                    sha: sha256,
+                    from,
+                };
+                self.send_chunked(req);
+            }
+            Action::FetchChunk { session, index } => {
+                self.send_chunked(ChunkedRequest::Chunk { session, index })
+            }
             Action::Report(e) => self.report(e),
             Action::Ack(ack) => self.ack(ack),
             Action::CancelFetch => {
@@ -446,10 +471,37 @@ impl<'a> Boot<'a> {
         Ok(())
     }
 
+    /// The board fetches by the chunked protocol.
+    fn chunked(&self) -> bool {
+        matches!(
+            self.agent.config().fetch,
+            otarig_agent::FetchMode::Chunked(_)
+        )
+    }
+
+    fn send_chunked(&mut self, req: ChunkedRequest) {
+        let (http, tx) = (self.http.clone(), self.io_tx.clone());
+        let sh = self.sh.clone();
+        let task = spawn_chunked(sh, http, tx, self.dev.id.clone(), (req, self.fetches));
+        self.tasks.push(task);
+    }
+
+    /// With the chunked protocol, `POST /ota/<what>` with `body` (verify, complete).
+    fn post_ota(&mut self, what: &str, body: String) {
+        let (http, url) = (self.http.clone(), format!("{}/ota/{what}", self.sh.server));
+        self.tasks.push(tokio::spawn(async move {
+            let _ = http.post_json(&url, body).await;
+        }));
+    }
+
     /// An agent event: on the board's status topic, and in the run's record.
     fn report(&mut self, e: Event) {
         if let Event::Downloading { size, .. } = &e {
             self.dev.image_size = *size as u64;
+        }
+        if let (Event::Verified { sequence }, true) = (&e, self.chunked()) {
+            let body = serde_json::json!({"v": 1, "device": self.dev.id, "sequence": sequence});
+            self.post_ota("verify", body.to_string());
         }
         if let Some(c) = &self.client {
             let payload = protocol::event_json(&self.dev.id, self.sh.clock.now(), &e).to_string();
@@ -481,10 +533,8 @@ impl<'a> Boot<'a> {
                 body.clone(),
             );
         }
-        let (http, url) = (self.http.clone(), format!("{}/ack", sh.server));
-        self.tasks.push(tokio::spawn(async move {
-            let _ = http.post_json(&url, body).await;
-        }));
+        // The chunked protocol takes the ack as its `complete`.
+        self.post_ota_or_ack(body);
         sh.record(
             self.i,
             What::Ack {
@@ -492,6 +542,16 @@ impl<'a> Boot<'a> {
                 duplicate: !fresh,
             },
         );
+    }
+
+    fn post_ota_or_ack(&mut self, body: String) {
+        if self.chunked() {
+            return self.post_ota("complete", body);
+        }
+        let (http, url) = (self.http.clone(), format!("{}/ack", self.sh.server));
+        self.tasks.push(tokio::spawn(async move {
+            let _ = http.post_json(&url, body).await;
+        }));
     }
 
     async fn on_net(&mut self, n: Net) -> Step {
@@ -530,8 +590,18 @@ impl<'a> Boot<'a> {
     fn on_io(&mut self, io: Io) -> Step {
         match io {
             Io::Manifest(b) => self.feed(Input::Manifest(&b)),
-            Io::Response { fetch, .. } | Io::FetchFailed(_, fetch) if fetch != self.fetches => {
+            Io::Response { fetch, .. }
+            | Io::Session(_, fetch)
+            | Io::Chunk(_, fetch)
+            | Io::FetchFailed(_, fetch)
+                if fetch != self.fetches =>
+            {
                 Ok(()) // the answer to a fetch the agent cancelled
+            }
+            Io::Session(answer, _) => self.feed(Input::Session(&answer)),
+            Io::Chunk(frame, _) => {
+                self.dev.fetched += frame.len() as u64;
+                self.feed(Input::Chunk(&frame))
             }
             Io::Response { offset, body, .. } => {
                 let timeout = self.sh.clock.real(runner::FETCH_TIMEOUT_MS);

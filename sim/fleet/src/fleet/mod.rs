@@ -181,6 +181,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         console: None,
         board_tls: server.board_tls.clone(),
         connect_gate: Some(Arc::new(tokio::sync::Semaphore::new(connect_share(opts)))),
+        fleet_key: prep.fleet_key.clone(),
     });
     if let Some(p) = &opts.progress {
         p.boards.store(s.devices as u64, Ordering::Relaxed);

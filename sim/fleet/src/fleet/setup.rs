@@ -60,6 +60,9 @@ impl FirmwareServer {
             }
         };
         server.faults.set_speedup(opts.speedup.max(1.0));
+        if let Some(key) = &prep.fleet_key {
+            server.chunks.enable(key);
+        }
         for i in 0..s.devices {
             let faults = s.server_faults_for(i);
             if !faults.is_empty() {

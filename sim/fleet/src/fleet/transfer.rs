@@ -24,6 +24,9 @@ pub(super) enum Io {
         body: Incoming,
         fetch: u64,
     },
+    /// The chunked protocol's answers (`/ota/check`, `/ota/chunk`), whole.
+    Session(Vec<u8>, u64),
+    Chunk(Vec<u8>, u64),
     FetchFailed(String, u64),
     /// A request failed its TLS handshake (what the TLS stack said).
     TlsFailed(String),
@@ -144,6 +147,78 @@ pub(super) fn spawn_fetch(
                 fetch,
             })
             .await;
+    })
+}
+
+/// A request of the chunked protocol, under the board's fetch number (see [`Io`]).
+pub(super) enum ChunkedRequest {
+    /// `POST /ota/check`.
+    Open {
+        sequence: u64,
+        sha: [u8; 32],
+        from: u32,
+    },
+    /// `GET /ota/chunk`.
+    Chunk {
+        session: [u8; otarig_agent::chunk::SESSION_LEN],
+        index: u32,
+    },
+}
+
+/// Send one chunked-protocol request; its whole answer (bounded by what a board's buffer
+/// holds) comes back as [`Io::Session`] or [`Io::Chunk`].
+pub(super) fn spawn_chunked(
+    sh: Arc<Shared>,
+    http: BoardHttp,
+    tx: mpsc::Sender<Io>,
+    device: String,
+    (req, fetch): (ChunkedRequest, u64),
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let timeout = sh.clock.real(runner::FETCH_TIMEOUT_MS);
+        let (sent, limit) = match &req {
+            ChunkedRequest::Open {
+                sequence,
+                sha,
+                from,
+            } => {
+                let body = serde_json::json!({"v": 1, "device": device, "sequence": sequence,
+                    "sha256": hex::encode(sha), "from": from});
+                let url = format!("{}/ota/check", sh.server);
+                let sent = tokio::time::timeout(timeout, http.post(&url, body.to_string()));
+                (sent.await, otarig_agent::protocol::MAX_PAYLOAD)
+            }
+            ChunkedRequest::Chunk { session, index } => {
+                let url = format!(
+                    "{}/ota/chunk?device={device}&session={}&n={index}",
+                    sh.server,
+                    hex::encode(session)
+                );
+                let sent = tokio::time::timeout(timeout, http.get(&url, None));
+                (sent.await, otarig_agent::chunk::MAX_FRAME)
+            }
+        };
+        let io = match sent {
+            Ok(Ok(r)) if r.status().is_success() => {
+                match tokio::time::timeout(timeout, board_http::read_limited(r, limit)).await {
+                    Ok(Ok(b)) => match req {
+                        ChunkedRequest::Open { .. } => Io::Session(b.to_vec(), fetch),
+                        ChunkedRequest::Chunk { .. } => Io::Chunk(b.to_vec(), fetch),
+                    },
+                    Ok(Err(e)) => Io::FetchFailed(e, fetch),
+                    Err(_) => Io::FetchFailed(no_data(), fetch),
+                }
+            }
+            Ok(Ok(r)) => Io::FetchFailed(format!("HTTP {}", r.status()), fetch),
+            Ok(Err(e)) => {
+                if let Some(detail) = board_http::tls_failure(e.as_ref()) {
+                    let _ = tx.send(Io::TlsFailed(detail)).await;
+                }
+                Io::FetchFailed(format!("request failed: {e}"), fetch)
+            }
+            Err(_) => Io::FetchFailed(no_data(), fetch),
+        };
+        let _ = tx.send(io).await;
     })
 }
 

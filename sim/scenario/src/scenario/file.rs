@@ -89,6 +89,10 @@ pub(super) struct FleetDef {
     /// certificate each (default `"plain"`).
     #[serde(default)]
     pub(super) transport: super::Transport,
+    /// `"chunked"`: boards fetch images by the chunked protocol (`/ota/*`, 1 KiB chunks
+    /// tagged under per-device keys) instead of HTTP ranges (default `"ranges"`).
+    #[serde(default)]
+    pub(super) download: super::Download,
 }
 
 /// `[[keys]]`: at `at`, the server starts serving a key set signed by a root key.
@@ -274,6 +278,10 @@ pub(super) struct ServerFaultDef {
     /// Bytes per second, as a number or a string with a unit ("32 KiB/s", "1 MB/s").
     #[serde(default)]
     pub(super) throttle: Option<toml::Value>,
+    /// A man in the middle of the chunked protocol: `"reorder"`, `"other-session"` (a chunk
+    /// replayed from an earlier session) or `"other-device"` (a chunk made for another board).
+    #[serde(default)]
+    pub(super) chunk: Option<String>,
     #[serde(default)]
     pub(super) times: Option<u32>,
 }

@@ -180,6 +180,19 @@ pub enum Transport {
     Tls,
 }
 
+/// How boards fetch the bytes of a release.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Download {
+    /// HTTP range requests (`GET /blobs/<sha256>`).
+    #[default]
+    Ranges,
+    /// The chunked protocol (`/ota/check`, `/ota/chunk`, …): every 1 KiB chunk tagged with
+    /// HMAC-SHA256 under the board's key, derived from the fleet key in
+    /// `fixtures/keys/fleet-chunk.psk`.
+    Chunked,
+}
+
 /// How trust breaks on a `transport = "tls"` run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -533,6 +546,8 @@ pub struct Scenario {
     pub trust: Trust,
     /// Plain or TLS on the wire (the in-process runner has no sockets).
     pub transport: Transport,
+    /// HTTP ranges or the chunked protocol.
+    pub download: Download,
     /// Key sets and revocation lists published during the run.
     pub statements: Vec<Statement>,
     pub poll_interval_ms: u64,

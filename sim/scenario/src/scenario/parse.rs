@@ -8,6 +8,7 @@ use serde_spanned::Spanned;
 
 use otarig_esp32s3::board::Phase;
 use otarig_esp32s3::partition::PartitionTable;
+use otarig_server::chunked::ChunkFault;
 use otarig_server::rollout::RolloutPlan;
 
 use super::file::{ExpectDef, FaultDef, FileDef, OneOrMany, ReleaseDef, ServerFaultDef, TamperDef};
@@ -159,6 +160,7 @@ impl Parser<'_> {
             trusted_keys,
             trust,
             transport: raw.fleet.transport,
+            download: raw.fleet.download,
             statements,
             poll_interval_ms: cx.optional_duration(&raw.fleet.poll_interval, 60_000)?,
             confirm_timeout_ms: cx.optional_duration(&raw.fleet.confirm_timeout, 120_000)?,
@@ -637,6 +639,20 @@ impl Parser<'_> {
                 parse_rate(rate).map_err(|e| self.cx.span(sv, e))?,
             ));
         }
+        if let Some(name) = &d.chunk {
+            if self.raw.fleet.download != super::Download::Chunked {
+                return Err(self
+                    .cx
+                    .span(sv, "a chunk fault needs download = \"chunked\" in [fleet]"));
+            }
+            let f = ChunkFault::from_name(name).ok_or_else(|| {
+                self.cx.span(
+                    sv,
+                    format!("chunk = '{name}' is not reorder, other-session or other-device"),
+                )
+            })?;
+            kinds.push(ServerFault::Chunk(f));
+        }
         match kinds[..] {
             [fault] => Ok(FaultKind::Server {
                 fault,
@@ -644,7 +660,7 @@ impl Parser<'_> {
             }),
             _ => Err(self.cx.span(
                 sv,
-                "a server fault is exactly one of drop-after, no-range, status, stall, endless or throttle (give two [[fault]] tables to combine them)",
+                "a server fault is exactly one of drop-after, no-range, status, stall, endless, throttle or chunk (give two [[fault]] tables to combine them)",
             )),
         }
     }

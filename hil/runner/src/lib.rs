@@ -109,7 +109,8 @@ pub async fn run_scenario(scenario: &Scenario, opts: &HilOptions) -> anyhow::Res
     flashing::flash_starting_state(&s, &prep, services.nvs.as_deref(), opts).await?;
     let mut con = Console::open(&opts.port)?;
     let t0 = Instant::now();
-    // A factory NVS image provisions the board over TLS; else its console does.
+    // A factory NVS image provisions the board (for TLS, or the chunked protocol's key);
+    // else its console does.
     if services.nvs.is_none() {
         provision(&mut con, &s, &services, opts).await?;
     }
@@ -309,44 +310,58 @@ impl TlsBench {
                 operator: operator_tls,
             },
         };
-        let nvs_part = prep
-            .proto
-            .table()
-            .find("nvs")
-            .context("transport = \"tls\" provisions the board with an NVS image: the partition table needs an `nvs` partition")?;
-        let mut w = otarig_esp32s3::nvs::NvsWriter::new(nvs_part.size as usize)?;
-        w.namespace("otarig")?;
         let (ssid, password) = opts;
-        for (k, v) in [
-            ("device", id.as_str()),
-            ("broker", m.url().as_str()),
-            ("server", server.url().as_str()),
-            ("channel", s.channel_for(DEVICE)),
-            ("ssid", ssid),
-            ("password", password),
-            ("ca_cert", root.as_str()),
-            ("device_crt", pki.chain_pem(&device).as_str()),
-            ("device_key", device.key_pem.as_str()),
-        ] {
-            w.string(k, v)?;
-        }
-        // The image keys a factory puts beside the identity, when a release is encrypted
-        // (`otarig pki nvs --image-key`): the fixture keys the scenario encrypts for.
-        if s.releases.iter().any(|r| r.encrypt.is_some()) {
-            let keys = otarig_server::keys::fixture_dir();
-            let read = |f: &str| {
-                std::fs::read_to_string(keys.join(f))
-                    .with_context(|| format!("reading the image key fixtures/keys/{f}"))
-            };
-            w.string("image_aes", read("aes-256-image.hex")?.trim())?;
-            w.string("image_rsa", &read("rsa-3072-image.pem")?)?;
-        }
+        let nvs = factory_nvs(
+            s,
+            prep,
+            &[
+                ("device", id.as_str()),
+                ("broker", m.url().as_str()),
+                ("server", server.url().as_str()),
+                ("channel", s.channel_for(DEVICE)),
+                ("ssid", ssid),
+                ("password", password),
+                ("ca_cert", root.as_str()),
+                ("device_crt", pki.chain_pem(&device).as_str()),
+                ("device_key", device.key_pem.as_str()),
+            ],
+        )?;
         Ok(TlsBench {
             server,
             broker: BenchBroker::Mosquitto(m, endpoint),
-            nvs: w.finish(),
+            nvs,
         })
     }
+}
+
+/// The board's factory NVS image (namespace `otarig`, as `otarig pki nvs` writes it):
+/// `entries` (device, network, identity), then the keys a factory puts beside them: the
+/// fixture image keys when a release is encrypted, and the board's own chunk key (derived
+/// from the fleet key) when the scenario fetches by chunks.
+fn factory_nvs(s: &Scenario, prep: &Prepared, entries: &[(&str, &str)]) -> anyhow::Result<Vec<u8>> {
+    let nvs_part = prep
+        .proto
+        .table()
+        .find("nvs")
+        .context("this scenario provisions the board with a factory NVS image (transport = \"tls\" or download = \"chunked\"): the partition table needs an `nvs` partition")?;
+    let mut w = otarig_esp32s3::nvs::NvsWriter::new(nvs_part.size as usize)?;
+    w.namespace("otarig")?;
+    for (k, v) in entries {
+        w.string(k, v)?;
+    }
+    if s.releases.iter().any(|r| r.encrypt.is_some()) {
+        let keys = otarig_server::keys::fixture_dir();
+        let read = |f: &str| {
+            std::fs::read_to_string(keys.join(f))
+                .with_context(|| format!("reading the image key fixtures/keys/{f}"))
+        };
+        w.string("image_aes", read("aes-256-image.hex")?.trim())?;
+        w.string("image_rsa", &read("rsa-3072-image.pem")?)?;
+    }
+    if let otarig_agent::FetchMode::Chunked(key) = prep.fetch_mode(&s.device_id(DEVICE)) {
+        w.string("chunk_key", &key.to_hex())?;
+    }
+    Ok(w.finish())
 }
 
 impl Services {
@@ -369,8 +384,29 @@ impl Services {
             let broker =
                 tokio::task::spawn_blocking(move || EmbeddedBroker::start_on(host, 8)).await??;
             let server = Server::start(store.clone(), SocketAddr::new(host, 0)).await?;
-            (server, BenchBroker::Embedded(broker), None)
+            let broker = BenchBroker::Embedded(broker);
+            // The chunk key travels in a factory NVS image, never over the console.
+            let nvs = match prep.fleet_key {
+                Some(_) => {
+                    let id = s.device_id(DEVICE);
+                    let url = broker.endpoint().url_for(&id);
+                    let entries = [
+                        ("device", id.as_str()),
+                        ("broker", url.as_str()),
+                        ("server", &server.url()),
+                        ("channel", s.channel_for(DEVICE)),
+                        ("ssid", opts.wifi_ssid.as_str()),
+                        ("password", opts.wifi_password.as_str()),
+                    ];
+                    Some(factory_nvs(s, prep, &entries)?)
+                }
+                None => None,
+            };
+            (server, broker, nvs)
         };
+        if let Some(key) = &prep.fleet_key {
+            server.chunks.enable(key);
+        }
         // A bench board's clock is real time (SNTP): timestamps on the system clock.
         server.timestamps.sign_with(s.trust.signer()?, None);
         if !faults.is_empty() {

@@ -117,3 +117,23 @@ async fn a_board_provisioned_by_its_nvs_image_updates_over_mutual_tls() {
         "provisioned by NVS, not the console: {console}"
     );
 }
+
+/// The chunked protocol on a bench: the runner writes the board's own chunk key (derived from
+/// the fleet key) into its factory NVS image, the virtual board reads it as the shell does and
+/// fetches by chunks; a man in the middle's replayed chunks are refused (only a board that
+/// checks chunks can report `chunk-sequence`) and the update completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_board_with_its_chunk_key_in_nvs_refuses_replayed_chunks() {
+    let hil = run_on_virtual_board("attacks/chunk-replay.toml").await;
+    let d = &hil.run.devices[0];
+    assert_eq!(d.version.as_deref(), Some("2.0.0"));
+    let console = hil.console.join("\n");
+    assert!(
+        console.contains("chunk-sequence"),
+        "the replayed chunks were refused by name: {console}"
+    );
+    assert!(
+        !console.contains("\"kind\":\"provisioned\""),
+        "provisioned by NVS, not the console: {console}"
+    );
+}

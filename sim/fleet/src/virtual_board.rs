@@ -98,6 +98,8 @@ struct Provisioned {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// Image keys from the NVS image (`image_aes`, `image_rsa`), when it holds any.
     image_keys: Option<otarig_agent::cipher::ImageKeys>,
+    /// The board's chunk key (`chunk_key`): it then fetches by the chunked protocol.
+    chunk_key: Option<otarig_agent::chunk::ChunkKey>,
 }
 
 impl Provisioned {
@@ -136,6 +138,15 @@ impl Provisioned {
             }
             keys
         });
+        let chunk_key = get("chunk_key").and_then(|hex| {
+            let key = otarig_agent::chunk::ChunkKey::from_hex(&hex);
+            if key.is_none() {
+                tracing::error!(
+                    "virtual board: NVS chunk_key is not 64 hex digits; fetching by ranges"
+                );
+            }
+            key
+        });
         Some(Provisioned {
             device,
             channel: get("channel").unwrap_or_else(|| "stable".into()),
@@ -143,6 +154,7 @@ impl Provisioned {
             server: get("server")?,
             tls,
             image_keys,
+            chunk_key,
         })
     }
 }
@@ -325,22 +337,10 @@ impl Chip {
         };
         // A factory image in NVS first, as the shell reads it; else the console's.
         let prov = Provisioned::from_nvs(&board).or_else(|| self.provisioned.clone());
-        let (id, channel, network, tls, image_keys) = match prov {
-            Some(p) => (
-                p.device,
-                p.channel,
-                Some((p.broker, p.server)),
-                p.tls,
-                p.image_keys,
-            ),
-            None => (
-                "unprovisioned".to_string(),
-                "stable".to_string(),
-                None,
-                None,
-                None,
-            ),
-        };
+        let (id, channel) = prov.as_ref().map_or_else(
+            || ("unprovisioned".to_string(), "stable".to_string()),
+            |p| (p.device.clone(), p.channel.clone()),
+        );
         let opts = &self.opts;
         let mut cfg = opts
             .agent
@@ -349,9 +349,14 @@ impl Chip {
         cfg.device_id = id.clone();
         cfg.device_type = opts.device_type.clone();
         cfg.trusted_keys = opts.trusted_keys.clone();
-        if let Some(keys) = image_keys {
+        if let Some(keys) = prov.as_ref().and_then(|p| p.image_keys.clone()) {
             cfg.image_keys = keys;
         }
+        if let Some(key) = prov.as_ref().and_then(|p| p.chunk_key.clone()) {
+            cfg.fetch = otarig_agent::FetchMode::Chunked(key);
+        }
+        let network = prov.as_ref().map(|p| (p.broker.clone(), p.server.clone()));
+        let tls = prov.and_then(|p| p.tls);
         let sh = match Shared::for_virtual_board(cfg, network, tls, self.console.clone()) {
             Ok(s) => Arc::new(s),
             Err(e) => {
@@ -457,8 +462,9 @@ impl Chip {
                         broker: b,
                         server,
                         tls: None,
-                        // Console provisioning carries no image keys: the firmware's own.
+                        // Console provisioning carries no keys: the firmware's own.
                         image_keys: None,
+                        chunk_key: None,
                     });
                     self.halt().await;
                     self.start_app();

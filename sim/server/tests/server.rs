@@ -751,7 +751,10 @@ async fn the_chunked_protocol_over_http_from_check_to_complete() {
     // Wrong requests say what is wrong.
     let stale = get(
         &http,
-        format!("{base}/ota/chunk?device=d-7&session={}&n=0", "00".repeat(16)),
+        format!(
+            "{base}/ota/chunk?device=d-7&session={}&n=0",
+            "00".repeat(16)
+        ),
         &[],
     )
     .await;

@@ -68,6 +68,9 @@ pub enum KeyAlg {
     /// An image key pair for `release add --encrypt esp-encrypted-img`.
     #[value(name = "rsa-3072")]
     Rsa3072,
+    /// A fleet key for the chunked protocol (`serve --chunk-psk`, `pki nvs --chunk-psk`):
+    /// 32 random bytes as hex, NAME.psk.
+    Psk,
 }
 
 /// The public halves of the named keys in `dir`, as a board trusts them.
@@ -154,10 +157,10 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             dir,
             force,
         } => {
-            let ext = if matches!(alg, KeyAlg::Aes256) {
-                "hex"
-            } else {
-                "pem"
+            let ext = match alg {
+                KeyAlg::Aes256 => "hex",
+                KeyAlg::Psk => "psk",
+                _ => "pem",
             };
             let path = dir.join(format!("{name}.{ext}"));
             if path.exists() && !force {
@@ -168,6 +171,15 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 KeyAlg::Ed25519 => NamedKey::generate_ed25519(&name),
                 KeyAlg::Rsa => NamedKey::generate_rsa(&name)?,
                 KeyAlg::Aes256 | KeyAlg::Rsa3072 => return image_key(&dir, &name, &path, alg),
+                KeyAlg::Psk => {
+                    let hex = otarig_server::chunked::generate_fleet_key(&mut rand::rngs::OsRng);
+                    write_private(&path, format!("{hex}\n").as_bytes())?;
+                    println!(
+                        "wrote {} (the chunked protocol's fleet key: for `otarig serve --chunk-psk` and `otarig pki nvs --chunk-psk`; boards get only their own derived key)",
+                        path.display()
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
             };
             write_private(&path, key.to_pem()?.as_bytes())?;
             println!("wrote {}", path.display());

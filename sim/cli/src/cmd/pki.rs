@@ -86,6 +86,11 @@ pub enum Cmd {
         /// keys gen NAME --alg aes-256|rsa-3072`.
         #[arg(long)]
         image_key: Vec<PathBuf>,
+        /// The chunked protocol's fleet key (`otarig keys gen NAME --alg psk`): the board gets
+        /// only its own key, derived from it with the device id (NVS key `chunk_key`), and
+        /// fetches by chunks.
+        #[arg(long)]
+        chunk_psk: Option<PathBuf>,
         #[arg(short, long)]
         out: PathBuf,
     },
@@ -139,6 +144,11 @@ fn nvs_image(dir: &std::path::Path, p: &Provision<'_>, size: usize) -> anyhow::R
         let (k, v) = image_key_entry(path)?;
         w.string(k, &v)?;
     }
+    if let Some(path) = p.chunk_psk {
+        let fleet = otarig_server::chunked::load_fleet_key(path)?;
+        let key = otarig_agent::chunk::ChunkKey::derive(&fleet, p.device);
+        w.string("chunk_key", &key.to_hex())?;
+    }
     Ok(w.finish())
 }
 
@@ -167,6 +177,7 @@ fn image_key_entry(path: &std::path::Path) -> anyhow::Result<(&'static str, Stri
 /// What a board is provisioned with.
 struct Provision<'a> {
     image_keys: &'a [PathBuf],
+    chunk_psk: Option<&'a std::path::Path>,
     device: &'a str,
     broker: &'a str,
     server: &'a str,
@@ -262,10 +273,12 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             password,
             size,
             image_key,
+            chunk_psk,
             out,
         } => {
             let p = Provision {
                 image_keys: &image_key,
+                chunk_psk: chunk_psk.as_deref(),
                 device: &device,
                 broker: &broker,
                 server: &server,
@@ -310,8 +323,10 @@ mod tests {
             keys.join("aes-256-image.hex"),
             keys.join("rsa-3072-image.pem"),
         ];
+        let psk = keys.join(otarig_server::chunked::FIXTURE_FLEET_KEY);
         let p = Provision {
             image_keys: &image_keys,
+            chunk_psk: Some(&psk),
             device: "dev-9",
             broker: "mqtts://10.0.0.2:8883",
             server: "https://10.0.0.2:8443",
@@ -334,6 +349,11 @@ mod tests {
         let aes = std::fs::read_to_string(&image_keys[0]).unwrap();
         assert_eq!(get("image_aes"), aes.trim());
         assert!(get("image_rsa").starts_with("-----BEGIN PRIVATE KEY-----"));
+        // The board's own chunk key, not the fleet's.
+        let fleet = otarig_server::chunked::load_fleet_key(&psk).unwrap();
+        let own = otarig_agent::chunk::ChunkKey::derive(&fleet, "dev-9");
+        assert_eq!(get("chunk_key"), own.to_hex());
+        assert_ne!(get("chunk_key"), hex::encode(&fleet));
         // The release host's public half is no use to a board.
         use rsa::pkcs8::{EncodePublicKey, LineEnding};
         let private = otarig_server::encrypt::load_board_rsa(&image_keys[1]).unwrap();

@@ -48,6 +48,10 @@ pub struct Args {
     /// Refuse client certificates on this CRL (`otarig pki revoke` writes crl.pem).
     #[arg(long, requires = "client_ca")]
     crl: Option<PathBuf>,
+    /// Answer the chunked protocol (`/ota/check`, `/ota/chunk`, `/ota/verify`,
+    /// `/ota/complete`, `/ota/status`) with this fleet key (`otarig keys gen NAME --alg psk`).
+    #[arg(long)]
+    chunk_psk: Option<PathBuf>,
 }
 
 impl Args {
@@ -85,6 +89,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             Some(tls) => Server::start_tls(store.clone(), a.listen, limits, tls).await?,
             None => Server::start_with(store.clone(), a.listen, limits).await?,
         };
+        if let Some(path) = &a.chunk_psk {
+            server
+                .chunks
+                .enable(&otarig_server::chunked::load_fleet_key(path)?);
+        }
         if let Some(id) = &a.timestamp_key {
             let valid_for = otarig_scenario::scenario::parse_duration(&a.timestamp_valid_for)
                 .map_err(anyhow::Error::msg)?;
@@ -98,9 +107,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             );
         }
         println!(
-            "serving {} on {} (Ctrl-C stops)",
+            "serving {} on {}{} (Ctrl-C stops)",
             store.root().display(),
-            server.url()
+            server.url(),
+            if a.chunk_psk.is_some() {
+                ", with the chunked protocol at /ota/*"
+            } else {
+                ""
+            }
         );
         tokio::signal::ctrl_c().await?;
         server.shutdown().await;

@@ -38,11 +38,12 @@ use idf::nvs::{EspDefaultNvsPartition, EspNvs, NvsDefault};
 use idf::sntp::EspSntp;
 use idf::tls::X509;
 use idf::wifi::{BlockingWifi, ClientConfiguration, Configuration, EspWifi};
+use otarig_agent::chunk::ChunkKey;
 use otarig_agent::cipher::ImageKeys;
 use otarig_agent::console::{self, HostCommand};
 use otarig_agent::manifest::{PublicKey, TrustedKey};
 use otarig_agent::protocol::{self, Leaf};
-use otarig_agent::{Action, Agent, Config, Input};
+use otarig_agent::{Action, Agent, Config, Event, FetchMode, Input};
 use otarig_esp32s3::{body_window, read_line_capped, Piece, Reassembly};
 
 const DEVICE_TYPE: &str = "otarig-devkit-s3";
@@ -99,7 +100,10 @@ fn root_and_timestamp_keys() -> (Vec<TrustedKey>, Vec<TrustedKey>) {
             .collect()
     };
     (
-        one("ed25519-root", include_bytes!("../keys/ed25519-root.ed25519")),
+        one(
+            "ed25519-root",
+            include_bytes!("../keys/ed25519-root.ed25519"),
+        ),
         one(
             "ed25519-timestamp",
             include_bytes!("../keys/ed25519-timestamp.ed25519"),
@@ -116,6 +120,9 @@ enum Msg {
     /// The answer to fetch number `.0` (see [`CANCELLED`]).
     Body(u32, u32, Vec<u8>),
     BodyEnd(u32),
+    /// The chunked protocol's answers (`/ota/check`, `/ota/chunk`) to fetch number `.0`.
+    Session(u32, Vec<u8>),
+    Chunk(u32, Vec<u8>),
     FetchFailed(u32, String),
 }
 
@@ -142,6 +149,9 @@ struct Provisioning {
     identity: Option<Identity>,
     /// Keys for encrypted releases (`image_aes`, `image_rsa`; `otarig pki nvs --image-key`).
     image_keys: ImageKeys,
+    /// This board's chunk key (`chunk_key`; `otarig pki nvs --chunk-psk`): with one, the
+    /// board fetches by the chunked protocol.
+    chunk_key: Option<ChunkKey>,
 }
 
 /// What ESP-TLS needs for mutual TLS, as esp-mqtt and esp_http_client take it: the root that
@@ -186,6 +196,13 @@ fn load(nvs: &EspNvs<NvsDefault>) -> Option<Provisioning> {
             get("image_aes").or_else(|| Some(TEST_IMAGE_AES.trim().to_string())),
             get("image_rsa").or_else(|| Some(TEST_IMAGE_RSA.to_string())),
         ),
+        chunk_key: get("chunk_key").and_then(|hex| {
+            let key = ChunkKey::from_hex(&hex);
+            if key.is_none() {
+                log::error!("otarig: NVS chunk_key is not 64 hex digits; fetching by ranges");
+            }
+            key
+        }),
     })
 }
 
@@ -263,6 +280,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(p) = &prov {
         cfg.channel = p.channel.clone();
         cfg.image_keys = p.image_keys.clone();
+        if let Some(key) = &p.chunk_key {
+            cfg.fetch = FetchMode::Chunked(key.clone());
+        }
     }
     let mut agent = Agent::new(cfg);
     let mut board = platform::EspPlatform::new()?;
@@ -348,6 +368,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         channel: prov
             .as_ref()
             .map_or("stable".to_string(), |p| p.channel.clone()),
+        chunked: prov.as_ref().is_some_and(|p| p.chunk_key.is_some()),
     };
 
     let mut wake: Option<u64> = None;
@@ -454,7 +475,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 agent.handle(&mut board, t, input);
             }
             Some(Msg::Manifest(m)) => agent.handle(&mut board, t, Input::Manifest(&m)),
-            Some(Msg::Body(n, ..) | Msg::BodyEnd(n) | Msg::FetchFailed(n, _)) if !current(n) => {}
+            Some(
+                Msg::Body(n, ..)
+                | Msg::BodyEnd(n)
+                | Msg::Session(n, _)
+                | Msg::Chunk(n, _)
+                | Msg::FetchFailed(n, _),
+            ) if !current(n) => {}
+            Some(Msg::Session(_, answer)) => agent.handle(&mut board, t, Input::Session(&answer)),
+            Some(Msg::Chunk(_, frame)) => agent.handle(&mut board, t, Input::Chunk(&frame)),
             Some(Msg::Body(_, offset, data)) => agent.handle(
                 &mut board,
                 t,
@@ -471,11 +500,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
-/// Where the board talks: its id, the firmware server, the channel it follows.
+/// Where the board talks: its id, the firmware server, the channel it follows, and whether
+/// it fetches by the chunked protocol.
 struct Net {
     device: String,
     server: String,
     channel: String,
+    chunked: bool,
 }
 
 thread_local! {
@@ -510,6 +541,10 @@ fn act(
             unsafe { idf::sys::esp_restart() };
         }
         Action::Report(e) => {
+            if let (Event::Verified { sequence }, true) = (&e, net.chunked) {
+                let body = format!(r#"{{"v":1,"device":"{device}","sequence":{sequence}}}"#);
+                post_json(format!("{server}/ota/verify"), body)?;
+            }
             print!("{}", console::event_line(device, t, &e));
             if let Some(c) = mqtt.as_mut() {
                 let topic = protocol::device_topic(PREFIX, device, Leaf::Status);
@@ -528,23 +563,9 @@ fn act(
                 let topic = protocol::device_topic(PREFIX, device, Leaf::Ack);
                 let _ = c.enqueue(&topic, QoS::AtLeastOnce, false, body.as_bytes());
             }
-            let url = format!("{server}/ack");
-            std::thread::Builder::new()
-                .stack_size(12 * 1024)
-                .spawn(move || {
-                    let len = body.len().to_string();
-                    let headers = [
-                        ("Content-Type", "application/json"),
-                        ("Content-Length", len.as_str()),
-                    ];
-                    let _ = http(
-                        Method::Post,
-                        &url,
-                        &headers,
-                        Some(body.as_bytes()),
-                        &mut |_, _| true,
-                    );
-                })?;
+            // The chunked protocol takes the ack as its `complete`.
+            let leaf = if net.chunked { "ota/complete" } else { "ack" };
+            post_json(format!("{server}/{leaf}"), body)?;
         }
         Action::PollManifest => {
             let url = format!(
@@ -555,13 +576,7 @@ fn act(
             std::thread::Builder::new()
                 .stack_size(12 * 1024)
                 .spawn(move || {
-                    let mut body = Vec::new();
-                    if http(Method::Get, &url, &[], None, &mut |_, chunk| {
-                        body.extend_from_slice(chunk);
-                        body.len() <= protocol::MAX_PAYLOAD
-                    }) == Ok(200)
-                        && body.len() <= protocol::MAX_PAYLOAD
-                    {
+                    if let Ok(body) = exchange(Method::Get, &url, None, protocol::MAX_PAYLOAD) {
                         let _ = tx.send(Msg::Manifest(body));
                     }
                 })?;
@@ -582,11 +597,93 @@ fn act(
                 .stack_size(12 * 1024)
                 .spawn(move || fetch(n, &url, &range, (offset, len, total), &tx))?;
         }
+        Action::OpenSession {
+            sequence,
+            sha256,
+            from,
+            ..
+        } => {
+            let hex: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
+            let body = format!(
+                r#"{{"v":1,"device":"{device}","sequence":{sequence},"sha256":"{hex}","from":{from}}}"#
+            );
+            let url = format!("{server}/ota/check");
+            chunked(url, Some(body), protocol::MAX_PAYLOAD, Msg::Session, tx)?;
+        }
+        Action::FetchChunk { session, index } => {
+            let id: String = session.iter().map(|b| format!("{b:02x}")).collect();
+            let url = format!("{server}/ota/chunk?device={device}&session={id}&n={index}");
+            chunked(url, None, otarig_agent::chunk::MAX_FRAME, Msg::Chunk, tx)?;
+        }
         Action::CancelFetch => {
             CANCELLED.fetch_add(1, Ordering::Relaxed);
         }
     }
     Ok(())
+}
+
+/// `POST url` with a JSON body, on a thread of its own; the answer is not waited for.
+fn post_json(url: String, body: String) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .stack_size(12 * 1024)
+        .spawn(move || {
+            let _ = exchange(Method::Post, &url, Some(body.as_bytes()), 0);
+        })
+        .map(drop)
+}
+
+/// One request of the chunked protocol (a POST when it has a body), on a thread of its own:
+/// its whole answer, at most `limit` bytes (the board's buffer), reaches the agent as `wrap`
+/// makes it, under the current fetch number; anything else as a failed fetch.
+fn chunked(
+    url: String,
+    body: Option<String>,
+    limit: usize,
+    wrap: fn(u32, Vec<u8>) -> Msg,
+    tx: &SyncSender<Msg>,
+) -> std::io::Result<()> {
+    let (tx, n) = (tx.clone(), CANCELLED.load(Ordering::Relaxed));
+    let method = if body.is_some() {
+        Method::Post
+    } else {
+        Method::Get
+    };
+    std::thread::Builder::new()
+        .stack_size(12 * 1024)
+        .spawn(move || {
+            let msg = match exchange(method, &url, body.as_deref().map(str::as_bytes), limit) {
+                Ok(answer) => wrap(n, answer),
+                Err(e) => Msg::FetchFailed(n, e),
+            };
+            let _ = tx.send(msg);
+        })
+        .map(drop)
+}
+
+/// A whole exchange with a short answer: the body (JSON when there is one) is sent, and an
+/// answer of status 200 and at most `limit` bytes is returned.
+fn exchange(
+    method: Method,
+    url: &str,
+    body: Option<&[u8]>,
+    limit: usize,
+) -> Result<Vec<u8>, String> {
+    let len = body.map_or(0, <[u8]>::len).to_string();
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", len.as_str()),
+    ];
+    let headers = if body.is_some() { &headers[..] } else { &[] };
+    let mut answer = Vec::new();
+    let status = http(method, url, headers, body, &mut |_, piece| {
+        answer.extend_from_slice(piece);
+        answer.len() <= limit
+    })?;
+    match status {
+        200..=299 if answer.len() <= limit => Ok(answer),
+        200..=299 => Err(format!("answer over {limit} bytes: refused")),
+        s => Err(format!("HTTP {s}")),
+    }
 }
 
 /// One range of a blob into the agent. A `206` body is the range; a `200` means the server

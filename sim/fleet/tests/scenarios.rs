@@ -142,7 +142,7 @@ fn wire(path: &Path) -> Result<(), Failed> {
         .build()
         .map_err(|e| Failed::from(e.to_string()))?;
     let opts = otarig_fleet::fleet::FleetOptions {
-        speedup: 25.0,
+        speedup: s.wire_speedup.unwrap_or(25.0),
         ..Default::default()
     };
     let wired = rt

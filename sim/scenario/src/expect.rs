@@ -239,6 +239,14 @@ fn check_one(c: &Check, d: &DeviceReport, s: &Seen) -> Verdict {
         }
         Check::BadMessages(n) => count(*n, s.bad_messages, "bad-message status event(s)"),
         Check::MinDownloadMs(ms) => min_download(*ms, s),
+        Check::DownloadStartsAfterMs(ms) => verdict(
+            s.download_started.is_some_and(|t| t >= *ms),
+            || format!("the first download to start at {} s or later", ms / 1000),
+            || match s.download_started {
+                Some(t) => format!("it started at {:.1} s", t as f64 / 1000.0),
+                None => "no download".into(),
+            },
+        ),
         Check::KeysAdopted(v) => verdict(
             s.keys_version == *v,
             || format!("key set v{v} adopted"),
@@ -384,6 +392,7 @@ pub fn falsified(c: &Check) -> Check {
         Check::Reports(n) => Check::Reports(n + 1),
         Check::FetchRetries(n) => Check::FetchRetries(n + 1),
         Check::MinDownloadMs(ms) => Check::MinDownloadMs(ms * 100 + 1),
+        Check::DownloadStartsAfterMs(ms) => Check::DownloadStartsAfterMs(ms * 100 + 1),
         Check::KeysAdopted(v) => Check::KeysAdopted(v + 1),
     }
 }

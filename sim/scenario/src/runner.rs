@@ -870,7 +870,9 @@ impl World {
                         version,
                     },
                 );
-                self.announce(&dt, &ch, &signed);
+                if self.scenario.releases[k].announce {
+                    self.announce(&dt, &ch, &signed);
+                }
             }
             Ev::Statement(n) => {
                 let signed = self.statements[n].clone();

@@ -476,7 +476,13 @@ async fn play_timeline(
                         version: r.version.clone(),
                     },
                 );
-                if speaks {
+                if !s.releases[k].announce {
+                    // Boards find it at their next poll: activity to come, the run is not
+                    // quiet before it.
+                    let found = shared.clock.now().saturating_add(s.poll_interval_ms);
+                    shared.last_activity.fetch_max(found, Ordering::Relaxed);
+                }
+                if speaks && s.releases[k].announce {
                     let store = server.local.as_ref().map(|(_, st)| st.as_ref());
                     announce(
                         &operator.client,

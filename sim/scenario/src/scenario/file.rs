@@ -69,6 +69,10 @@ pub(super) struct FleetDef {
     pub(super) poll_interval: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) confirm_timeout: Option<Spanned<String>>,
+    /// How much faster than real time the `::wire` twin runs (default 25): a scenario whose
+    /// timeline spans hours sets more, and keeps its timeouts long enough for it.
+    #[serde(default)]
+    pub(super) wire_speedup: Option<Spanned<f64>>,
     /// Bytes a board asks for in one HTTP range request (the agent's `chunk_size`).
     #[serde(default)]
     pub(super) range_size: Option<Spanned<SizeDef>>,
@@ -179,6 +183,14 @@ pub(super) struct ReleaseDef {
     /// default, which every simulated board holds.
     #[serde(default)]
     pub(super) image_key: Option<Spanned<String>>,
+    /// `false`: the release is not announced over MQTT; boards find it when they poll
+    /// (a fleet that only polls, as HTTP-only firmware does).
+    #[serde(default = "yes")]
+    pub(super) announce: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Deserialize, Debug)]
@@ -386,6 +398,9 @@ pub(super) struct ExpectDef {
     pub(super) fetch_retries: Option<u32>,
     #[serde(default)]
     pub(super) min_download_time: Option<String>,
+    /// The first download starts no earlier than this (virtual time since the run began).
+    #[serde(default)]
+    pub(super) download_starts_after: Option<String>,
     #[serde(default)]
     pub(super) keys_adopted: Option<u32>,
 }

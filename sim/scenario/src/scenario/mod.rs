@@ -79,6 +79,8 @@ pub struct Release {
     pub rollout: Option<otarig_server::rollout::RolloutPlan>,
     /// The image travels encrypted.
     pub encrypt: Option<EncryptDef>,
+    /// Announced over MQTT when published (else boards find it by polling).
+    pub announce: bool,
 }
 
 /// How a release's image is encrypted: the scheme and the fixture key file (in
@@ -455,6 +457,9 @@ pub enum Check {
     /// The first download took at least this long (from its start to the image's hash check):
     /// proves a throttle really paced the bytes.
     MinDownloadMs(u64),
+    /// The first download started no earlier than this (ms of virtual time): a polling board
+    /// did not hear of the release before its poll.
+    DownloadStartsAfterMs(u64),
     /// The newest key set version the board adopted (0: never adopted one).
     KeysAdopted(u32),
 }
@@ -481,6 +486,7 @@ impl Check {
             Check::Reports(_) => "reports",
             Check::FetchRetries(_) => "fetch-retries",
             Check::MinDownloadMs(_) => "min-download-time",
+            Check::DownloadStartsAfterMs(_) => "download-starts-after",
             Check::KeysAdopted(_) => "keys-adopted",
         }
     }
@@ -548,6 +554,8 @@ pub struct Scenario {
     pub transport: Transport,
     /// HTTP ranges or the chunked protocol.
     pub download: Download,
+    /// How much faster than real time the `::wire` twin runs (`wire-speedup`).
+    pub wire_speedup: Option<f64>,
     /// Key sets and revocation lists published during the run.
     pub statements: Vec<Statement>,
     pub poll_interval_ms: u64,

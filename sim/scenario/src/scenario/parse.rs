@@ -161,6 +161,16 @@ impl Parser<'_> {
             trust,
             transport: raw.fleet.transport,
             download: raw.fleet.download,
+            wire_speedup: match &raw.fleet.wire_speedup {
+                Some(x) if !(1.0..=100_000.0).contains(x.get_ref()) => {
+                    let m = format!(
+                        "wire-speedup = {} must be between 1 and 100000",
+                        x.get_ref()
+                    );
+                    return Err(cx.span(x, m));
+                }
+                x => x.as_ref().map(|x| *x.get_ref()),
+            },
             statements,
             poll_interval_ms: cx.optional_duration(&raw.fleet.poll_interval, 60_000)?,
             confirm_timeout_ms: cx.optional_duration(&raw.fleet.confirm_timeout, 120_000)?,
@@ -400,6 +410,7 @@ impl Parser<'_> {
         let encrypt = self.encrypt(r)?;
         Ok(Release {
             encrypt,
+            announce: r.announce,
             firmware: self.known_fw(&r.firmware)?,
             at_ms: cx.optional_duration(&r.at, 0)?,
             signed_by: match &r.signed_by {
@@ -858,6 +869,11 @@ impl Parser<'_> {
         if let Some(t) = &d.min_download_time {
             let ms = parse_duration(t).map_err(|m| format!("min-download-time = '{t}': {m}"))?;
             checks.push(Check::MinDownloadMs(ms));
+        }
+        if let Some(t) = &d.download_starts_after {
+            let ms =
+                parse_duration(t).map_err(|m| format!("download-starts-after = '{t}': {m}"))?;
+            checks.push(Check::DownloadStartsAfterMs(ms));
         }
         Ok(checks)
     }

@@ -46,7 +46,7 @@ fuzz-plr DURATION="10m":
 
 # libFuzzer on one parser: just fuzz manifest 60 (targets: manifest patch image scenario
 # partition_table bsdiff40 mqtt_payloads serial signed_bodies journal_and_otadata release_log
-# applier_resume http_server nvs_image encrypted_image). Needs `cargo install cargo-fuzz`; RUSTC_BOOTSTRAP lets stable
+# applier_resume http_server nvs_image encrypted_image chunk_frames). Needs `cargo install cargo-fuzz`; RUSTC_BOOTSTRAP lets stable
 # Rust take the nightly flags cargo-fuzz passes.
 fuzz TARGET SECONDS="60":
     RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz/targets {{TARGET}} -- -max_total_time={{SECONDS}}

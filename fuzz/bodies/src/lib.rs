@@ -486,6 +486,63 @@ pub fn encrypted_image(data: &[u8]) {
     }
 }
 
+/// Chunk frames of the chunked protocol: any bytes as a frame (refused or taken, never a
+/// panic, and a taken chunk is exactly the size its index has), any bytes as a session answer,
+/// and the input as a genuine chunk, taken whole and refused after any one bit flips.
+pub fn chunk_frames(data: &[u8]) {
+    use otarig_agent::chunk::{frame, open_session, ChunkKey, Place, Session, CHUNK_SIZE};
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let key = ChunkKey::derive(b"fuzz fleet key", "fuzz-0");
+    let size = u32::from(first) * 97 + 1;
+    let mut session = Session {
+        id: [first; 16],
+        sequence: 9,
+        size,
+        next: u32::from(first % 4),
+    };
+    let next = session.next;
+    if let Ok(taken) = session.take(&key, "fuzz-0", rest) {
+        assert_eq!(
+            taken.len(),
+            session.len_of(next),
+            "a chunk of the wrong size was taken"
+        );
+    }
+    let _ = open_session(rest, 9, size, u32::from(first % 8));
+    let piece = &rest[..rest.len().min(CHUNK_SIZE as usize)];
+    if piece.is_empty() {
+        return;
+    }
+    let place = Place {
+        device: "fuzz-0",
+        session: [first; 16],
+        sequence: 9,
+        index: 0,
+    };
+    let genuine = frame(&key, &place, piece);
+    let mut whole = Session {
+        id: [first; 16],
+        sequence: 9,
+        size: piece.len() as u32,
+        next: 0,
+    };
+    assert_eq!(
+        whole.take(&key, "fuzz-0", &genuine),
+        Ok(piece),
+        "round trip"
+    );
+    let mut flipped = genuine;
+    let at = usize::from(first) * 31 % flipped.len();
+    flipped[at] ^= 1 << (first % 8);
+    let mut again = Session { next: 0, ..whole };
+    assert!(
+        again.take(&key, "fuzz-0", &flipped).is_err(),
+        "a flipped bit at {at} was taken"
+    );
+}
+
 fn hex_sha256(data: &[u8]) -> String {
     otarig_server::store::sha256(data)
         .iter()

@@ -59,17 +59,19 @@ proptest! {
         fuzzing::http_server(&data);
         fuzzing::nvs_image(&data);
         fuzzing::encrypted_image(&data);
+        fuzzing::chunk_frames(&data);
     }
 
     /// Plausible requests with hostile parts: every route, odd queries, Range and conditional
     /// headers, ack bodies.
     #[test]
-    fn server_requests(route in 0usize..6, query in "[a-zA-Z0-9=&%_.-]{0,40}",
+    fn server_requests(route in 0usize..11, query in "[a-zA-Z0-9=&%_.-]{0,40}",
                        range in prop_oneof![Just(String::new()), "bytes=[0-9]{0,12}-[0-9]{0,12}", "bytes=[-0-9,]{0,20}", ".{0,30}"],
                        cond in prop_oneof![Just(String::new()), "If-None-Match: \"[0-9a-f]{0,64}\"", "If-Range: .{0,40}", "If-Match: \\*"],
                        body in ".{0,200}") {
-        let path = ["/firmware/latest", "/blobs/0000", "/ipfs/bafy", "/ack", "/healthz", "/"][route];
-        let method = if route == 3 { "POST" } else { "GET" };
+        let path = ["/firmware/latest", "/blobs/0000", "/ipfs/bafy", "/ack", "/healthz", "/",
+            "/ota/check", "/ota/chunk", "/ota/verify", "/ota/complete", "/ota/status"][route];
+        let method = if [3, 6, 8, 9].contains(&route) { "POST" } else { "GET" };
         let mut req = format!("{method} {path}?{query}\n");
         if !range.is_empty() {
             req.push_str(&format!("Range: {range}\n"));

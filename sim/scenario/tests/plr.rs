@@ -41,6 +41,39 @@ fn every_cut_point_of_a_small_update_recovers() {
     );
 }
 
+/// The same update fetched by the chunked protocol and encrypted (AES-256-CBC), as the system
+/// the protocol comes from ships it: a cut anywhere resumes in a new session at the last
+/// journaled checkpoint, and nothing is re-downloaded beyond the bound.
+#[test]
+fn every_cut_point_of_a_chunked_encrypted_update_recovers() {
+    let small = small();
+    let text = std::fs::read_to_string(&small.path).unwrap();
+    let text = text
+        .replace(
+            "firmware = \"v1\"\n\n",
+            "firmware = \"v1\"\ndownload = \"chunked\"\n\n",
+        )
+        .replace("at = \"1s\"", "at = \"1s\"\nencrypt = \"aes-256-cbc\"")
+        .replace("160KiB", "64KiB");
+    let s = Scenario::parse(&small.path, &text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.download, otarig_scenario::scenario::Download::Chunked);
+    assert!(s.releases[0].encrypt.is_some());
+    let report = plr::exhaustive(&s, 1, 2, &|_, _| {}).unwrap();
+    assert!(report.ops > 200, "{} flash operations", report.ops);
+    assert_eq!(report.explored, report.ops);
+    let lines: Vec<String> = report
+        .failures
+        .iter()
+        .map(|p| p.violations.join("; "))
+        .collect();
+    assert!(
+        lines.is_empty(),
+        "invariant violations:\n{}",
+        lines.join("\n")
+    );
+    assert!(report.worst_refetch <= plr::refetch_bound());
+}
+
 #[test]
 fn a_double_fault_during_recovery_is_survived() {
     let s = small();

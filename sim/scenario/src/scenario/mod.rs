@@ -848,6 +848,39 @@ version = "1.0.0"
     }
 
     #[test]
+    fn chunked_download_keys_are_checked_where_written() {
+        let chunked = OK.replace(
+            "firmware = \"v1\"\n",
+            "firmware = \"v1\"\ndownload = \"chunked\"\n",
+        );
+        let s = Scenario::parse(Path::new("t.toml"), &chunked).unwrap();
+        assert_eq!(s.download, Download::Chunked);
+        let fault = "[[fault]]\nserver = { chunk = \"reorder\", times = 2 }\n";
+        let s = Scenario::parse(Path::new("t.toml"), &format!("{chunked}{fault}")).unwrap();
+        assert_eq!(s.faults.len(), 1);
+        // A chunk fault on boards that fetch by ranges would never bite: refused.
+        let e = Scenario::parse(Path::new("t.toml"), &format!("{OK}{fault}")).unwrap_err();
+        assert_eq!(e.line, 14, "{e}");
+        assert!(e.message.contains("download = \"chunked\""), "{e}");
+        let bad = fault.replace("reorder", "shuffle");
+        let e = Scenario::parse(Path::new("t.toml"), &format!("{chunked}{bad}")).unwrap_err();
+        assert!(
+            e.message.contains("reorder, other-session or other-device"),
+            "{e}"
+        );
+        let fast = OK.replace(
+            "firmware = \"v1\"\n",
+            "firmware = \"v1\"\nwire-speedup = 0.5\n",
+        );
+        let e = Scenario::parse(Path::new("t.toml"), &fast).unwrap_err();
+        assert_eq!(
+            (e.line, e.message.contains("between 1 and 100000")),
+            (8, true),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn selectors() {
         let mut s = Selector::parse("0..3, 7").unwrap();
         s.resolve(10);

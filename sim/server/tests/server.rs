@@ -24,6 +24,15 @@ async fn get(
     req.send().await.unwrap()
 }
 
+/// `POST url` with `body`.
+async fn post(
+    http: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    http.post(url).body(body).send().await.unwrap()
+}
+
 fn manifest(version: &str, sequence: u64) -> Manifest {
     Manifest::draft(
         "srv-board",
@@ -680,22 +689,12 @@ async fn the_chunked_protocol_over_http_from_check_to_complete() {
     let sha = hex::encode(otarig_server::store::sha256(&v2));
     let check = serde_json::json!({"v":1,"device":"d-7","sequence":2,"sha256":sha,"from":0});
     // Off until the server has a fleet key, and the answer says how to turn it on.
-    let r = http
-        .post(format!("{base}/ota/check"))
-        .body(check.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = post(&http, format!("{base}/ota/check"), check.to_string()).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert!(r.text().await.unwrap().contains("--chunk-psk"));
     server.chunks.enable(b"http fleet key");
 
-    let r = http
-        .post(format!("{base}/ota/check"))
-        .body(check.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = post(&http, format!("{base}/ota/check"), check.to_string()).await;
     assert_eq!(r.status(), StatusCode::OK);
     let answer = r.bytes().await.unwrap();
     let mut session = open_session(&answer, 2, v2.len() as u32, 0).expect("a session for v2");
@@ -721,20 +720,15 @@ async fn the_chunked_protocol_over_http_from_check_to_complete() {
     assert_eq!(status["progress_pct"], 100);
     assert_eq!(status["state"], "downloading");
 
-    let r = http
-        .post(format!("{base}/ota/verify"))
-        .body(r#"{"v":1,"device":"d-7","sequence":2}"#)
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &http,
+        format!("{base}/ota/verify"),
+        r#"{"v":1,"device":"d-7","sequence":2}"#,
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     let ack = r#"{"v":1,"device":"d-7","sequence":2,"version":"2.0.0","outcome":"installed","detail":""}"#;
-    let r = http
-        .post(format!("{base}/ota/complete"))
-        .body(ack)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&http, format!("{base}/ota/complete"), ack).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     let all = json(
         get(&http, format!("{base}/ota/status"), &[])
@@ -770,20 +764,15 @@ async fn the_chunked_protocol_over_http_from_check_to_complete() {
     )
     .await;
     assert_eq!(past.status(), StatusCode::RANGE_NOT_SATISFIABLE);
-    let r = http
-        .post(format!("{base}/ota/check"))
-        .body(r#"{"v":1,"device":"d-7"}"#)
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &http,
+        format!("{base}/ota/check"),
+        r#"{"v":1,"device":"d-7"}"#,
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let unknown = serde_json::json!({"v":1,"device":"d-7","sequence":2,"sha256":"ab".repeat(32)});
-    let r = http
-        .post(format!("{base}/ota/check"))
-        .body(unknown.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = post(&http, format!("{base}/ota/check"), unknown.to_string()).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     server.shutdown().await;
 }

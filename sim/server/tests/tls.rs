@@ -123,6 +123,67 @@ async fn a_board_with_its_certificate_is_served_and_acks_only_for_itself() {
     assert!(String::from_utf8_lossy(&body).contains("names device 'dev-1'"));
 }
 
+/// The chunked protocol over mutual TLS: a board opens sessions, fetches chunks, verifies,
+/// completes and reads status for the device its certificate names only.
+#[tokio::test]
+async fn the_chunked_protocol_speaks_only_for_the_certificates_device() {
+    let b = bench(30, &[]).await;
+    b.server.chunks.enable(b"tls fleet key");
+    let cfg = b.board("dev-1");
+    let post = |path: &str, body: String| {
+        hyper::Request::post(format!("https://localhost{path}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    let check = |device: &str| {
+        post(
+            "/ota/check",
+            format!(
+                r#"{{"v":1,"device":"{device}","sequence":1,"sha256":"{}"}}"#,
+                "ab".repeat(32)
+            ),
+        )
+    };
+    let verify = post(
+        "/ota/verify",
+        r#"{"v":1,"device":"dev-2","sequence":1}"#.to_string(),
+    );
+    let complete = {
+        let mut r = ack("dev-2");
+        *r.uri_mut() = "https://localhost/ota/complete".parse().unwrap();
+        r
+    };
+    let chunk = get(&format!(
+        "/ota/chunk?device=dev-2&session={}&n=0",
+        "00".repeat(16)
+    ));
+    for req in [
+        check("dev-2"),
+        verify,
+        complete,
+        chunk,
+        get("/ota/status?device=dev-2"),
+    ] {
+        let what = req.uri().path().to_string();
+        let (st, body) = request(b.server.addr, cfg.clone(), "localhost", req)
+            .await
+            .unwrap();
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(st.as_u16(), 403, "{what}: {body}");
+        assert!(body.contains("names device 'dev-1'"), "{what}: {body}");
+    }
+    // Its own: past the identity check (no such blob, no session yet).
+    let (st, _) = request(b.server.addr, cfg.clone(), "localhost", check("dev-1"))
+        .await
+        .unwrap();
+    assert_eq!(st.as_u16(), 404);
+    let (st, _) = request(b.server.addr, cfg, "localhost", get("/ota/status"))
+        .await
+        .unwrap();
+    assert_eq!(st.as_u16(), 404, "no session for dev-1, and no one else's");
+}
+
 #[tokio::test]
 async fn the_handshake_refuses_every_broken_trust() {
     let b = bench(30, &["dev-2"]).await;

@@ -453,7 +453,7 @@ impl Agent {
         match session.take(key, &self.cfg.device_id, frame) {
             Ok(data) => {
                 dl.chunk_refusal = None;
-                self.on_body(p, now, index * CHUNK_SIZE, data);
+                self.on_body(p, now, index.saturating_mul(CHUNK_SIZE), data);
                 self.on_body_end(p, now);
             }
             Err(e) => {

@@ -78,8 +78,13 @@ pub(super) struct ChunkQuery {
 }
 
 /// `GET /ota/chunk?device=…&session=…&n=…`: one frame, or the device's injected fault.
-pub(super) async fn chunk(State(app): State<App>, Query(q): Query<ChunkQuery>) -> Response {
+pub(super) async fn chunk(
+    State(app): State<App>,
+    peer: Option<axum::Extension<Peer>>,
+    Query(q): Query<ChunkQuery>,
+) -> Response {
     let answer = async {
+        speaks_for(peer.map(|p| p.0), &q.device, "fetch chunks")?;
         let found = app.chunks.lookup(&q.device, &q.session).map_err(refused)?;
         let fault = app.faults.take(&q.device, |f| {
             matches!(
@@ -167,12 +172,29 @@ pub(super) struct StatusQuery {
     device: Option<String>,
 }
 
-/// `GET /ota/status[?device=…]`.
-pub(super) async fn status(State(app): State<App>, Query(q): Query<StatusQuery>) -> Response {
+/// `GET /ota/status[?device=…]`. Over mutual TLS a board reads its own session only.
+pub(super) async fn status(
+    State(app): State<App>,
+    peer: Option<axum::Extension<Peer>>,
+    Query(q): Query<StatusQuery>,
+) -> Response {
     if !app.chunks.is_enabled() {
         return refused(ChunkServiceError::Disabled).into_response();
     }
-    match q.device {
+    let identity = peer.and_then(|p| p.0.identity);
+    let device = match (q.device, identity) {
+        (Some(d), Some(id)) if d != id => {
+            return Refusal::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the client certificate names device '{id}'; it may read only its own status"
+                ),
+            )
+            .into_response()
+        }
+        (d, id) => d.or(id),
+    };
+    match device {
         Some(d) => match app.chunks.status(&d) {
             Some(st) => Json(st).into_response(),
             None => error(

@@ -449,12 +449,19 @@ impl Agent {
         let Some(session) = dl.session.as_mut() else {
             return;
         };
-        let index = session.next;
+        let (index, id) = (session.next, session.id);
         match session.take(key, &self.cfg.device_id, frame) {
             Ok(data) => {
                 dl.chunk_refusal = None;
                 self.on_body(p, now, index.saturating_mul(CHUNK_SIZE), data);
-                self.on_body_end(p, now);
+                // The chunk is the whole answer: ask for the next, unless taking it ended the
+                // download or started it over (a decrypt failure, a patch that does not
+                // apply), which asked for what comes next itself.
+                let same = matches!(&self.state, State::Downloading(d)
+                    if d.session.as_ref().is_some_and(|s| s.id == id));
+                if same {
+                    self.on_body_end(p, now);
+                }
             }
             Err(e) => {
                 dl.chunk_refusal = Some(e.check());

@@ -293,5 +293,15 @@ pub(super) async fn check_external_server(
             );
         }
     }
+    if prep.fleet_key.is_some() {
+        let status = format!("{}/ota/status", url.trim_end_matches('/'));
+        let answered = tokio::time::timeout(Duration::from_secs(10), http.get(&status, None)).await;
+        if !matches!(answered, Ok(Ok(ref r)) if r.status().is_success()) {
+            bail!(
+                "{file} fetches by the chunked protocol, and the firmware server at {url} does not answer it: start it with `otarig serve --chunk-psk fixtures/keys/{}`",
+                otarig_server::chunked::FIXTURE_FLEET_KEY
+            );
+        }
+    }
     Ok(())
 }

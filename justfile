@@ -51,13 +51,14 @@ fuzz-plr DURATION="10m":
 fuzz TARGET SECONDS="60":
     RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz/targets {{TARGET}} -- -max_total_time={{SECONDS}}
 
-# Exhaustive power-loss runs over 1 MiB full, delta and encrypted (both formats) updates, then patch sizes and
+# Exhaustive power-loss runs over 1 MiB full, delta, encrypted (both formats) and chunked updates, then patch sizes and
 # apply throughput against Python bsdiff4.
 bench-plr:
     cargo run --release -p otarig -- bench plr
     cargo run --release -p otarig -- bench delta
 
-# Decrypt throughput of encrypted images (AES-256-CBC, esp_encrypted_img) next to SHA-256.
+# Decrypt throughput of encrypted images (AES-256-CBC, esp_encrypted_img) next to SHA-256, and
+# the chunked protocol's per-chunk HMAC check.
 bench-crypto:
     cargo run --release -p otarig -- bench crypto
 

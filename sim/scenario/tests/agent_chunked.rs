@@ -250,6 +250,38 @@ fn a_chunk_that_restarts_the_download_is_not_also_a_failed_request() {
     assert_eq!(requests, 6, "{:?}", rig.events);
 }
 
+/// A man in the middle who never stops: after ten refused requests in a row the board gives
+/// the release up, and its refusal and ack name the chunk check, not `download`.
+#[test]
+fn a_board_that_only_gets_foreign_chunks_gives_up_naming_chunk_mac() {
+    let mut rig = Rig::new();
+    for _ in 0..200 {
+        if !rig.answer(Some(ChunkFault::OtherDevice)) {
+            rig.now += 120_000;
+            rig.feed(Input::Timer);
+            if !rig.answer(Some(ChunkFault::OtherDevice)) {
+                break;
+            }
+        }
+    }
+    let refused = rig.events.iter().find_map(|e| match e {
+        Event::Refused { check, detail, .. } => Some((*check, detail.clone())),
+        _ => None,
+    });
+    let (check, detail) = refused.expect("the release given up");
+    assert_eq!(check, Check::ChunkMac, "{detail}");
+    assert!(
+        detail.contains("10 consecutive requests failed"),
+        "{detail}"
+    );
+    let acked = rig.actions.iter().any(|a| {
+        matches!(a, Action::Ack(ack) if matches!(ack.outcome,
+            otarig_agent::Outcome::Refused { check: Check::ChunkMac, .. }))
+    });
+    assert!(acked, "{:?}", rig.actions);
+    assert_eq!(rig.written_pct(), None, "no longer downloading");
+}
+
 /// One step of an arbitrary exchange between the board and a server that may be an attacker.
 #[derive(Clone, Debug)]
 enum Step {

@@ -112,6 +112,8 @@ pub struct SessionStatus {
 #[derive(Clone, Debug)]
 struct Session {
     id: [u8; SESSION_LEN],
+    /// The device's key, derived once when the session opens.
+    key: ChunkKey,
     /// The device's session before this one, for [`ChunkFault::OtherSession`].
     previous: Option<[u8; SESSION_LEN]>,
     sequence: u64,
@@ -230,6 +232,7 @@ impl ChunkService {
             device.to_string(),
             Session {
                 id,
+                key: ChunkKey::derive(&fleet_key, device),
                 previous,
                 sequence,
                 sha256,
@@ -278,8 +281,9 @@ impl ChunkService {
         blob: &[u8],
         fault: Option<ChunkFault>,
     ) -> Result<Vec<u8>, ChunkServiceError> {
-        let mut inner = self.lock();
-        let Some(fleet_key) = inner.fleet_key.clone() else {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let Some(fleet_key) = inner.fleet_key.as_deref() else {
             return Err(ChunkServiceError::Disabled);
         };
         let Some(s) = inner.sessions.get_mut(device) else {
@@ -297,6 +301,7 @@ impl ChunkService {
         let mut served = index;
         let mut place_device = device.to_string();
         let mut session = s.id;
+        let mut key = s.key.clone();
         match fault {
             Some(ChunkFault::Reorder) => {
                 served = if index + 1 < chunks {
@@ -310,14 +315,16 @@ impl ChunkService {
                 // recorded from a session this server never told it about.
                 session = s
                     .previous
-                    .unwrap_or_else(|| session_id(&fleet_key, u64::MAX, device));
+                    .unwrap_or_else(|| session_id(fleet_key, u64::MAX, device));
             }
-            Some(ChunkFault::OtherDevice) => place_device = format!("{device}~neighbour"),
+            Some(ChunkFault::OtherDevice) => {
+                place_device = format!("{device}~neighbour");
+                key = ChunkKey::derive(fleet_key, &place_device);
+            }
             None => {}
         }
         let start = served as usize * CHUNK_SIZE as usize;
         let end = (start + CHUNK_SIZE as usize).min(blob.len());
-        let key = ChunkKey::derive(&fleet_key, &place_device);
         let place = Place {
             device: &place_device,
             session,

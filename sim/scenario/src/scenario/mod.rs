@@ -701,7 +701,17 @@ impl Scenario {
             .collect()
     }
 
-    /// The channel board `i` follows.
+    /// Whether the latest release on `channel` at virtual time `t` was announced: when a new
+    /// key set or revocation list renews the retained announcements, an unannounced release
+    /// stays unannounced.
+    pub fn latest_is_announced(&self, channel: &str, t: u64) -> bool {
+        self.releases
+            .iter()
+            .filter(|r| r.channel == channel && r.at_ms <= t)
+            .max_by_key(|r| (r.at_ms, r.sequence))
+            .is_none_or(|r| r.announce)
+    }
+
     /// Every channel some board follows.
     pub fn channels(&self) -> Vec<String> {
         let mut v: Vec<String> = std::iter::once(self.channel.clone())

@@ -95,9 +95,7 @@ impl BoardHttp {
         let _ = resp.into_body().collect().await;
         Ok(status)
     }
-}
 
-impl BoardHttp {
     /// `POST url` with a JSON body; the answer.
     pub async fn post(&self, url: &str, body: String) -> anyhow::Result<Response<Incoming>> {
         let req = Request::post(url)

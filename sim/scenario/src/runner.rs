@@ -325,14 +325,6 @@ pub struct Prepared {
     pub fleet_key: Option<Arc<Vec<u8>>>,
 }
 
-impl Prepared {
-    /// How board `device` fetches: with the chunked protocol, under its own key derived
-    /// from the fleet key.
-    pub fn fetch_mode(&self, device: &str) -> otarig_agent::FetchMode {
-        fetch_mode(self.fleet_key.as_deref().map(|k| &k[..]), device)
-    }
-}
-
 /// How board `device` fetches, given the run's fleet key (none: HTTP ranges).
 pub fn fetch_mode(fleet_key: Option<&[u8]>, device: &str) -> otarig_agent::FetchMode {
     match fleet_key {
@@ -344,6 +336,12 @@ pub fn fetch_mode(fleet_key: Option<&[u8]>, device: &str) -> otarig_agent::Fetch
 }
 
 impl Prepared {
+    /// How board `device` fetches: with the chunked protocol, under its own key derived
+    /// from the fleet key.
+    pub fn fetch_mode(&self, device: &str) -> otarig_agent::FetchMode {
+        fetch_mode(self.fleet_key.as_deref().map(|k| &k[..]), device)
+    }
+
     /// Every blob the scenario's releases use, by the SHA-256 it is served under (a tampered
     /// blob's name is the hash its manifest claims, not of its bytes).
     pub fn blobs(&self) -> impl Iterator<Item = (&[u8; 32], &Arc<Vec<u8>>)> {

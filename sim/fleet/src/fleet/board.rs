@@ -533,8 +533,7 @@ impl<'a> Boot<'a> {
                 body.clone(),
             );
         }
-        // The chunked protocol takes the ack as its `complete`.
-        self.post_ota_or_ack(body);
+        self.post_ack(body);
         sh.record(
             self.i,
             What::Ack {
@@ -544,7 +543,9 @@ impl<'a> Boot<'a> {
         );
     }
 
-    fn post_ota_or_ack(&mut self, body: String) {
+    /// The ack to the firmware server: `POST /ack`, or `/ota/complete` with the chunked
+    /// protocol (which takes the ack as its `complete`).
+    fn post_ack(&mut self, body: String) {
         if self.chunked() {
             return self.post_ota("complete", body);
         }

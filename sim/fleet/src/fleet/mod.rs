@@ -506,12 +506,9 @@ async fn play_timeline(
                 }
                 // The server renews the retained announcements with the new statement.
                 let now = shared.clock.now();
-                let renewed = s
-                    .channels()
-                    .into_iter()
-                    .filter(|ch| s.latest_is_announced(ch, now));
+                let channels = s.channels();
+                let renewed = channels.iter().filter(|ch| s.latest_is_announced(ch, now));
                 for ch in renewed.filter(|_| speaks) {
-                    let ch = &ch;
                     if let Some(m) = store.latest(&s.device_type, ch)? {
                         announce(&operator.client, Some(store), &s.device_type, ch, &m).await?;
                     }

@@ -660,8 +660,9 @@ fn chunked(
         .map(drop)
 }
 
-/// A whole exchange with a short answer: the body (JSON when there is one) is sent, and an
-/// answer of status 200 and at most `limit` bytes is returned.
+/// A whole exchange with a short answer: the body (JSON when there is one) is sent, and a
+/// success (2xx) answer of at most `limit` bytes is returned; anything else is an error that
+/// says what came.
 fn exchange(
     method: Method,
     url: &str,

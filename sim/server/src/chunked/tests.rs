@@ -131,3 +131,27 @@ fn session_ids_are_the_same_in_every_replay_and_differ_per_fleet_key() {
     c.enable(b"another fleet");
     assert_ne!(open(&a, "d9").id, open(&c, "d9").id);
 }
+
+#[test]
+fn fleet_key_files_are_checked_and_say_how_to_make_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.psk");
+    let made = generate_fleet_key(&mut rand::rngs::OsRng);
+    std::fs::write(&path, format!("{made}\n")).unwrap();
+    assert_eq!(hex::encode(load_fleet_key(&path).unwrap()), made);
+    for bad in [
+        "",
+        "abcd",
+        "zz".repeat(32).as_str(),
+        "ab".repeat(65).as_str(),
+    ] {
+        std::fs::write(&path, bad).unwrap();
+        let e = load_fleet_key(&path).unwrap_err().to_string();
+        assert!(e.contains("keys gen NAME --alg psk"), "{bad}: {e}");
+    }
+    // A huge file is read up to 1 KiB only, and refused.
+    std::fs::write(&path, "ab".repeat(1 << 20)).unwrap();
+    assert!(load_fleet_key(&path).is_err());
+    let e = load_fleet_key(&dir.path().join("missing.psk")).unwrap_err();
+    assert!(format!("{e:#}").contains("missing.psk"), "{e:#}");
+}

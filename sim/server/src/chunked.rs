@@ -298,40 +298,16 @@ impl ChunkService {
         }
         s.frames += 1;
         s.reached = s.reached.max(index + 1);
-        let mut served = index;
-        let mut place_device = device.to_string();
-        let mut session = s.id;
-        let mut key = s.key.clone();
-        match fault {
-            Some(ChunkFault::Reorder) => {
-                served = if index + 1 < chunks {
-                    index + 1
-                } else {
-                    index.saturating_sub(1)
-                };
-            }
-            Some(ChunkFault::OtherSession) => {
-                // An earlier session's frame; a device with none gets one an attacker
-                // recorded from a session this server never told it about.
-                session = s
-                    .previous
-                    .unwrap_or_else(|| session_id(fleet_key, u64::MAX, device));
-            }
-            Some(ChunkFault::OtherDevice) => {
-                place_device = format!("{device}~neighbour");
-                key = ChunkKey::derive(fleet_key, &place_device);
-            }
-            None => {}
-        }
-        let start = served as usize * CHUNK_SIZE as usize;
+        let origin = bend(s, fleet_key, device, index, fault);
+        let start = origin.index as usize * CHUNK_SIZE as usize;
         let end = (start + CHUNK_SIZE as usize).min(blob.len());
         let place = Place {
-            device: &place_device,
-            session,
+            device: &origin.device,
+            session: origin.session,
             sequence: s.sequence,
-            index: served,
+            index: origin.index,
         };
-        Ok(chunk::frame(&key, &place, &blob[start..end]))
+        Ok(chunk::frame(&origin.key, &place, &blob[start..end]))
     }
 
     /// `POST /ota/verify`: `device` verified release `sequence` in its slot.
@@ -418,6 +394,58 @@ pub fn generate_fleet_key(rng: &mut impl rand::RngCore) -> String {
     let mut key = [0u8; 32];
     rng.fill_bytes(&mut key);
     hex::encode(key)
+}
+
+/// Where a frame says its chunk comes from, and the key that tags it.
+struct Origin {
+    index: u32,
+    device: String,
+    session: [u8; SESSION_LEN],
+    key: ChunkKey,
+}
+
+/// The origin of the frame for chunk `index` of session `s` under `fault`. Without one, the
+/// chunk asked for, made for `device` in its session. A one-chunk blob cannot be reordered.
+fn bend(
+    s: &Session,
+    fleet_key: &[u8],
+    device: &str,
+    index: u32,
+    fault: Option<ChunkFault>,
+) -> Origin {
+    let genuine = Origin {
+        index,
+        device: device.to_string(),
+        session: s.id,
+        key: s.key.clone(),
+    };
+    match fault {
+        None => genuine,
+        Some(ChunkFault::Reorder) => Origin {
+            index: if index + 1 < s.chunks() {
+                index + 1
+            } else {
+                index.saturating_sub(1)
+            },
+            ..genuine
+        },
+        // An earlier session's frame; a device with none gets one an attacker recorded from
+        // a session this server never told it about.
+        Some(ChunkFault::OtherSession) => Origin {
+            session: s
+                .previous
+                .unwrap_or_else(|| session_id(fleet_key, u64::MAX, device)),
+            ..genuine
+        },
+        Some(ChunkFault::OtherDevice) => {
+            let neighbour = format!("{device}~neighbour");
+            Origin {
+                key: ChunkKey::derive(fleet_key, &neighbour),
+                device: neighbour,
+                ..genuine
+            }
+        }
+    }
 }
 
 /// HMAC-SHA256(fleet key, "otarig session" ‖ counter ‖ device)[..16].

@@ -126,8 +126,11 @@ impl Player<'_> {
                 self.services
                     .store
                     .set_latest(&r.device_type, &r.channel, &r.manifest)?;
-                self.announce(&r.device_type, &r.channel, &r.manifest)
-                    .await?;
+                // An unannounced release is found by the board's next poll.
+                if self.s.releases[*k].announce {
+                    self.announce(&r.device_type, &r.channel, &r.manifest)
+                        .await?;
+                }
             }
             Step::Statement(n) => {
                 let store = &self.services.store;
@@ -137,9 +140,15 @@ impl Player<'_> {
                         store.set_revocations(&self.s.device_type, &self.prep.statements[*n])?
                     }
                 }
-                // Renew the retained announcement with the new statement.
+                // Renew the retained announcement with the new statement (not announcing a
+                // release that was not).
                 let (dt, ch) = (&self.s.device_type, self.s.channel_for(DEVICE));
-                if let Some(m) = store.latest(dt, ch)? {
+                let at = self.s.statements[*n].at_ms;
+                let latest = match self.s.latest_is_announced(ch, at) {
+                    true => store.latest(dt, ch)?,
+                    false => None,
+                };
+                if let Some(m) = latest {
                     self.announce(dt, ch, &m).await?;
                 }
             }

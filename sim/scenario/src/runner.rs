@@ -982,12 +982,7 @@ impl World {
     fn serve_chunk(&mut self, d: usize, session: [u8; 16], index: u32) {
         let (now, gen) = (self.now, self.devs[d].fetch_gen);
         let id = self.devs[d].id.clone();
-        let fault = self.devs[d].server_fault(|f| {
-            matches!(
-                f,
-                ServerFault::Chunk(_) | ServerFault::Status(_) | ServerFault::Stall
-            )
-        });
+        let fault = self.devs[d].server_fault(ServerFault::shapes_chunk);
         let chunk_fault = match fault {
             Some(ServerFault::Status(st)) => {
                 let ev = Ev::FetchFailed(format!("HTTP {st}"), gen);
@@ -1376,12 +1371,13 @@ impl World {
                     ServerFault::DropAfterPercent(p) => {
                         start < cut_of(p) && cut_of(p) < end.min(total)
                     }
-                    f => f.shapes_answer() && !matches!(f, ServerFault::Chunk(_)),
+                    f => f.shapes_range(),
                 });
-                let throttle = match self.devs[d].server_fault(|f| !f.shapes_answer()) {
-                    Some(ServerFault::Throttle(bps)) => Some(bps),
-                    _ => None,
-                };
+                let throttle =
+                    match self.devs[d].server_fault(|f| matches!(f, ServerFault::Throttle(_))) {
+                        Some(ServerFault::Throttle(bps)) => Some(bps),
+                        _ => None,
+                    };
                 match fault {
                     Some(ServerFault::Status(st)) => self.schedule(
                         d,

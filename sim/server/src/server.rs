@@ -66,10 +66,20 @@ pub enum ServerFault {
 }
 
 impl ServerFault {
-    /// Whether this fault decides the answer to a request (all but [`ServerFault::Throttle`],
-    /// which only paces it).
-    pub fn shapes_answer(self) -> bool {
-        !matches!(self, ServerFault::Throttle(_))
+    /// Whether this fault decides the answer to a range request: all but
+    /// [`ServerFault::Throttle`], which only paces it, and [`ServerFault::Chunk`], which is
+    /// for the chunked protocol.
+    pub fn shapes_range(self) -> bool {
+        !matches!(self, ServerFault::Throttle(_) | ServerFault::Chunk(_))
+    }
+
+    /// Whether this fault decides the answer to a chunk request of the chunked protocol: an
+    /// HTTP status, a stall, or a man in the middle's chunk.
+    pub fn shapes_chunk(self) -> bool {
+        matches!(
+            self,
+            ServerFault::Chunk(_) | ServerFault::Status(_) | ServerFault::Stall
+        )
     }
 }
 
@@ -540,16 +550,18 @@ async fn serve_blob(app: App, key: [u8; 32], q: BlobQuery, req: Request) -> Resp
         app.faults.take(d, |f| match f {
             // A drop bites the response that would carry the byte where it happens.
             ServerFault::DropAfterPercent(p) => start < cut_of(p) && cut_of(p) < end.min(total),
-            f => f.shapes_answer() && !matches!(f, ServerFault::Chunk(_)),
+            f => f.shapes_range(),
         })
     });
-    let throttle =
-        q.device_id
-            .as_deref()
-            .and_then(|d| match app.faults.take(d, |f| !f.shapes_answer()) {
-                Some(ServerFault::Throttle(bps)) => Some(app.faults.real_rate(bps)),
-                _ => None,
-            });
+    let throttle = q.device_id.as_deref().and_then(|d| {
+        match app
+            .faults
+            .take(d, |f| matches!(f, ServerFault::Throttle(_)))
+        {
+            Some(ServerFault::Throttle(bps)) => Some(app.faults.real_rate(bps)),
+            _ => None,
+        }
+    });
     match fault {
         Some(ServerFault::Status(st)) => {
             let status = StatusCode::from_u16(st).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);

@@ -86,12 +86,7 @@ pub(super) async fn chunk(
     let answer = async {
         speaks_for(peer.map(|p| p.0), &q.device, "fetch chunks")?;
         let found = app.chunks.lookup(&q.device, &q.session).map_err(refused)?;
-        let fault = app.faults.take(&q.device, |f| {
-            matches!(
-                f,
-                ServerFault::Chunk(_) | ServerFault::Status(_) | ServerFault::Stall
-            )
-        });
+        let fault = app.faults.take(&q.device, ServerFault::shapes_chunk);
         let chunk_fault = match fault {
             Some(ServerFault::Status(st)) => {
                 let status = StatusCode::from_u16(st).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);

@@ -355,7 +355,7 @@ impl Agent {
             Some(d) => (d.patch_sha256, d.url.clone()),
             None => (blob.unwrap_or(dl.sha256), dl.manifest.url.clone()),
         };
-        if matches!(self.cfg.fetch, FetchMode::Chunked(_)) {
+        if self.cfg.fetch.is_chunked() {
             // One chunk per request; a position inside a chunk (AES-CBC resumes one block
             // back) asks for the chunk that holds it.
             let index = at / CHUNK_SIZE;
@@ -414,7 +414,7 @@ impl Agent {
     }
 
     pub(super) fn chunked(&self) -> bool {
-        matches!(self.cfg.fetch, FetchMode::Chunked(_))
+        self.cfg.fetch.is_chunked()
     }
 
     /// The answer to `/ota/check`: the session the chunks will come in.
@@ -563,7 +563,13 @@ impl Agent {
             resume: Resume::default(),
             ..rec
         };
-        if let Err(e) = self.store(p, full) {
+        self.start_over(p, dl, full);
+    }
+
+    /// Download `dl`'s full image again from byte 0: `rec` is journaled first (a cut then
+    /// starts over too), then `esp_ota_begin` erases the slot again.
+    fn start_over<P: Platform>(&mut self, p: &mut P, dl: Download, rec: Record) {
+        if let Err(e) = self.store(p, rec) {
             return self.halt("writing the journal", e);
         }
         if let Err(e) = p.ota_begin(dl.slot) {
@@ -773,13 +779,7 @@ impl Agent {
             checkpoint: 0,
             ..rec
         };
-        if let Err(e) = self.store(p, again) {
-            return self.halt("writing the journal", e);
-        }
-        if let Err(e) = p.ota_begin(dl.slot) {
-            return self.halt("esp_ota_begin", e);
-        }
-        self.begin_download(dl.manifest, dl.sha256, dl.slot, 0, None);
+        self.start_over(p, dl, again);
     }
 
     pub(super) fn switch_boot<P: Platform>(

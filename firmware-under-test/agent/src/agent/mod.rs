@@ -119,6 +119,12 @@ pub enum FetchMode {
     Chunked(ChunkKey),
 }
 
+impl FetchMode {
+    pub fn is_chunked(&self) -> bool {
+        matches!(self, FetchMode::Chunked(_))
+    }
+}
+
 /// 2025-01-01T00:00:00Z: no firmware built with this agent runs earlier.
 pub const TIME_FLOOR_MS: u64 = 1_735_689_600_000;
 

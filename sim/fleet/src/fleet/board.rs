@@ -473,10 +473,7 @@ impl<'a> Boot<'a> {
 
     /// The board fetches by the chunked protocol.
     fn chunked(&self) -> bool {
-        matches!(
-            self.agent.config().fetch,
-            otarig_agent::FetchMode::Chunked(_)
-        )
+        self.agent.config().fetch.is_chunked()
     }
 
     fn send_chunked(&mut self, req: ChunkedRequest) {

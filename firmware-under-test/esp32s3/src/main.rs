@@ -588,8 +588,8 @@ fn act(
             len,
             total,
         } => {
-            let hex: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
-            let url = url.unwrap_or_else(|| format!("{server}/blobs/{hex}?deviceId={device}"));
+            let url =
+                url.unwrap_or_else(|| format!("{server}/blobs/{}?deviceId={device}", hex(&sha256)));
             let range = format!("bytes={}-{}", offset, offset as u64 + len as u64 - 1);
             let tx = tx.clone();
             let n = CANCELLED.load(Ordering::Relaxed);
@@ -603,16 +603,18 @@ fn act(
             from,
             ..
         } => {
-            let hex: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
             let body = format!(
-                r#"{{"v":1,"device":"{device}","sequence":{sequence},"sha256":"{hex}","from":{from}}}"#
+                r#"{{"v":1,"device":"{device}","sequence":{sequence},"sha256":"{}","from":{from}}}"#,
+                hex(&sha256)
             );
             let url = format!("{server}/ota/check");
             chunked(url, Some(body), protocol::MAX_PAYLOAD, Msg::Session, tx)?;
         }
         Action::FetchChunk { session, index } => {
-            let id: String = session.iter().map(|b| format!("{b:02x}")).collect();
-            let url = format!("{server}/ota/chunk?device={device}&session={id}&n={index}");
+            let url = format!(
+                "{server}/ota/chunk?device={device}&session={}&n={index}",
+                hex(&session)
+            );
             chunked(url, None, otarig_agent::chunk::MAX_FRAME, Msg::Chunk, tx)?;
         }
         Action::CancelFetch => {
@@ -620,6 +622,11 @@ fn act(
         }
     }
     Ok(())
+}
+
+/// Lower-case hex, as the server names blobs and sessions.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `POST url` with a JSON body, on a thread of its own; the answer is not waited for.

@@ -231,26 +231,45 @@ impl Timestamps {
 /// benchmark's handshakes per second.
 #[derive(Debug, Default)]
 pub struct Handshakes {
-    inner: Mutex<(u64, Option<std::time::Instant>, Option<std::time::Instant>)>,
+    inner: Mutex<HandshakeSummary>,
+}
+
+/// What [`Handshakes`] counted.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HandshakeSummary {
+    /// Full handshakes: certificates checked both ways, a key exchange and a signature each.
+    pub full: u64,
+    /// Resumed sessions (a ticket instead of certificates); a stock board never resumes.
+    pub resumed: u64,
+    first: Option<std::time::Instant>,
+    last: Option<std::time::Instant>,
+}
+
+impl HandshakeSummary {
+    /// From the first handshake to the last.
+    pub fn span(&self) -> Duration {
+        match (self.first, self.last) {
+            (Some(a), Some(b)) => b.duration_since(a),
+            _ => Duration::ZERO,
+        }
+    }
 }
 
 impl Handshakes {
-    fn record(&self) {
+    fn record(&self, kind: Option<rustls::HandshakeKind>) {
         let now = std::time::Instant::now();
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.0 += 1;
-        g.1.get_or_insert(now);
-        g.2 = Some(now);
+        match kind {
+            Some(rustls::HandshakeKind::Resumed) => g.resumed += 1,
+            _ => g.full += 1,
+        }
+        g.first.get_or_insert(now);
+        g.last = Some(now);
     }
 
-    /// How many, and over how long from the first to the last.
-    pub fn summary(&self) -> (u64, Duration) {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let span = match (g.1, g.2) {
-            (Some(a), Some(b)) => b.duration_since(a),
-            _ => Duration::ZERO,
-        };
-        (g.0, span)
+    /// What was counted so far.
+    pub fn summary(&self) -> HandshakeSummary {
+        *self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -1046,7 +1065,7 @@ async fn accept_loop(
             // The handshake gets the same time as a request head.
             let stream = match tokio::time::timeout(limits.header_read, tls.accept(stream)).await {
                 Ok(Ok(s)) => {
-                    handshakes.record();
+                    handshakes.record(s.get_ref().1.handshake_kind());
                     s
                 }
                 Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake refused: {e}"),

@@ -104,6 +104,12 @@ pub fn device_client(
 
 /// A board's (or operator's) TLS configuration: servers must chain to `ca_pem`; with
 /// `identity` (certificate and key, PEM) it authenticates itself.
+///
+/// It keeps no session to resume: esp-tls offers none unless built with
+/// `CONFIG_ESP_TLS_CLIENT_SESSION_TICKETS` and handed one (`esp_tls_get_client_session`),
+/// and nothing survives a reboot in RAM. rustls would keep tickets in the configuration,
+/// which outlives a simulated board's reboots, and the server and broker would then skip the
+/// certificate checks and signatures a real board makes them pay for.
 pub fn client_config(
     ca_pem: &str,
     identity: Option<(&str, &str)>,
@@ -111,7 +117,7 @@ pub fn client_config(
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
         .with_root_certificates(roots(ca_pem)?);
-    let cfg = match identity {
+    let mut cfg = match identity {
         None => builder.with_no_client_auth(),
         Some((cert, k)) => builder
             .with_client_auth_cert(
@@ -120,5 +126,6 @@ pub fn client_config(
             )
             .context("the device key does not match its certificate")?,
     };
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }

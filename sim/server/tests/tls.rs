@@ -259,3 +259,21 @@ fn private_keys_are_written_0600_and_a_ca_is_never_overwritten() {
     let e = Pki::init(dir.path(), false, 30).err().unwrap().to_string();
     assert!(e.contains("already holds a CA"), "{e}");
 }
+
+/// A board opens every connection with a full handshake, as esp-tls does without
+/// `CONFIG_ESP_TLS_CLIENT_SESSION_TICKETS` (and as any board does after a reboot): a
+/// simulated board that resumed a session would skip the certificate checks a real one pays
+/// for, on the server and at the broker.
+#[tokio::test]
+async fn a_board_resumes_no_tls_session() {
+    let b = bench(30, &[]).await;
+    let cfg = b.board("dev-1");
+    for _ in 0..3 {
+        let (st, _) = request(b.server.addr, cfg.clone(), "localhost", get("/healthz"))
+            .await
+            .unwrap();
+        assert_eq!(st.as_u16(), 200);
+    }
+    let h = b.server.handshakes.summary();
+    assert_eq!((h.full, h.resumed), (3, 0), "{h:?}");
+}

@@ -401,7 +401,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                             &topic,
                             QoS::AtMostOnce,
                             false,
-                            sample.to_string().as_bytes(),
+                            sample.as_bytes(),
                         );
                     }
                 }

@@ -642,7 +642,7 @@ impl<'a> Boot<'a> {
                 protocol::device_topic(PREFIX, &self.dev.id, Leaf::Telemetry),
                 QoS::AtMostOnce,
                 false,
-                sample.to_string(),
+                sample,
             );
         }
     }

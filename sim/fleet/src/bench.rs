@@ -19,7 +19,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::fleet::{check_open_files, run_fleet, FleetOptions, Shard};
+use crate::fleet::{check_open_files, run_fleet, BrokerConnects, FleetOptions, Shard};
 use crate::mosquitto::Mosquitto;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -86,10 +86,14 @@ pub struct Figures {
     served_bytes: u64,
     peak_rss: u64,
     failures: Vec<String>,
+    /// Board connections the broker accepted, and the first's and last's virtual ms.
+    broker_connects: u64,
+    broker_span_ms: Option<(u64, u64)>,
 }
 
 impl Figures {
-    fn of(run: &Run) -> Figures {
+    fn of(run: &Run, connects: &BrokerConnects) -> Figures {
+        let (broker_connects, broker_span_ms) = connects.summary();
         let confirmed: Vec<u64> = run
             .records
             .iter()
@@ -104,6 +108,8 @@ impl Figures {
                 .iter()
                 .map(|f| format!("{f:?}"))
                 .collect(),
+            broker_connects,
+            broker_span_ms,
         }
     }
 }
@@ -197,14 +203,16 @@ pub fn fleet(
             .map(crate::broker::BrokerEndpoint::parse)
             .transpose()
             .map_err(|e| anyhow::anyhow!(e))?;
+        let connects = Arc::new(BrokerConnects::default());
         let opts = FleetOptions {
             broker,
             speedup: 1.0,
             quiet_ms: quiet_ms(tls),
+            broker_connects: Some(connects.clone()),
             ..Default::default()
         };
         let run = rt.block_on(run_fleet(&s, &opts))?;
-        (vec![Figures::of(&run)], which, None)
+        (vec![Figures::of(&run, &connects)], which, None)
     };
     spinner.finish_and_clear();
     let wall = started.elapsed().as_secs_f64();
@@ -319,6 +327,7 @@ fn run_shards(
 /// line.
 pub fn fleet_shard(l: ShardLaunch) -> anyhow::Result<ExitCode> {
     let s = scenario(l.devices, l.pki.is_some())?;
+    let connects = Arc::new(BrokerConnects::default());
     let opts = FleetOptions {
         broker: Some(
             crate::broker::BrokerEndpoint::parse(&l.broker).map_err(|e| anyhow::anyhow!(e))?,
@@ -329,13 +338,14 @@ pub fn fleet_shard(l: ShardLaunch) -> anyhow::Result<ExitCode> {
         shard: Some(l.shard),
         epoch: Some(UNIX_EPOCH + Duration::from_millis(l.epoch_ms)),
         pki: l.pki,
+        broker_connects: Some(connects.clone()),
         ..Default::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let run = rt.block_on(run_fleet(&s, &opts))?;
-    println!("{}", serde_json::to_string(&Figures::of(&run))?);
+    println!("{}", serde_json::to_string(&Figures::of(&run, &connects))?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -389,6 +399,10 @@ fn report(
         by(0.99)
     );
     println!("  boards/s       {:.0}", confirmed as f64 / secs);
+    print_broker_connects(
+        figures,
+        s.transport == otarig_scenario::scenario::Transport::Tls,
+    );
     println!("  MB/s           {:.0}   ({mb:.0} MB served)", mb / secs);
     println!(
         "  peak RSS       {:.0} MiB   (target < 4 GiB: {:.2}x of budget; {:.0} KiB per board)",
@@ -416,6 +430,25 @@ fn report(
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The boards' accepted broker connections across processes, and their rate from the first
+/// to the last: over TLS, the broker's handshakes (each a full one).
+fn print_broker_connects(figures: &[Figures], tls: bool) {
+    let count: u64 = figures.iter().map(|f| f.broker_connects).sum();
+    let spans = figures.iter().filter_map(|f| f.broker_span_ms);
+    let first = spans.clone().map(|(a, _)| a).min();
+    let last = spans.map(|(_, b)| b).max();
+    let (Some(first), Some(last)) = (first, last) else {
+        return;
+    };
+    let per_s = count as f64 / (last.saturating_sub(first) as f64 / 1000.0).max(1e-3);
+    let what = if tls {
+        "MQTTS handshakes (broker side, full)"
+    } else {
+        "MQTT connections (broker side)"
+    };
+    println!("  {what} {count}, {per_s:.0}/s from the first to the last");
 }
 
 /// Peak resident set size of a process so far (Linux `VmHWM`), in bytes.

@@ -68,6 +68,8 @@ pub(crate) struct Shared {
     /// The chunked protocol's fleet key: each board fetches by chunks under its own key
     /// derived from it. `None`: as `cfg` says (a virtual board has its key from NVS).
     pub(super) fleet_key: Option<Arc<Vec<u8>>>,
+    /// Where accepted broker connections are counted, if anywhere.
+    pub(super) broker_connects: Option<Arc<super::BrokerConnects>>,
 }
 
 impl Shared {
@@ -106,6 +108,7 @@ impl Shared {
             board_tls: tls.into_iter().collect(),
             connect_gate: None,
             fleet_key: None,
+            broker_connects: None,
         })
     }
 
@@ -555,6 +558,9 @@ impl<'a> Boot<'a> {
     async fn on_net(&mut self, n: Net) -> Step {
         match n {
             Net::ConnAck => {
+                if let Some(count) = &self.sh.broker_connects {
+                    count.record(self.sh.clock.now());
+                }
                 if let Some(c) = &self.client {
                     let release = protocol::release_topic(
                         PREFIX,

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub(crate) use board::{board_task, Ctl, Shared};
-pub use progress::{FleetProgress, Tally};
+pub use progress::{BrokerConnects, FleetProgress, Tally};
 
 use board::Clock;
 use otarig_scenario::runner::{
@@ -84,6 +84,9 @@ pub struct FleetOptions {
     /// for free ephemeral ports among tens of thousands of half-closed sockets. The gate is
     /// the bench's: a real fleet's boards power on over minutes, not in one millisecond.
     pub connects_in_flight: usize,
+    /// Counts the boards' accepted broker connections as the run goes (the scale benchmark's
+    /// broker handshakes).
+    pub broker_connects: Option<Arc<BrokerConnects>>,
 }
 
 /// One of `count` processes that together simulate a fleet: it runs boards `i` with
@@ -120,6 +123,7 @@ impl Default for FleetOptions {
             epoch: None,
             pki: None,
             connects_in_flight: 64,
+            broker_connects: None,
         }
     }
 }
@@ -182,6 +186,7 @@ pub async fn run_fleet(scenario: &Scenario, opts: &FleetOptions) -> anyhow::Resu
         board_tls: server.board_tls.clone(),
         connect_gate: Some(Arc::new(tokio::sync::Semaphore::new(connect_share(opts)))),
         fleet_key: prep.fleet_key.clone(),
+        broker_connects: opts.broker_connects.clone(),
     });
     if let Some(p) = &opts.progress {
         p.boards.store(s.devices as u64, Ordering::Relaxed);

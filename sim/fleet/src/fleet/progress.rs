@@ -49,3 +49,43 @@ impl FleetProgress {
         )
     }
 }
+
+/// The board connections the broker accepted (CONNACK), and when the first and the last came
+/// on the run's timeline (virtual ms): over mutual TLS each is a full handshake at the broker,
+/// as boards resume no session. Shards on one timeline add up.
+#[derive(Debug)]
+pub struct BrokerConnects {
+    count: AtomicU64,
+    first_ms: AtomicU64,
+    last_ms: AtomicU64,
+}
+
+impl Default for BrokerConnects {
+    fn default() -> Self {
+        BrokerConnects {
+            count: AtomicU64::new(0),
+            first_ms: AtomicU64::new(u64::MAX),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl BrokerConnects {
+    pub(super) fn record(&self, t_ms: u64) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.first_ms.fetch_min(t_ms, Ordering::Relaxed);
+        self.last_ms.fetch_max(t_ms, Ordering::Relaxed);
+    }
+
+    /// How many, and the first and last (None before any).
+    pub fn summary(&self) -> (u64, Option<(u64, u64)>) {
+        let n = self.count.load(Ordering::Relaxed);
+        let span = (n > 0).then(|| {
+            (
+                self.first_ms.load(Ordering::Relaxed),
+                self.last_ms.load(Ordering::Relaxed),
+            )
+        });
+        (n, span)
+    }
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use otarig_agent::Event;
 use otarig_fleet::broker::EmbeddedBroker;
-use otarig_fleet::fleet::{run_fleet, FleetOptions, Shard};
+use otarig_fleet::fleet::{run_fleet, BrokerConnects, FleetOptions, Shard};
 use otarig_scenario::runner::{self, What};
 use otarig_scenario::scenario::Scenario;
 use otarig_server::release_store::ReleaseStore;
@@ -59,6 +59,7 @@ async fn shards_together_update_the_whole_fleet_once() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let epoch = SystemTime::now() + Duration::from_millis(1500);
+    let connects = Arc::new(BrokerConnects::default());
     let opts = |index| FleetOptions {
         broker: Some(broker.endpoint()),
         server: Some(server.url()),
@@ -66,6 +67,7 @@ async fn shards_together_update_the_whole_fleet_once() {
         quiet_ms: 60_000,
         shard: Some(Shard { index, count: 3 }),
         epoch: Some(epoch),
+        broker_connects: Some(connects.clone()),
         ..Default::default()
     };
     let (o0, o1, o2) = (opts(0), opts(1), opts(2));
@@ -105,6 +107,12 @@ async fn shards_together_update_the_whole_fleet_once() {
         }
     }
     assert_eq!(all, (0..7).collect(), "the shards are the whole fleet");
+    // Each board connected at boot and again after the reboot into v2, counted once across
+    // the shards, the first before the release (5 s) and the last after it.
+    let (n, span) = connects.summary();
+    assert_eq!(n, 14, "broker connections across the shards");
+    let (first, last) = span.unwrap();
+    assert!(first < 5_000 && last > 5_000, "{first}..{last} ms");
 }
 
 #[tokio::test]

@@ -144,9 +144,10 @@ impl Player<'_> {
                 // release that was not).
                 let (dt, ch) = (&self.s.device_type, self.s.channel_for(DEVICE));
                 let at = self.s.statements[*n].at_ms;
-                let latest = match self.s.latest_is_announced(ch, at) {
-                    true => store.latest(dt, ch)?,
-                    false => None,
+                let latest = if self.s.latest_is_announced(ch, at) {
+                    store.latest(dt, ch)?
+                } else {
+                    None
                 };
                 if let Some(m) = latest {
                     self.announce(dt, ch, &m).await?;

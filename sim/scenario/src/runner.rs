@@ -882,11 +882,7 @@ impl World {
                     }
                 }
                 // The server renews the retained announcements with the new statement.
-                let now = self.now;
-                let channels: Vec<String> = (self.scenario.channels().into_iter())
-                    .filter(|ch| self.scenario.latest_is_announced(ch, now))
-                    .collect();
-                for ch in channels {
+                for ch in self.scenario.renewed_channels(self.now) {
                     if let Some(m) = self.store.latest(&dt, &ch) {
                         self.announce(&dt, &ch, &m);
                     }

@@ -510,10 +510,8 @@ async fn play_timeline(
                     }
                 }
                 // The server renews the retained announcements with the new statement.
-                let now = shared.clock.now();
-                let channels = s.channels();
-                let renewed = channels.iter().filter(|ch| s.latest_is_announced(ch, now));
-                for ch in renewed.filter(|_| speaks) {
+                let renewed = s.renewed_channels(shared.clock.now());
+                for ch in renewed.iter().filter(|_| speaks) {
                     if let Some(m) = store.latest(&s.device_type, ch)? {
                         announce(&operator.client, Some(store), &s.device_type, ch, &m).await?;
                     }

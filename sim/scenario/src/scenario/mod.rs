@@ -712,6 +712,14 @@ impl Scenario {
             .is_none_or(|r| r.announce)
     }
 
+    /// The channels whose retained announcement a new key set or revocation list renews at
+    /// virtual time `t`: those whose latest release was announced.
+    pub fn renewed_channels(&self, t: u64) -> Vec<String> {
+        let mut channels = self.channels();
+        channels.retain(|ch| self.latest_is_announced(ch, t));
+        channels
+    }
+
     /// Every channel some board follows.
     pub fn channels(&self) -> Vec<String> {
         let mut v: Vec<String> = std::iter::once(self.channel.clone())

@@ -272,7 +272,7 @@ impl TlsBench {
         opts: (&str, &str),
     ) -> anyhow::Result<TlsBench> {
         use otarig_fleet::mosquitto::{Mosquitto, MutualTls, OPERATOR_CN};
-        use otarig_server::tls::{device_client, server_config, ClientAuth};
+        use otarig_server::tls::{device_client, server_config, Client, ClientAuth};
         let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
         let root = pki.root_pem().to_string();
         let mut names = vec![
@@ -301,7 +301,7 @@ impl TlsBench {
         let m =
             tokio::task::spawn_blocking(move || Mosquitto::start_tls_on(host, &files, &channels))
                 .await??;
-        let operator_tls = device_client(&pki, OPERATOR_CN, 30)?;
+        let operator_tls = device_client(&pki, OPERATOR_CN, 30, Client::Host)?;
         let endpoint = BrokerEndpoint {
             host: host.to_string(),
             port: m.port,

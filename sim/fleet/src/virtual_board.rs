@@ -119,7 +119,8 @@ impl Provisioned {
         let mut broker = crate::broker::BrokerEndpoint::parse(&get("broker")?).ok()?;
         let tls = match (get("ca_cert"), get("device_crt"), get("device_key")) {
             (Some(ca), Some(crt), Some(key)) => {
-                otarig_server::tls::client_config(&ca, Some((&crt, &key))).ok()
+                use otarig_server::tls::{client_config, Client};
+                client_config(Client::Board, &ca, Some((&crt, &key))).ok()
             }
             _ => None,
         };

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use otarig_fleet::mosquitto::{Mosquitto, MutualTls, OPERATOR_CN};
 use otarig_server::pki::Pki;
+use otarig_server::tls::{client_config, Client};
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
@@ -61,13 +62,14 @@ async fn each_device_is_held_to_its_own_topics_and_strangers_stay_out() {
         .server(&["127.0.0.1".into(), "localhost".into()], 30)
         .unwrap();
     pki.write_server(&server).unwrap();
-    let cfg = |id: &str| {
+    let cfg = |id: &str, who: Client| {
         let d = pki.device(id, 30).unwrap();
         pki.write_device(id, &d).unwrap();
         let chain = pki.chain_pem(&d);
-        otarig_server::tls::client_config(pki.root_pem(), Some((&chain, &d.key_pem))).unwrap()
+        client_config(who, pki.root_pem(), Some((&chain, &d.key_pem))).unwrap()
     };
-    let (operator, dev1, dev3) = (cfg(OPERATOR_CN), cfg("dev-1"), cfg("dev-3"));
+    let operator = cfg(OPERATOR_CN, Client::Host);
+    let (dev1, dev3) = (cfg("dev-1", Client::Board), cfg("dev-3", Client::Board));
     pki.revoke_device("dev-3").unwrap();
     let tls = MutualTls::of_pki(dir.path());
     assert!(tls.crlfile.is_some(), "the CRL is loaded");
@@ -140,12 +142,12 @@ async fn each_device_is_held_to_its_own_topics_and_strangers_stay_out() {
     let strangers = [
         (
             "no certificate",
-            otarig_server::tls::client_config(root, None).unwrap(),
+            client_config(Client::Host, root, None).unwrap(),
         ),
         ("revoked certificate", dev3),
         (
             "certificate from another CA",
-            otarig_server::tls::client_config(root, Some((&s.cert_pem, &s.key_pem))).unwrap(),
+            client_config(Client::Board, root, Some((&s.cert_pem, &s.key_pem))).unwrap(),
         ),
     ];
     for (what, cfg) in strangers {

@@ -241,6 +241,8 @@ pub struct HandshakeSummary {
     pub full: u64,
     /// Resumed sessions (a ticket instead of certificates); a stock board never resumes.
     pub resumed: u64,
+    /// Handshakes, full or resumed, that settled on TLS 1.2 (a stock board's only version).
+    pub tls12: u64,
     first: Option<std::time::Instant>,
     last: Option<std::time::Instant>,
 }
@@ -256,12 +258,15 @@ impl HandshakeSummary {
 }
 
 impl Handshakes {
-    fn record(&self, kind: Option<rustls::HandshakeKind>) {
+    fn record(&self, conn: &rustls::ServerConnection) {
         let now = std::time::Instant::now();
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match kind {
+        match conn.handshake_kind() {
             Some(rustls::HandshakeKind::Resumed) => g.resumed += 1,
             _ => g.full += 1,
+        }
+        if conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2) {
+            g.tls12 += 1;
         }
         g.first.get_or_insert(now);
         g.last = Some(now);
@@ -1065,7 +1070,7 @@ async fn accept_loop(
             // The handshake gets the same time as a request head.
             let stream = match tokio::time::timeout(limits.header_read, tls.accept(stream)).await {
                 Ok(Ok(s)) => {
-                    handshakes.record(s.get_ref().1.handshake_kind());
+                    handshakes.record(s.get_ref().1);
                     s
                 }
                 Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake refused: {e}"),

@@ -92,18 +92,31 @@ pub fn server_config(
 }
 
 /// A new device certificate from `pki` (CN = `id`, valid `days`) and the TLS configuration
-/// that presents it (with the intermediate) and trusts `pki`'s root.
+/// that presents it (with the intermediate) and trusts `pki`'s root, for `who`.
 pub fn device_client(
     pki: &crate::pki::Pki,
     id: &str,
     days: u32,
+    who: Client,
 ) -> anyhow::Result<Arc<ClientConfig>> {
     let d = pki.device(id, days)?;
-    client_config(pki.root_pem(), Some((&pki.chain_pem(&d), &d.key_pem)))
+    client_config(who, pki.root_pem(), Some((&pki.chain_pem(&d), &d.key_pem)))
 }
 
-/// A board's (or operator's) TLS configuration: servers must chain to `ca_pem`; with
-/// `identity` (certificate and key, PEM) it authenticates itself.
+/// Who a client configuration is for: the TLS versions it offers differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Client {
+    /// A stock ESP-IDF board: mbedTLS with its default configuration, TLS 1.2 only.
+    /// `CONFIG_MBEDTLS_SSL_PROTO_TLS1_3` is off unless a project turns it on
+    /// (components/mbedtls/Kconfig), so esp-tls, esp_http_client, esp_https_ota and esp-mqtt
+    /// all negotiate TLS 1.2, and a server or broker that dropped 1.2 locks the board out.
+    Board,
+    /// A tool on a host (the operator's MQTT client, test attackers): TLS 1.3 or 1.2.
+    Host,
+}
+
+/// A client's TLS configuration: servers must chain to `ca_pem`; with `identity`
+/// (certificate and key, PEM) it authenticates itself.
 ///
 /// It keeps no session to resume: esp-tls offers none unless built with
 /// `CONFIG_ESP_TLS_CLIENT_SESSION_TICKETS` and handed one (`esp_tls_get_client_session`),
@@ -111,11 +124,16 @@ pub fn device_client(
 /// which outlives a simulated board's reboots, and the server and broker would then skip the
 /// certificate checks and signatures a real board makes them pay for.
 pub fn client_config(
+    who: Client,
     ca_pem: &str,
     identity: Option<(&str, &str)>,
 ) -> anyhow::Result<Arc<ClientConfig>> {
+    let versions: &[&rustls::SupportedProtocolVersion] = match who {
+        Client::Board => &[&rustls::version::TLS12],
+        Client::Host => rustls::DEFAULT_VERSIONS,
+    };
     let builder = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
+        .with_protocol_versions(versions)?
         .with_root_certificates(roots(ca_pem)?);
     let mut cfg = match identity {
         None => builder.with_no_client_auth(),

@@ -8,8 +8,9 @@ use http_body_util::{BodyExt, Full};
 use otarig_server::pki::Pki;
 use otarig_server::release_store::ReleaseStore;
 use otarig_server::server::{Limits, Server};
-use otarig_server::tls::{client_config, server_config, ClientAuth};
-use rustls_pki_types::ServerName;
+use otarig_server::tls::{client_config, server_config, Client, ClientAuth};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{PrivateKeyDer, ServerName};
 
 /// One HTTPS request on a fresh connection; any TLS refusal is an error.
 async fn request(
@@ -94,7 +95,12 @@ impl Bench {
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
         let ca = read("ca_cert.pem");
         assert_eq!(ca, self.root);
-        client_config(&ca, Some((&read("device.crt"), &read("device.key")))).unwrap()
+        client_config(
+            Client::Board,
+            &ca,
+            Some((&read("device.crt"), &read("device.key"))),
+        )
+        .unwrap()
     }
 }
 
@@ -195,17 +201,22 @@ async fn the_handshake_refuses_every_broken_trust() {
         ("revoked device certificate", b.board("dev-2"), "localhost"),
         (
             "no client certificate",
-            client_config(&b.root, None).unwrap(),
+            client_config(Client::Host, &b.root, None).unwrap(),
             "localhost",
         ),
         (
             "device certificate from another CA",
-            client_config(&b.root, Some((&foreign.cert_pem, &foreign.key_pem))).unwrap(),
+            client_config(
+                Client::Board,
+                &b.root,
+                Some((&foreign.cert_pem, &foreign.key_pem)),
+            )
+            .unwrap(),
             "localhost",
         ),
         (
             "board trusting another CA (wrong CA)",
-            client_config(stranger.root_pem(), None).unwrap(),
+            client_config(Client::Board, stranger.root_pem(), None).unwrap(),
             "localhost",
         ),
         ("hostname mismatch", b.board("dev-1"), "firmware.example"),
@@ -276,4 +287,56 @@ async fn a_board_resumes_no_tls_session() {
     }
     let h = b.server.handshakes.summary();
     assert_eq!((h.full, h.resumed), (3, 0), "{h:?}");
+}
+
+/// A stock ESP-IDF board speaks TLS 1.2 only (mbedTLS without
+/// `CONFIG_MBEDTLS_SSL_PROTO_TLS1_3`): the server settles on 1.2 with it, and a server that
+/// dropped 1.2 locks it out. The simulated boards negotiated TLS 1.3 before.
+#[tokio::test]
+async fn a_board_speaks_tls_1_2_only() {
+    let b = bench(30, &[]).await;
+    let (st, _) = request(
+        b.server.addr,
+        b.board("dev-1"),
+        "localhost",
+        get("/healthz"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st.as_u16(), 200);
+    let h = b.server.handshakes.summary();
+    assert_eq!((h.full, h.tls12), (1, 1), "{h:?}");
+    // A tool on a host still gets TLS 1.3 from the same server.
+    let pki = Pki::open(&b.dir.path().join("pki")).unwrap();
+    let operator = otarig_server::tls::device_client(&pki, "operator", 30, Client::Host).unwrap();
+    request(b.server.addr, operator, "localhost", get("/healthz"))
+        .await
+        .unwrap();
+    let h = b.server.handshakes.summary();
+    assert_eq!((h.full, h.tls12), (2, 1), "{h:?}");
+
+    // A TLS 1.3-only server: the board's handshake fails.
+    let s = pki.server(&["localhost".into()], 30).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let only13 = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            otarig_server::tls::certs(&pki.chain_pem(&s), "chain").unwrap(),
+            PrivateKeyDer::from_pem_slice(s.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let store = Arc::new(ReleaseStore::open(&b.dir.path().join("store13")).unwrap());
+    let server = Server::start_tls(
+        store,
+        "127.0.0.1:0".parse().unwrap(),
+        Limits::default(),
+        Arc::new(only13),
+    )
+    .await
+    .unwrap();
+    let r = request(server.addr, b.board("dev-1"), "localhost", get("/healthz")).await;
+    let e = r.expect_err("a TLS 1.3-only server served a stock board");
+    assert!(format!("{e:#}").to_lowercase().contains("version"), "{e:#}");
 }

@@ -99,14 +99,13 @@ impl RunPki {
         dir: &std::path::Path,
         shard: Option<super::Shard>,
     ) -> anyhow::Result<RunPki> {
-        use otarig_server::tls::device_client;
+        use otarig_server::tls::{device_client, Client};
         let pki = otarig_server::pki::Pki::open(dir)?;
-        let client = |id: &str| device_client(&pki, id, 30);
-        let operator = client(crate::mosquitto::OPERATOR_CN)?;
+        let operator = device_client(&pki, crate::mosquitto::OPERATOR_CN, 30, Client::Host)?;
         let boards = (0..s.devices)
             .map(|i| match shard {
                 Some(sh) if !sh.holds(i) => Ok(operator.clone()),
-                _ => client(&s.device_id(i)),
+                _ => device_client(&pki, &s.device_id(i), 30, Client::Board),
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(RunPki {
@@ -120,7 +119,7 @@ impl RunPki {
     /// The run's PKI, with trust broken where the scenario's `tls` faults say.
     pub(super) fn make(s: &Scenario, dir: &std::path::Path) -> anyhow::Result<RunPki> {
         use otarig_scenario::scenario::TlsFault;
-        use otarig_server::tls::{client_config, server_config, ClientAuth};
+        use otarig_server::tls::{client_config, server_config, Client, ClientAuth};
         let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
         // Another CA, for boards that trust it or carry its certificates.
         let stranger = otarig_server::pki::Pki::init(&dir.join("stranger"), false, 30)?;
@@ -137,7 +136,7 @@ impl RunPki {
         let leaf = pki.server(&names, days)?;
         pki.write_server(&pki.server(&["127.0.0.1".into(), "localhost".into()], 30)?)?;
         let mut crl = None;
-        let mut board = |id: &str, fault: Option<TlsFault>| -> anyhow::Result<_> {
+        let mut client = |id: &str, who: Client, fault: Option<TlsFault>| -> anyhow::Result<_> {
             let issuer = if fault == Some(TlsFault::ForeignCertificate) {
                 &stranger
             } else {
@@ -151,12 +150,12 @@ impl RunPki {
                 Some(TlsFault::WrongCa) => stranger.root_pem().to_string(),
                 _ => root.clone(),
             };
-            client_config(&trusted, Some((&issuer.chain_pem(&d), &d.key_pem)))
+            client_config(who, &trusted, Some((&issuer.chain_pem(&d), &d.key_pem)))
         };
         let boards = (0..s.devices)
-            .map(|i| board(&s.device_id(i), s.tls_fault_for(i)))
+            .map(|i| client(&s.device_id(i), Client::Board, s.tls_fault_for(i)))
             .collect::<anyhow::Result<_>>()?;
-        let operator = board(crate::mosquitto::OPERATOR_CN, None)?;
+        let operator = client(crate::mosquitto::OPERATOR_CN, Client::Host, None)?;
         let auth = ClientAuth {
             ca_pem: root.clone(),
             crl_pem: crl.clone(),

@@ -207,6 +207,13 @@ fn bench_faults(s: &Scenario, prep: &Prepared) -> anyhow::Result<(Vec<CountedFau
                 )
                 .into())
             }
+            FaultKind::Tls(t) if !t.server_side() => {
+                return Err(SimOnly(format!(
+                    "tls = \"{}\" breaks the board's own trust, and a bench board is provisioned from the run's good PKI: simulator only",
+                    t.name()
+                ))
+                .into())
+            }
             FaultKind::Outage { .. } => {
                 return Err(SimOnly(
                     "an outage takes a board's network down at a boot: simulator only".into(),
@@ -271,8 +278,9 @@ impl TlsBench {
         dir: &std::path::Path,
         opts: (&str, &str),
     ) -> anyhow::Result<TlsBench> {
+        use otarig_fleet::fleet::ServerFace;
         use otarig_fleet::mosquitto::{Mosquitto, MutualTls, OPERATOR_CN};
-        use otarig_server::tls::{device_client, server_config, Client, ClientAuth};
+        use otarig_server::tls::{device_client, server_config_with, Client, ClientAuth};
         let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
         let root = pki.root_pem().to_string();
         let mut names = vec![
@@ -281,15 +289,23 @@ impl TlsBench {
             "localhost".to_string(),
         ];
         names.dedup();
-        let leaf = pki.server(&names, 30)?;
-        pki.write_server(&leaf)?;
+        // The broker's certificate is good; a server-side `tls` fault breaks the firmware
+        // server's face, as in the wire fleet.
+        pki.write_server(&pki.server(&names, 30)?)?;
+        let face = ServerFace::for_fault(s.tls_fault_for(DEVICE), names);
+        let leaf = pki.server(&face.names, face.days)?;
         let id = s.device_id(DEVICE);
         let device = pki.device(&id, 30)?;
         let auth = ClientAuth {
             ca_pem: root.clone(),
             crl_pem: None,
         };
-        let tls = server_config(&pki.chain_pem(&leaf), &leaf.key_pem, Some(&auth))?;
+        let tls = server_config_with(
+            face.versions,
+            &pki.chain_pem(&leaf),
+            &leaf.key_pem,
+            Some(&auth),
+        )?;
         let server =
             Server::start_tls(store, SocketAddr::new(host, 0), Limits::default(), tls).await?;
         let files = MutualTls::of_pki(dir);
@@ -478,4 +494,53 @@ fn save_console(s: &Scenario, con: &Console, opts: &HilOptions) -> anyhow::Resul
     let path = dir.join(format!("{stem}.console.log"));
     let text: String = con.log.iter().map(|l| format!("{l}\n")).collect();
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `GET /healthz` from the bench's firmware server for `scenario`, by the board its NVS
+    /// image provisions.
+    async fn board_asks_bench_server(scenario: &str) -> anyhow::Result<u16> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../scenarios")
+            .join(scenario);
+        let (s, _) = one_board(&Scenario::load(&path)?);
+        let prep = prepare(&s)?;
+        let dir = tempfile::tempdir()?;
+        let store = Arc::new(ReleaseStore::open(&dir.path().join("store"))?);
+        let host = "127.0.0.1".parse()?;
+        let bench =
+            TlsBench::start(host, &s, &prep, store, &dir.path().join("pki"), ("", "")).await?;
+        let values = otarig_esp32s3::nvs::read(&bench.nvs);
+        let get = |k: &str| match values.get(&("otarig".to_string(), k.to_string())) {
+            Some(otarig_esp32s3::nvs::NvsValue::Str(v)) => Ok(v.clone()),
+            other => Err(anyhow::anyhow!("{k} in the NVS image: {other:?}")),
+        };
+        use otarig_server::tls::{client_config, Client};
+        let board = client_config(
+            Client::Board,
+            &get("ca_cert")?,
+            Some((&get("device_crt")?, &get("device_key")?)),
+        )?;
+        let url = format!("{}/healthz", bench.server.url());
+        let http = otarig_fleet::board_http::BoardHttp::with_tls(board);
+        Ok(http.get(&url, None).await?.status().as_u16())
+    }
+
+    /// A server-side `tls` fault is realised on a bench as in the wire fleet: for
+    /// `server-tls13-only` the runner's firmware server speaks TLS 1.3 alone, so the board its
+    /// NVS image provisions (TLS 1.2, as a stock build) is refused with a protocol_version
+    /// alert, where a run without the fault serves it. (The whole scenario on the virtual
+    /// board takes four minutes of real backoff before the release is given up.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_bench_server_wears_the_scenarios_server_side_fault() {
+        let good = board_asks_bench_server("tls-update.toml").await.unwrap();
+        assert_eq!(good, 200);
+        let e = board_asks_bench_server("tls-server-tls13-only.toml")
+            .await
+            .expect_err("a stock board was served");
+        assert!(format!("{e:#}").contains("ProtocolVersion"), "{e:#}");
+    }
 }

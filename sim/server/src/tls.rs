@@ -57,8 +57,19 @@ pub fn server_config(
     key_pem: &str,
     client_auth: Option<&ClientAuth>,
 ) -> anyhow::Result<Arc<ServerConfig>> {
-    let builder = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(rustls::DEFAULT_VERSIONS)?;
+    server_config_with(rustls::DEFAULT_VERSIONS, chain_pem, key_pem, client_auth)
+}
+
+/// [`server_config`] offering only `versions`: `&[&rustls::version::TLS13]` is the hardened
+/// server that stock boards (TLS 1.2 only, [`Client::Board`]) cannot reach.
+pub fn server_config_with(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    chain_pem: &str,
+    key_pem: &str,
+    client_auth: Option<&ClientAuth>,
+) -> anyhow::Result<Arc<ServerConfig>> {
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
     let builder = match client_auth {
         None => builder.with_no_client_auth(),
         Some(auth) => {

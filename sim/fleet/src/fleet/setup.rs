@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use otarig_scenario::runner;
-use otarig_scenario::scenario::{FaultKind, Scenario, Transport};
+use otarig_scenario::scenario::{FaultKind, Scenario, TlsFault, Transport};
 use otarig_server::release_store::ReleaseStore;
 use otarig_server::server::{Limits, Server};
 
@@ -118,22 +118,17 @@ impl RunPki {
 
     /// The run's PKI, with trust broken where the scenario's `tls` faults say.
     pub(super) fn make(s: &Scenario, dir: &std::path::Path) -> anyhow::Result<RunPki> {
-        use otarig_scenario::scenario::TlsFault;
-        use otarig_server::tls::{client_config, server_config, Client, ClientAuth};
+        use otarig_server::tls::{client_config, server_config_with, Client, ClientAuth};
         let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
         // Another CA, for boards that trust it or carry its certificates.
         let stranger = otarig_server::pki::Pki::init(&dir.join("stranger"), false, 30)?;
         let root = pki.root_pem().to_string();
         let server_side =
             (0..s.devices).find_map(|i| s.tls_fault_for(i).filter(|f| f.server_side()));
-        let (names, days) = match server_side {
-            Some(TlsFault::HostnameMismatch) => (vec!["firmware.example".to_string()], 30),
-            Some(TlsFault::ExpiredServerCertificate) => (vec!["127.0.0.1".into()], 0),
-            _ => (vec!["127.0.0.1".into(), "localhost".into()], 30),
-        };
+        let face = ServerFace::for_fault(server_side, vec!["127.0.0.1".into(), "localhost".into()]);
         // The broker's certificate is always good: a server-side fault breaks the firmware
         // server's (and the operator must reach the broker anyway).
-        let leaf = pki.server(&names, days)?;
+        let leaf = pki.server(&face.names, face.days)?;
         pki.write_server(&pki.server(&["127.0.0.1".into(), "localhost".into()], 30)?)?;
         let mut crl = None;
         let mut client = |id: &str, who: Client, fault: Option<TlsFault>| -> anyhow::Result<_> {
@@ -161,7 +156,8 @@ impl RunPki {
             crl_pem: crl.clone(),
         };
         Ok(RunPki {
-            server_tls: Some(server_config(
+            server_tls: Some(server_config_with(
+                face.versions,
                 &pki.chain_pem(&leaf),
                 &leaf.key_pem,
                 Some(&auth),
@@ -303,4 +299,39 @@ pub(super) async fn check_external_server(
         }
     }
     Ok(())
+}
+
+static TLS13_ONLY: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+
+/// How the firmware server presents itself on a TLS run: its certificate's names and
+/// validity and the TLS versions it speaks, broken where a server-side `tls` fault says. The
+/// wire fleet and the HIL runner build the server from it; the broker keeps a good face.
+pub struct ServerFace {
+    pub names: Vec<String>,
+    /// Days the certificate is valid (0: already expired).
+    pub days: u32,
+    pub versions: &'static [&'static rustls::SupportedProtocolVersion],
+}
+
+impl ServerFace {
+    /// The face for `fault` (a server-side one; others leave it good), normally `names`.
+    pub fn for_fault(fault: Option<TlsFault>, names: Vec<String>) -> ServerFace {
+        let good = ServerFace {
+            names,
+            days: 30,
+            versions: rustls::DEFAULT_VERSIONS,
+        };
+        match fault {
+            Some(TlsFault::HostnameMismatch) => ServerFace {
+                names: vec!["firmware.example".into()],
+                ..good
+            },
+            Some(TlsFault::ExpiredServerCertificate) => ServerFace { days: 0, ..good },
+            Some(TlsFault::ServerTls13Only) => ServerFace {
+                versions: &TLS13_ONLY,
+                ..good
+            },
+            _ => good,
+        }
+    }
 }

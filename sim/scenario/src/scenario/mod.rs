@@ -210,6 +210,10 @@ pub enum TlsFault {
     ExpiredServerCertificate,
     /// The firmware server's certificate names another host (every board at once).
     HostnameMismatch,
+    /// The firmware server speaks TLS 1.3 only (every board at once): a hardening that locks
+    /// out stock ESP-IDF boards, whose mbedTLS offers 1.2 alone
+    /// (`CONFIG_MBEDTLS_SSL_PROTO_TLS1_3` is off by default).
+    ServerTls13Only,
 }
 
 impl TlsFault {
@@ -218,8 +222,22 @@ impl TlsFault {
     pub fn server_side(self) -> bool {
         matches!(
             self,
-            TlsFault::ExpiredServerCertificate | TlsFault::HostnameMismatch
+            TlsFault::ExpiredServerCertificate
+                | TlsFault::HostnameMismatch
+                | TlsFault::ServerTls13Only
         )
+    }
+
+    /// Its name in a scenario file (`tls = "..."`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsFault::WrongCa => "wrong-ca",
+            TlsFault::ForeignCertificate => "foreign-certificate",
+            TlsFault::RevokedCertificate => "revoked-certificate",
+            TlsFault::ExpiredServerCertificate => "expired-server-certificate",
+            TlsFault::HostnameMismatch => "hostname-mismatch",
+            TlsFault::ServerTls13Only => "server-tls13-only",
+        }
     }
 
     /// What the board's TLS stack says, as the simulator reports it (rustls's words).
@@ -230,6 +248,7 @@ impl TlsFault {
             TlsFault::RevokedCertificate => "received fatal alert: CertificateRevoked",
             TlsFault::ExpiredServerCertificate => "invalid peer certificate: Expired",
             TlsFault::HostnameMismatch => "invalid peer certificate: NotValidForName",
+            TlsFault::ServerTls13Only => "received fatal alert: ProtocolVersion",
         }
     }
 }
@@ -771,6 +790,20 @@ size = "64KiB"
 [[expect]]
 version = "1.0.0"
 "#;
+
+    #[test]
+    fn a_tls_fault_is_named_as_files_spell_it() {
+        #[derive(serde::Deserialize)]
+        struct F {
+            tls: TlsFault,
+        }
+        let names = "wrong-ca foreign-certificate revoked-certificate \
+                     expired-server-certificate hostname-mismatch server-tls13-only";
+        for name in names.split_whitespace() {
+            let parsed: F = toml::from_str(&format!("tls = \"{name}\"")).unwrap();
+            assert_eq!(parsed.tls.name(), name);
+        }
+    }
 
     #[test]
     fn a_good_file_loads() {

@@ -500,14 +500,32 @@ fn save_console(s: &Scenario, con: &Console, opts: &HilOptions) -> anyhow::Resul
 mod tests {
     use super::*;
 
+    /// `scenarios/NAME` as a bench runs it: one board, and its images.
+    fn on_a_bench(name: &str) -> anyhow::Result<(Scenario, Prepared)> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../scenarios")
+            .join(name);
+        let (s, _) = one_board(&Scenario::load(&path)?);
+        let prep = prepare(&s)?;
+        Ok((s, prep))
+    }
+
+    /// A fault that breaks the board's own trust needs a broken provisioning the runner does
+    /// not write: it is reported, not run without the fault (which it was before).
+    #[test]
+    fn a_board_side_trust_fault_is_reported_simulator_only() {
+        let (s, prep) = on_a_bench("attacks/tls-broken-trust.toml").unwrap();
+        let e = bench_faults(&s, &prep).expect_err("ran without its fault");
+        let sim = e
+            .downcast_ref::<SimOnly>()
+            .expect("reported as simulator-only");
+        assert!(sim.0.contains("wrong-ca"), "{}", sim.0);
+    }
+
     /// `GET /healthz` from the bench's firmware server for `scenario`, by the board its NVS
     /// image provisions.
     async fn board_asks_bench_server(scenario: &str) -> anyhow::Result<u16> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../scenarios")
-            .join(scenario);
-        let (s, _) = one_board(&Scenario::load(&path)?);
-        let prep = prepare(&s)?;
+        let (s, prep) = on_a_bench(scenario)?;
         let dir = tempfile::tempdir()?;
         let store = Arc::new(ReleaseStore::open(&dir.path().join("store"))?);
         let host = "127.0.0.1".parse()?;

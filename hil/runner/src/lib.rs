@@ -207,13 +207,6 @@ fn bench_faults(s: &Scenario, prep: &Prepared) -> anyhow::Result<(Vec<CountedFau
                 )
                 .into())
             }
-            FaultKind::Tls(t) if !t.server_side() => {
-                return Err(SimOnly(format!(
-                    "tls = \"{}\" breaks the board's own trust, and a bench board is provisioned from the run's good PKI: simulator only",
-                    t.name()
-                ))
-                .into())
-            }
             FaultKind::Outage { .. } => {
                 return Err(SimOnly(
                     "an outage takes a board's network down at a boot: simulator only".into(),
@@ -278,7 +271,7 @@ impl TlsBench {
         dir: &std::path::Path,
         opts: (&str, &str),
     ) -> anyhow::Result<TlsBench> {
-        use otarig_fleet::fleet::ServerFace;
+        use otarig_fleet::fleet::{BoardIdentity, ServerFace};
         use otarig_fleet::mosquitto::{Mosquitto, MutualTls, OPERATOR_CN};
         use otarig_server::tls::{device_client, server_config_with, Client, ClientAuth};
         let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
@@ -295,10 +288,13 @@ impl TlsBench {
         let face = ServerFace::for_fault(s.tls_fault_for(DEVICE), names);
         let leaf = pki.server(&face.names, face.days)?;
         let id = s.device_id(DEVICE);
-        let device = pki.device(&id, 30)?;
+        // The board's identity, broken where a board-side `tls` fault says, as in the wire
+        // fleet (a revocation also writes the CRL the server and Mosquitto load).
+        let stranger = BoardIdentity::stranger(dir)?;
+        let board = BoardIdentity::issue(&pki, &stranger, &id, s.tls_fault_for(DEVICE))?;
         let auth = ClientAuth {
             ca_pem: root.clone(),
-            crl_pem: None,
+            crl_pem: board.crl.clone(),
         };
         let tls = server_config_with(
             face.versions,
@@ -337,9 +333,9 @@ impl TlsBench {
                 ("channel", s.channel_for(DEVICE)),
                 ("ssid", ssid),
                 ("password", password),
-                ("ca_cert", root.as_str()),
-                ("device_crt", pki.chain_pem(&device).as_str()),
-                ("device_key", device.key_pem.as_str()),
+                ("ca_cert", board.ca_pem.as_str()),
+                ("device_crt", board.chain_pem.as_str()),
+                ("device_key", board.key_pem.as_str()),
             ],
         )?;
         Ok(TlsBench {
@@ -510,18 +506,6 @@ mod tests {
         Ok((s, prep))
     }
 
-    /// A fault that breaks the board's own trust needs a broken provisioning the runner does
-    /// not write: it is reported, not run without the fault (which it was before).
-    #[test]
-    fn a_board_side_trust_fault_is_reported_simulator_only() {
-        let (s, prep) = on_a_bench("attacks/tls-broken-trust.toml").unwrap();
-        let e = bench_faults(&s, &prep).expect_err("ran without its fault");
-        let sim = e
-            .downcast_ref::<SimOnly>()
-            .expect("reported as simulator-only");
-        assert!(sim.0.contains("wrong-ca"), "{}", sim.0);
-    }
-
     /// `GET /healthz` from the bench's firmware server for `scenario`, by the board its NVS
     /// image provisions.
     async fn board_asks_bench_server(scenario: &str) -> anyhow::Result<u16> {
@@ -552,6 +536,18 @@ mod tests {
     /// NVS image provisions (TLS 1.2, as a stock build) is refused with a protocol_version
     /// alert, where a run without the fault serves it. (The whole scenario on the virtual
     /// board takes four minutes of real backoff before the release is given up.)
+    /// A board-side fault is realised in the board's NVS image: for `wrong-ca` (device 0 of
+    /// `tls-broken-trust.toml`, the one a bench runs) the board trusts another otarig PKI's
+    /// root and refuses the runner's server. It ran without its fault before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_bench_board_carries_the_scenarios_board_side_fault() {
+        let e = board_asks_bench_server("attacks/tls-broken-trust.toml")
+            .await
+            .expect_err("a board trusting another root was served");
+        // The words the simulator reports for `tls = "wrong-ca"` (TlsFault::detail).
+        assert!(format!("{e:#}").contains("BadSignature"), "{e:#}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_bench_server_wears_the_scenarios_server_side_fault() {
         let good = board_asks_bench_server("tls-update.toml").await.unwrap();

@@ -133,6 +133,52 @@ fn outcome(run: &otarig_scenario::runner::Run) -> Vec<String> {
         .collect()
 }
 
+/// Each board's refused handshakes: the peer and what the TLS stack said.
+fn handshakes(run: &otarig_scenario::runner::Run) -> Vec<Vec<(&'static str, String)>> {
+    use otarig_scenario::runner::What;
+    run.devices
+        .iter()
+        .map(|d| {
+            let mut seen: Vec<_> = run
+                .records
+                .iter()
+                .filter(|r| r.device == d.index)
+                .filter_map(|r| match &r.what {
+                    What::Agent(otarig_agent::Event::TransportRefused { peer, detail, .. }) => {
+                        Some((*peer, detail.clone()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            seen.sort();
+            seen.dedup();
+            seen
+        })
+        .collect()
+}
+
+/// The in-process runner's model of a `tls` fault says what the wire's TLS stack says: the
+/// same peers refuse each board, and the model's words begin the wire's (which go on with
+/// times and names of the run).
+fn same_handshakes(
+    local: &otarig_scenario::runner::Run,
+    wired: &otarig_scenario::runner::Run,
+) -> Result<(), Failed> {
+    for (i, (a, b)) in handshakes(local).iter().zip(handshakes(wired)).enumerate() {
+        let agree = a.len() == b.len()
+            && a.iter()
+                .zip(&b)
+                .all(|((pa, da), (pb, db))| pa == pb && db.starts_with(da.as_str()));
+        if !agree {
+            return Err(format!(
+                "board {i}'s refused handshakes differ on the wire:\n in-process: {a:?}\n       wire: {b:?}"
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
 fn wire(path: &Path) -> Result<(), Failed> {
     let s = load(path)?;
     let local = run(&s, &RunOptions::default()).map_err(|e| Failed::from(format!("{e:#}")))?;
@@ -160,7 +206,7 @@ fn wire(path: &Path) -> Result<(), Failed> {
         .map(|(x, y)| format!("in-process: {x}\n      wire: {y}"))
         .collect();
     if diff.is_empty() && a.len() == b.len() {
-        Ok(())
+        same_handshakes(&local, &wired)
     } else {
         Err(format!("boards ended differently on the wire:\n{}", diff.join("\n")).into())
     }

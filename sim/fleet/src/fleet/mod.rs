@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 
 pub(crate) use board::{board_task, Ctl, Shared};
 pub use progress::{BrokerConnects, FleetProgress, Tally};
-pub use setup::ServerFace;
+pub use setup::{BoardIdentity, ServerFace};
 
 use board::Clock;
 use otarig_scenario::runner::{

@@ -120,8 +120,7 @@ impl RunPki {
     pub(super) fn make(s: &Scenario, dir: &std::path::Path) -> anyhow::Result<RunPki> {
         use otarig_server::tls::{client_config, server_config_with, Client, ClientAuth};
         let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
-        // Another CA, for boards that trust it or carry its certificates.
-        let stranger = otarig_server::pki::Pki::init(&dir.join("stranger"), false, 30)?;
+        let stranger = BoardIdentity::stranger(dir)?;
         let root = pki.root_pem().to_string();
         let server_side =
             (0..s.devices).find_map(|i| s.tls_fault_for(i).filter(|f| f.server_side()));
@@ -132,20 +131,11 @@ impl RunPki {
         pki.write_server(&pki.server(&["127.0.0.1".into(), "localhost".into()], 30)?)?;
         let mut crl = None;
         let mut client = |id: &str, who: Client, fault: Option<TlsFault>| -> anyhow::Result<_> {
-            let issuer = if fault == Some(TlsFault::ForeignCertificate) {
-                &stranger
-            } else {
-                &pki
-            };
-            let d = issuer.device(id, 30)?;
-            if fault == Some(TlsFault::RevokedCertificate) {
-                crl = Some(pki.revoke(&d.serial, id)?);
+            let b = BoardIdentity::issue(&pki, &stranger, id, fault)?;
+            if b.crl.is_some() {
+                crl = b.crl.clone(); // the newest lists every revocation
             }
-            let trusted = match fault {
-                Some(TlsFault::WrongCa) => stranger.root_pem().to_string(),
-                _ => root.clone(),
-            };
-            client_config(who, &trusted, Some((&issuer.chain_pem(&d), &d.key_pem)))
+            client_config(who, &b.ca_pem, Some((&b.chain_pem, &b.key_pem)))
         };
         let boards = (0..s.devices)
             .map(|i| client(&s.device_id(i), Client::Board, s.tls_fault_for(i)))
@@ -333,5 +323,52 @@ impl ServerFace {
             },
             _ => good,
         }
+    }
+}
+
+/// What a board is provisioned with on a TLS run: the root it trusts, the certificate chain it
+/// presents and its key, broken where a board-side `tls` fault says. The wire fleet builds
+/// its boards from it, the HIL runner the bench board's NVS image.
+pub struct BoardIdentity {
+    pub ca_pem: String,
+    pub chain_pem: String,
+    pub key_pem: String,
+    /// The run's CRL, signed anew when this board's certificate was revoked.
+    pub crl: Option<String>,
+}
+
+impl BoardIdentity {
+    /// Another CA, in `dir/stranger`, for boards that trust it or carry its certificates.
+    pub fn stranger(dir: &std::path::Path) -> anyhow::Result<otarig_server::pki::Pki> {
+        otarig_server::pki::Pki::init(&dir.join("stranger"), false, 30)
+    }
+
+    /// Device `id`'s identity from `pki` (from `stranger` for `foreign-certificate`; trusting
+    /// `stranger`'s root for `wrong-ca`; revoked on `pki`'s CRL for `revoked-certificate`).
+    pub fn issue(
+        pki: &otarig_server::pki::Pki,
+        stranger: &otarig_server::pki::Pki,
+        id: &str,
+        fault: Option<TlsFault>,
+    ) -> anyhow::Result<BoardIdentity> {
+        let issuer = match fault {
+            Some(TlsFault::ForeignCertificate) => stranger,
+            _ => pki,
+        };
+        let d = issuer.device(id, 30)?;
+        let crl = match fault {
+            Some(TlsFault::RevokedCertificate) => Some(pki.revoke(&d.serial, id)?),
+            _ => None,
+        };
+        let ca = match fault {
+            Some(TlsFault::WrongCa) => stranger,
+            _ => pki,
+        };
+        Ok(BoardIdentity {
+            ca_pem: ca.root_pem().to_string(),
+            chain_pem: issuer.chain_pem(&d),
+            key_pem: d.key_pem,
+            crl,
+        })
     }
 }

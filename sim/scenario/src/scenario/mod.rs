@@ -240,14 +240,19 @@ impl TlsFault {
         }
     }
 
-    /// What the board's TLS stack says, as the simulator reports it (rustls's words).
+    /// What the board's TLS stack says, as the simulator reports it: the beginning of rustls's
+    /// words on the wire, which go on with the run's times and names.
     pub fn detail(self) -> &'static str {
         match self {
-            TlsFault::WrongCa => "invalid peer certificate: UnknownIssuer",
+            // The other root has the same name (another otarig PKI, as a staging CA is), so
+            // the chain is found and its signature fails: what the wire fleet's boards report.
+            TlsFault::WrongCa => "invalid peer certificate: BadSignature",
             TlsFault::ForeignCertificate => "received fatal alert: UnknownCA",
             TlsFault::RevokedCertificate => "received fatal alert: CertificateRevoked",
-            TlsFault::ExpiredServerCertificate => "invalid peer certificate: Expired",
-            TlsFault::HostnameMismatch => "invalid peer certificate: NotValidForName",
+            TlsFault::ExpiredServerCertificate => "invalid peer certificate: certificate expired",
+            TlsFault::HostnameMismatch => {
+                "invalid peer certificate: certificate not valid for name"
+            }
             TlsFault::ServerTls13Only => "received fatal alert: ProtocolVersion",
         }
     }

@@ -137,3 +137,14 @@ async fn a_board_with_its_chunk_key_in_nvs_refuses_replayed_chunks() {
         "provisioned by NVS, not the console: {console}"
     );
 }
+
+/// A board-side trust fault on a bench: the runner writes an NVS image whose root CA is
+/// another otarig PKI's (`wrong-ca`, device 0 of the scenario); the virtual board refuses the
+/// broker's chain, reports `tls` on its console and stays on its image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_board_provisioned_with_another_root_refuses_the_bench() {
+    let hil = run_on_virtual_board("attacks/tls-broken-trust.toml").await;
+    assert_eq!(hil.run.devices[0].version.as_deref(), Some("1.0.0"));
+    let console = hil.console.join("\n");
+    assert!(console.contains("BadSignature"), "{console}");
+}

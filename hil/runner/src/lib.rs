@@ -531,11 +531,6 @@ mod tests {
         Ok(http.get(&url, None).await?.status().as_u16())
     }
 
-    /// A server-side `tls` fault is realised on a bench as in the wire fleet: for
-    /// `server-tls13-only` the runner's firmware server speaks TLS 1.3 alone, so the board its
-    /// NVS image provisions (TLS 1.2, as a stock build) is refused with a protocol_version
-    /// alert, where a run without the fault serves it. (The whole scenario on the virtual
-    /// board takes four minutes of real backoff before the release is given up.)
     /// A board-side fault is realised in the board's NVS image: for `wrong-ca` (device 0 of
     /// `tls-broken-trust.toml`, the one a bench runs) the board trusts another otarig PKI's
     /// root and refuses the runner's server. It ran without its fault before.
@@ -548,6 +543,11 @@ mod tests {
         assert!(format!("{e:#}").contains("BadSignature"), "{e:#}");
     }
 
+    /// A server-side `tls` fault is realised on a bench as in the wire fleet: for
+    /// `server-tls13-only` the runner's firmware server speaks TLS 1.3 alone, so the board its
+    /// NVS image provisions (TLS 1.2, as a stock build) is refused with a protocol_version
+    /// alert, where a run without the fault serves it. (The whole scenario on the virtual
+    /// board takes four minutes of real backoff before the release is given up.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_bench_server_wears_the_scenarios_server_side_fault() {
         let good = board_asks_bench_server("tls-update.toml").await.unwrap();

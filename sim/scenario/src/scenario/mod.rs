@@ -826,6 +826,22 @@ version = "1.0.0"
     }
 
     #[test]
+    fn a_server_side_tls_fault_for_some_boards_only_is_refused_by_name() {
+        let text = OK.replace(
+            "firmware = \"v1\"",
+            "firmware = \"v1\"\ntransport = \"tls\"",
+        ) + "[[fault]]\ndevices = \"0..1\"\ntls = \"server-tls13-only\"\n";
+        let e = Scenario::parse(Path::new("t.toml"), &text).unwrap_err();
+        assert_eq!(e.line, 16, "{e}");
+        assert!(
+            e.message
+                .contains("tls = \"server-tls13-only\" breaks the firmware server"),
+            "{e}"
+        );
+        assert!(e.message.contains("leave out `devices`"), "{e}");
+    }
+
+    #[test]
     fn a_typo_in_a_key_is_an_error_not_a_silent_default() {
         let text = OK.replace("device-type", "device_typo");
         let e = Scenario::parse(Path::new("t.toml"), &text).unwrap_err();

@@ -593,7 +593,10 @@ impl Parser<'_> {
         if fault.server_side() && (0..self.devices).any(|i| !devices.contains(i)) {
             return Err(self.cx.span(
                 t,
-                "this fault breaks the server's certificate, so every board at once: leave out `devices`",
+                format!(
+                    "tls = \"{}\" breaks the firmware server, so every board at once: leave out `devices`",
+                    fault.name()
+                ),
             ));
         }
         Ok(FaultKind::Tls(fault))

@@ -75,16 +75,21 @@ async fn bench(server_days: u32, revoke: &[&str]) -> Bench {
         crl_pem: crl,
     };
     let tls = server_config(&pki.chain_pem(&s), &s.key_pem, Some(&auth)).unwrap();
-    let store = Arc::new(ReleaseStore::open(&dir.path().join("store")).unwrap());
-    let server = Server::start_tls(
+    let server = serve_tls(&dir.path().join("store"), tls).await;
+    Bench { dir, root, server }
+}
+
+/// A firmware server on a free loopback port with `tls`, over an empty store in `store`.
+async fn serve_tls(store: &std::path::Path, tls: Arc<rustls::ServerConfig>) -> Server {
+    let store = Arc::new(ReleaseStore::open(store).unwrap());
+    Server::start_tls(
         store,
         "127.0.0.1:0".parse().unwrap(),
         Limits::default(),
         tls,
     )
     .await
-    .unwrap();
-    Bench { dir, root, server }
+    .unwrap()
 }
 
 impl Bench {
@@ -323,15 +328,7 @@ async fn a_board_speaks_tls_1_2_only() {
         None,
     )
     .unwrap();
-    let store = Arc::new(ReleaseStore::open(&b.dir.path().join("store13")).unwrap());
-    let server = Server::start_tls(
-        store,
-        "127.0.0.1:0".parse().unwrap(),
-        Limits::default(),
-        only13,
-    )
-    .await
-    .unwrap();
+    let server = serve_tls(&b.dir.path().join("store13"), only13).await;
     let r = request(server.addr, b.board("dev-1"), "localhost", get("/healthz")).await;
     let e = r.expect_err("a TLS 1.3-only server served a stock board");
     // The words the simulator reports for `tls = "server-tls13-only"` (TlsFault::detail).

@@ -1,45 +1,66 @@
 //! A simulated board's HTTP client: its `esp_http_client` handle, one keep-alive connection
-//! per boot, reading the socket through a small buffer.
+//! per boot, one request at a time, reading the socket through a small buffer.
 //!
-//! ESP-IDF's `esp_http_client` reads through a `buffer_size` buffer (512 bytes by default;
-//! OTA code reads a few KiB per `esp_http_client_read`), so a board never holds more than a
-//! few KiB of a download in RAM. hyper's default read buffer instead grows to about 400 KiB
-//! per connection when the socket has that much waiting, which on loopback it always has:
-//! ten thousand boards downloading at once would hold gigabytes in flight. Bounding it to
+//! ESP-IDF's `esp_http_client` keeps its handle's connection open between requests unless
+//! the server closes it ("Persistent Connections", docs/en/api-reference/protocols/
+//! esp_http_client.rst; `esp_http_client_open` connects only when the handle is not
+//! connected), and a handle serves one request at a time. The esp32s3 shell uses one handle
+//! per boot that way, so a board makes one TLS handshake per boot unless its connection
+//! breaks. hyper-util's pooled client does not model this: a request that finds no idle
+//! connection starts a new one and finishes it in the background even when the previous
+//! connection comes back first, which made boards open 3 to 3.6 connections per update
+//! where the shell opens 2 (a test in `tests/board_http.rs` counts them).
+//!
+//! `esp_http_client` reads through a `buffer_size` buffer (512 bytes by default; OTA code
+//! reads a few KiB per `esp_http_client_read`), so a board never holds more than a few KiB of
+//! a download in RAM. hyper's default read buffer instead grows to about 400 KiB per
+//! connection when the socket has that much waiting, which on loopback it always has: ten
+//! thousand boards downloading at once would hold gigabytes in flight. Bounding it to
 //! [`READ_BUFFER`] keeps a board's download in flight to that, at a few more reads.
 
+use std::sync::Arc;
+
+use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper::client::conn::http1;
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
 
 /// The most a board's connection buffers from the socket at once.
 pub const READ_BUFFER: usize = 16 * 1024;
 
-/// One board's HTTP client. Cloning shares the connection (as tasks of one board do).
+/// One board's HTTP client handle. Cloning shares it (as tasks of one board do): their
+/// requests take turns on its one connection.
 #[derive(Clone)]
 pub struct BoardHttp {
-    client: Inner,
+    handle: Arc<Handle>,
 }
 
-/// Plain HTTP, or HTTPS with the board's TLS configuration (its CA and device certificate),
-/// as `esp_http_client` with `cert_pem`, `client_cert_pem` and `client_key_pem`.
-#[derive(Clone)]
-enum Inner {
-    Plain(Client<HttpConnector, Full<Bytes>>),
-    Tls(Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>),
+/// How the handle reaches the server: plain TCP, or TLS with the board's configuration (its
+/// CA and device certificate), as `esp_http_client` with `cert_pem`, `client_cert_pem` and
+/// `client_key_pem`.
+enum Transport {
+    Plain,
+    Tls(tokio_rustls::TlsConnector),
 }
 
-impl Inner {
-    async fn request(&self, req: Request<Full<Bytes>>) -> anyhow::Result<Response<Incoming>> {
-        Ok(match self {
-            Inner::Plain(c) => c.request(req).await?,
-            Inner::Tls(c) => c.request(req).await?,
-        })
-    }
+struct Handle {
+    transport: Transport,
+    /// The open connection: taken by the request being sent, put back as soon as it is
+    /// sent. The next request waits until the connection is ready again (the previous answer
+    /// read to its end), or opens a new one if it was closed (by the server, or because an
+    /// answer was dropped before its end, which is how a board stops a download).
+    connection: tokio::sync::Mutex<Option<Open>>,
+}
+
+/// An open connection and the server (host and port) it goes to.
+struct Open {
+    server: String,
+    sender: http1::SendRequest<Full<Bytes>>,
 }
 
 impl Default for BoardHttp {
@@ -50,28 +71,43 @@ impl Default for BoardHttp {
 
 impl BoardHttp {
     pub fn new() -> BoardHttp {
-        let client = Self::builder().build_http();
-        BoardHttp {
-            client: Inner::Plain(client),
-        }
+        Self::over(Transport::Plain)
     }
 
     /// HTTPS only, with `tls` ([`otarig_server::tls::client_config`]).
-    pub fn with_tls(tls: std::sync::Arc<rustls::ClientConfig>) -> BoardHttp {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((*tls).clone())
-            .https_only()
-            .enable_http1()
-            .build();
+    pub fn with_tls(tls: Arc<rustls::ClientConfig>) -> BoardHttp {
+        Self::over(Transport::Tls(tokio_rustls::TlsConnector::from(tls)))
+    }
+
+    fn over(transport: Transport) -> BoardHttp {
         BoardHttp {
-            client: Inner::Tls(Self::builder().build(https)),
+            handle: Arc::new(Handle {
+                transport,
+                connection: tokio::sync::Mutex::new(None),
+            }),
         }
     }
 
-    fn builder() -> hyper_util::client::legacy::Builder {
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_max_idle_per_host(1).http1_max_buf_size(READ_BUFFER);
-        b
+    /// Send a request to `url` on the handle's connection; the answer's head. The request
+    /// line carries the path (origin form) and `Host` the server, as `esp_http_client` sends
+    /// them.
+    async fn request(
+        &self,
+        url: &str,
+        req: hyper::http::request::Builder,
+        body: Full<Bytes>,
+    ) -> anyhow::Result<Response<Incoming>> {
+        let uri: Uri = url.parse().with_context(|| format!("not a URL: {url}"))?;
+        self.handle.check_scheme(&uri)?;
+        let host = uri
+            .authority()
+            .with_context(|| format!("no host in {url}"))?;
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let req = req
+            .uri(path)
+            .header(hyper::header::HOST, host.as_str())
+            .body(body)?;
+        self.handle.send(&uri, req).await
     }
 
     /// `GET url`, with `Range: bytes=first-last` when given.
@@ -80,11 +116,11 @@ impl BoardHttp {
         url: &str,
         range: Option<(u64, u64)>,
     ) -> anyhow::Result<Response<Incoming>> {
-        let mut req = Request::get(url);
+        let mut req = Request::get("/");
         if let Some((first, last)) = range {
             req = req.header(hyper::header::RANGE, format!("bytes={first}-{last}"));
         }
-        self.client.request(req.body(Full::default())?).await
+        self.request(url, req, Full::default()).await
     }
 
     /// `POST url` with a JSON body; the answer's status.
@@ -98,10 +134,94 @@ impl BoardHttp {
 
     /// `POST url` with a JSON body; the answer.
     pub async fn post(&self, url: &str, body: String) -> anyhow::Result<Response<Incoming>> {
-        let req = Request::post(url)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))?;
-        self.client.request(req).await
+        let req = Request::post("/").header(hyper::header::CONTENT_TYPE, "application/json");
+        self.request(url, req, Full::new(Bytes::from(body))).await
+    }
+}
+
+impl Handle {
+    /// A TLS handle speaks HTTPS only and a plain one HTTP only: a board provisioned with
+    /// a CA never falls back to plain text, and a plain board cannot speak TLS.
+    fn check_scheme(&self, uri: &Uri) -> anyhow::Result<()> {
+        let wanted = match self.transport {
+            Transport::Plain => "http",
+            Transport::Tls(_) => "https",
+        };
+        match uri.scheme_str() {
+            Some(s) if s == wanted => Ok(()),
+            _ => anyhow::bail!(
+                "{uri}: this board's HTTP client speaks {wanted} only; give it a {wanted}:// URL"
+            ),
+        }
+    }
+
+    /// A new connection to `uri`'s host: TCP, then the TLS handshake if the handle speaks
+    /// TLS, then HTTP/1.1 with the bounded read buffer. Its driving task ends when the
+    /// connection closes or the handle is dropped (a reboot).
+    /// Send `req` on the open connection to `uri`'s server once it is ready (the previous
+    /// answer read to its end), or on a new one if there is none, it closed, or it goes to
+    /// another server (`esp_http_client_set_url` closes the connection when the host or port
+    /// changes).
+    async fn send(
+        &self,
+        uri: &Uri,
+        req: Request<Full<Bytes>>,
+    ) -> anyhow::Result<Response<Incoming>> {
+        let server = uri
+            .authority()
+            .map(|a| a.as_str().to_ascii_lowercase())
+            .unwrap_or_default();
+        let mut slot = self.connection.lock().await;
+        let reusable = match slot.take() {
+            Some(mut open) if open.server == server => {
+                open.sender.ready().await.ok().map(|()| open.sender)
+            }
+            _ => None,
+        };
+        let mut sender = match reusable {
+            Some(sender) => sender,
+            None => self.connect(uri).await?,
+        };
+        let answer = sender.send_request(req);
+        *slot = Some(Open { server, sender });
+        drop(slot);
+        Ok(answer.await?)
+    }
+
+    async fn connect(&self, uri: &Uri) -> anyhow::Result<http1::SendRequest<Full<Bytes>>> {
+        let host = uri.host().with_context(|| format!("no host in {uri}"))?;
+        let port = uri.port_u16().unwrap_or(match &self.transport {
+            Transport::Plain => 80,
+            Transport::Tls(_) => 443,
+        });
+        let tcp = TcpStream::connect((host.trim_matches(['[', ']']), port)).await?;
+        tcp.set_nodelay(true)?;
+        let mut builder = http1::Builder::new();
+        builder.max_buf_size(READ_BUFFER);
+        match &self.transport {
+            Transport::Plain => Self::start(&builder, tcp).await,
+            Transport::Tls(tls) => {
+                let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())?;
+                let stream = tls.connect(name, tcp).await?;
+                Self::start(&builder, stream).await
+            }
+        }
+    }
+
+    async fn start<S>(
+        builder: &http1::Builder,
+        stream: S,
+    ) -> anyhow::Result<http1::SendRequest<Full<Bytes>>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) = builder.handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("board HTTP connection ended: {e}");
+            }
+        });
+        Ok(sender)
     }
 }
 

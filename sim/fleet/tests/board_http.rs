@@ -1,0 +1,204 @@
+//! A simulated board's HTTP handle keeps one connection, as an `esp_http_client` handle does:
+//! the firmware server counts its TLS handshakes.
+
+use std::sync::Arc;
+
+use http_body_util::BodyExt;
+use otarig_fleet::board_http::{self, BoardHttp};
+use otarig_server::pki::Pki;
+use otarig_server::release_store::ReleaseStore;
+use otarig_server::server::{Limits, Server};
+use otarig_server::tls::{device_client, server_config, Client, ClientAuth};
+
+/// A firmware server over mutual TLS holding one 1 MiB blob, and a board's TLS configuration.
+struct Bench {
+    dir: tempfile::TempDir,
+    tls: Arc<rustls::ServerConfig>,
+    server: Server,
+    blob: String,
+    board: Arc<rustls::ClientConfig>,
+}
+
+async fn bench() -> Bench {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), true, 30).unwrap();
+    let leaf = pki.server(&["127.0.0.1".into()], 30).unwrap();
+    let auth = ClientAuth {
+        ca_pem: pki.root_pem().to_string(),
+        crl_pem: None,
+    };
+    let tls = server_config(&pki.chain_pem(&leaf), &leaf.key_pem, Some(&auth)).unwrap();
+    let store = Arc::new(ReleaseStore::open(&dir.path().join("store")).unwrap());
+    let image: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let sha = store.put_blob(&image).unwrap();
+    let server = serve(store, tls.clone()).await;
+    let blob = format!(
+        "https://127.0.0.1:{}/blobs/{}?deviceId=dev-1",
+        server.addr.port(),
+        hex::encode(sha)
+    );
+    let board = device_client(&pki, "dev-1", 30, Client::Board).unwrap();
+    Bench {
+        dir,
+        tls,
+        server,
+        blob,
+        board,
+    }
+}
+
+async fn serve(store: Arc<ReleaseStore>, tls: Arc<rustls::ServerConfig>) -> Server {
+    Server::start_tls(
+        store,
+        "127.0.0.1:0".parse().unwrap(),
+        Limits::default(),
+        tls,
+    )
+    .await
+    .unwrap()
+}
+
+impl Bench {
+    fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.server.addr.port())
+    }
+
+    fn handshakes(&self) -> u64 {
+        self.server.handshakes.summary().full
+    }
+}
+
+/// One range of the blob, read to its end; its length.
+async fn range(http: &BoardHttp, url: &str, first: u64, last: u64) -> usize {
+    let resp = http.get(url, Some((first, last))).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 206);
+    board_http::read_all(resp).await.unwrap().len()
+}
+
+/// What a board does in one boot of an update: the manifest poll, the image in four 256 KiB
+/// ranges, an ack; each request right after the previous answer's end. One handshake, where
+/// hyper-util's pooled client opened more (a request that found no idle connection started a
+/// new one, finished in the background even when the old one came back first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boots_requests_share_one_connection() {
+    let b = bench().await;
+    let http = BoardHttp::with_tls(b.board.clone());
+    for _ in 0..5 {
+        let resp = http.get(&b.url("/healthz"), None).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        board_http::read_all(resp).await.unwrap();
+        for i in 0..4u64 {
+            let n = range(&http, &b.blob, i << 18, ((i + 1) << 18) - 1).await;
+            assert_eq!(n, 1 << 18);
+        }
+        let st = http.post_json(&b.url("/ack"), "{}".into()).await.unwrap();
+        assert_eq!(
+            st.as_u16(),
+            400,
+            "an empty ack is refused, on the same connection"
+        );
+    }
+    assert_eq!(b.handshakes(), 1);
+}
+
+/// Requests made at once (an ack and a poll as a board boots) take turns on the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_made_at_once_take_turns() {
+    let b = bench().await;
+    let http = BoardHttp::with_tls(b.board.clone());
+    let tasks: Vec<_> = (0..4u64)
+        .map(|i| {
+            let (http, url) = (http.clone(), b.blob.clone());
+            tokio::spawn(async move { range(&http, &url, i << 18, ((i + 1) << 18) - 1).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 1 << 18);
+    }
+    assert_eq!(b.handshakes(), 1);
+}
+
+/// A board stops a download by dropping the answer: its connection closes, and the next
+/// request opens a new one (as `esp_http_client` does after `esp_http_client_close`). A
+/// reboot (a new handle) opens a new one too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_answer_or_a_reboot_costs_a_new_connection() {
+    let b = bench().await;
+    let http = BoardHttp::with_tls(b.board.clone());
+    let mut resp = http.get(&b.blob, Some((0, (1 << 20) - 1))).await.unwrap();
+    let first = resp.body_mut().frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    drop(resp);
+    assert_eq!(range(&http, &b.blob, 0, 99).await, 100);
+    assert_eq!(b.handshakes(), 2);
+    drop(http);
+    let rebooted = BoardHttp::with_tls(b.board.clone());
+    assert_eq!(range(&rebooted, &b.blob, 0, 99).await, 100);
+    assert_eq!(b.handshakes(), 3);
+}
+
+/// A request to another server closes the connection and opens one there, as
+/// `esp_http_client_set_url` does when the host changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_server_gets_a_connection_of_its_own() {
+    let b = bench().await;
+    let store = Arc::new(ReleaseStore::open(&b.dir.path().join("other")).unwrap());
+    let other = serve(store, b.tls.clone()).await;
+    let other_url = format!("https://127.0.0.1:{}/healthz", other.addr.port());
+    let http = BoardHttp::with_tls(b.board.clone());
+    for url in [
+        b.url("/healthz"),
+        other_url.clone(),
+        other_url,
+        b.url("/healthz"),
+    ] {
+        let resp = http.get(&url, None).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        board_http::read_all(resp).await.unwrap();
+    }
+    assert_eq!(
+        b.handshakes(),
+        2,
+        "back to the first server: a new connection"
+    );
+    assert_eq!(other.handshakes.summary().full, 1);
+}
+
+/// A connection the server closed (idle past its header timeout) is replaced, not an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_server_closed_is_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(ReleaseStore::open(dir.path()).unwrap());
+    let limits = Limits {
+        header_read: std::time::Duration::from_millis(200),
+        ..Limits::default()
+    };
+    let server = Server::start_with(store, "127.0.0.1:0".parse().unwrap(), limits)
+        .await
+        .unwrap();
+    let url = format!("http://127.0.0.1:{}/healthz", server.addr.port());
+    let http = BoardHttp::new();
+    for _ in 0..2 {
+        let resp = http.get(&url, None).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        board_http::read_all(resp).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    }
+}
+
+/// A handle is for one scheme: a TLS board asked for a plain URL says so.
+#[tokio::test]
+async fn a_tls_handle_refuses_a_plain_url() {
+    let b = bench().await;
+    let http = BoardHttp::with_tls(b.board.clone());
+    let url = format!("http://127.0.0.1:{}/healthz", b.server.addr.port());
+    let e = http.get(&url, None).await.err().unwrap().to_string();
+    assert!(e.contains("https"), "{e}");
+    let e = BoardHttp::new()
+        .get(&b.url("/healthz"), None)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("http://"), "{e}");
+}

@@ -4,8 +4,9 @@
 //!
 //! - console (UART0 or USB-Serial-JTAG): `@otarig` event lines out, `@otarig-cmd`
 //!   provisioning in ([`otarig_agent::console`]); provisioning is kept in NVS;
-//! - Wi-Fi station, MQTT (`EspMqttClient`), HTTP range requests (`EspHttpConnection`), trusting
-//!   the bench's CA (built in from `OTARIG_BENCH_CA`) when the server runs TLS;
+//! - Wi-Fi station, MQTT (`EspMqttClient`), HTTP requests on one kept-alive connection
+//!   ([`http`]), trusting the bench's CA (built in from `OTARIG_BENCH_CA`) when the server
+//!   runs TLS;
 //! - the agent's platform calls ([`platform`]) and timers.
 //!
 //! Built on a bench with `just fw-build` (Xtensa toolchain). On the host, `cargo test`
@@ -15,6 +16,7 @@
 // On the host only `main` below is built to run; the shell is there to be type-checked.
 #![cfg_attr(not(target_os = "espidf"), allow(dead_code))]
 
+mod http;
 mod platform;
 
 #[cfg(target_os = "espidf")]
@@ -31,7 +33,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use idf::eventloop::EspSystemEventLoop;
 use idf::hal::prelude::Peripherals;
-use idf::http::client::{Configuration as HttpConfig, EspHttpConnection};
 use idf::http::Method;
 use idf::mqtt::client::{Details, EspMqttClient, EventPayload, MqttClientConfiguration, QoS};
 use idf::nvs::{EspDefaultNvsPartition, EspNvs, NvsDefault};
@@ -163,9 +164,6 @@ struct Identity {
     cert: X509<'static>,
     key: X509<'static>,
 }
-
-/// The identity, once read at boot: every HTTP request's thread needs it.
-static IDENTITY: std::sync::OnceLock<Identity> = std::sync::OnceLock::new();
 
 fn load(nvs: &EspNvs<NvsDefault>) -> Option<Provisioning> {
     let get = |k: &str| {
@@ -319,9 +317,6 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         _wifi = Some(wifi);
         let mqtt_tx = tx.clone();
         let id = p.identity;
-        if let Some(id) = id {
-            let _ = IDENTITY.set(id);
-        }
         let conf = MqttClientConfiguration {
             client_id: Some(&p.device),
             use_global_ca_store: id.is_none() && !BENCH_CA.is_empty(),
@@ -369,6 +364,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             .as_ref()
             .map_or("stable".to_string(), |p| p.channel.clone()),
         chunked: prov.as_ref().is_some_and(|p| p.chunk_key.is_some()),
+        http: http::Http::start(prov.as_ref().and_then(|p| p.identity), !BENCH_CA.is_empty())?,
     };
 
     let mut wake: Option<u64> = None;
@@ -397,12 +393,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                         let up = booted.elapsed().as_millis() as u64;
                         let sample = protocol::telemetry_json(&device, t, up, &agent.telemetry());
                         let topic = protocol::device_topic(PREFIX, &device, Leaf::Telemetry);
-                        let _ = c.enqueue(
-                            &topic,
-                            QoS::AtMostOnce,
-                            false,
-                            sample.as_bytes(),
-                        );
+                        let _ = c.enqueue(&topic, QoS::AtMostOnce, false, sample.as_bytes());
                     }
                 }
                 if wake.is_some_and(|w| t >= w) {
@@ -507,6 +498,8 @@ struct Net {
     server: String,
     channel: String,
     chunked: bool,
+    /// The boot's HTTP handle: every request to the server goes through it.
+    http: http::Http,
 }
 
 thread_local! {
@@ -543,7 +536,7 @@ fn act(
         Action::Report(e) => {
             if let (Event::Verified { sequence }, true) = (&e, net.chunked) {
                 let body = format!(r#"{{"v":1,"device":"{device}","sequence":{sequence}}}"#);
-                post_json(format!("{server}/ota/verify"), body)?;
+                post_json(&net.http, format!("{server}/ota/verify"), body)?;
             }
             print!("{}", console::event_line(device, t, &e));
             if let Some(c) = mqtt.as_mut() {
@@ -565,7 +558,7 @@ fn act(
             }
             // The chunked protocol takes the ack as its `complete`.
             let leaf = if net.chunked { "ota/complete" } else { "ack" };
-            post_json(format!("{server}/{leaf}"), body)?;
+            post_json(&net.http, format!("{server}/{leaf}"), body)?;
         }
         Action::PollManifest => {
             let url = format!(
@@ -573,13 +566,11 @@ fn act(
                 net.channel
             );
             let tx = tx.clone();
-            std::thread::Builder::new()
-                .stack_size(12 * 1024)
-                .spawn(move || {
-                    if let Ok(body) = exchange(Method::Get, &url, None, protocol::MAX_PAYLOAD) {
-                        let _ = tx.send(Msg::Manifest(body));
-                    }
-                })?;
+            net.http.queue(move |h| {
+                if let Ok(body) = exchange(h, Method::Get, &url, None, protocol::MAX_PAYLOAD) {
+                    let _ = tx.send(Msg::Manifest(body));
+                }
+            })?;
         }
         Action::Fetch {
             sha256,
@@ -593,9 +584,8 @@ fn act(
             let range = format!("bytes={}-{}", offset, offset as u64 + len as u64 - 1);
             let tx = tx.clone();
             let n = CANCELLED.load(Ordering::Relaxed);
-            std::thread::Builder::new()
-                .stack_size(12 * 1024)
-                .spawn(move || fetch(n, &url, &range, (offset, len, total), &tx))?;
+            net.http
+                .queue(move |h| fetch(h, n, &url, &range, (offset, len, total), &tx))?;
         }
         Action::OpenSession {
             sequence,
@@ -608,14 +598,28 @@ fn act(
                 hex(&sha256)
             );
             let url = format!("{server}/ota/check");
-            chunked(url, Some(body), protocol::MAX_PAYLOAD, Msg::Session, tx)?;
+            chunked(
+                &net.http,
+                url,
+                Some(body),
+                protocol::MAX_PAYLOAD,
+                Msg::Session,
+                tx,
+            )?;
         }
         Action::FetchChunk { session, index } => {
             let url = format!(
                 "{server}/ota/chunk?device={device}&session={}&n={index}",
                 hex(&session)
             );
-            chunked(url, None, otarig_agent::chunk::MAX_FRAME, Msg::Chunk, tx)?;
+            chunked(
+                &net.http,
+                url,
+                None,
+                otarig_agent::chunk::MAX_FRAME,
+                Msg::Chunk,
+                tx,
+            )?;
         }
         Action::CancelFetch => {
             CANCELLED.fetch_add(1, Ordering::Relaxed);
@@ -629,20 +633,18 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `POST url` with a JSON body, on a thread of its own; the answer is not waited for.
-fn post_json(url: String, body: String) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .stack_size(12 * 1024)
-        .spawn(move || {
-            let _ = exchange(Method::Post, &url, Some(body.as_bytes()), 0);
-        })
-        .map(drop)
+/// `POST url` with a JSON body, queued on the HTTP handle; the answer is not waited for.
+fn post_json(http: &http::Http, url: String, body: String) -> std::io::Result<()> {
+    http.queue(move |h| {
+        let _ = exchange(h, Method::Post, &url, Some(body.as_bytes()), 0);
+    })
 }
 
-/// One request of the chunked protocol (a POST when it has a body), on a thread of its own:
+/// One request of the chunked protocol (a POST when it has a body), queued on the HTTP handle:
 /// its whole answer, at most `limit` bytes (the board's buffer), reaches the agent as `wrap`
 /// makes it, under the current fetch number; anything else as a failed fetch.
 fn chunked(
+    http: &http::Http,
     url: String,
     body: Option<String>,
     limit: usize,
@@ -655,22 +657,20 @@ fn chunked(
     } else {
         Method::Get
     };
-    std::thread::Builder::new()
-        .stack_size(12 * 1024)
-        .spawn(move || {
-            let msg = match exchange(method, &url, body.as_deref().map(str::as_bytes), limit) {
-                Ok(answer) => wrap(n, answer),
-                Err(e) => Msg::FetchFailed(n, e),
-            };
-            let _ = tx.send(msg);
-        })
-        .map(drop)
+    http.queue(move |h| {
+        let msg = match exchange(h, method, &url, body.as_deref().map(str::as_bytes), limit) {
+            Ok(answer) => wrap(n, answer),
+            Err(e) => Msg::FetchFailed(n, e),
+        };
+        let _ = tx.send(msg);
+    })
 }
 
 /// A whole exchange with a short answer: the body (JSON when there is one) is sent, and a
 /// success (2xx) answer of at most `limit` bytes is returned; anything else is an error that
 /// says what came.
 fn exchange(
+    h: &mut http::Handle,
     method: Method,
     url: &str,
     body: Option<&[u8]>,
@@ -683,7 +683,13 @@ fn exchange(
     ];
     let headers = if body.is_some() { &headers[..] } else { &[] };
     let mut answer = Vec::new();
-    let status = http(method, url, headers, body, &mut |_, piece| {
+    let req = http::Request {
+        method,
+        url,
+        headers,
+        body,
+    };
+    let status = h.request(req, &mut |_, piece| {
         answer.extend_from_slice(piece);
         answer.len() <= limit
     })?;
@@ -699,29 +705,39 @@ fn exchange(
 /// takes what it needs by offset). A body that runs past what it can hold (the range, or the
 /// blob's `total` size) is endless data: it is cut off and the request counts as failed.
 /// `n` is the fetch's number ([`CANCELLED`]); `window` its offset, length and the blob's size.
-fn fetch(n: u32, url: &str, range: &str, window: (u32, u32, u32), tx: &SyncSender<Msg>) {
+fn fetch(
+    h: &mut http::Handle,
+    n: u32,
+    url: &str,
+    range: &str,
+    window: (u32, u32, u32),
+    tx: &SyncSender<Msg>,
+) {
+    if !current(n) {
+        return; // cancelled while it waited for its turn on the connection
+    }
     let (offset, len, total) = window;
     let mut pos = None;
     let mut overran = None;
-    let status = http(
-        Method::Get,
+    let req = http::Request {
+        method: Method::Get,
         url,
-        &[("Range", range)],
-        None,
-        &mut |status, chunk| {
-            if !current(n) {
-                return false; // cancelled: stop reading, the connection closes
-            }
-            let (start, end) = body_window(status, offset, len, total);
-            let at = *pos.get_or_insert(start);
-            if at + chunk.len() as u64 > end {
-                overran = Some(end);
-                return false;
-            }
-            pos = Some(at + chunk.len() as u64);
-            tx.send(Msg::Body(n, at as u32, chunk.to_vec())).is_ok()
-        },
-    );
+        headers: &[("Range", range)],
+        body: None,
+    };
+    let status = h.request(req, &mut |status, chunk| {
+        if !current(n) {
+            return false; // cancelled: stop reading, the connection closes
+        }
+        let (start, end) = body_window(status, offset, len, total);
+        let at = *pos.get_or_insert(start);
+        if at + chunk.len() as u64 > end {
+            overran = Some(end);
+            return false;
+        }
+        pos = Some(at + chunk.len() as u64);
+        tx.send(Msg::Body(n, at as u32, chunk.to_vec())).is_ok()
+    });
     let _ = tx.send(match (status, overran) {
         (Ok(_), Some(end)) => Msg::FetchFailed(
             n,
@@ -731,47 +747,4 @@ fn fetch(n: u32, url: &str, range: &str, window: (u32, u32, u32), tx: &SyncSende
         (Ok(s), None) => Msg::FetchFailed(n, format!("HTTP {s}")),
         (Err(e), _) => Msg::FetchFailed(n, e),
     });
-}
-
-/// One HTTP exchange with esp_http_client; `sink` gets the status and the body in 4 KiB
-/// pieces and may stop it. Returns the status.
-fn http(
-    method: Method,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: Option<&[u8]>,
-    sink: &mut dyn FnMut(u16, &[u8]) -> bool,
-) -> Result<u16, String> {
-    let id = IDENTITY.get().copied();
-    let mut conn = EspHttpConnection::new(&HttpConfig {
-        timeout: Some(Duration::from_secs(30)),
-        buffer_size: Some(4096),
-        use_global_ca_store: id.is_none() && !BENCH_CA.is_empty(),
-        server_certificate: id.map(|i| i.ca),
-        client_certificate: id.map(|i| i.cert),
-        private_key: id.map(|i| i.key),
-        ..Default::default()
-    })
-    .map_err(|e| e.to_string())?;
-    conn.initiate_request(method, url, headers)
-        .map_err(|e| e.to_string())?;
-    if let Some(b) = body {
-        use idf::io::Write;
-        conn.write_all(b).map_err(|e| e.to_string())?;
-    }
-    conn.initiate_response().map_err(|e| e.to_string())?;
-    let status = conn.status();
-    let mut buf = [0u8; 4096];
-    loop {
-        match conn.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if !sink(status, &buf[..n]) {
-                    break;
-                }
-            }
-            Err(e) => return Err(format!("body ended: {e}")),
-        }
-    }
-    Ok(status)
 }

@@ -61,6 +61,15 @@ pub mod client {
         }
     }
 
+    /// src/http/client.rs: `impl RawHandle for EspHttpConnection` (the `esp_http_client`
+    /// handle).
+    impl crate::idf::handle::RawHandle for EspHttpConnection {
+        type Handle = crate::idf::sys::esp_http_client_handle_t;
+        fn handle(&self) -> Self::Handle {
+            crate::idf::host_only()
+        }
+    }
+
     /// `impl embedded_svc::io::Write for EspHttpConnection` (`type Error = EspError`).
     impl crate::idf::io::Write for EspHttpConnection {
         type Error = EspError;

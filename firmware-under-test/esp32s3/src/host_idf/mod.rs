@@ -11,6 +11,7 @@
 
 pub mod eventloop;
 pub mod hal;
+pub mod handle;
 pub mod http;
 pub mod io;
 pub mod log;

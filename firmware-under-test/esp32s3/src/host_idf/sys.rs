@@ -1,5 +1,6 @@
 //! esp-idf-sys 0.37: the bindgen output for the ESP-IDF v5.5 headers the shell calls
-//! (esp_ota_ops.h, esp_partition.h, esp_efuse.h, esp_tls.h, esp_system.h) and the crate's
+//! (esp_ota_ops.h, esp_partition.h, esp_efuse.h, esp_tls.h, esp_http_client.h, esp_system.h)
+//! and the crate's
 //! own `EspError`, `esp!` and `link_patches` (src/error.rs, src/lib.rs). bindgen maps
 //! `esp_err_t` (`int`) to `i32` and, through esp-idf-sys's `IntKind::I32` callback, every
 //! `ESP_*` macro constant to `i32`; `uint32_t` to `u32`; `size_t` to `usize`.
@@ -56,6 +57,14 @@ pub struct esp_partition_t {
 }
 /// esp_partition.h: `typedef struct esp_partition_iterator_opaque_* esp_partition_iterator_t;`
 pub type esp_partition_iterator_t = *mut c_void;
+
+/// esp_http_client.h: `typedef struct esp_http_client *esp_http_client_handle_t;` (bindgen
+/// declares the opaque struct as a zero-sized `#[repr(C)]` one).
+#[repr(C)]
+pub struct esp_http_client {
+    _unused: [u8; 0],
+}
+pub type esp_http_client_handle_t = *mut esp_http_client;
 
 extern "C" {
     // esp_partition.h
@@ -122,6 +131,11 @@ extern "C" {
     pub fn esp_tls_set_global_ca_store(
         cacert_pem_buf: *const u8,
         cacert_pem_bytes: u32,
+    ) -> esp_err_t;
+    // esp_http_client.h
+    pub fn esp_http_client_delete_header(
+        client: esp_http_client_handle_t,
+        key: *const c_char,
     ) -> esp_err_t;
     // esp_system.h
     pub fn esp_restart() -> !;

@@ -1,0 +1,181 @@
+//! The board's HTTP client: one `esp_http_client` handle per boot, on a thread of its own,
+//! whose connection stays open between requests.
+//!
+//! ESP-IDF keeps a handle's connection unless the server closes it ("Persistent
+//! Connections", docs/en/api-reference/protocols/esp_http_client.rst: make as many requests
+//! as possible with the same handle), and a TLS handshake costs an ESP32-S3 far more than a
+//! request. So the manifest poll, the ranges of an image and the ack share one connection and
+//! one handshake; requests take turns on it, in the order the agent asked for them. The
+//! simulated boards do the same (`otarig_fleet::board_http`).
+//!
+//! An `EspHttpConnection` is not `Send`: the handle lives on its thread, and requests reach
+//! it as jobs.
+
+use std::sync::mpsc::{channel, Sender};
+use std::time::Duration;
+
+use crate::idf;
+use crate::idf::handle::RawHandle;
+use crate::idf::http::client::{Configuration as HttpConfig, EspHttpConnection};
+use crate::idf::http::Method;
+use crate::Identity;
+
+/// A request for the handle's thread.
+type Job = Box<dyn FnOnce(&mut Handle) + Send>;
+
+/// Where requests for the handle go. Cloning shares the handle.
+#[derive(Clone)]
+pub struct Http {
+    jobs: Sender<Job>,
+}
+
+impl Http {
+    /// Start the handle's thread. With an identity the handle does mutual TLS with it;
+    /// without one it trusts ESP-TLS's global store when `global_ca` (the bench CA).
+    pub fn start(identity: Option<Identity>, global_ca: bool) -> std::io::Result<Http> {
+        let (jobs, queue) = channel::<Job>();
+        std::thread::Builder::new()
+            .stack_size(12 * 1024)
+            .spawn(move || {
+                let mut handle = Handle {
+                    identity,
+                    global_ca,
+                    open: None,
+                };
+                for job in queue {
+                    job(&mut handle);
+                }
+            })?;
+        Ok(Http { jobs })
+    }
+
+    /// Run `job` on the handle once the requests before it are done.
+    pub fn queue(&self, job: impl FnOnce(&mut Handle) + Send + 'static) -> std::io::Result<()> {
+        self.jobs
+            .send(Box::new(job))
+            .map_err(|_| std::io::Error::other("the HTTP client's thread has stopped"))
+    }
+}
+
+/// The `esp_http_client` handle and how it connects.
+pub struct Handle {
+    identity: Option<Identity>,
+    global_ca: bool,
+    /// The connection kept from the last request that ended cleanly.
+    open: Option<EspHttpConnection>,
+}
+
+/// One request: what a caller gives `esp_http_client` before the answer.
+#[derive(Clone, Copy)]
+pub struct Request<'a> {
+    pub method: Method,
+    pub url: &'a str,
+    pub headers: &'a [(&'a str, &'a str)],
+    pub body: Option<&'a [u8]>,
+}
+
+/// Why a request failed: before any answer came (on a kept connection, the server may have
+/// closed it while idle: worth one more try on a new one), or after.
+enum Failed {
+    BeforeAnswer(String),
+    InAnswer(String),
+}
+
+impl Handle {
+    /// One HTTP exchange; `sink` gets the status and the body in 4 KiB pieces and may stop
+    /// it (the connection is then closed). Returns the status.
+    pub fn request(
+        &mut self,
+        req: Request<'_>,
+        sink: &mut dyn FnMut(u16, &[u8]) -> bool,
+    ) -> Result<u16, String> {
+        let kept = self.open.is_some();
+        match self.exchange(req, sink) {
+            Err(Failed::BeforeAnswer(_)) if kept => {
+                self.exchange(req, sink).map_err(Failed::into_reason)
+            }
+            other => other.map_err(Failed::into_reason),
+        }
+    }
+
+    fn exchange(
+        &mut self,
+        req: Request<'_>,
+        sink: &mut dyn FnMut(u16, &[u8]) -> bool,
+    ) -> Result<u16, Failed> {
+        let Request {
+            method,
+            url,
+            headers,
+            body,
+        } = req;
+        let before = |e: idf::sys::EspError| Failed::BeforeAnswer(e.to_string());
+        let mut conn = match self.open.take() {
+            Some(conn) => conn,
+            None => self.connect().map_err(before)?,
+        };
+        conn.initiate_request(method, url, headers)
+            .map_err(before)?;
+        if let Some(b) = body {
+            use idf::io::Write;
+            conn.write_all(b).map_err(before)?;
+        }
+        conn.initiate_response().map_err(before)?;
+        let status = conn.status();
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) if sink(status, &buf[..n]) => {}
+                // Stopped early: the rest of the answer is not read, so the connection goes.
+                Ok(_) => return Ok(status),
+                Err(e) => return Err(Failed::InAnswer(format!("body ended: {e}"))),
+            }
+        }
+        if forget_headers(&conn, headers) {
+            self.open = Some(conn);
+        }
+        Ok(status)
+    }
+
+    fn connect(&self) -> Result<EspHttpConnection, idf::sys::EspError> {
+        let id = self.identity;
+        EspHttpConnection::new(&HttpConfig {
+            timeout: Some(Duration::from_secs(30)),
+            buffer_size: Some(4096),
+            use_global_ca_store: id.is_none() && self.global_ca,
+            server_certificate: id.map(|i| i.ca),
+            client_certificate: id.map(|i| i.cert),
+            private_key: id.map(|i| i.key),
+            ..Default::default()
+        })
+    }
+}
+
+impl Failed {
+    fn into_reason(self) -> String {
+        match self {
+            Failed::BeforeAnswer(e) | Failed::InAnswer(e) => e,
+        }
+    }
+}
+
+/// Remove the headers a request set: `esp_http_client_set_header` keeps them on the handle
+/// for every later request (a range would follow the ack). `Content-Length` is not one of
+/// them (esp-idf-svc passes it to `esp_http_client_open`). False if one could not be
+/// removed: the connection is then not kept.
+fn forget_headers(conn: &EspHttpConnection, headers: &[(&str, &str)]) -> bool {
+    headers
+        .iter()
+        .filter(|(name, _)| !name.eq_ignore_ascii_case("Content-Length"))
+        .all(|(name, _)| {
+            let Ok(key) = std::ffi::CString::new(*name) else {
+                return false;
+            };
+            // SAFETY: the handle is alive (`conn` is borrowed) and `key` is a C string that
+            // outlives the call, which copies nothing from it.
+            let rc =
+                unsafe { idf::sys::esp_http_client_delete_header(conn.handle(), key.as_ptr()) };
+            rc == idf::sys::ESP_OK
+        })
+}

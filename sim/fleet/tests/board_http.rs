@@ -164,26 +164,28 @@ async fn another_server_gets_a_connection_of_its_own() {
     assert_eq!(other.handshakes.summary().full, 1);
 }
 
-/// A connection the server closed (idle past its header timeout) is replaced, not an error.
+/// A connection the server closed (idle past its header timeout) is replaced, not an error:
+/// two handshakes, both requests answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_the_server_closed_is_reopened() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(ReleaseStore::open(dir.path()).unwrap());
+    let b = bench().await;
+    let store = Arc::new(ReleaseStore::open(&b.dir.path().join("other")).unwrap());
     let limits = Limits {
         header_read: std::time::Duration::from_millis(200),
         ..Limits::default()
     };
-    let server = Server::start_with(store, "127.0.0.1:0".parse().unwrap(), limits)
+    let server = Server::start_tls(store, "127.0.0.1:0".parse().unwrap(), limits, b.tls.clone())
         .await
         .unwrap();
-    let url = format!("http://127.0.0.1:{}/healthz", server.addr.port());
-    let http = BoardHttp::new();
+    let url = format!("https://127.0.0.1:{}/healthz", server.addr.port());
+    let http = BoardHttp::with_tls(b.board.clone());
     for _ in 0..2 {
         let resp = http.get(&url, None).await.unwrap();
         assert_eq!(resp.status().as_u16(), 200);
         board_http::read_all(resp).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     }
+    assert_eq!(server.handshakes.summary().full, 2);
 }
 
 /// A handle is for one scheme: a TLS board asked for a plain URL says so.

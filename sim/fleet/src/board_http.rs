@@ -19,6 +19,7 @@
 //! [`READ_BUFFER`] keeps a board's download in flight to that, at a few more reads.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -38,6 +39,10 @@ pub const READ_BUFFER: usize = 16 * 1024;
 #[derive(Clone)]
 pub struct BoardHttp {
     handle: Arc<Handle>,
+    /// How long a request may take, once its turn has come, to connect if it must and get
+    /// its answer's head: `esp_http_client`'s `timeout_ms`, which bounds every request of the
+    /// shell's handle (its queue of requests is not). `None`: no limit.
+    answer_within: Option<Duration>,
 }
 
 /// How the handle reaches the server: plain TCP, or TLS with the board's configuration (its
@@ -85,7 +90,16 @@ impl BoardHttp {
                 transport,
                 connection: tokio::sync::Mutex::new(None),
             }),
+            answer_within: None,
         }
+    }
+
+    /// Give up a request whose answer's head has not come within `timeout` of its turn.
+    /// Without it, a request nobody answers would hold the handle, and every request after
+    /// it, for good.
+    pub fn answer_within(mut self, timeout: Duration) -> BoardHttp {
+        self.answer_within = Some(timeout);
+        self
     }
 
     /// Send a request to `url` on the handle's connection; the answer's head. The request
@@ -107,7 +121,7 @@ impl BoardHttp {
             .uri(path)
             .header(hyper::header::HOST, host.as_str())
             .body(body)?;
-        self.handle.send(&uri, req).await
+        self.handle.send(&uri, req, self.answer_within).await
     }
 
     /// `GET url`, with `Range: bytes=first-last` when given.
@@ -155,17 +169,15 @@ impl Handle {
         }
     }
 
-    /// A new connection to `uri`'s host: TCP, then the TLS handshake if the handle speaks
-    /// TLS, then HTTP/1.1 with the bounded read buffer. Its driving task ends when the
-    /// connection closes or the handle is dropped (a reboot).
     /// Send `req` on the open connection to `uri`'s server once it is ready (the previous
     /// answer read to its end), or on a new one if there is none, it closed, or it goes to
     /// another server (`esp_http_client_set_url` closes the connection when the host or port
-    /// changes).
+    /// changes). From then on, connecting and the answer's head take at most `timeout`.
     async fn send(
         &self,
         uri: &Uri,
         req: Request<Full<Bytes>>,
+        timeout: Option<Duration>,
     ) -> anyhow::Result<Response<Incoming>> {
         let server = uri
             .authority()
@@ -178,16 +190,20 @@ impl Handle {
             }
             _ => None,
         };
+        let deadline = timeout.map(|t| (tokio::time::Instant::now() + t, t));
         let mut sender = match reusable {
             Some(sender) => sender,
-            None => self.connect(uri).await?,
+            None => within(deadline, uri, self.connect(uri)).await?,
         };
         let answer = sender.send_request(req);
         *slot = Some(Open { server, sender });
         drop(slot);
-        Ok(answer.await?)
+        within(deadline, uri, async { Ok(answer.await?) }).await
     }
 
+    /// A new connection to `uri`'s host: TCP, then the TLS handshake if the handle speaks
+    /// TLS, then HTTP/1.1 with the bounded read buffer. Its driving task ends when the
+    /// connection closes or the handle is dropped (a reboot).
     async fn connect(&self, uri: &Uri) -> anyhow::Result<http1::SendRequest<Full<Bytes>>> {
         let host = uri.host().with_context(|| format!("no host in {uri}"))?;
         let port = uri.port_u16().unwrap_or(match &self.transport {
@@ -222,6 +238,24 @@ impl Handle {
             }
         });
         Ok(sender)
+    }
+}
+
+/// `work`'s result, or an error naming `uri` if the deadline (and the timeout it ends)
+/// comes first.
+async fn within<T>(
+    deadline: Option<(tokio::time::Instant, Duration)>,
+    uri: &Uri,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let Some((at, timeout)) = deadline else {
+        return work.await;
+    };
+    match tokio::time::timeout_at(at, work).await {
+        Ok(result) => result,
+        Err(_) => {
+            anyhow::bail!("{uri}: no answer within {timeout:?} (the board's request timeout)")
+        }
     }
 }
 

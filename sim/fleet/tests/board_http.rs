@@ -2,6 +2,7 @@
 //! the firmware server counts its TLS handshakes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::BodyExt;
 use otarig_fleet::board_http::{self, BoardHttp};
@@ -135,6 +136,63 @@ async fn a_dropped_answer_or_a_reboot_costs_a_new_connection() {
     let rebooted = BoardHttp::with_tls(b.board.clone());
     assert_eq!(range(&rebooted, &b.blob, 0, 99).await, 100);
     assert_eq!(b.handshakes(), 3);
+}
+
+/// A request the server never answers, given up by the board's timeout, does not hold the
+/// connection: the next request opens a new one and is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_given_up_frees_the_handle() {
+    let b = bench().await;
+    let stall = otarig_server::server::ServerFault::Stall;
+    b.server.faults.set("dev-1", vec![(stall, Some(1))]);
+    let http = BoardHttp::with_tls(b.board.clone());
+    let waited = std::time::Duration::from_millis(300);
+    let given_up = tokio::time::timeout(waited, http.get(&b.blob, Some((0, 99)))).await;
+    assert!(given_up.is_err(), "the stalled request was answered");
+    let answered = tokio::time::timeout(Duration::from_secs(5), range(&http, &b.blob, 0, 99));
+    assert_eq!(answered.await.expect("the next request hung"), 100);
+    assert_eq!(b.handshakes(), 2);
+}
+
+/// A handle with an answer timeout gives a request up by itself, and the next one is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_gives_up_an_answer_that_does_not_come() {
+    let b = bench().await;
+    let stall = otarig_server::server::ServerFault::Stall;
+    b.server.faults.set("dev-1", vec![(stall, Some(1))]);
+    let http = BoardHttp::with_tls(b.board.clone()).answer_within(Duration::from_millis(300));
+    let e = http
+        .get(&b.blob, Some((0, 99)))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("no answer within 300ms"), "{e}");
+    assert_eq!(range(&http, &b.blob, 0, 99).await, 100);
+}
+
+/// The timeout runs from a request's turn, as `esp_http_client`'s does from the shell's
+/// queue: a poll behind a slow download waits for it and is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_its_turn_beyond_its_timeout() {
+    let b = bench().await;
+    let slow = otarig_server::server::ServerFault::Throttle(256 * 1024);
+    b.server.faults.set("dev-1", vec![(slow, Some(1))]);
+    let http = BoardHttp::with_tls(b.board.clone()).answer_within(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let download = {
+        let (http, url) = (http.clone(), b.blob.clone());
+        tokio::spawn(async move { range(&http, &url, 0, (256 << 10) - 1).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let poll = http.get(&b.url("/healthz"), None).await.unwrap();
+    assert_eq!(poll.status().as_u16(), 200);
+    assert!(
+        started.elapsed() > Duration::from_millis(600),
+        "the download was not slow"
+    );
+    assert_eq!(download.await.unwrap(), 256 << 10);
+    assert_eq!(b.handshakes(), 1);
 }
 
 /// A request to another server closes the connection and opens one there, as

@@ -322,7 +322,8 @@ impl<'a> Boot<'a> {
             http: match sh.board_tls.get(i as usize) {
                 Some(tls) => BoardHttp::with_tls(tls.clone()),
                 None => BoardHttp::new(),
-            },
+            }
+            .answer_within(sh.clock.real(runner::FETCH_TIMEOUT_MS)),
             io_tx,
             client: None,
             tasks: Vec::new(),

@@ -138,37 +138,29 @@ async fn a_dropped_answer_or_a_reboot_costs_a_new_connection() {
     assert_eq!(b.handshakes(), 3);
 }
 
-/// A request the server never answers, given up by the board's timeout, does not hold the
-/// connection: the next request opens a new one and is answered.
+/// A request the server never answers, given up by its caller's timeout (as a fetch's) or
+/// by the handle's own, does not hold the connection: the next request opens a new one and
+/// is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_given_up_frees_the_handle() {
-    let b = bench().await;
     let stall = otarig_server::server::ServerFault::Stall;
-    b.server.faults.set("dev-1", vec![(stall, Some(1))]);
-    let http = BoardHttp::with_tls(b.board.clone());
-    let waited = std::time::Duration::from_millis(300);
-    let given_up = tokio::time::timeout(waited, http.get(&b.blob, Some((0, 99)))).await;
-    assert!(given_up.is_err(), "the stalled request was answered");
-    let answered = tokio::time::timeout(Duration::from_secs(5), range(&http, &b.blob, 0, 99));
-    assert_eq!(answered.await.expect("the next request hung"), 100);
-    assert_eq!(b.handshakes(), 2);
-}
-
-/// A handle with an answer timeout gives a request up by itself, and the next one is answered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handle_gives_up_an_answer_that_does_not_come() {
-    let b = bench().await;
-    let stall = otarig_server::server::ServerFault::Stall;
-    b.server.faults.set("dev-1", vec![(stall, Some(1))]);
-    let http = BoardHttp::with_tls(b.board.clone()).answer_within(Duration::from_millis(300));
-    let e = http
-        .get(&b.blob, Some((0, 99)))
-        .await
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("no answer within 300ms"), "{e}");
-    assert_eq!(range(&http, &b.blob, 0, 99).await, 100);
+    let waited = Duration::from_millis(300);
+    for own_timeout in [false, true] {
+        let b = bench().await;
+        b.server.faults.set("dev-1", vec![(stall, Some(1))]);
+        let mut http = BoardHttp::with_tls(b.board.clone());
+        if own_timeout {
+            http = http.answer_within(waited);
+            let e = http.get(&b.blob, Some((0, 99))).await.err().unwrap();
+            assert!(e.to_string().contains("no answer within 300ms"), "{e}");
+        } else {
+            let given_up = tokio::time::timeout(waited, http.get(&b.blob, Some((0, 99)))).await;
+            assert!(given_up.is_err(), "the stalled request was answered");
+        }
+        let answered = tokio::time::timeout(Duration::from_secs(5), range(&http, &b.blob, 0, 99));
+        assert_eq!(answered.await.expect("the next request hung"), 100);
+        assert_eq!(b.handshakes(), 2);
+    }
 }
 
 /// The timeout runs from a request's turn, as `esp_http_client`'s does from the shell's

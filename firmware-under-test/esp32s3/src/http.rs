@@ -11,7 +11,7 @@
 //! An `EspHttpConnection` is not `Send`: the handle lives on its thread, and requests reach
 //! it as jobs.
 
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::time::Duration;
 
 use crate::idf;
@@ -23,17 +23,22 @@ use crate::Identity;
 /// A request for the handle's thread.
 type Job = Box<dyn FnOnce(&mut Handle) + Send>;
 
+/// Requests waiting for the handle at most. The agent has one fetch out at a time and the
+/// shell queues one poll at a time ([`crate::POLL_QUEUED`]), so a full queue means the
+/// handle is stuck far longer than its timeouts allow.
+const WAITING: usize = 8;
+
 /// Where requests for the handle go. Cloning shares the handle.
 #[derive(Clone)]
 pub struct Http {
-    jobs: Sender<Job>,
+    jobs: SyncSender<Job>,
 }
 
 impl Http {
     /// Start the handle's thread. With an identity the handle does mutual TLS with it;
     /// without one it trusts ESP-TLS's global store when `global_ca` (the bench CA).
     pub fn start(identity: Option<Identity>, global_ca: bool) -> std::io::Result<Http> {
-        let (jobs, queue) = channel::<Job>();
+        let (jobs, queue) = sync_channel::<Job>(WAITING);
         std::thread::Builder::new()
             .stack_size(12 * 1024)
             .spawn(move || {
@@ -49,11 +54,18 @@ impl Http {
         Ok(Http { jobs })
     }
 
-    /// Run `job` on the handle once the requests before it are done.
+    /// Run `job` on the handle once the requests before it are done. Never blocks: an
+    /// error if the queue is full (the caller restarts the board, a safe state) or the
+    /// handle's thread has stopped.
     pub fn queue(&self, job: impl FnOnce(&mut Handle) + Send + 'static) -> std::io::Result<()> {
-        self.jobs
-            .send(Box::new(job))
-            .map_err(|_| std::io::Error::other("the HTTP client's thread has stopped"))
+        self.jobs.try_send(Box::new(job)).map_err(|e| match e {
+            TrySendError::Full(_) => std::io::Error::other(format!(
+                "{WAITING} HTTP requests already wait for the server: the connection is stuck"
+            )),
+            TrySendError::Disconnected(_) => {
+                std::io::Error::other("the HTTP client's thread has stopped")
+            }
+        })
     }
 }
 

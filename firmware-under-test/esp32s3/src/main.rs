@@ -27,7 +27,7 @@ mod host_idf;
 #[cfg(not(target_os = "espidf"))]
 use host_idf as idf;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -131,6 +131,10 @@ enum Msg {
 /// started under: once the count moves on it stops reading, which closes its connection, and
 /// its messages still queued are dropped.
 static CANCELLED: AtomicU32 = AtomicU32::new(0);
+
+/// A manifest poll waits in the HTTP queue: another is not queued behind it (a broker that
+/// keeps reconnecting while the server is unreachable would otherwise fill the queue).
+static POLL_QUEUED: AtomicBool = AtomicBool::new(false);
 
 /// Whether a fetch's answer still counts.
 fn current(fetch: u32) -> bool {
@@ -565,12 +569,15 @@ fn act(
                 "{server}/firmware/latest?deviceType={DEVICE_TYPE}&channel={}&deviceId={device}",
                 net.channel
             );
-            let tx = tx.clone();
-            net.http.queue(move |h| {
-                if let Ok(body) = exchange(h, Method::Get, &url, None, protocol::MAX_PAYLOAD) {
-                    let _ = tx.send(Msg::Manifest(body));
-                }
-            })?;
+            if !POLL_QUEUED.swap(true, Ordering::Relaxed) {
+                let tx = tx.clone();
+                net.http.queue(move |h| {
+                    POLL_QUEUED.store(false, Ordering::Relaxed);
+                    if let Ok(body) = exchange(h, Method::Get, &url, None, protocol::MAX_PAYLOAD) {
+                        let _ = tx.send(Msg::Manifest(body));
+                    }
+                })?;
+            }
         }
         Action::Fetch {
             sha256,

@@ -22,6 +22,14 @@ use super::transfer::{
 use super::PREFIX;
 use crate::board_http::BoardHttp;
 
+/// The least real time a board's HTTP handle waits for an answer, whatever the speedup: at
+/// 2,000 times (`chunked-poll-fleet.toml`) the 30 s request timeout is 15 ms of real time,
+/// less than a loaded host may take to answer a poll, which is not retried until the next
+/// poll hours later (that scenario's wire twin failed so in a cold CI run). Fetches keep
+/// their own timeouts, unchanged; this one guards the handle against an answer that never
+/// comes.
+const MIN_ANSWER_WAIT: Duration = Duration::from_secs(5);
+
 /// Virtual time: milliseconds since `start`, running `speedup` times faster than the wall clock.
 #[derive(Clone, Copy)]
 pub(super) struct Clock {
@@ -35,6 +43,11 @@ impl Clock {
     }
     pub(super) fn real(&self, virtual_ms: u64) -> Duration {
         Duration::from_secs_f64(virtual_ms as f64 / 1000.0 / self.speedup)
+    }
+    /// How long a board's HTTP handle waits for an answer ([`BoardHttp::answer_within`]):
+    /// the request timeout, but never less than [`MIN_ANSWER_WAIT`] of real time.
+    pub(super) fn answer_wait(&self) -> Duration {
+        self.real(runner::FETCH_TIMEOUT_MS).max(MIN_ANSWER_WAIT)
     }
     pub(super) async fn sleep_until(&self, at: u64) {
         let now = self.now();
@@ -323,7 +336,7 @@ impl<'a> Boot<'a> {
                 Some(tls) => BoardHttp::with_tls(tls.clone()),
                 None => BoardHttp::new(),
             }
-            .answer_within(sh.clock.real(runner::FETCH_TIMEOUT_MS)),
+            .answer_within(sh.clock.answer_wait()),
             io_tx,
             client: None,
             tasks: Vec::new(),
@@ -682,5 +695,23 @@ impl<'a> Boot<'a> {
                 Err(BootEnd::Reboot(100))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The handle's wait is the request timeout in real time, down to a floor a loaded host
+    /// can meet: 15 ms at 2,000 times failed a poll in CI.
+    #[test]
+    fn a_boards_answer_wait_has_a_real_time_floor() {
+        let clock = |speedup| Clock {
+            start: Instant::now(),
+            speedup,
+        };
+        assert_eq!(clock(1.0).answer_wait(), Duration::from_secs(30));
+        assert_eq!(clock(2.0).answer_wait(), Duration::from_secs(15));
+        assert_eq!(clock(2000.0).answer_wait(), MIN_ANSWER_WAIT);
     }
 }

@@ -53,6 +53,16 @@ enum Transport {
     Tls(tokio_rustls::TlsConnector),
 }
 
+impl Transport {
+    /// The URL scheme this transport speaks and its default port.
+    fn scheme(&self) -> (&'static str, u16) {
+        match self {
+            Transport::Plain => ("http", 80),
+            Transport::Tls(_) => ("https", 443),
+        }
+    }
+}
+
 struct Handle {
     transport: Transport,
     /// The open connection: taken by the request being sent, put back as soon as it is
@@ -157,10 +167,7 @@ impl Handle {
     /// A TLS handle speaks HTTPS only and a plain one HTTP only: a board provisioned with
     /// a CA never falls back to plain text, and a plain board cannot speak TLS.
     fn check_scheme(&self, uri: &Uri) -> anyhow::Result<()> {
-        let wanted = match self.transport {
-            Transport::Plain => "http",
-            Transport::Tls(_) => "https",
-        };
+        let (wanted, _) = self.transport.scheme();
         match uri.scheme_str() {
             Some(s) if s == wanted => Ok(()),
             _ => anyhow::bail!(
@@ -206,18 +213,17 @@ impl Handle {
     /// connection closes or the handle is dropped (a reboot).
     async fn connect(&self, uri: &Uri) -> anyhow::Result<http1::SendRequest<Full<Bytes>>> {
         let host = uri.host().with_context(|| format!("no host in {uri}"))?;
-        let port = uri.port_u16().unwrap_or(match &self.transport {
-            Transport::Plain => 80,
-            Transport::Tls(_) => 443,
-        });
-        let tcp = TcpStream::connect((host.trim_matches(['[', ']']), port)).await?;
+        // An IPv6 literal comes bracketed, as URLs write it.
+        let host = host.trim_matches(['[', ']']);
+        let port = uri.port_u16().unwrap_or(self.transport.scheme().1);
+        let tcp = TcpStream::connect((host, port)).await?;
         tcp.set_nodelay(true)?;
         let mut builder = http1::Builder::new();
         builder.max_buf_size(READ_BUFFER);
         match &self.transport {
             Transport::Plain => Self::start(&builder, tcp).await,
             Transport::Tls(tls) => {
-                let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())?;
+                let name = ServerName::try_from(host.to_string())?;
                 let stream = tls.connect(name, tcp).await?;
                 Self::start(&builder, stream).await
             }

@@ -32,7 +32,7 @@ async fn bench() -> Bench {
     let store = Arc::new(ReleaseStore::open(&dir.path().join("store")).unwrap());
     let image: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
     let sha = store.put_blob(&image).unwrap();
-    let server = serve(store, tls.clone()).await;
+    let server = serve(store, tls.clone(), Limits::default()).await;
     let blob = format!(
         "https://127.0.0.1:{}/blobs/{}?deviceId=dev-1",
         server.addr.port(),
@@ -48,15 +48,10 @@ async fn bench() -> Bench {
     }
 }
 
-async fn serve(store: Arc<ReleaseStore>, tls: Arc<rustls::ServerConfig>) -> Server {
-    Server::start_tls(
-        store,
-        "127.0.0.1:0".parse().unwrap(),
-        Limits::default(),
-        tls,
-    )
-    .await
-    .unwrap()
+async fn serve(store: Arc<ReleaseStore>, tls: Arc<rustls::ServerConfig>, limits: Limits) -> Server {
+    Server::start_tls(store, "127.0.0.1:0".parse().unwrap(), limits, tls)
+        .await
+        .unwrap()
 }
 
 impl Bench {
@@ -193,7 +188,7 @@ async fn a_request_waits_its_turn_beyond_its_timeout() {
 async fn another_server_gets_a_connection_of_its_own() {
     let b = bench().await;
     let store = Arc::new(ReleaseStore::open(&b.dir.path().join("other")).unwrap());
-    let other = serve(store, b.tls.clone()).await;
+    let other = serve(store, b.tls.clone(), Limits::default()).await;
     let other_url = format!("https://127.0.0.1:{}/healthz", other.addr.port());
     let http = BoardHttp::with_tls(b.board.clone());
     for url in [
@@ -224,9 +219,7 @@ async fn a_connection_the_server_closed_is_reopened() {
         header_read: std::time::Duration::from_millis(200),
         ..Limits::default()
     };
-    let server = Server::start_tls(store, "127.0.0.1:0".parse().unwrap(), limits, b.tls.clone())
-        .await
-        .unwrap();
+    let server = serve(store, b.tls.clone(), limits).await;
     let url = format!("https://127.0.0.1:{}/healthz", server.addr.port());
     let http = BoardHttp::with_tls(b.board.clone());
     for _ in 0..2 {

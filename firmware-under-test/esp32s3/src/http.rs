@@ -19,6 +19,7 @@ use crate::idf::handle::RawHandle;
 use crate::idf::http::client::{Configuration as HttpConfig, EspHttpConnection};
 use crate::idf::http::Method;
 use crate::Identity;
+use otarig_esp32s3::retry_on_new_connection;
 
 /// A request for the handle's thread.
 type Job = Box<dyn FnOnce(&mut Handle) + Send>;
@@ -86,10 +87,13 @@ pub struct Request<'a> {
     pub body: Option<&'a [u8]>,
 }
 
-/// Why a request failed: before any answer came (on a kept connection, the server may have
-/// closed it while idle: worth one more try on a new one), or after.
+/// Why a request failed: before any answer came (with the `esp_err_t`, which decides whether
+/// it is tried again: [`otarig_esp32s3::retry_on_new_connection`]), or after.
 enum Failed {
-    BeforeAnswer(String),
+    BeforeAnswer {
+        code: idf::sys::esp_err_t,
+        reason: String,
+    },
     InAnswer(String),
 }
 
@@ -103,7 +107,7 @@ impl Handle {
     ) -> Result<u16, String> {
         let kept = self.open.is_some();
         match self.exchange(req, sink) {
-            Err(Failed::BeforeAnswer(_)) if kept => {
+            Err(Failed::BeforeAnswer { code, .. }) if retry_on_new_connection(kept, code) => {
                 self.exchange(req, sink).map_err(Failed::into_reason)
             }
             other => other.map_err(Failed::into_reason),
@@ -121,7 +125,10 @@ impl Handle {
             headers,
             body,
         } = req;
-        let before = |e: idf::sys::EspError| Failed::BeforeAnswer(e.to_string());
+        let before = |e: idf::sys::EspError| Failed::BeforeAnswer {
+            code: e.code(),
+            reason: e.to_string(),
+        };
         let mut conn = match self.open.take() {
             Some(conn) => conn,
             None => self.connect().map_err(before)?,
@@ -167,7 +174,7 @@ impl Handle {
 impl Failed {
     fn into_reason(self) -> String {
         match self {
-            Failed::BeforeAnswer(e) | Failed::InAnswer(e) => e,
+            Failed::BeforeAnswer { reason, .. } | Failed::InAnswer(reason) => reason,
         }
     }
 }

@@ -22,6 +22,20 @@ pub fn body_window(status: u16, offset: u32, len: u32, total: u32) -> (u64, u64)
     }
 }
 
+/// esp_http_client.h: `ESP_ERR_HTTP_BASE` (0x7000) + 7, "mapping of errno EAGAIN".
+pub const ESP_ERR_HTTP_EAGAIN: i32 = 0x7007;
+
+/// Whether the HTTP handle tries a request once more, on a new connection, after it failed
+/// with `esp_err_t` `code` before any answer came. Only on a kept connection, which the server
+/// may have closed while idle (after its header timeout); and not when no answer came within
+/// the request timeout: `esp_http_client_fetch_headers` returns `-ESP_ERR_HTTP_EAGAIN` then
+/// ("Connection timed out before data was ready!"; esp-idf-svc's ESP-IDF v4 workaround,
+/// `ESP_ERR_HTTP_EAGAIN`), and a second try would double the wait and hide a stalled server
+/// from the agent, which counts its failed fetches and backs off.
+pub fn retry_on_new_connection(kept: bool, code: i32) -> bool {
+    kept && code.unsigned_abs() != ESP_ERR_HTTP_EAGAIN.unsigned_abs()
+}
+
 /// One console line into `line`, at most `otarig_agent::console::MAX_LINE` bytes of it (the rest of a longer
 /// line is read and dropped); `false` at the end of input.
 pub fn read_line_capped(input: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<bool> {
@@ -141,6 +155,19 @@ mod tests {
         assert!(read_line_capped(&mut input, &mut line).unwrap());
         assert_eq!(line, b"short\n");
         assert!(!read_line_capped(&mut input, &mut line).unwrap());
+    }
+
+    #[test]
+    fn only_a_kept_connection_that_failed_in_time_is_tried_again() {
+        const ESP_FAIL: i32 = -1;
+        assert!(retry_on_new_connection(true, ESP_FAIL), "closed while idle");
+        assert!(
+            !retry_on_new_connection(false, ESP_FAIL),
+            "a new one failed"
+        );
+        for timeout in [-ESP_ERR_HTTP_EAGAIN, ESP_ERR_HTTP_EAGAIN] {
+            assert!(!retry_on_new_connection(true, timeout), "no answer in time");
+        }
     }
 
     #[test]

@@ -158,6 +158,37 @@ async fn an_answer_given_up_frees_the_handle() {
     }
 }
 
+/// The server's `drop-after` fault cuts the connection in the middle of the answer: the board
+/// gets the head and the body up to the cut, then an error, and resumes by Range from there.
+/// (It used to fail before the answer's head reached the board, which a board takes for a
+/// kept connection the server had closed, and sends again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_delivers_the_answer_up_to_the_cut() {
+    let b = bench().await;
+    let drop = otarig_server::server::ServerFault::DropAfterPercent(30);
+    b.server.faults.set("dev-1", vec![(drop, Some(1))]);
+    let http = BoardHttp::with_tls(b.board.clone());
+    let resp = http
+        .get(&b.blob, Some((0, (1 << 20) - 1)))
+        .await
+        .expect("an answer");
+    assert_eq!(resp.status().as_u16(), 206);
+    let mut body = resp.into_body();
+    let mut got = 0;
+    let end = loop {
+        match board_http::next_chunk(&mut body).await {
+            Ok(Some(chunk)) => got += chunk.len(),
+            other => break other,
+        }
+    };
+    assert!(end.is_err(), "the body ends in an error, not cleanly");
+    assert_eq!(got, (1 << 20) * 30 / 100, "the body up to the cut");
+    assert_eq!(
+        range(&http, &b.blob, got as u64, (1 << 20) - 1).await,
+        (1 << 20) - got
+    );
+}
+
 /// The timeout runs from a request's turn, as `esp_http_client`'s does from the shell's
 /// queue: a poll behind a slow download waits for it and is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -605,9 +605,8 @@ async fn serve_blob(app: App, key: [u8; 32], q: BlobQuery, req: Request) -> Resp
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .map(|len| match fault {
-            // The cut resets the connection with the head of the body still queued, so the
-            // board receives none of it (it re-requests the whole range).
-            Some(ServerFault::DropAfterPercent(_)) => 0,
+            // The answer's head and the body up to the cut reach the board.
+            Some(ServerFault::DropAfterPercent(p)) => len.min(cut_of(p).saturating_sub(start)),
             _ => len,
         });
     if let (Some(d), Some(len)) = (q.device_id.as_deref(), sent) {
@@ -620,25 +619,36 @@ async fn serve_blob(app: App, key: [u8; 32], q: BlobQuery, req: Request) -> Resp
     let Some(ServerFault::DropAfterPercent(p)) = fault else {
         return resp;
     };
-    // Send the response only up to the cut, then fail the body: the connection drops.
+    // Send the response only up to the cut, then fail the body: the connection drops in the
+    // middle of the answer, as a network that fails mid-transfer drops it.
     let keep = cut_of(p).saturating_sub(start) as usize;
     let (parts, body) = resp.into_parts();
     let bytes = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(b) => b,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let head = bytes.slice(..keep.min(bytes.len()));
-    let chunks: Vec<Result<axum::body::Bytes, std::io::Error>> = vec![
-        Ok(head),
+    Response::from_parts(
+        parts,
+        axum::body::Body::from_stream(cut_short(bytes.slice(..keep.min(bytes.len())))),
+    )
+}
+
+/// A body of `sent`, then an error that drops the connection. Between the two the stream
+/// waits once, which makes hyper flush what it holds: without it the error came while the
+/// answer's head was still queued, and the board saw the connection fail before any answer.
+fn cut_short(
+    sent: axum::body::Bytes,
+) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> {
+    use futures_util::StreamExt;
+    let dropped = async {
+        tokio::task::yield_now().await;
         Err(std::io::Error::new(
             std::io::ErrorKind::ConnectionReset,
             "injected: connection dropped",
-        )),
-    ];
-    Response::from_parts(
-        parts,
-        axum::body::Body::from_stream(futures_util::stream::iter(chunks)),
-    )
+        ))
+    };
+    futures_util::stream::once(std::future::ready(Ok(sent)))
+        .chain(futures_util::stream::once(dropped))
 }
 
 /// The blob named `sha`, from the cache or the store; 404 when the store has none. Kept in

@@ -180,12 +180,43 @@ impl Handle {
     /// answer read to its end), or on a new one if there is none, it closed, or it goes to
     /// another server (`esp_http_client_set_url` closes the connection when the host or port
     /// changes). From then on, connecting and the answer's head take at most `timeout`.
+    ///
+    /// A request that fails before its answer's head on a kept connection, other than by the
+    /// timeout, is sent once more on a new one, as the shell's handle does
+    /// (`otarig_esp32s3::retry_on_new_connection` in the firmware): the server may have
+    /// closed the connection, idle past its header timeout, just as the request went out.
     async fn send(
         &self,
         uri: &Uri,
         req: Request<Full<Bytes>>,
         timeout: Option<Duration>,
     ) -> anyhow::Result<Response<Incoming>> {
+        let (head, body) = req.into_parts();
+        let copy = || {
+            let mut req = Request::new(body.clone());
+            *req.method_mut() = head.method.clone();
+            *req.uri_mut() = head.uri.clone();
+            *req.version_mut() = head.version;
+            *req.headers_mut() = head.headers.clone();
+            req
+        };
+        match self.send_once(uri, copy(), timeout).await {
+            Err(Attempt::KeptConnectionFailed(e)) => {
+                tracing::debug!("{uri}: {e:#}; trying once more on a new connection");
+                self.send_once(uri, copy(), timeout)
+                    .await
+                    .map_err(Attempt::into_error)
+            }
+            other => other.map_err(Attempt::into_error),
+        }
+    }
+
+    async fn send_once(
+        &self,
+        uri: &Uri,
+        req: Request<Full<Bytes>>,
+        timeout: Option<Duration>,
+    ) -> Result<Response<Incoming>, Attempt> {
         let server = uri
             .authority()
             .map(|a| a.as_str().to_ascii_lowercase())
@@ -197,15 +228,24 @@ impl Handle {
             }
             _ => None,
         };
+        let kept = reusable.is_some();
         let deadline = timeout.map(|t| (tokio::time::Instant::now() + t, t));
         let mut sender = match reusable {
             Some(sender) => sender,
-            None => within(deadline, uri, self.connect(uri)).await?,
+            None => within(deadline, uri, self.connect(uri))
+                .await
+                .map_err(Attempt::Failed)?,
         };
         let answer = sender.send_request(req);
         *slot = Some(Open { server, sender });
         drop(slot);
-        within(deadline, uri, async { Ok(answer.await?) }).await
+        match deadline {
+            Some((at, timeout)) => match tokio::time::timeout_at(at, answer).await {
+                Ok(answer) => answer.map_err(|e| Attempt::failed(kept, e)),
+                Err(_) => Err(Attempt::Failed(timed_out(uri, timeout))),
+            },
+            None => answer.await.map_err(|e| Attempt::failed(kept, e)),
+        }
     }
 
     /// A new connection to `uri`'s host: TCP, then the TLS handshake if the handle speaks
@@ -247,6 +287,34 @@ impl Handle {
     }
 }
 
+/// How one attempt at a request failed.
+enum Attempt {
+    /// Before the answer's head, on a connection kept from an earlier request, not by the
+    /// timeout: worth one more try on a new connection.
+    KeptConnectionFailed(anyhow::Error),
+    Failed(anyhow::Error),
+}
+
+impl Attempt {
+    fn failed(kept: bool, e: hyper::Error) -> Attempt {
+        if kept {
+            Attempt::KeptConnectionFailed(e.into())
+        } else {
+            Attempt::Failed(e.into())
+        }
+    }
+
+    fn into_error(self) -> anyhow::Error {
+        match self {
+            Attempt::KeptConnectionFailed(e) | Attempt::Failed(e) => e,
+        }
+    }
+}
+
+fn timed_out(uri: &Uri, timeout: Duration) -> anyhow::Error {
+    anyhow::anyhow!("{uri}: no answer within {timeout:?} (the board's request timeout)")
+}
+
 /// `work`'s result, or an error naming `uri` if the deadline (and the timeout it ends)
 /// comes first.
 async fn within<T>(
@@ -259,9 +327,7 @@ async fn within<T>(
     };
     match tokio::time::timeout_at(at, work).await {
         Ok(result) => result,
-        Err(_) => {
-            anyhow::bail!("{uri}: no answer within {timeout:?} (the board's request timeout)")
-        }
+        Err(_) => Err(timed_out(uri, timeout)),
     }
 }
 

@@ -1,6 +1,7 @@
 //! A simulated board's HTTP handle keeps one connection, as an `esp_http_client` handle does:
 //! the firmware server counts its TLS handshakes.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use otarig_server::pki::Pki;
 use otarig_server::release_store::ReleaseStore;
 use otarig_server::server::{Limits, Server};
 use otarig_server::tls::{device_client, server_config, Client, ClientAuth};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A firmware server over mutual TLS holding one 1 MiB blob, and a board's TLS configuration.
 struct Bench {
@@ -260,6 +262,84 @@ async fn a_connection_the_server_closed_is_reopened() {
         tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     }
     assert_eq!(server.handshakes.summary().full, 2);
+}
+
+/// What a plain HTTP server does with the second request on a connection (it answers the
+/// first one, and every first one, with `200 ok`).
+#[derive(Clone, Copy)]
+enum Second {
+    /// Read it and close: the server's idle timeout ended just as the request went out.
+    Close,
+    /// Never answer it.
+    Stall,
+}
+
+/// Such a server on a loopback port: a URL on it, and how many connections it accepted.
+async fn second_request(second: Second) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/x", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if read_head(&mut tcp).await {
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    tcp.write_all(ok).await.unwrap();
+                }
+                read_head(&mut tcp).await;
+                if let Second::Stall = second {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            });
+        }
+    });
+    (url, accepted)
+}
+
+/// Read up to the end of a request's head; false if the connection ended first.
+async fn read_head(tcp: &mut tokio::net::TcpStream) -> bool {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
+/// A request the server closed the kept connection on, before any answer, is sent once more
+/// on a new connection, as the shell's handle does; the board sees only the answer.
+#[tokio::test]
+async fn a_request_that_races_the_servers_close_is_sent_again() {
+    let (url, accepted) = second_request(Second::Close).await;
+    let http = BoardHttp::new();
+    for _ in 0..2 {
+        let resp = http.get(&url, None).await.expect("answered");
+        assert_eq!(board_http::read_all(resp).await.unwrap().as_ref(), b"ok");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the second on a new connection"
+    );
+}
+
+/// A request that got no answer within its timeout is not sent again: a second try would
+/// double the wait and hide the stall from the agent's count of failed fetches.
+#[tokio::test]
+async fn a_request_that_timed_out_is_not_sent_again() {
+    let (url, accepted) = second_request(Second::Stall).await;
+    let http = BoardHttp::new().answer_within(Duration::from_millis(300));
+    let resp = http.get(&url, None).await.expect("answered");
+    board_http::read_all(resp).await.unwrap();
+    let e = http.get(&url, None).await.expect_err("timed out");
+    assert!(e.to_string().contains("no answer within"), "{e:#}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "no second connection");
 }
 
 /// A handle is for one scheme: a TLS board asked for a plain URL says so.

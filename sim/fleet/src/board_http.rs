@@ -239,13 +239,11 @@ impl Handle {
         let answer = sender.send_request(req);
         *slot = Some(Open { server, sender });
         drop(slot);
-        match deadline {
-            Some((at, timeout)) => match tokio::time::timeout_at(at, answer).await {
-                Ok(answer) => answer.map_err(|e| Attempt::failed(kept, e)),
-                Err(_) => Err(Attempt::Failed(timed_out(uri, timeout))),
-            },
-            None => answer.await.map_err(|e| Attempt::failed(kept, e)),
-        }
+        // The outer error is the timeout's, the inner one the connection's.
+        within(deadline, uri, async { Ok(answer.await) })
+            .await
+            .map_err(Attempt::Failed)?
+            .map_err(|e| Attempt::failed(kept, e))
     }
 
     /// A new connection to `uri`'s host: TCP, then the TLS handshake if the handle speaks
@@ -311,10 +309,6 @@ impl Attempt {
     }
 }
 
-fn timed_out(uri: &Uri, timeout: Duration) -> anyhow::Error {
-    anyhow::anyhow!("{uri}: no answer within {timeout:?} (the board's request timeout)")
-}
-
 /// `work`'s result, or an error naming `uri` if the deadline (and the timeout it ends)
 /// comes first.
 async fn within<T>(
@@ -327,7 +321,9 @@ async fn within<T>(
     };
     match tokio::time::timeout_at(at, work).await {
         Ok(result) => result,
-        Err(_) => Err(timed_out(uri, timeout)),
+        Err(_) => {
+            anyhow::bail!("{uri}: no answer within {timeout:?} (the board's request timeout)")
+        }
     }
 }
 

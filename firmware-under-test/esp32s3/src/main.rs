@@ -160,8 +160,8 @@ struct Provisioning {
 }
 
 /// What ESP-TLS needs for mutual TLS, as esp-mqtt and esp_http_client take it: the root that
-/// verifies the server and broker (`cert_pem`), the device's certificate chain
-/// (`client_cert_pem`) and key (`client_key_pem`).
+/// verifies the server and broker (`cert_pem`), the device's certificate (`client_cert_pem`;
+/// `otarig pki` provisions it alone, a chain works too) and key (`client_key_pem`).
 #[derive(Clone, Copy)]
 struct Identity {
     ca: X509<'static>,

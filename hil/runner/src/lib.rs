@@ -275,7 +275,6 @@ impl TlsBench {
         use otarig_fleet::mosquitto::{Mosquitto, MutualTls, OPERATOR_CN};
         use otarig_server::tls::{device_client, server_config_with, Client, ClientAuth};
         let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
-        let root = pki.root_pem().to_string();
         let mut names = vec![
             host.to_string(),
             "127.0.0.1".to_string(),
@@ -293,7 +292,7 @@ impl TlsBench {
         let stranger = BoardIdentity::stranger(dir)?;
         let board = BoardIdentity::issue(&pki, &stranger, &id, s.tls_fault_for(DEVICE))?;
         let auth = ClientAuth {
-            ca_pem: root.clone(),
+            ca_pem: pki.client_ca_pem(),
             crl_pem: board.crl.clone(),
         };
         let tls = server_config_with(
@@ -334,7 +333,7 @@ impl TlsBench {
                 ("ssid", ssid),
                 ("password", password),
                 ("ca_cert", board.ca_pem.as_str()),
-                ("device_crt", board.chain_pem.as_str()),
+                ("device_crt", board.cert_pem.as_str()),
                 ("device_key", board.key_pem.as_str()),
             ],
         )?;

@@ -246,7 +246,7 @@ fn run_shards(
                     .with_context(|| format!("reading {}", dir.join(f).display()))
             };
             let auth = otarig_server::tls::ClientAuth {
-                ca_pem: read("ca_cert.pem")?,
+                ca_pem: read("client_ca.pem")?,
                 crl_pem: None,
             };
             let chain = read("server/server_chain.pem")?;

@@ -24,7 +24,8 @@ pub const OPERATOR_CN: &str = "otarig-operator";
 /// Mutual TLS for a Mosquitto listener, from `otarig pki` files.
 #[derive(Clone, Debug)]
 pub struct MutualTls {
-    /// The root CA (PEM file) clients' certificates must chain to.
+    /// The CAs (PEM file) clients' certificates must chain to: the root and the intermediate
+    /// (`client_ca.pem`), since a device sends its certificate alone.
     pub cafile: PathBuf,
     /// The broker's chain and key (`server/server_chain.pem`, `server/server.key`).
     pub certfile: PathBuf,
@@ -34,12 +35,13 @@ pub struct MutualTls {
 }
 
 impl MutualTls {
-    /// The files of an `otarig pki` directory: its root, its server certificate and key, and
-    /// its CRL when something was revoked.
+    /// The files of an `otarig pki` directory: its CA bundle (`client_ca.pem`, written by
+    /// [`otarig_server::pki::Pki::open`] or [`otarig_server::pki::write_client_ca`]), its
+    /// server certificate and key, and its CRL when something was revoked.
     pub fn of_pki(dir: &Path) -> MutualTls {
         let crl = dir.join("crl.pem");
         MutualTls {
-            cafile: dir.join("ca_cert.pem"),
+            cafile: dir.join("client_ca.pem"),
             certfile: dir.join("server/server_chain.pem"),
             keyfile: dir.join("server/server.key"),
             crlfile: crl.exists().then_some(crl),

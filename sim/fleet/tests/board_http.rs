@@ -27,7 +27,7 @@ async fn bench() -> Bench {
     let pki = Pki::init(&dir.path().join("pki"), true, 30).unwrap();
     let leaf = pki.server(&["127.0.0.1".into()], 30).unwrap();
     let auth = ClientAuth {
-        ca_pem: pki.root_pem().to_string(),
+        ca_pem: pki.client_ca_pem(),
         crl_pem: None,
     };
     let tls = server_config(&pki.chain_pem(&leaf), &leaf.key_pem, Some(&auth)).unwrap();

@@ -65,8 +65,7 @@ async fn each_device_is_held_to_its_own_topics_and_strangers_stay_out() {
     let cfg = |id: &str, who: Client| {
         let d = pki.device(id, 30).unwrap();
         pki.write_device(id, &d).unwrap();
-        let chain = pki.chain_pem(&d);
-        client_config(who, pki.root_pem(), Some((&chain, &d.key_pem))).unwrap()
+        client_config(who, pki.root_pem(), Some((&d.cert_pem, &d.key_pem))).unwrap()
     };
     let operator = cfg(OPERATOR_CN, Client::Host);
     let (dev1, dev3) = (cfg("dev-1", Client::Board), cfg("dev-3", Client::Board));

@@ -6,11 +6,20 @@
 //! ```text
 //! DIR/ca_cert.pem, ca_key.pem                       the root (its key 0600: keep it offline)
 //! DIR/intermediate_cert.pem, intermediate_key.pem   the issuing CA, when there is one
+//! DIR/client_ca.pem                                the root + the intermediate: what verifies
+//!                                                   device certificates (a broker's cafile)
 //! DIR/server/server.crt, server.key, server_chain.pem   leaf, key, leaf + intermediate
-//! DIR/devices/ID/device.crt, device.key, ca_cert.pem     CN = ID (+ intermediate); the root
+//! DIR/devices/ID/device.crt, device.key, ca_cert.pem     CN = ID (alone); the root
 //! DIR/revoked.txt                                   revoked serials (hex) and their CN
 //! DIR/crl.pem                                       a CRL of them, signed by the issuing CA
 //! ```
+//!
+//! A server sends its chain (boards hold the root alone); a device sends its certificate
+//! alone, as ESP-IDF's mutual-TLS examples provision one (esp-mqtt's `client_cert_pem`), and
+//! the broker and the firmware server complete its chain from `client_ca.pem`, as OpenSSL
+//! does from a `cafile` holding the intermediate. That keeps one certificate out of every
+//! board handshake: Mosquitto (OpenSSL 3.0) decodes each certificate a client sends, and the
+//! intermediate was a sixth of its time per handshake (README, "Scale").
 //!
 //! Keys are ECDSA P-256 (what rcgen makes, and what mbedTLS on the ESP32-S3 accelerates);
 //! every private key is written 0600. Nothing here writes ASN.1 by hand: rcgen does.
@@ -130,7 +139,8 @@ impl Pki {
         Pki::open(dir)
     }
 
-    /// Open a PKI directory made by [`Pki::init`].
+    /// Open a PKI directory made by [`Pki::init`]. Writes its `client_ca.pem` if missing (a
+    /// directory made before there was one): device certificates issued now need it.
     pub fn open(dir: &Path) -> anyhow::Result<Pki> {
         let (cert, key, intermediate_pem) = if dir.join("intermediate_cert.pem").exists() {
             let cert = read(&dir.join("intermediate_cert.pem"))?;
@@ -146,17 +156,32 @@ impl Pki {
         let key = KeyPair::from_pem(&key).context("the CA key is not a PEM key pair")?;
         let issuer = Issuer::from_ca_cert_pem(&cert, key)
             .context("the CA certificate cannot be read back")?;
-        Ok(Pki {
+        let pki = Pki {
             root_pem: read(&dir.join("ca_cert.pem"))?,
             dir: dir.to_path_buf(),
             issuer,
             intermediate_pem,
-        })
+        };
+        if !dir.join("client_ca.pem").exists() {
+            write_client_ca(dir)?;
+        }
+        Ok(pki)
     }
 
     /// The root certificate, PEM: what boards embed to verify servers.
     pub fn root_pem(&self) -> &str {
         &self.root_pem
+    }
+
+    /// The root and the intermediate (if any), PEM: what a broker or server that verifies
+    /// device certificates holds (`client_ca.pem`), since a device sends its certificate
+    /// alone.
+    pub fn client_ca_pem(&self) -> String {
+        let mut bundle = self.root_pem.clone();
+        if let Some(i) = &self.intermediate_pem {
+            bundle.push_str(i);
+        }
+        bundle
     }
 
     /// A leaf issued by the issuing CA.
@@ -197,7 +222,7 @@ impl Pki {
         self.leaf(params, device_id, days)
     }
 
-    /// The leaf and the intermediate, as a server or a device presents them.
+    /// The leaf and the intermediate, as a server presents them.
     pub fn chain_pem(&self, leaf: &Issued) -> String {
         let mut chain = leaf.cert_pem.clone();
         if let Some(i) = &self.intermediate_pem {
@@ -215,11 +240,12 @@ impl Pki {
         Ok(dir)
     }
 
-    /// Write a device's files: `devices/ID/device.crt` (its certificate and the intermediate,
-    /// the chain it presents: servers trust the root only), `device.key`, `ca_cert.pem`.
+    /// Write a device's files: `devices/ID/device.crt` (its certificate alone, what it
+    /// presents: brokers and servers hold the intermediate, `client_ca.pem`), `device.key`,
+    /// `ca_cert.pem` (the root, which verifies servers).
     pub fn write_device(&self, device_id: &str, d: &Issued) -> anyhow::Result<PathBuf> {
         let dir = self.dir.join("devices").join(device_id);
-        write_public(&dir.join("device.crt"), &self.chain_pem(d))?;
+        write_public(&dir.join("device.crt"), &d.cert_pem)?;
         write_private(&dir.join("device.key"), d.key_pem.as_bytes())?;
         write_public(&dir.join("ca_cert.pem"), self.root_pem())?;
         Ok(dir)
@@ -290,6 +316,19 @@ impl Pki {
         };
         Ok(params.signed_by(&self.issuer)?.pem()?)
     }
+}
+
+/// Write `dir/client_ca.pem` from the directory's public files (the root, and the
+/// intermediate if there is one), for a broker host that holds no CA key. Returns its path.
+pub fn write_client_ca(dir: &Path) -> anyhow::Result<PathBuf> {
+    let mut bundle = read(&dir.join("ca_cert.pem"))?;
+    let intermediate = dir.join("intermediate_cert.pem");
+    if intermediate.exists() {
+        bundle.push_str(&read(&intermediate)?);
+    }
+    let path = dir.join("client_ca.pem");
+    write_public(&path, &bundle)?;
+    Ok(path)
 }
 
 /// The serial number (hex) of a PEM certificate.

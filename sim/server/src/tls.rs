@@ -5,6 +5,8 @@
 //! rustls with ring as the one crypto provider, passed explicitly: with more than one provider
 //! compiled into a process, rustls will not pick one by itself.
 
+mod client_chain;
+
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -44,7 +46,10 @@ fn roots(ca_pem: &str) -> anyhow::Result<RootCertStore> {
 /// Who may connect to a TLS server, besides anyone who can reach it.
 #[derive(Clone, Debug)]
 pub struct ClientAuth {
-    /// The CA (PEM) a client certificate must chain to.
+    /// The CA bundle (PEM) a client certificate must chain to, as in OpenSSL's `cafile`:
+    /// its self-signed certificates are the roots, and the others (an intermediate) complete
+    /// the chain of a client that sends its certificate alone (`otarig pki`'s
+    /// `client_ca.pem`).
     pub ca_pem: String,
     /// Revoked certificates (a PEM CRL from `otarig pki revoke`).
     pub crl_pem: Option<String>,
@@ -79,17 +84,19 @@ pub fn server_config_with(
                     .context("the CRL is not PEM")?,
                 None => Vec::new(),
             };
-            let verifier = WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots(&auth.ca_pem)?),
-                provider(),
-            )
-            .with_crls(crls)
-            // The CRL is the issuing CA's and lists device certificates; nothing revokes
-            // the intermediate itself (a compromised intermediate means a new PKI).
-            .only_check_end_entity_revocation()
-            .build()
-            .context("the client CA or CRL cannot be used")?;
-            builder.with_client_cert_verifier(verifier)
+            let bundle = ClientCaBundle::parse(&auth.ca_pem)?;
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(bundle.roots), provider())
+                    .with_crls(crls)
+                    // The CRL is the issuing CA's and lists device certificates; nothing revokes
+                    // the intermediate itself (a compromised intermediate means a new PKI).
+                    .only_check_end_entity_revocation()
+                    .build()
+                    .context("the client CA or CRL cannot be used")?;
+            builder.with_client_cert_verifier(Arc::new(client_chain::Completing {
+                inner: verifier,
+                intermediates: bundle.intermediates,
+            }))
         }
     };
     let mut cfg = builder
@@ -102,8 +109,42 @@ pub fn server_config_with(
     Ok(Arc::new(cfg))
 }
 
+/// A client CA bundle split the way OpenSSL uses a `cafile`: roots to end a chain at, and
+/// intermediates to build one through.
+struct ClientCaBundle {
+    roots: RootCertStore,
+    intermediates: Vec<CertificateDer<'static>>,
+}
+
+impl ClientCaBundle {
+    fn parse(pem: &str) -> anyhow::Result<ClientCaBundle> {
+        let mut bundle = ClientCaBundle {
+            roots: RootCertStore::empty(),
+            intermediates: Vec::new(),
+        };
+        for (n, c) in certs(pem, "the client CA file")?.into_iter().enumerate() {
+            let (_, parsed) = x509_parser::parse_x509_certificate(&c)
+                .map_err(|e| anyhow::anyhow!("certificate {} of the client CA file: {e}", n + 1))?;
+            if parsed.subject().as_raw() == parsed.issuer().as_raw() {
+                bundle
+                    .roots
+                    .add(c)
+                    .context("a CA certificate rustls cannot use")?;
+            } else {
+                bundle.intermediates.push(c);
+            }
+        }
+        if bundle.roots.is_empty() {
+            anyhow::bail!(
+                "the client CA file holds no root (self-signed) certificate: give the root and any intermediates (`otarig pki` writes client_ca.pem)"
+            );
+        }
+        Ok(bundle)
+    }
+}
+
 /// A new device certificate from `pki` (CN = `id`, valid `days`) and the TLS configuration
-/// that presents it (with the intermediate) and trusts `pki`'s root, for `who`.
+/// that presents it (alone: see [`crate::pki`]) and trusts `pki`'s root, for `who`.
 pub fn device_client(
     pki: &crate::pki::Pki,
     id: &str,
@@ -111,7 +152,7 @@ pub fn device_client(
     who: Client,
 ) -> anyhow::Result<Arc<ClientConfig>> {
     let d = pki.device(id, days)?;
-    client_config(who, pki.root_pem(), Some((&pki.chain_pem(&d), &d.key_pem)))
+    client_config(who, pki.root_pem(), Some((&d.cert_pem, &d.key_pem)))
 }
 
 /// Who a client configuration is for: the TLS versions it offers differ.

@@ -70,8 +70,9 @@ async fn bench(server_days: u32, revoke: &[&str]) -> Bench {
         .server(&["localhost".into(), "127.0.0.1".into()], server_days)
         .unwrap();
     let root = pki.root_pem().to_string();
+    // What `otarig serve --client-ca DIR/client_ca.pem` reads: the root and the intermediate.
     let auth = ClientAuth {
-        ca_pem: root.clone(),
+        ca_pem: std::fs::read_to_string(dir.path().join("pki/client_ca.pem")).unwrap(),
         crl_pem: crl,
     };
     let tls = server_config(&pki.chain_pem(&s), &s.key_pem, Some(&auth)).unwrap();
@@ -335,5 +336,114 @@ async fn a_board_speaks_tls_1_2_only() {
     assert!(
         format!("{e:#}").contains("received fatal alert: ProtocolVersion"),
         "{e:#}"
+    );
+}
+
+/// A server requiring client certificates from `bundle` (a client CA file's text).
+async fn serve_with(
+    dir: &tempfile::TempDir,
+    store: &str,
+    server_pki: &Pki,
+    bundle: String,
+) -> Server {
+    let s = server_pki.server(&["localhost".into()], 30).unwrap();
+    let auth = ClientAuth {
+        ca_pem: bundle,
+        crl_pem: None,
+    };
+    let tls = server_config(&server_pki.chain_pem(&s), &s.key_pem, Some(&auth)).unwrap();
+    serve_tls(&dir.path().join(store), tls).await
+}
+
+/// A board of `pki` presenting `cert_pem` (its certificate, or a chain).
+fn board_presenting(pki: &Pki, cert_pem: &str, key_pem: &str) -> Arc<rustls::ClientConfig> {
+    client_config(Client::Board, pki.root_pem(), Some((cert_pem, key_pem))).unwrap()
+}
+
+/// A device sends its certificate alone (`device.crt`); the server completes the chain from
+/// the intermediate in its client CA file, and still takes a device that sends the chain.
+#[tokio::test]
+async fn a_device_certificate_sent_alone_chains_through_the_servers_intermediate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), true, 30).unwrap();
+    let d = pki.device("dev-1", 30).unwrap();
+    let out = pki.write_device("dev-1", &d).unwrap();
+    let sent = std::fs::read_to_string(out.join("device.crt")).unwrap();
+    assert_eq!(sent.matches("BEGIN CERTIFICATE").count(), 1, "{sent}");
+    let with_intermediate = serve_with(&dir, "bundle", &pki, pki.client_ca_pem()).await;
+    let root_only = serve_with(&dir, "root", &pki, pki.root_pem().to_string()).await;
+    let alone = board_presenting(&pki, &d.cert_pem, &d.key_pem);
+    let chain = board_presenting(&pki, &pki.chain_pem(&d), &d.key_pem);
+    for cfg in [&alone, &chain] {
+        let (st, _) = request(
+            with_intermediate.addr,
+            cfg.clone(),
+            "localhost",
+            get("/healthz"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(st.as_u16(), 200);
+    }
+    // Without the intermediate the server cannot build the chain: the handshake fails.
+    request(root_only.addr, alone, "localhost", get("/healthz"))
+        .await
+        .expect_err("a certificate sent alone chained to a root-only CA file");
+    let (st, _) = request(root_only.addr, chain, "localhost", get("/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(
+        st.as_u16(),
+        200,
+        "a device sending the chain needs the root only"
+    );
+}
+
+/// An intermediate in the client CA file is not trusted by itself: a chain through it must
+/// still end at a root of that file, as with OpenSSL's `cafile`.
+#[tokio::test]
+async fn an_intermediate_in_the_client_ca_file_is_not_a_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = Pki::init(&dir.path().join("ours"), true, 30).unwrap();
+    let other = Pki::init(&dir.path().join("other"), true, 30).unwrap();
+    let other_intermediate =
+        std::fs::read_to_string(dir.path().join("other/intermediate_cert.pem")).unwrap();
+    let bundle = format!("{}{other_intermediate}", ours.client_ca_pem());
+    let server = serve_with(&dir, "store", &ours, bundle).await;
+    let d = other.device("dev-9", 30).unwrap();
+    request(
+        server.addr,
+        board_presenting(&ours, &d.cert_pem, &d.key_pem),
+        "localhost",
+        get("/healthz"),
+    )
+    .await
+    .expect_err("a device of another root was let in through its intermediate");
+    let mine = ours.device("dev-1", 30).unwrap();
+    let (st, _) = request(
+        server.addr,
+        board_presenting(&ours, &mine.cert_pem, &mine.key_pem),
+        "localhost",
+        get("/healthz"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st.as_u16(), 200, "our own device, sent alone");
+}
+
+#[test]
+fn a_client_ca_file_without_a_root_is_refused_with_what_to_give() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(dir.path(), true, 30).unwrap();
+    let s = pki.server(&["localhost".into()], 30).unwrap();
+    let auth = ClientAuth {
+        ca_pem: std::fs::read_to_string(dir.path().join("intermediate_cert.pem")).unwrap(),
+        crl_pem: None,
+    };
+    let err = server_config(&pki.chain_pem(&s), &s.key_pem, Some(&auth))
+        .expect_err("an intermediate alone accepted as the client CA");
+    assert!(
+        format!("{err:#}").contains("no root (self-signed)"),
+        "{err:#}"
     );
 }

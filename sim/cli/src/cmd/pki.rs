@@ -31,7 +31,8 @@ pub enum Cmd {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
-    /// Issue a device certificate (CN = ID): DIR/devices/ID/device.crt, device.key, ca_cert.pem.
+    /// Issue a device certificate (CN = ID): DIR/devices/ID/device.crt (the certificate alone:
+    /// brokers and servers verify it with DIR/client_ca.pem), device.key, ca_cert.pem.
     Device {
         #[arg(long)]
         dir: PathBuf,
@@ -247,6 +248,8 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+            // The broker needs the intermediate: devices send their certificate alone.
+            otarig_server::pki::write_client_ca(&dir)?;
             let tls = otarig_fleet::mosquitto::MutualTls::of_pki(&dir);
             std::fs::create_dir_all(&out)?;
             let out = abs(out);
@@ -344,7 +347,7 @@ mod tests {
         assert_eq!(get("device"), "dev-9");
         assert_eq!(get("channel"), "beta");
         assert_eq!(get("device_key"), d.key_pem);
-        assert_eq!(get("device_crt"), pki.chain_pem(&d));
+        assert_eq!(get("device_crt"), d.cert_pem);
         assert_eq!(get("ca_cert"), pki.root_pem());
         let aes = std::fs::read_to_string(&image_keys[0]).unwrap();
         assert_eq!(get("image_aes"), aes.trim());

@@ -41,8 +41,9 @@ pub struct Args {
     tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Require a client certificate from this CA (PEM); an ack is then accepted only for the
-    /// device its certificate names (CN).
+    /// Require a client certificate from this CA bundle (PEM: the root, and the intermediate
+    /// a device does not send; `otarig pki` writes DIR/client_ca.pem); an ack is then accepted
+    /// only for the device its certificate names (CN).
     #[arg(long, requires = "tls_cert")]
     client_ca: Option<PathBuf>,
     /// Refuse client certificates on this CRL (`otarig pki revoke` writes crl.pem).

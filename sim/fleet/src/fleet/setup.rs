@@ -121,7 +121,6 @@ impl RunPki {
         use otarig_server::tls::{client_config, server_config_with, Client, ClientAuth};
         let pki = otarig_server::pki::Pki::init(dir, true, 30)?;
         let stranger = BoardIdentity::stranger(dir)?;
-        let root = pki.root_pem().to_string();
         let server_side =
             (0..s.devices).find_map(|i| s.tls_fault_for(i).filter(|f| f.server_side()));
         let face = ServerFace::for_fault(server_side, vec!["127.0.0.1".into(), "localhost".into()]);
@@ -135,14 +134,14 @@ impl RunPki {
             if b.crl.is_some() {
                 crl = b.crl.clone(); // the newest lists every revocation
             }
-            client_config(who, &b.ca_pem, Some((&b.chain_pem, &b.key_pem)))
+            client_config(who, &b.ca_pem, Some((&b.cert_pem, &b.key_pem)))
         };
         let boards = (0..s.devices)
             .map(|i| client(&s.device_id(i), Client::Board, s.tls_fault_for(i)))
             .collect::<anyhow::Result<_>>()?;
         let operator = client(crate::mosquitto::OPERATOR_CN, Client::Host, None)?;
         let auth = ClientAuth {
-            ca_pem: root.clone(),
+            ca_pem: pki.client_ca_pem(),
             crl_pem: crl.clone(),
         };
         Ok(RunPki {
@@ -326,12 +325,12 @@ impl ServerFace {
     }
 }
 
-/// What a board is provisioned with on a TLS run: the root it trusts, the certificate chain it
-/// presents and its key, broken where a board-side `tls` fault says. The wire fleet builds
+/// What a board is provisioned with on a TLS run: the root it trusts, the certificate it
+/// presents (alone: the broker and server hold the intermediate) and its key, broken where a board-side `tls` fault says. The wire fleet builds
 /// its boards from it, the HIL runner the bench board's NVS image.
 pub struct BoardIdentity {
     pub ca_pem: String,
-    pub chain_pem: String,
+    pub cert_pem: String,
     pub key_pem: String,
     /// The run's CRL, signed anew when this board's certificate was revoked.
     pub crl: Option<String>,
@@ -366,7 +365,7 @@ impl BoardIdentity {
         };
         Ok(BoardIdentity {
             ca_pem: ca.root_pem().to_string(),
-            chain_pem: issuer.chain_pem(&d),
+            cert_pem: d.cert_pem,
             key_pem: d.key_pem,
             crl,
         })

@@ -2,6 +2,7 @@
 //! the host (the binary is built for the chip): the bounds on what the shell reads.
 
 use std::io::BufRead;
+use std::time::Duration;
 
 /// Which piece of an MQTT message an `MQTT_EVENT_DATA` carries (esp-mqtt's
 /// `current_data_offset` / `total_data_len`, as embedded-svc's `Details` reports them).
@@ -34,6 +35,59 @@ pub const ESP_ERR_HTTP_EAGAIN: i32 = 0x7007;
 /// from the agent, which counts its failed fetches and backs off.
 pub fn retry_on_new_connection(kept: bool, code: i32) -> bool {
     kept && code.unsigned_abs() != ESP_ERR_HTTP_EAGAIN.unsigned_abs()
+}
+
+/// The main loop's two clocks (ms): the agent's timer (its last `Action::WakeAt`) and the
+/// telemetry period.
+///
+/// Both are looked at after every wait for a message, not only when the wait timed out: a
+/// download keeps the loop's queue full (the reader thread is faster than `esp_ota_write`),
+/// and clocks read only on a timeout stood still until the queue ran dry, so a board sent no
+/// telemetry while it downloaded and the agent's timer fired late.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Clocks {
+    /// When the agent wants `Input::Timer`.
+    pub wake: Option<u64>,
+    next_telemetry: u64,
+    period: u64,
+}
+
+/// What [`Clocks::due`] found due.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Due {
+    pub telemetry: bool,
+    pub timer: bool,
+}
+
+impl Clocks {
+    /// The first telemetry one `period` after `now`; no timer yet.
+    pub fn new(now: u64, period: u64) -> Clocks {
+        Clocks {
+            wake: None,
+            next_telemetry: now.saturating_add(period),
+            period,
+        }
+    }
+
+    /// How long to wait for a message at most: until the next clock, and a minute at most.
+    pub fn wait(&self, now: u64) -> Duration {
+        let until = self.wake.unwrap_or(u64::MAX).min(self.next_telemetry);
+        Duration::from_millis(until.saturating_sub(now).min(60_000))
+    }
+
+    /// What is due at `now`; each due clock is consumed (the telemetry one re-armed a period
+    /// from `now`, the agent's timer cleared until its next `WakeAt`).
+    pub fn due(&mut self, now: u64) -> Due {
+        let telemetry = now >= self.next_telemetry;
+        if telemetry {
+            self.next_telemetry = now.saturating_add(self.period);
+        }
+        let timer = self.wake.is_some_and(|w| now >= w);
+        if timer {
+            self.wake = None;
+        }
+        Due { telemetry, timer }
+    }
 }
 
 /// One console line into `line`, at most `otarig_agent::console::MAX_LINE` bytes of it (the rest of a longer
@@ -112,6 +166,43 @@ impl Reassembly {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A download's messages every 5 ms for 3 s, never a timeout: telemetry still goes out
+    /// each second, and the agent's timer fires when due.
+    #[test]
+    fn clocks_run_while_messages_keep_coming() {
+        let mut clocks = Clocks::new(0, 1_000);
+        clocks.wake = Some(1_500);
+        let (mut sent, mut fired) = (Vec::new(), Vec::new());
+        for t in (5..=3_000).step_by(5) {
+            assert!(clocks.wait(t) <= Duration::from_millis(1_000));
+            let due = clocks.due(t);
+            if due.telemetry {
+                sent.push(t);
+            }
+            if due.timer {
+                fired.push(t);
+            }
+        }
+        assert_eq!(sent, [1_000, 2_000, 3_000]);
+        assert_eq!(fired, [1_500]);
+        assert_eq!(clocks.wake, None, "consumed until the next WakeAt");
+    }
+
+    #[test]
+    fn the_wait_ends_at_the_next_clock_and_a_minute_at_most() {
+        let mut clocks = Clocks::new(100, 1_000);
+        assert_eq!(clocks.wait(100), Duration::from_millis(1_000));
+        clocks.wake = Some(400);
+        assert_eq!(clocks.wait(100), Duration::from_millis(300));
+        assert_eq!(clocks.wait(900), Duration::ZERO, "overdue: no wait");
+        let idle = Clocks::new(0, u64::MAX);
+        assert_eq!(idle.wait(0), Duration::from_secs(60));
+        // Near the end of time it saturates, never overflows.
+        let mut late = Clocks::new(u64::MAX - 1, 10);
+        assert!(late.due(u64::MAX).telemetry);
+        assert_eq!(late.wait(u64::MAX), Duration::ZERO);
+    }
 
     #[test]
     fn mqtt_pieces_are_put_back_together_in_order_only() {

@@ -29,7 +29,7 @@ use host_idf as idf;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use idf::eventloop::EspSystemEventLoop;
 use idf::hal::prelude::Peripherals;
@@ -45,7 +45,7 @@ use otarig_agent::console::{self, HostCommand};
 use otarig_agent::manifest::{PublicKey, TrustedKey};
 use otarig_agent::protocol::{self, Leaf};
 use otarig_agent::{Action, Agent, Config, Event, FetchMode, Input};
-use otarig_esp32s3::{body_window, read_line_capped, Piece, Reassembly};
+use otarig_esp32s3::{body_window, read_line_capped, Clocks, Piece, Reassembly};
 
 const DEVICE_TYPE: &str = "otarig-devkit-s3";
 const PREFIX: &str = protocol::DEFAULT_PREFIX;
@@ -245,7 +245,7 @@ fn main() {
     }
     if let Err(e) = run() {
         log::error!("otarig: {e}");
-        std::thread::sleep(Duration::from_secs(5));
+        std::thread::sleep(std::time::Duration::from_secs(5));
         // SAFETY: no arguments; does not return.
         unsafe { idf::sys::esp_restart() };
     }
@@ -371,40 +371,43 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         http: http::Http::start(prov.as_ref().and_then(|p| p.identity), !BENCH_CA.is_empty())?,
     };
 
-    let mut wake: Option<u64> = None;
-    let mut next_telemetry = now() + TELEMETRY_MS;
+    let mut clocks = Clocks::new(now(), TELEMETRY_MS);
+    // A message taken while the agent's timer was due waits for the next turn: the agent
+    // gets one input per turn, and its actions are carried out in between.
+    let mut held: Option<Msg> = None;
     loop {
         while let Some(action) = agent.poll_action() {
             act(action, &mut agent, &mut board, &mut mqtt, &net, &tx)?;
         }
         // `act` hands the agent's latest WakeAt over (it replaces any earlier one).
         if let Some(w) = WAKE.with(|c| c.take()) {
-            wake = Some(w);
+            clocks.wake = Some(w);
         }
-        let until = wake.unwrap_or(u64::MAX).min(next_telemetry);
-        let wait = Duration::from_millis(until.saturating_sub(now()).min(60_000));
-        let msg = match rx.recv_timeout(wait) {
-            Ok(m) => Some(m),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => return Err("input channel closed".into()),
+        let msg = match held.take() {
+            Some(m) => Some(m),
+            None => match rx.recv_timeout(clocks.wait(now())) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return Err("input channel closed".into()),
+            },
         };
         let t = now();
-        match msg {
-            None => {
-                if t >= next_telemetry {
-                    next_telemetry = t + TELEMETRY_MS;
-                    if let Some(c) = mqtt.as_mut() {
-                        let up = booted.elapsed().as_millis() as u64;
-                        let sample = protocol::telemetry_json(&device, t, up, &agent.telemetry());
-                        let topic = protocol::device_topic(PREFIX, &device, Leaf::Telemetry);
-                        let _ = c.enqueue(&topic, QoS::AtMostOnce, false, sample.as_bytes());
-                    }
-                }
-                if wake.is_some_and(|w| t >= w) {
-                    wake = None;
-                    agent.handle(&mut board, t, Input::Timer);
-                }
+        let due = clocks.due(t);
+        if due.telemetry {
+            if let Some(c) = mqtt.as_mut() {
+                let up = booted.elapsed().as_millis() as u64;
+                let sample = protocol::telemetry_json(&device, t, up, &agent.telemetry());
+                let topic = protocol::device_topic(PREFIX, &device, Leaf::Telemetry);
+                let _ = c.enqueue(&topic, QoS::AtMostOnce, false, sample.as_bytes());
             }
+        }
+        if due.timer {
+            agent.handle(&mut board, t, Input::Timer);
+            held = msg;
+            continue;
+        }
+        match msg {
+            None => {}
             Some(Msg::Console(line)) => match console::parse_command_line(&line) {
                 None => {}
                 Some(Err(e)) => print!(

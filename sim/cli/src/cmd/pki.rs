@@ -315,6 +315,35 @@ mod tests {
 
     /// The factory image carries the provisioning and the device's identity, as the shell
     /// reads them back (namespace `otarig`).
+    /// Devices send their certificate alone, so the broker's `cafile` must hold the
+    /// intermediate too; a directory made before `client_ca.pem` existed gets one.
+    #[test]
+    fn the_mosquitto_configuration_verifies_devices_through_the_intermediate() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(dir.path(), true, 30).unwrap();
+        pki.write_server(&pki.server(&["localhost".into()], 30).unwrap())
+            .unwrap();
+        std::fs::remove_file(dir.path().join("client_ca.pem")).unwrap();
+        let out = dir.path().join("mq");
+        run(Cmd::Mosquitto {
+            dir: dir.path().to_path_buf(),
+            out: out.clone(),
+            port: 8883,
+            bind: "127.0.0.1".into(),
+        })
+        .unwrap();
+        let conf = std::fs::read_to_string(out.join("mosquitto.conf")).unwrap();
+        let cafile = conf
+            .lines()
+            .find_map(|l| l.strip_prefix("cafile "))
+            .expect("a cafile line");
+        assert!(cafile.ends_with("client_ca.pem"), "{conf}");
+        let bundle = std::fs::read_to_string(cafile).unwrap();
+        let intermediate =
+            std::fs::read_to_string(dir.path().join("intermediate_cert.pem")).unwrap();
+        assert_eq!(bundle, format!("{}{intermediate}", pki.root_pem()));
+    }
+
     #[test]
     fn the_nvs_image_holds_the_devices_identity() {
         let dir = tempfile::tempdir().unwrap();

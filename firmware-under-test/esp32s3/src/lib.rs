@@ -1,5 +1,6 @@
 //! The firmware shell's logic that needs no ESP-IDF, kept here so that it is unit-tested on
-//! the host (the binary is built for the chip): the bounds on what the shell reads.
+//! the host (the binary is built for the chip): the bounds on what the shell reads, when its
+//! HTTP handle tries a request again, and its main loop's clocks.
 
 use std::io::BufRead;
 use std::time::Duration;

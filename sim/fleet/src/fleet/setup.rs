@@ -326,8 +326,9 @@ impl ServerFace {
 }
 
 /// What a board is provisioned with on a TLS run: the root it trusts, the certificate it
-/// presents (alone: the broker and server hold the intermediate) and its key, broken where a board-side `tls` fault says. The wire fleet builds
-/// its boards from it, the HIL runner the bench board's NVS image.
+/// presents (alone: the broker and server hold the intermediate) and its key, broken where a
+/// board-side `tls` fault says. The wire fleet builds its boards from it, the HIL runner the
+/// bench board's NVS image.
 pub struct BoardIdentity {
     pub ca_pem: String,
     pub cert_pem: String,

@@ -162,8 +162,9 @@ impl Pki {
             issuer,
             intermediate_pem,
         };
-        if !dir.join("client_ca.pem").exists() {
-            write_client_ca(dir)?;
+        let bundle = dir.join("client_ca.pem");
+        if !bundle.exists() {
+            write_public(&bundle, &pki.client_ca_pem())?;
         }
         Ok(pki)
     }
@@ -177,11 +178,7 @@ impl Pki {
     /// device certificates holds (`client_ca.pem`), since a device sends its certificate
     /// alone.
     pub fn client_ca_pem(&self) -> String {
-        let mut bundle = self.root_pem.clone();
-        if let Some(i) = &self.intermediate_pem {
-            bundle.push_str(i);
-        }
-        bundle
+        then_intermediate(&self.root_pem, self.intermediate_pem.as_deref())
     }
 
     /// A leaf issued by the issuing CA.
@@ -224,11 +221,7 @@ impl Pki {
 
     /// The leaf and the intermediate, as a server presents them.
     pub fn chain_pem(&self, leaf: &Issued) -> String {
-        let mut chain = leaf.cert_pem.clone();
-        if let Some(i) = &self.intermediate_pem {
-            chain.push_str(i);
-        }
-        chain
+        then_intermediate(&leaf.cert_pem, self.intermediate_pem.as_deref())
     }
 
     /// Write a server certificate: `server/server.crt`, `server.key`, `server_chain.pem`.
@@ -321,14 +314,23 @@ impl Pki {
 /// Write `dir/client_ca.pem` from the directory's public files (the root, and the
 /// intermediate if there is one), for a broker host that holds no CA key. Returns its path.
 pub fn write_client_ca(dir: &Path) -> anyhow::Result<PathBuf> {
-    let mut bundle = read(&dir.join("ca_cert.pem"))?;
     let intermediate = dir.join("intermediate_cert.pem");
-    if intermediate.exists() {
-        bundle.push_str(&read(&intermediate)?);
-    }
+    let intermediate = intermediate
+        .exists()
+        .then(|| read(&intermediate))
+        .transpose()?;
+    let bundle = then_intermediate(&read(&dir.join("ca_cert.pem"))?, intermediate.as_deref());
     let path = dir.join("client_ca.pem");
     write_public(&path, &bundle)?;
     Ok(path)
+}
+
+/// `first` (PEM), followed by the intermediate when the PKI has one: a server's chain, or the
+/// CA bundle that verifies devices.
+fn then_intermediate(first: &str, intermediate: Option<&str>) -> String {
+    let mut pem = first.to_string();
+    pem.push_str(intermediate.unwrap_or_default());
+    pem
 }
 
 /// The serial number (hex) of a PEM certificate.

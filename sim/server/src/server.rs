@@ -600,15 +600,17 @@ async fn serve_blob(app: App, key: [u8; 32], q: BlobQuery, req: Request) -> Resp
     }
     let honour_range = !matches!(fault, Some(ServerFault::NoRange));
     let resp = ranged(&blob, req.headers(), honour_range);
+    // With `drop-after`: how much of this answer's body goes out before the connection drops.
+    let cut = match fault {
+        Some(ServerFault::DropAfterPercent(p)) => Some(cut_of(p).saturating_sub(start)),
+        _ => None,
+    };
+    // The answer's head and the body up to the cut reach the board.
     let sent = resp
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .map(|len| match fault {
-            // The answer's head and the body up to the cut reach the board.
-            Some(ServerFault::DropAfterPercent(p)) => len.min(cut_of(p).saturating_sub(start)),
-            _ => len,
-        });
+        .map(|len| cut.map_or(len, |c| len.min(c)));
     if let (Some(d), Some(len)) = (q.device_id.as_deref(), sent) {
         app.faults.count_served(d, len, app.tracked_devices);
     }
@@ -616,12 +618,12 @@ async fn serve_blob(app: App, key: [u8; 32], q: BlobQuery, req: Request) -> Resp
         Some(rate) => resp.map(|body| paced(body, rate)),
         None => resp,
     };
-    let Some(ServerFault::DropAfterPercent(p)) = fault else {
+    let Some(keep) = cut else {
         return resp;
     };
     // Send the response only up to the cut, then fail the body: the connection drops in the
     // middle of the answer, as a network that fails mid-transfer drops it.
-    let keep = cut_of(p).saturating_sub(start) as usize;
+    let keep = usize::try_from(keep).unwrap_or(usize::MAX);
     let (parts, body) = resp.into_parts();
     let bytes = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(b) => b,

@@ -31,6 +31,9 @@ use otarig_server::release_store::ReleaseStore;
 use otarig_server::server::Server;
 use serde::{Deserialize, Serialize};
 
+mod cpu;
+use cpu::CpuMeter;
+
 /// Boards per shard process: each holds an MQTT and an HTTP connection (two descriptors).
 pub const BOARDS_PER_PROCESS: u32 = 2_500;
 
@@ -166,7 +169,7 @@ pub fn fleet(
     )?);
     spinner.set_message(format!("{devices} boards updating"));
     spinner.enable_steady_tick(Duration::from_millis(200));
-    let (figures, broker_name, broker_rss) = if let Some(shards) = shards {
+    let (figures, broker_name, broker_rss, meter) = if let Some(shards) = shards {
         // Over TLS: one PKI for the run; each shard issues its own boards' certificates.
         let pki = tempfile::tempdir()?;
         let mutual = if tls {
@@ -185,13 +188,17 @@ pub fn fleet(
             (None, None) => unreachable!("started above"),
         };
         let pki_dir = mutual.as_ref().map(|_| pki.path());
-        let figures = run_shards(&rt, &s, shards, &broker_url, pki_dir, &spinner, launch)?;
+        let broker_at = BrokerProcess {
+            url: &broker_url,
+            pid: mosquitto.as_ref().map(|m| m.child.id()),
+        };
+        let (figures, meter) = run_shards(&rt, &s, shards, &broker_at, pki_dir, &spinner, launch)?;
         let name = match &mosquitto {
             Some(m) => format!("Mosquitto (own process, {})", m.url()),
             None => broker_url,
         };
         let rss = mosquitto.as_ref().and_then(|m| peak_rss(m.child.id()));
-        (figures, name, rss)
+        (figures, name, rss, Some(meter))
     } else {
         let which = match (&broker, tls) {
             (Some(b), _) => b.clone(),
@@ -212,24 +219,37 @@ pub fn fleet(
             ..Default::default()
         };
         let run = rt.block_on(run_fleet(&s, &opts))?;
-        (vec![Figures::of(&run, &connects)], which, None)
+        (vec![Figures::of(&run, &connects)], which, None, None)
     };
     spinner.finish_and_clear();
     let wall = started.elapsed().as_secs_f64();
-    report(&figures, &s, shards, &broker_name, broker_rss, wall)
+    report(&figures, &s, shards, &broker_name, broker_rss, meter, wall)
+}
+
+/// The broker a sharded run's boards use: its URL, and its process if the benchmark started it.
+struct BrokerProcess<'a> {
+    url: &'a str,
+    pid: Option<u32>,
+}
+
+/// A sharded run's CPU meter, and when the release was on its timeline (the window's start).
+struct Metered {
+    meter: CpuMeter,
+    release: Instant,
 }
 
 /// Start the firmware server here, the shards as child processes on a shared timeline, and
-/// collect what each measured.
+/// collect what each measured, with the CPU time of every process (this one's is the
+/// server's).
 fn run_shards(
     rt: &tokio::runtime::Runtime,
     s: &Scenario,
     shards: u32,
-    broker: &str,
+    broker: &BrokerProcess<'_>,
     pki: Option<&Path>,
     spinner: &ProgressBar,
     launch: &dyn Fn(&ShardLaunch) -> Command,
-) -> anyhow::Result<Vec<Figures>> {
+) -> anyhow::Result<(Vec<Figures>, Metered)> {
     // One server for all shards, holding the scenario's blobs (what `otarig release stage`
     // does); its connections are one descriptor each here.
     check_open_files(s.devices, 1, "the firmware server's")?;
@@ -265,6 +285,10 @@ fn run_shards(
             SHARD_START
         };
     let epoch_ms = epoch.duration_since(UNIX_EPOCH)?.as_millis() as u64;
+    // The shards run in real time (speedup 1): the release is its virtual ms after the epoch.
+    let release = Instant::now()
+        + epoch.duration_since(SystemTime::now()).unwrap_or_default()
+        + Duration::from_millis(s.releases.first().map_or(0, |r| r.at_ms));
     let mut children = Vec::new();
     for index in 0..shards {
         let mut cmd = launch(&ShardLaunch {
@@ -273,7 +297,7 @@ fn run_shards(
                 index,
                 count: shards,
             },
-            broker: broker.to_string(),
+            broker: broker.url.to_string(),
             server: server.url(),
             epoch_ms,
             pki: pki.map(Path::to_path_buf),
@@ -284,6 +308,10 @@ fn run_shards(
             .with_context(|| format!("starting shard {index} ({cmd:?})"))?;
         children.push(child);
     }
+    let followed = std::iter::once(("server".to_string(), std::process::id()))
+        .chain(children.iter().map(|c| ("shards".to_string(), c.id())))
+        .chain(broker.pid.map(|pid| ("broker".to_string(), pid)));
+    let meter = CpuMeter::start(followed.collect());
     let mut figures = Vec::new();
     let mut errors = Vec::new();
     // The server keeps serving on the runtime's worker threads while this thread waits.
@@ -321,7 +349,7 @@ fn run_shards(
         peak_rss: peak_rss(std::process::id()).unwrap_or(0),
         ..Default::default()
     });
-    Ok(figures)
+    Ok((figures, Metered { meter, release }))
 }
 
 /// One shard of a sharded benchmark, in its own process; prints its [`Figures`] as one JSON
@@ -356,6 +384,7 @@ fn report(
     shards: Option<u32>,
     broker: &str,
     broker_rss: Option<u64>,
+    metered: Option<Metered>,
     wall: f64,
 ) -> anyhow::Result<ExitCode> {
     let devices = s.devices;
@@ -400,6 +429,12 @@ fn report(
         by(0.99)
     );
     println!("  boards/s       {:.0}", confirmed as f64 / secs);
+    if let Some(m) = metered {
+        let window = Duration::from_secs_f64(secs);
+        if let Some(spent) = m.meter.stop(m.release, m.release + window) {
+            print_cpu(&spent, secs);
+        }
+    }
     print_broker_connects(
         figures,
         s.transport == otarig_scenario::scenario::Transport::Tls,
@@ -450,6 +485,29 @@ fn print_broker_connects(figures: &[Figures], tls: bool) {
         "MQTT connections (broker side)"
     };
     println!("  {what} {count}, {per_s:.0}/s from the first to the last");
+}
+
+/// What the processes spent in the window: on a shared VM the same run takes more CPU time in
+/// a slow hour, and this line tells that apart from a costlier build.
+fn print_cpu(spent: &cpu::Spent, secs: f64) {
+    let followed: f64 = spent.by_name.iter().map(|(_, s)| s).sum();
+    let mut parts: Vec<String> = spent
+        .by_name
+        .iter()
+        .map(|(name, s)| format!("{name} {s:.0}"))
+        .collect();
+    let mut total = followed;
+    let mut machine = String::new();
+    if let Some((busy, rest)) = spent.machine {
+        parts.push(format!("the rest {rest:.0}"));
+        total += rest;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        machine = format!("; the machine {:.0} % busy on {cores} cores", busy * 100.0);
+    }
+    println!(
+        "  CPU in window  {total:.0} CPU-seconds in {secs:.1} s: {}{machine}",
+        parts.join(", ")
+    );
 }
 
 /// Peak resident set size of a process so far (Linux `VmHWM`), in bytes.

@@ -52,23 +52,26 @@ pub(super) struct Spent {
 }
 
 impl CpuMeter {
-    /// Follow `processes` (a name and a pid each; one name may repeat) from now on.
+    /// Follow `processes` (a name and a pid each; one name may repeat) from now on. The first
+    /// reading is taken here, before this returns, and the last once [`CpuMeter::stop`] is
+    /// called, so the readings cover everything in between however late the thread runs.
     pub(super) fn start(processes: Vec<(String, u32)>) -> CpuMeter {
         let (names, pids): (Vec<String>, Vec<u32>) = processes.into_iter().unzip();
         let tick = clock_tick();
+        let read = move || Reading {
+            at: Instant::now(),
+            processes: pids.iter().map(|p| process_seconds(*p, tick)).collect(),
+            machine: machine_seconds(tick),
+        };
+        let mut readings = vec![read()];
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut readings = Vec::new();
-            while !stopped.load(Ordering::Relaxed) {
-                readings.push(Reading {
-                    at: Instant::now(),
-                    processes: pids.iter().map(|p| process_seconds(*p, tick)).collect(),
-                    machine: machine_seconds(tick),
-                });
-                std::thread::sleep(EVERY);
+        let thread = std::thread::spawn(move || loop {
+            std::thread::sleep(EVERY);
+            readings.push(read());
+            if stopped.load(Ordering::Relaxed) {
+                return readings;
             }
-            readings
         });
         CpuMeter {
             names,
@@ -293,14 +296,13 @@ mod tests {
     #[cfg(target_os = "linux")]
     fn the_meter_reads_this_process() {
         let meter = CpuMeter::start(vec![("test".into(), std::process::id())]);
-        let from = Instant::now() + Duration::from_millis(300);
+        let from = Instant::now();
         let spin_until = from + Duration::from_millis(600);
         let mut x = 0u64;
         while Instant::now() < spin_until {
             x = std::hint::black_box(x.wrapping_add(1));
         }
         let to = Instant::now();
-        std::thread::sleep(Duration::from_millis(600));
         let s = meter.stop(from, to).expect("Linux has /proc");
         assert!(s.by_name[0].1 > 0.0, "{s:?}");
         assert!(s.machine.is_some());

@@ -498,11 +498,14 @@ fn print_cpu(spent: &cpu::Spent, secs: f64) {
         .collect();
     let mut total = followed;
     let mut machine = String::new();
-    if let Some((busy, rest)) = spent.machine {
-        parts.push(format!("the rest {rest:.0}"));
-        total += rest;
+    if let Some(m) = &spent.machine {
+        parts.push(format!("the rest {:.0}", m.elsewhere));
+        total += m.elsewhere;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        machine = format!("; the machine {:.0} % busy on {cores} cores", busy * 100.0);
+        machine = format!(
+            "; the machine {:.0} % busy on {cores} cores",
+            m.busy_share * 100.0
+        );
     }
     println!(
         "  CPU in window  {total:.0} CPU-seconds in {secs:.1} s: {}{machine}",

@@ -46,9 +46,18 @@ pub(super) struct CpuMeter {
 pub(super) struct Spent {
     /// CPU seconds by name; processes of one name (the shards) are added up.
     pub(super) by_name: Vec<(String, f64)>,
-    /// Of the machine's CPU time in the window, the share that was busy, and the CPU seconds
-    /// busy outside the followed processes (the kernel's threads, anything else running).
-    pub(super) machine: Option<(f64, f64)>,
+    /// The whole machine in the window; `None` without `/proc/stat`.
+    pub(super) machine: Option<MachineSpent>,
+}
+
+/// What the whole machine did in a window.
+#[derive(Debug, PartialEq)]
+pub(super) struct MachineSpent {
+    /// Of its CPU time (every core), the share that was busy.
+    pub(super) busy_share: f64,
+    /// CPU seconds busy outside the followed processes (the kernel's threads, anything else
+    /// running).
+    pub(super) elsewhere: f64,
 }
 
 impl CpuMeter {
@@ -110,21 +119,24 @@ fn spent(names: &[String], readings: &[Reading], from: Instant, to: Instant) -> 
     Some(Spent { by_name, machine })
 }
 
-/// The machine's busy share between `from` and `to`, and its busy CPU seconds beyond
-/// `followed` (what the followed processes spent).
+/// What the machine did between `from` and `to`, beyond `followed` (what the followed
+/// processes spent).
 fn machine_spent(
     readings: &[Reading],
     from: Instant,
     to: Instant,
     followed: f64,
-) -> Option<(f64, f64)> {
+) -> Option<MachineSpent> {
     let busy = |t| interpolate(readings, t, |r| r.machine.map(|m| m.busy));
     let all = |t| interpolate(readings, t, |r| r.machine.map(|m| m.all));
     let (busy, all) = (busy(to)? - busy(from)?, all(to)? - all(from)?);
     if all <= 0.0 {
         return None;
     }
-    Some(((busy / all).clamp(0.0, 1.0), (busy - followed).max(0.0)))
+    Some(MachineSpent {
+        busy_share: (busy / all).clamp(0.0, 1.0),
+        elsewhere: (busy - followed).max(0.0),
+    })
 }
 
 /// A counter's value at `t`, on the line between the readings either side of it; `None`
@@ -246,8 +258,8 @@ mod tests {
         assert_eq!(s.by_name.len(), 2);
         assert!(s.by_name[0].0 == "shards" && close(s.by_name[0].1, 1.5));
         assert!(s.by_name[1].0 == "server" && close(s.by_name[1].1, 0.2));
-        let (busy, rest) = s.machine.expect("machine read");
-        assert!(close(busy, 0.9) && close(rest, 0.1), "{busy} {rest}");
+        let m = s.machine.expect("machine read");
+        assert!(close(m.busy_share, 0.9) && close(m.elsewhere, 0.1), "{m:?}");
     }
 
     #[test]

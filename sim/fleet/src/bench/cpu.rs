@@ -19,7 +19,7 @@ const EVERY: Duration = Duration::from_millis(250);
 
 /// One reading: CPU seconds so far of each followed process (in the order given to
 /// [`CpuMeter::start`]; `None` once it has gone), and of the whole machine (busy, all).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 struct Reading {
     at: Instant,
     processes: Vec<Option<f64>>,
@@ -27,7 +27,7 @@ struct Reading {
 }
 
 /// The machine's CPU seconds so far, summed over its cores (`/proc/stat`'s first line).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug)]
 struct Machine {
     busy: f64,
     all: f64,

@@ -150,14 +150,25 @@ fn sector_runs(addr: u32, len: usize) -> impl Iterator<Item = (u32, std::ops::Ra
 impl SectorPool {
     /// The pool's copy of `sector`'s contents (added if new).
     fn intern(&self, sector: &Arc<Sector>) -> Arc<Sector> {
-        let crc = crc32fast::hash(&sector[..]);
+        self.find_or_add(sector, || sector.clone())
+    }
+
+    /// The pool's copy of `bytes`, a whole sector (added if new): what programming an erased
+    /// sector whole leaves, without a private copy first.
+    fn intern_bytes(&self, bytes: &Sector) -> Arc<Sector> {
+        self.find_or_add(bytes, || Arc::new(*bytes))
+    }
+
+    fn find_or_add(&self, bytes: &Sector, make: impl FnOnce() -> Arc<Sector>) -> Arc<Sector> {
+        let crc = crc32fast::hash(bytes);
         let mut map = self.by_crc.lock().unwrap_or_else(|p| p.into_inner());
         let same = map.entry(crc).or_default();
-        if let Some(found) = same.iter().find(|s| s[..] == sector[..]) {
+        if let Some(found) = same.iter().find(|s| s[..] == bytes[..]) {
             return found.clone();
         }
+        let sector = make();
         same.push(sector.clone());
-        sector.clone()
+        sector
     }
 
     /// Distinct sectors held.
@@ -469,12 +480,26 @@ impl Flash {
     /// The operations from `first_op` on that program `run` (within one sector) at `addr`,
     /// none of them cut: one copy where the bytes are erased, as they are on every update's
     /// path; slice by slice where they are not, so that a violation names its operation.
+    ///
+    /// An erased sector programmed whole holds `run` afterwards; with a pool that is the
+    /// pool's copy of it, looked up without making a private one first. In a fleet installing
+    /// one release that private copy (an allocation, a fill with 0xFF, the copy, and a free
+    /// once the pool had it already) was most of a shard's `malloc` time.
     fn program_run(&mut self, addr: u32, run: &[u8], first_op: u64) {
         if is_erased(run) {
             return; // as in program_page: all-ones changes nothing and materialises nothing
         }
+        let s = (addr / SECTOR_SIZE) as usize;
+        if let (Ok(whole), None, Some(pool)) = (
+            <&Sector>::try_from(run),
+            self.sectors[s].as_ref(),
+            self.pool.as_ref(),
+        ) {
+            self.sectors[s] = Some(pool.intern_bytes(whole));
+            return;
+        }
         let off = (addr % SECTOR_SIZE) as usize;
-        let dst = &mut self.sector_mut((addr / SECTOR_SIZE) as usize)[off..off + run.len()];
+        let dst = &mut self.sector_mut(s)[off..off + run.len()];
         if is_erased(dst) {
             dst.copy_from_slice(run);
             return;
@@ -653,6 +678,7 @@ mod tests {
             data in fills(),
             cut in proptest::option::of((0u64..160, proptest::prelude::any::<u64>())),
             powered in proptest::prelude::any::<bool>(),
+            pooled in proptest::prelude::any::<bool>(),
         ) {
             let mut f = Flash::new(16 * 1024);
             for (a, bytes) in &before {
@@ -664,6 +690,9 @@ mod tests {
                 f.power_off();
             }
             let (mut by_sector, mut by_slice) = (f.clone(), f);
+            if pooled {
+                by_sector.set_pool(Arc::new(SectorPool::default()));
+            }
             if let Some((at, seed)) = cut {
                 let c = Cut { at_op: by_slice.ops() + at, seed };
                 by_sector.arm_cut(c);
@@ -782,6 +811,27 @@ mod tests {
         let mut byte = [0u8];
         a.read(0, &mut byte).unwrap();
         assert_eq!(byte, [1], "the other clone keeps its data");
+    }
+
+    #[test]
+    fn boards_programming_the_same_whole_sectors_share_the_pools_copies() {
+        let pool = Arc::new(SectorPool::default());
+        let image: Vec<u8> = (0..3 * SECTOR_SIZE).map(|i| (i % 251) as u8).collect();
+        let mut boards: Vec<Flash> = (0..3).map(|_| Flash::new(64 * 1024)).collect();
+        for f in &mut boards {
+            f.set_pool(pool.clone());
+            f.program(SECTOR_SIZE, &image).unwrap();
+            assert_eq!(f.ops(), 3 * 64, "a 64-byte program per slice, as before");
+        }
+        assert_eq!(pool.len(), 3, "one copy of each distinct sector");
+        assert!(boards.iter().all(|f| f.shared_sectors() == 3));
+        let (first, rest) = boards.split_first_mut().unwrap();
+        rest[0].program(SECTOR_SIZE + 10, &[0]).unwrap();
+        let mut byte = [0u8];
+        first.read(SECTOR_SIZE + 10, &mut byte).unwrap();
+        assert_eq!(byte, [10], "a write to a shared sector copies it first");
+        rest[0].read(SECTOR_SIZE + 10, &mut byte).unwrap();
+        assert_eq!(byte, [0]);
     }
 
     #[test]

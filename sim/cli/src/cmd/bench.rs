@@ -37,7 +37,7 @@ pub enum Cmd {
         #[arg(long)]
         broker: Option<String>,
         /// Board processes. Default: up to 1,000 boards, none (boards, embedded broker and
-        /// server in this one process); more, one per 2,500 boards, with the firmware server
+        /// server in this one process); more, one per 1,250 boards, with the firmware server
         /// in this process and the broker (Mosquitto, or --broker) in its own.
         #[arg(long)]
         shards: Option<u32>,

@@ -484,7 +484,7 @@ impl Flash {
     /// An erased sector programmed whole holds `run` afterwards; with a pool that is the
     /// pool's copy of it, looked up without making a private one first. In a fleet installing
     /// one release that private copy (an allocation, a fill with 0xFF, the copy, and a free
-    /// once the pool had it already) was most of a shard's `malloc` time.
+    /// once the pool had it already) was about half of a shard's `malloc` time.
     fn program_run(&mut self, addr: u32, run: &[u8], first_op: u64) {
         if is_erased(run) {
             return; // as in program_page: all-ones changes nothing and materialises nothing

@@ -39,9 +39,9 @@ use cpu::CpuMeter;
 /// Measured, not derived: at 10,000 boards on two cores, eight shards of 1,250 did the same
 /// work in less CPU time than four of 2,500 (over mutual TLS 45.5–48.3 s and 90–96
 /// CPU-seconds in the window against 53.6–59.6 s and 107–119, alternating; plaintext
-/// 19.3–20.9 s against 21.9–25.6 s), and twelve or sixteen were no better than eight. A
-/// profile puts the difference in the shards' own work (glibc's `_int_malloc` 4.5 % of their
-/// samples against 6.7 %), not in the broker or the server. README, "Scale".
+/// 19.3–20.9 s against 21.9–25.6 s), and twelve or sixteen were no better than eight. The
+/// shards' own CPU time is what fell (the broker's only with the shorter window), and glibc's
+/// `_int_malloc` was a smaller share of their samples (4.5 % against 6.7 %). README, "Scale".
 pub const BOARDS_PER_PROCESS: u32 = 1_250;
 
 /// The most boards run in one process with the embedded rumqttd: beyond about this many its

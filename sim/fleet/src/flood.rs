@@ -32,18 +32,22 @@ pub fn broker(host: &str, port: u16, n: usize, stop: watch::Receiver<bool>) {
     }
 }
 
-/// Strangers at the firmware server: `n` connections that send nothing (each reopened as soon
-/// as the server closes it), and `n` clients posting acks under ever new device ids.
+/// Strangers at the firmware server at `url` (`http://` or `https://`): `n` connections that
+/// send nothing (each reopened as soon as the server closes it), and `n` clients posting acks
+/// under ever new device ids. The ack posters speak plain HTTP: to an HTTPS server they are
+/// strangers without a certificate, refused at the handshake, as the broker's flood is. A
+/// refused post waits a moment before the next, so a poster never spins on the runtime.
 pub fn server(url: &str, n: usize, stop: watch::Receiver<bool>) {
     let addr = url
+        .trim_start_matches("https://")
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_string();
     for i in 0..n {
-        let (addr, mut quiet) = (addr.clone(), stop.clone());
+        let (to, mut quiet) = (addr.clone(), stop.clone());
         tokio::spawn(async move {
             while !*quiet.borrow() {
-                let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
+                let Ok(mut s) = tokio::net::TcpStream::connect(&to).await else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
@@ -54,7 +58,7 @@ pub fn server(url: &str, n: usize, stop: watch::Receiver<bool>) {
                 }
             }
         });
-        let (url, mut spam) = (format!("{}/ack", url.trim_end_matches('/')), stop.clone());
+        let (url, mut spam) = (format!("http://{addr}/ack"), stop.clone());
         tokio::spawn(async move {
             let http = crate::board_http::BoardHttp::new();
             for k in 0u64.. {
@@ -63,7 +67,9 @@ pub fn server(url: &str, n: usize, stop: watch::Receiver<bool>) {
                 );
                 tokio::select! {
                     _ = spam.changed() => break,
-                    _ = http.post_json(&url, body) => {}
+                    posted = http.post_json(&url, body) => if posted.is_err() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    },
                 }
                 if *spam.borrow() {
                     break;

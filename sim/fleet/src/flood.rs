@@ -38,11 +38,13 @@ pub fn broker(host: &str, port: u16, n: usize, stop: watch::Receiver<bool>) {
 /// strangers without a certificate, refused at the handshake, as the broker's flood is. A
 /// refused post waits a moment before the next, so a poster never spins on the runtime.
 pub fn server(url: &str, n: usize, stop: watch::Receiver<bool>) {
-    let addr = url
-        .trim_start_matches("https://")
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
+    let Some(addr) = url
+        .parse::<hyper::Uri>()
+        .ok()
+        .and_then(|u| u.authority().map(|a| a.to_string()))
+    else {
+        return tracing::warn!("flood: {url} names no server to flood");
+    };
     for i in 0..n {
         let (to, mut quiet) = (addr.clone(), stop.clone());
         tokio::spawn(async move {
